@@ -1,0 +1,234 @@
+"""Answer a question about an image: prefill, decode loop, sampling, and the command line.
+
+    python -m minillava.generate --model DIR_OR_HUB_ID --image PATH_OR_URL --prompt "What is this?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import globalcom2
+
+from .anyres import ImageError, load_image, tile_image
+from .config import ConfigError
+from .model import LlavaNext
+from .tokenizer import StreamDecoder, Tokenizer, build_prompt
+from .weights import DEFAULT_MODEL, WeightsError, load_model, resolve_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PromptError(ValueError):
+    """The prompt cannot be run (e.g. longer than the model's context)."""
+
+
+USER_ERRORS = (ImageError, ConfigError, WeightsError, PromptError)
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    visual_tokens: dict[str, int]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    decode_tokens_per_s: float = 0.0
+
+
+def load(model: str, device="cpu", dtype=torch.float32) -> tuple[LlavaNext, Tokenizer]:
+    """Model and tokenizer from a checkpoint directory or hub id."""
+    model_dir = resolve_model(model)
+    tokenizer_path = model_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise WeightsError(f"{model_dir}: no tokenizer.model (the sentencepiece tokenizer of the checkpoint)")
+    return load_model(model_dir, device, dtype), Tokenizer(tokenizer_path)
+
+
+def prefill(model: LlavaNext, embeds: torch.Tensor) -> torch.Tensor:
+    """Run the prompt (1, T, D) from position 0, filling the cache; logits of its last position (1, V)."""
+    pos = torch.arange(embeds.shape[1], device=embeds.device)
+    hidden = model.llm(embeds, pos, prefill=True)
+    return model.logits(hidden[:, -1])
+
+
+def decode_one_token(model: LlavaNext, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One step: token ids (1, 1) at position `pos` (1,) -> logits (1, V)."""
+    hidden = model.llm(model.llm.embed_tokens(token), pos)
+    return model.logits(hidden[:, -1])
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V): argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest head reaching top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: LlavaNext,
+    tokenizer: Tokenizer,
+    image,
+    question: str,
+    compressor: str = "none",
+    retention_ratio: float = 1.0,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    on_text=None,
+) -> Result:
+    """Answer `question` about the PIL `image`; `on_text(str)` receives the answer as it is produced."""
+    device = model.device
+    timings = {}
+    t0 = time.perf_counter()
+    tiles = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
+    features = model.encode_images([tiles])
+    _sync(device)
+    t1 = time.perf_counter()
+    compressed = globalcom2.compress(features, compressor, retention_ratio, seed=seed)
+    _sync(device)
+    t2 = time.perf_counter()
+    timings["vision"], timings["compress"] = t1 - t0, t2 - t1
+
+    chunks = tokenizer.encode_prompt(build_prompt(question))
+    embeds = model.prompt_embeds(chunks, [c.tokens for c in compressed])
+    length, context = embeds.shape[1], model.cfg.text.max_position_embeddings
+    if length >= context:
+        raise PromptError(
+            f"the prompt and image take {length} tokens but the model's context is {context}; "
+            "shorten the prompt or compress the image (--compressor globalcom2 --retention-ratio 0.25)"
+        )
+    max_new_tokens = min(max_new_tokens, context - length)
+    model.llm.setup_cache(1, length + max_new_tokens)
+    generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
+
+    logits = prefill(model, embeds)
+    next_id = sample(logits, temperature, top_p, generator)
+    _sync(device)
+    t3 = time.perf_counter()
+    timings["prefill"] = t3 - t2
+
+    ids, stream = [], StreamDecoder(tokenizer)
+    for step in range(max_new_tokens):
+        token = int(next_id.item())
+        ids.append(token)
+        if token == tokenizer.eos_id:
+            break
+        if on_text is not None:
+            on_text(stream.push(token))
+        if step + 1 == max_new_tokens:
+            break
+        pos = torch.tensor([length + step], device=device)
+        next_id = sample(decode_one_token(model, next_id.view(1, 1), pos), temperature, top_p, generator)
+    _sync(device)
+    timings["decode"] = time.perf_counter() - t3
+    steps = max(len(ids) - 1, 0)  # the first id came out of the prefill
+    return Result(
+        text=tokenizer.decode(ids),
+        token_ids=ids,
+        visual_tokens={"before": sum(c.before for c in compressed), "after": sum(c.tokens.shape[0] for c in compressed)},
+        timings_s=timings,
+        decode_tokens_per_s=steps / timings["decode"] if steps and timings["decode"] > 0 else 0.0,
+    )
+
+
+def ratio_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]: it is the fraction of visual tokens kept")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m minillava.generate",
+        description="Answer a question about an image with LLaVA-NeXT (LLaVA-1.6), optionally compressing "
+        "its visual tokens with GlobalCom2. The answer streams to stdout; timings go to stderr.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id (default {DEFAULT_MODEL}); "
+                   "hub ids are looked up in weights/<name>/ and downloaded there if missing")
+    p.add_argument("--image", required=True, help="image file or http(s) URL")
+    p.add_argument("--prompt", required=True, help="the question about the image")
+    p.add_argument("--compressor", default="none", choices=globalcom2.METHODS,
+                   help="visual-token compression between projector and decoder (default none)")
+    p.add_argument("--retention-ratio", type=ratio_arg, default=1.0, metavar="R",
+                   help="fraction of visual tokens kept, in (0, 1] (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 is greedy, as the paper's evaluation (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass when T > 0 (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the random compressor (default 0)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="weights and activations (default: float16 on cuda, float32 on cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, ids, token counts and timings")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if not 0.0 < args.top_p <= 1.0:
+        p.error("--top-p must be in (0, 1]")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return fail("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    try:
+        image = load_image(args.image)
+        t0 = time.perf_counter()
+        model, tokenizer = load(args.model, device, dtype)
+        load_s = time.perf_counter() - t0
+        on_text = None if args.json else (lambda s: print(s, end="", flush=True))
+        result = generate(model, tokenizer, image, args.prompt, args.compressor, args.retention_ratio,
+                          args.max_new_tokens, args.temperature, args.top_p, args.seed, on_text)
+    except USER_ERRORS as e:
+        return fail(str(e))
+    result.timings_s = {"load": load_s, **result.timings_s}
+    if args.json:
+        print(json.dumps(result.__dict__))
+    else:
+        print()
+        t = result.timings_s
+        print(
+            f"[{len(result.token_ids)} tokens | visual tokens {result.visual_tokens['before']} -> "
+            f"{result.visual_tokens['after']} | load {t['load']:.2f}s vision {t['vision']:.2f}s "
+            f"compress {t['compress']:.3f}s prefill {t['prefill']:.2f}s decode {t['decode']:.2f}s "
+            f"({result.decode_tokens_per_s:.1f} tok/s)]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

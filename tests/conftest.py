@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    return tiny.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    return tiny.hf_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, hf_model, tokenizer_path):
+    """The same tiny random model saved in every key layout: {layout: directory}."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: tiny.save_checkpoint(hf_model, root / name, name, tokenizer_path) for name in tiny.LAYOUTS}
