@@ -11,14 +11,13 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 import globalcom2
 
 from .anyres import ImageError, load_image, tile_image
-from .config import ConfigError
+from .config import ConfigError, load_config
 from .model import LlavaNext
 from .tokenizer import StreamDecoder, Tokenizer, build_prompt
 from .weights import DEFAULT_MODEL, WeightsError, load_model, resolve_model
@@ -45,6 +44,7 @@ class Result:
 def load(model: str, device="cpu", dtype=torch.float32) -> tuple[LlavaNext, Tokenizer]:
     """Model and tokenizer from a checkpoint directory or hub id."""
     model_dir = resolve_model(model)
+    load_config(model_dir)  # a directory that is no checkpoint fails here, before anything is read
     tokenizer_path = model_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise WeightsError(f"{model_dir}: no tokenizer.model (the sentencepiece tokenizer of the checkpoint)")

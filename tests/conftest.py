@@ -22,3 +22,13 @@ def checkpoints(tmp_path_factory, hf_model, tokenizer_path):
     """The same tiny random model saved in every key layout: {layout: directory}."""
     root = tmp_path_factory.mktemp("ckpt")
     return {name: tiny.save_checkpoint(hf_model, root / name, name, tokenizer_path) for name in tiny.LAYOUTS}
+
+
+PARITY: list[tuple[str, float]] = []  # (stage, max abs difference), filled by the parity tests
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY:
+        terminalreporter.section("parity with transformers (max abs difference, float32)")
+        for stage, diff in PARITY:
+            terminalreporter.write_line(f"{stage:<60} {diff:.2e}")

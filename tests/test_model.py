@@ -11,12 +11,17 @@ import globalcom2
 from minillava.anyres import tile_image
 from minillava.weights import load_model
 from tests import tiny
+from tests.conftest import PARITY
 
 TOL = 1e-4
 
 
-def max_diff(a, b) -> float:
-    return (a.float() - b.float()).abs().max().item()
+def max_diff(a, b, stage: str | None = None) -> float:
+    """Largest absolute difference; with `stage`, also listed in the parity summary at the end of the run."""
+    d = (a.float() - b.float()).abs().max().item()
+    if stage:
+        PARITY.append((stage, d))
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def test_vision_features_match_transformers(ours, hf_model):
     with torch.no_grad():
         features, _ = ours.vision(pixels)
         ref = hf_model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-    d = max_diff(features, ref)
+    d = max_diff(features, ref, "vision features (layer -2), 3 tiles")
     assert features.shape == ref.shape
     assert d < TOL, f"vision features differ by {d:.2e}"
 
@@ -71,7 +76,7 @@ def test_cls_scores_match_an_explicit_computation(ours, hf_model):
         k = last.self_attn.k_proj(h).view(*h.shape[:2], heads, hd).transpose(1, 2)
         full = q @ k.transpose(-1, -2) / math.sqrt(hd)  # (N, heads, T, T): the whole matrix, for reference
         ref = full[:, :, 0, 1:].mean(1)
-    d = max_diff(scores, ref)
+    d = max_diff(scores, ref, "[CLS] scores vs explicit full-matrix computation")
     assert scores.shape == (pixels.shape[0], (tiny.TILE // 14) ** 2)
     assert d < TOL, f"[CLS] scores differ by {d:.2e}"
 
@@ -88,7 +93,7 @@ def test_packed_image_features_match_transformers(ours, hf_model, size):
         packed = globalcom2.compress(ours.encode_images([tiles]), "none")[0].tokens
         ref = hf_model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output[0]
     assert packed.shape == ref.shape, f"{size}: {tuple(packed.shape)} vs {tuple(ref.shape)}"
-    d = max_diff(packed, ref)
+    d = max_diff(packed, ref, f"packed image features, {size[0]}x{size[1]}")
     assert d < TOL, f"{size}: packed features differ by {d:.2e}"
 
 
@@ -99,7 +104,7 @@ def test_decoder_logits_match_transformers(ours, hf_model):
         ours.llm.setup_cache(1, 64)
         logits = ours.logits(ours.llm(embeds, torch.arange(37), prefill=True))
         ref = hf_model(inputs_embeds=embeds).logits
-    d = max_diff(logits, ref)
+    d = max_diff(logits, ref, "decoder logits, 37 tokens")
     assert d < TOL, f"decoder logits differ by {d:.2e}"
 
 
@@ -113,7 +118,7 @@ def test_cached_decoding_matches_a_full_forward(ours, hf_model):
         for t in range(12, 20):
             steps.append(ours.logits(ours.llm(embeds[:, t : t + 1], torch.tensor([t]))))
         ref = hf_model(inputs_embeds=embeds).logits
-    d = max_diff(torch.cat(steps, dim=1), ref)
+    d = max_diff(torch.cat(steps, dim=1), ref, "decoder logits, prefill 12 + 8 cached steps")
     assert d < TOL, f"cached decoding differs by {d:.2e}"
 
 
@@ -125,7 +130,7 @@ def test_grouped_query_attention_matches_transformers(tmp_path, tokenizer_path):
         model.llm.setup_cache(1, 16)
         logits = model.logits(model.llm(embeds, torch.arange(9), prefill=True))
         ref = hf(inputs_embeds=embeds).logits
-    assert max_diff(logits, ref) < TOL
+    assert max_diff(logits, ref, "decoder logits, grouped-query attention") < TOL
 
 
 def test_full_model_logits_match_transformers(ours, hf_model, tokenizer_path):
@@ -142,7 +147,7 @@ def test_full_model_logits_match_transformers(ours, hf_model, tokenizer_path):
         ids = torch.tensor([chunks[0] + [tiny.IMAGE_TOKEN] * image.shape[0] + chunks[1]])
         pixel_values, image_sizes = hf_pixels(tiles)
         ref = hf_model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
-    d = max_diff(logits, ref)
+    d = max_diff(logits, ref, "end-to-end logits, prompt + 150x90 image")
     assert d < TOL, f"end-to-end logits differ by {d:.2e}"
 
 

@@ -1,0 +1,173 @@
+"""AnyRes tiling for LLaVA-NeXT: load an image, pick a grid resolution, cut it into CLIP-sized tiles.
+
+An image of size (w0, h0) becomes 1 + gw*gh tiles of tile x tile pixels: a thumbnail of the whole
+image, then the crops of a (gw*tile, gh*tile) canvas, row-major. Sizes and pinpoints are (width,
+height) throughout, as in the original LLaVA code (transformers uses (height, width)). The pixel
+arithmetic follows the original `llava/mm_utils.py` and the CLIP image processor step for step
+(PIL bicubic resizes, uint8 -> float64 * 1/255 -> float32, normalise in float32), so the tiles
+match theirs exactly.
+"""
+
+import io
+import math
+import os
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from http.client import HTTPException
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """A user-facing image problem (missing, unreadable, not an image, too large).
+
+    str(e) is one line naming the file/URL and what to do."""
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message squeezed onto one line, for ImageError messages."""
+    return " ".join(str(error).split()).rstrip(".") or type(error).__name__
+
+
+def _fetch(url: str) -> bytes:
+    """Download the bytes behind an http(s) URL, turning every network failure into an ImageError."""
+    request = urllib.request.Request(url, headers={"User-Agent": "minillava"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+    except (OSError, HTTPException, ValueError) as e:  # URLError/HTTPError and timeouts are OSErrors
+        raise ImageError(f"cannot download image {url}: {_one_line(e)}; check the URL and your network") from e
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB the way LLaVA does (`.convert("RGB")`), except 16-bit grayscale.
+
+    Alpha is dropped, not composited: LLaVA feeds `.convert("RGB")` to the model, so transparent pixels
+    keep whatever colour they store (transformers' processor composites onto white instead).
+    PIL would clip 16-bit values ("I;16*", and "I", which older Pillow uses for 16-bit PNGs) at 255,
+    turning almost every pixel white, so those are scaled 0..65535 -> 0..255 first.
+    "F" is left to PIL, which reads it as 0..255.
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.rint(values / 257), 0, 255).astype(np.uint8)  # 65535 / 257 = 255
+        image = Image.fromarray(gray, mode="L")
+    return image.convert("RGB")
+
+
+def load_image(source: str) -> Image.Image:
+    """Open a local path or an http(s) URL as an upright (EXIF-rotated) RGB image.
+
+    Every problem with the file (missing, not an image, truncated, over PIL's pixel limit) or the
+    download is raised as ImageError, so callers can show the message as is.
+    """
+    source = os.fspath(source)
+    if source.startswith(("http://", "https://")):
+        data = io.BytesIO(_fetch(source))
+    elif not os.path.isfile(source):
+        raise ImageError(f"image file not found: {source}; check the path")
+    else:
+        data = source
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat it as the error it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(data) as image:
+                image.load()  # PIL is lazy: decode now so truncation is caught here
+                return _to_rgb(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(
+            f"image too large: {source}: {_one_line(e)}; downscale it first "
+            "(or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it)"
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"not an image (or a format PIL cannot read): {source}; pass a PNG, JPEG, ... file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(
+            f"cannot read image {source} ({_one_line(e)}); the file may be damaged: re-save or re-download it"
+        ) from e
+
+
+def select_best_resolution(size: tuple[int, int], pinpoints: list[tuple[int, int]]) -> tuple[int, int]:
+    """Pick the pinpoint (W, H) that shows the (w0, h0) image at the most pixels, then wastes the least.
+
+    Effective pixels are those of the image scaled to fit the pinpoint, capped at the original count
+    (upscaling adds nothing); ties keep the first pinpoint in list order.
+    """
+    w0, h0 = size
+    best, best_effective, best_waste = None, 0, math.inf
+    for width, height in pinpoints:
+        scale = min(width / w0, height / h0)
+        effective = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
+        waste = width * height - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (int(width), int(height)), effective, waste
+    if best is None:
+        raise ValueError(f"no usable pinpoint for an image of size {size} among {pinpoints}")
+    return best
+
+
+def _fit_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """Size (w, h) of the image scaled, aspect kept, so one side fills target and the other fits in it."""
+    (w0, h0), (width, height) = size, target
+    scale_w, scale_h = width / w0, height / h0
+    if scale_w < scale_h:
+        return width, min(math.ceil(h0 * scale_w), height)
+    return min(math.ceil(w0 * scale_h), width), height
+
+
+def _normalise(pixels: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), rescaled and normalised exactly as CLIP's processor does."""
+    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+
+
+@dataclass
+class Tiles:
+    pixels: torch.Tensor  # (1 + gw*gh, 3, tile, tile) float32, normalised; 0 = thumbnail, then crops row-major
+    grid: tuple[int, int]  # (gw, gh): columns, rows of crops
+    size: tuple[int, int]  # (w0, h0): original image size
+
+
+def tile_image(
+    image: Image.Image,
+    pinpoints: list[tuple[int, int]],
+    tile: int = 336,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+) -> Tiles:
+    """Turn an image into LLaVA-NeXT's model input: a thumbnail plus the crops of its best-fit canvas.
+
+    The image is resized (bicubic, aspect kept) to fill the best pinpoint, centred on a black canvas
+    (odd leftover pixel on the far side) and cut into tile x tile crops; the thumbnail is the whole
+    image squashed to tile x tile.
+    """
+    bad = [p for p in pinpoints if p[0] % tile or p[1] % tile or p[0] <= 0 or p[1] <= 0]
+    if bad:
+        raise ValueError(f"pinpoints must be positive multiples of the tile size {tile}; got {bad}")
+    if image.mode != "RGB":
+        image = _to_rgb(image)
+    w0, h0 = image.size
+    if w0 == 0 or h0 == 0:
+        raise ValueError(f"cannot tile an empty image of size {w0}x{h0}")
+
+    width, height = select_best_resolution((w0, h0), pinpoints)
+    new_w, new_h = _fit_size((w0, h0), (width, height))
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    canvas.paste(resized, ((width - new_w) // 2, (height - new_h) // 2))
+
+    gw, gh = width // tile, height // tile
+    crops = np.asarray(canvas).reshape(gh, tile, gw, tile, 3)  # (rows, tile, cols, tile, 3)
+    crops = crops.transpose(0, 2, 1, 3, 4).reshape(gh * gw, tile, tile, 3)  # row-major crops
+    thumbnail = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC))[None]  # (1, tile, tile, 3)
+    pixels = np.concatenate([thumbnail, crops])  # (1 + gw*gh, tile, tile, 3) uint8
+    return Tiles(pixels=_normalise(pixels, mean, std), grid=(gw, gh), size=(w0, h0))
