@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,67 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+CACHE_BUCKET = 256  # KV cache lengths are rounded up to this, so a compiled decode step is reused
+
+
+@dataclass
+class Steps:
+    """The two model calls of generation, eager or compiled."""
+
+    prefill: Callable = prefill
+    decode: Callable = decode_one_token
+    compiled: bool = False
+
+
+def compile_steps(model: LlavaNext) -> Steps:
+    """torch.compile the decode step (fixed shapes: static cache, one token; CUDA graphs on CUDA), and
+    the vision tower and prefill with dynamic shapes (tile counts and prompt lengths vary)."""
+    mode = "reduce-overhead" if model.device.type == "cuda" else None
+    model.vision.compile(dynamic=True)
+    return Steps(
+        prefill=torch.compile(prefill, dynamic=True),
+        decode=torch.compile(decode_one_token, mode=mode, fullgraph=True),
+        compiled=True,
+    )
+
+
+@torch.inference_mode()
+def warm_up(model: LlavaNext, steps: Steps, cache_length: int = CACHE_BUCKET) -> float:
+    """Run each compiled call once on dummy inputs so compilation is paid here, not in the timings
+    of the first answer. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    device, side = model.device, model.cfg.vision.image_size
+    model.vision(torch.zeros(2, 3, side, side, device=device, dtype=model.dtype))
+    model.llm.setup_cache(1, cache_length)
+    embeds = model.embed(torch.zeros(8, dtype=torch.long))[None]
+    steps.prefill(model, embeds)
+    token, pos = torch.zeros(1, 1, dtype=torch.long, device=device), torch.tensor([8], device=device)
+    for _ in range(3):  # CUDA graphs are recorded after a warm-up call
+        steps.decode(model, token, pos)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+class TokenReader:
+    """Brings sampled ids to the host without stalling the device: the id is copied out before the next
+    step is queued, and read after, so on CUDA the next step runs while the host handles this one."""
+
+    def __init__(self, device: torch.device, n: int):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(n, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def start(self, step: int, ids: torch.Tensor):
+        self.host[step : step + 1].copy_(ids, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+
+    def read(self, step: int) -> int:
+        if self.cuda:
+            self.event.synchronize()
+        return int(self.host[step])
+
+
 @torch.inference_mode()
 def generate(
     model: LlavaNext,
@@ -94,9 +156,10 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     on_text=None,
+    steps: Steps | None = None,
 ) -> Result:
     """Answer `question` about the PIL `image`; `on_text(str)` receives the answer as it is produced."""
-    device = model.device
+    device, steps = model.device, steps or Steps()
     timings = {}
     t0 = time.perf_counter()
     tiles = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
@@ -117,36 +180,38 @@ def generate(
             "shorten the prompt or compress the image (--compressor globalcom2 --retention-ratio 0.25)"
         )
     max_new_tokens = min(max_new_tokens, context - length)
-    model.llm.setup_cache(1, length + max_new_tokens)
+    model.llm.setup_cache(1, min(context, -(-(length + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET))
     generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
+    positions = torch.arange(length, length + max_new_tokens, device=device)
+    reader = TokenReader(device, max_new_tokens)
 
-    logits = prefill(model, embeds)
-    next_id = sample(logits, temperature, top_p, generator)
+    next_id = sample(steps.prefill(model, embeds), temperature, top_p, generator)
+    reader.start(0, next_id)
     _sync(device)
     t3 = time.perf_counter()
     timings["prefill"] = t3 - t2
 
     ids, stream = [], StreamDecoder(tokenizer)
     for step in range(max_new_tokens):
-        token = int(next_id.item())
+        if step + 1 < max_new_tokens:  # queue the next step before waiting for this id
+            logits = steps.decode(model, next_id.view(1, 1), positions[step : step + 1])
+            next_id = sample(logits, temperature, top_p, generator)
+            reader.start(step + 1, next_id)
+        token = reader.read(step)
         ids.append(token)
         if token == tokenizer.eos_id:
             break
         if on_text is not None:
             on_text(stream.push(token))
-        if step + 1 == max_new_tokens:
-            break
-        pos = torch.tensor([length + step], device=device)
-        next_id = sample(decode_one_token(model, next_id.view(1, 1), pos), temperature, top_p, generator)
     _sync(device)
     timings["decode"] = time.perf_counter() - t3
-    steps = max(len(ids) - 1, 0)  # the first id came out of the prefill
+    n_steps = max(len(ids) - 1, 0)  # the first id came out of the prefill
     return Result(
         text=tokenizer.decode(ids),
         token_ids=ids,
         visual_tokens={"before": sum(c.before for c in compressed), "after": sum(c.tokens.shape[0] for c in compressed)},
         timings_s=timings,
-        decode_tokens_per_s=steps / timings["decode"] if steps and timings["decode"] > 0 else 0.0,
+        decode_tokens_per_s=n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0,
     )
 
 
@@ -170,10 +235,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "hub ids are looked up in weights/<name>/ and downloaded there if missing")
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--prompt", required=True, help="the question about the image")
-    p.add_argument("--compressor", default="none", choices=globalcom2.METHODS,
-                   help="visual-token compression between projector and decoder (default none)")
-    p.add_argument("--retention-ratio", type=ratio_arg, default=1.0, metavar="R",
-                   help="fraction of visual tokens kept, in (0, 1] (default 1.0)")
+    p.add_argument("--compressor", default="globalcom2", choices=globalcom2.METHODS,
+                   help="visual-token compression between projector and decoder: globalcom2 (default), "
+                   "globalcom2-paper (token for token the published code), the paper's ablations uniform, "
+                   "local-only, global-only, a seeded random floor, or none (plain LLaVA-NeXT)")
+    p.add_argument("--retention-ratio", type=ratio_arg, default=0.25, metavar="R",
+                   help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="0 is greedy, as the paper's evaluation (default 0)")
@@ -182,6 +249,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and activations (default: float16 on cuda, float32 on cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the tower, prefill and decode step (pays off on long answers; "
+                   "compile time is reported apart)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids, token counts and timings")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -204,12 +274,16 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         model, tokenizer = load(args.model, device, dtype)
         load_s = time.perf_counter() - t0
+        steps, compile_s = Steps(), {}
+        if args.compile:
+            steps = compile_steps(model)
+            compile_s = {"compile": warm_up(model, steps)}
         on_text = None if args.json else (lambda s: print(s, end="", flush=True))
         result = generate(model, tokenizer, image, args.prompt, args.compressor, args.retention_ratio,
-                          args.max_new_tokens, args.temperature, args.top_p, args.seed, on_text)
+                          args.max_new_tokens, args.temperature, args.top_p, args.seed, on_text, steps)
     except USER_ERRORS as e:
         return fail(str(e))
-    result.timings_s = {"load": load_s, **result.timings_s}
+    result.timings_s = {"load": load_s, **compile_s, **result.timings_s}
     if args.json:
         print(json.dumps(result.__dict__))
     else:
@@ -217,7 +291,9 @@ def main(argv=None) -> int:
         t = result.timings_s
         print(
             f"[{len(result.token_ids)} tokens | visual tokens {result.visual_tokens['before']} -> "
-            f"{result.visual_tokens['after']} | load {t['load']:.2f}s vision {t['vision']:.2f}s "
+            f"{result.visual_tokens['after']} | load {t['load']:.2f}s "
+            + (f"compile {t['compile']:.1f}s " if "compile" in t else "")
+            + f"vision {t['vision']:.2f}s "
             f"compress {t['compress']:.3f}s prefill {t['prefill']:.2f}s decode {t['decode']:.2f}s "
             f"({result.decode_tokens_per_s:.1f} tok/s)]",
             file=sys.stderr,

@@ -33,9 +33,9 @@ def run_cli(capsys, *args):
     return code, out, err
 
 
-def run_json(capsys, model_dir, image_path, *extra):
+def run_json(capsys, model_dir, image_path, *extra, compressor=("--compressor", "none")):
     code, out, err = run_cli(capsys, "--model", model_dir, "--image", image_path, "--prompt", QUESTION,
-                             "--max-new-tokens", 12, "--json", *extra)
+                             "--max-new-tokens", 12, "--json", *compressor, *extra)
     assert code == 0, err
     return json.loads(out.strip().splitlines()[-1])
 
@@ -72,7 +72,7 @@ def test_json_contract(capsys, checkpoints, image_path):
 def test_streamed_text_equals_json_text(capsys, checkpoints, image_path):
     result = run_json(capsys, checkpoints["hub"], image_path)
     code, out, err = run_cli(capsys, "--model", checkpoints["hub"], "--image", image_path, "--prompt", QUESTION,
-                             "--max-new-tokens", 12)
+                             "--max-new-tokens", 12, "--compressor", "none")
     assert code == 0
     assert out.rstrip("\n") == result["text"]
     assert "visual tokens 52 -> 52" in err and len(err.strip().splitlines()) == 1
@@ -182,3 +182,50 @@ def test_module_entry_point_and_exit_codes(checkpoints, image_path, tmp_path):
                          env=env, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+
+
+def predicted_count(scores_thumb, grid, size, side, r, paper):
+    """GLOBALCOM2.md's token count, worked out here from its formulas (not from the package)."""
+    gw, gh = grid
+    P, H, W = side * side, gh * side, gw * side
+    s = scores_thumb.double().view(side, side)
+    ph, pw = max(side // gh, 1), max(side // gw, 1)
+    sums = torch.zeros(gh * gw, dtype=torch.float64)
+    for i in range(side):
+        for j in range(side):
+            sums[min(i // ph, gh - 1) * gw + min(j // pw, gw - 1)] += s[i, j]
+    e = torch.exp((sums - sums.max()) / 10)
+    p = e / (e.sum() + 1e-8)
+    scale = (r * (1 + p - p.mean())).clamp(max=1.0)
+    w0, h0 = size
+    if w0 / h0 > W / H:
+        pad = (H - int(h0 * (W / w0))) // 2
+        rows, cols = range(pad, H - pad), range(W)
+    else:
+        pad = (W - int(w0 * (H / h0))) // 2
+        rows, cols = range(H), range(pad, W - pad)
+    n = [0] * (gw * gh)
+    for y in rows:
+        for x in cols:
+            n[(y // side) * gw + x // side] += 1
+    kept = sum(int(n[c] * scale[c].item()) for c in range(gw * gh))
+    return int(P * r) + kept + (H if paper else len(rows))
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.1])
+@pytest.mark.parametrize("mode", ["globalcom2", "globalcom2-paper"])
+def test_compressed_token_count_through_the_cli(capsys, checkpoints, image_path, tmp_path, ratio, mode):
+    from minillava.weights import load_model
+
+    wide = tmp_path / "wide.png"
+    Image.open(image_path).resize((300, 60)).save(wide)  # padded rows: 300/60 is wider than its 3 x 1 grid
+    result = run_json(capsys, checkpoints["hub"], wide, compressor=("--compressor", mode, "--retention-ratio", ratio))
+    model = load_model(checkpoints["hub"])
+    tiles = tile_image(load_image(str(wide)), model.cfg.grid_pinpoints, tiny.TILE)
+    with torch.no_grad():
+        _, scores = model.vision(tiles.pixels)
+    assert tiles.grid == (3, 1)
+    expected = predicted_count(scores[0], tiles.grid, tiles.size, tiny.TILE // 14, ratio, mode == "globalcom2-paper")
+    assert result["visual_tokens"]["after"] == expected
+    # new_h = int(60 * 12 / 300) = 2 of the 4 grid rows, pad 1: rows 1 and 2, each 12 tokens + newline
+    assert result["visual_tokens"]["before"] == 16 + 2 * (12 + 1)
