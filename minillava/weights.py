@@ -1,18 +1,19 @@
 """Finding a checkpoint and loading it: one key table for every layout, no second copy in memory.
 
-The model is built on the `meta` device (no memory), then each tensor is read from the
-memory-mapped safetensors file straight onto the target device, cast to the target dtype, and
-assigned as the parameter. Peak memory is the model's size plus one tensor.
+The model is built on the `meta` device (no memory); each safetensors file is memory-mapped, and
+each tensor either is the mapped file (CPU, same dtype) or is converted from it (see `load_model`).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import ConfigError, LlavaConfig, load_config, vision_config_from_shapes
 from .model import LlavaNext
@@ -81,29 +82,73 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise WeightsError(f"{model_dir}: no *.safetensors weights")
 
 
-def read_layout(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
-    """Our name -> (file, checkpoint key, shape), from the file headers only."""
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass
+class Entry:
+    """Where one tensor lives: file, its key there, dtype, shape and byte range (from the file start)."""
+
+    path: Path
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: Path) -> dict[str, Entry]:
+    """The tensor table of a safetensors file: an 8-byte little-endian length, then that much JSON."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    base, entries = 8 + n, {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise WeightsError(f"{path.name}: {key!r} has dtype {info['dtype']}, which we do not load")
+        start, end = info["data_offsets"]
+        entries[key] = Entry(path, key, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end)
+    return entries
+
+
+def read_layout(files: list[Path]) -> dict[str, Entry]:
+    """Our parameter name -> where its tensor is, from the file headers only."""
     layout = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                name = internal_name(key)
-                if name is None:
-                    continue
-                if name in layout:
-                    raise WeightsError(f"{key!r} in {path.name} duplicates {layout[name][1]!r}")
-                layout[name] = (path, key, tuple(f.get_slice(key).get_shape()))
+        for key, entry in read_header(path).items():
+            name = internal_name(key)
+            if name is None:
+                continue
+            if name in layout:
+                raise WeightsError(f"{key!r} in {path.name} duplicates {layout[name].key!r}")
+            layout[name] = entry
     return layout
 
 
 def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32) -> LlavaNext:
-    """Build the model from `model_dir` (config.json + safetensors) on `device` in `dtype`."""
+    """Build the model from `model_dir` (config.json + safetensors) on `device` in `dtype`.
+
+    The model is built on the meta device, and each file is memory-mapped. A tensor already in the
+    target dtype on the CPU becomes the parameter as it is, a view of the file's pages (copy-on-write,
+    read on first use): no copy at all. Any other tensor is converted or moved from the map, and the
+    pages it was read from are handed back to the kernel at once. Peak memory stays near the size of
+    the model in its target dtype.
+    """
     model_dir = Path(model_dir)
     cfg: LlavaConfig = load_config(model_dir)
     layout = read_layout(checkpoint_files(model_dir))
     if cfg.vision_from_shapes:
         try:
-            cfg.vision = vision_config_from_shapes({k: v[2] for k, v in layout.items()})
+            cfg.vision = vision_config_from_shapes({k: v.shape for k, v in layout.items()})
         except KeyError as e:
             raise WeightsError(f"{model_dir}: vision tower weight {e} is missing") from None
     if cfg.text.tie_word_embeddings and "lm_head.weight" not in layout:
@@ -113,26 +158,51 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32) -> Llav
     expected = model.state_dict()
     missing = sorted(set(expected) - set(layout))
     if missing:
-        raise WeightsError(f"{model_dir}: missing weight {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{model_dir}: missing weight {missing[0]!r}{more}")
     unexpected = sorted(set(layout) - set(expected))
     if unexpected:
-        raise WeightsError(f"{model_dir}: unexpected weight {layout[unexpected[0]][1]!r} for this config")
-    for name, (path, key, shape) in layout.items():
-        if shape != tuple(expected[name].shape):
-            raise WeightsError(f"{path.name}: {key!r} has shape {list(shape)}, the config implies {list(expected[name].shape)}")
+        raise WeightsError(f"{model_dir}: unexpected weight {layout[unexpected[0]].key!r} for this config")
+    for name, e in layout.items():
+        if e.shape != tuple(expected[name].shape):
+            raise WeightsError(f"{e.path.name}: {e.key!r} has shape {list(e.shape)}, the config implies {list(expected[name].shape)}")
 
-    state = {}
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for name, (path, key, _) in layout.items():
-        by_file.setdefault(path, []).append((name, key))
     device = torch.device(device)
-    for path, names in by_file.items():
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            for name, key in names:
-                state[name] = f.get_tensor(key).to(dtype)
+    maps = {path: map_file(path) for path in {e.path for e in layout.values()}}
+    state, loaded = {}, {}
+    for name, e in layout.items():
+        if (e.path, e.key) in loaded:  # tied weights: one tensor, two names
+            state[name] = loaded[(e.path, e.key)]
+            continue
+        mm = maps[e.path]
+        if e.end == e.start:  # an empty tensor has no bytes to map
+            state[name] = loaded[(e.path, e.key)] = torch.empty(e.shape, dtype=dtype, device=device)
+            continue
+        view = torch.frombuffer(mm, dtype=e.dtype, count=(e.end - e.start) // e.dtype.itemsize, offset=e.start)
+        view = view.view(e.shape)
+        if device.type == "cpu" and e.dtype == dtype:
+            tensor = view  # the parameter is the mapped file itself
+        else:
+            tensor = view.to(device, dtype)
+            release(mm, e.start, e.end)
+        state[name] = loaded[(e.path, e.key)] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     return model
+
+
+def map_file(path: Path) -> mmap.mmap:
+    """The whole file, mapped copy-on-write: readable and writable in memory, the file never changes."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def release(mm: mmap.mmap, start: int, end: int):
+    """Drop the resident pages of bytes [start, end) of a private map (they are re-read if touched)."""
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the range only
+    if last > first and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def resolve_model(name: str) -> Path:
