@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -21,7 +23,7 @@ from .anyres import ImageError, load_image, tile_image
 from .config import ConfigError, load_config
 from .model import LlavaNext
 from .tokenizer import StreamDecoder, Tokenizer, build_prompt
-from .weights import DEFAULT_MODEL, WeightsError, load_model, resolve_model
+from .weights import DEFAULT_MODEL, WeightsError, checkpoint_files, load_model, read_layout, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -248,7 +250,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the random compressor (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="weights and activations (default: float16 on cuda, float32 on cpu)")
+                   help="weights and activations (default: float16 on cuda; float32 on cpu, or bfloat16 "
+                   "when float32 weights would take over half the memory)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the tower, prefill and decode step (pays off on long answers; "
                    "compile time is reported apart)")
@@ -268,11 +271,13 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda was asked for but CUDA is not available here; use --device cpu")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
     try:
         image = load_image(args.image)
         t0 = time.perf_counter()
-        model, tokenizer = load(args.model, device, dtype)
+        model_dir = resolve_model(args.model)
+        load_config(model_dir)  # not a checkpoint: say so before reading any weights
+        dtype = DTYPES[args.dtype] if args.dtype else default_dtype(model_dir, device)
+        model, tokenizer = load(model_dir, device, dtype)
         load_s = time.perf_counter() - t0
         steps, compile_s = Steps(), {}
         if args.compile:
@@ -299,6 +304,20 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def default_dtype(model_dir, device: torch.device) -> torch.dtype:
+    """float16 on CUDA. On the CPU float32, unless the weights in float32 would take more than half
+    the machine's memory (a 7B model: 28 GB), then bfloat16."""
+    if device.type == "cuda":
+        return torch.float16
+    n_params = sum(math.prod(e.shape) for e in read_layout(checkpoint_files(Path(model_dir))).values())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * n_params > memory / 2:
+        print(f"note: {n_params / 1e9:.1f}B parameters in float32 would not fit comfortably in "
+              f"{memory / 2**30:.0f} GiB; using bfloat16 (pass --dtype float32 to insist)", file=sys.stderr)
+        return torch.bfloat16
+    return torch.float32
 
 
 def fail(message: str) -> int:
