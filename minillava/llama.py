@@ -127,8 +127,15 @@ class Decoder(nn.Module):
         for layer in self.layers:
             attn = layer.self_attn
             attn.cache = KVCache(batch, attn.kv_heads, length, attn.head_dim, dtype, device)
-        self.rope = rope_table(self.cfg.head_dim, length, self.cfg.rope_theta, device)
+        self.setup_rope(length, device)
         self.causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
+
+    def setup_rope(self, length: int, device=None):
+        """RoPE table for `length` positions and no cache: enough for full-sequence (`prefill=True`)
+        passes such as training."""
+        for layer in self.layers:
+            layer.self_attn.cache = None
+        self.rope = rope_table(self.cfg.head_dim, length, self.cfg.rope_theta, device or self.embed_tokens.weight.device)
 
     @property
     def cache_length(self) -> int:
