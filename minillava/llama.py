@@ -73,6 +73,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = k, v  # a prefill from position 0: the new keys are all there is, causal order
+        if mask is not None and self.cache is None:
+            raise RuntimeError("decoding past position 0 needs a KV cache: call Decoder.setup_cache first")
         if self.cache is not None:
             cache_k, cache_v = self.cache.update(input_pos, k, v)
             if mask is not None:
@@ -124,10 +126,10 @@ class Decoder(nn.Module):
         """Allocate the KV cache for `length` positions, and the RoPE and mask tables that go with it."""
         param = self.embed_tokens.weight
         device, dtype = device or param.device, dtype or param.dtype
+        self.setup_rope(length, device)
         for layer in self.layers:
             attn = layer.self_attn
             attn.cache = KVCache(batch, attn.kv_heads, length, attn.head_dim, dtype, device)
-        self.setup_rope(length, device)
         self.causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
 
     def setup_rope(self, length: int, device=None):
