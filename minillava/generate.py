@@ -26,6 +26,8 @@ from .tokenizer import StreamDecoder, Tokenizer, build_prompt
 from .weights import DEFAULT_MODEL, WeightsError, checkpoint_files, load_model, read_layout, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_COMPRESSOR = "globalcom2"
+DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
 
 
 class PromptError(ValueError):
@@ -237,11 +239,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "hub ids are looked up in weights/<name>/ and downloaded there if missing")
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--prompt", required=True, help="the question about the image")
-    p.add_argument("--compressor", default="globalcom2", choices=globalcom2.METHODS,
+    p.add_argument("--compressor", default=DEFAULT_COMPRESSOR, choices=globalcom2.METHODS,
                    help="visual-token compression between projector and decoder: globalcom2 (default), "
                    "globalcom2-paper (token for token the published code), the paper's ablations uniform, "
                    "local-only, global-only, a seeded random floor, or none (plain LLaVA-NeXT)")
-    p.add_argument("--retention-ratio", type=ratio_arg, default=0.25, metavar="R",
+    p.add_argument("--retention-ratio", type=ratio_arg, default=DEFAULT_RETENTION_RATIO, metavar="R",
                    help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",

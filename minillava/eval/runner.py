@@ -1,0 +1,281 @@
+"""The evaluation command: answer a benchmark's questions (resumable, data parallel), then score.
+
+    python -m minillava.eval TASK --data DIR --output FILE.jsonl [--compressor C --retention-ratio R]
+    torchrun --nproc-per-node K -m minillava.eval TASK --data DIR --output FILE.jsonl
+    python -m minillava.eval TASK --data DIR --score-only --answers FILE.jsonl [--compare BASE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import globalcom2
+
+from .. import generate as gen
+from ..anyres import ImageError
+from ..config import load_config
+from ..generate import DTYPES, USER_ERRORS, PromptError, Steps, compile_steps, default_dtype, fail, generate, load, \
+    ratio_arg, warm_up
+from ..weights import resolve_model
+from . import distributed
+from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, part_file, part_files, read_records
+from .files import DataError, require
+from .tasks import TASKS, Question, Task
+
+SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed")  # what an answers file must not mix
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    tasks = "\n".join(f"  {name:<10} {', '.join(task.layout())}" for name, task in TASKS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m minillava.eval",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate LLaVA-NeXT (optionally with GlobalCom2 compression) on a benchmark of the "
+        "GlobalCom2 paper, with LLaVA's prompts, greedy decoding and the official metrics. Answers are "
+        "appended to --output as they come; running the same command again resumes. Under "
+        "torchrun the questions are shared among the processes. At the end: one JSON line of metrics "
+        "and a markdown row on stdout.",
+        epilog=f"tasks and what --data holds for each (LLaVA's docs/Evaluation.md layout):\n{tasks}",
+    )
+    p.add_argument("task", choices=list(TASKS), help="benchmark")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="the benchmark's folder: question file, images, annotations (LLaVA's playground/data/eval/<task>)")
+    p.add_argument("--output", type=Path, metavar="FILE.jsonl", help="answers file, one JSON line per question; resumed if it exists")
+    p.add_argument("--model", default=gen.DEFAULT_MODEL,
+                   help=f"checkpoint directory or hub id (default {gen.DEFAULT_MODEL})")
+    p.add_argument("--compressor", default=gen.DEFAULT_COMPRESSOR, choices=globalcom2.METHODS,
+                   help=f"visual-token compression (default {gen.DEFAULT_COMPRESSOR})")
+    p.add_argument("--retention-ratio", type=ratio_arg, default=gen.DEFAULT_RETENTION_RATIO, metavar="R",
+                   help=f"fraction of visual tokens kept, in (0, 1] (default {gen.DEFAULT_RETENTION_RATIO})")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N questions of the question file")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="answer length limit (default per task: 16 for yes/no, 32 for short answers and letters, 1024 for MM-Vet)")
+    p.add_argument("--questions", type=Path, metavar="FILE", help="another question file in the task's format (e.g. another split)")
+    p.add_argument("--images", type=Path, metavar="DIR", help="another image folder")
+    p.add_argument("--retry-failed", action="store_true", help="answer again the questions recorded as failed")
+    p.add_argument("--score-only", action="store_true", help="score an existing answers file, without a model")
+    p.add_argument("--answers", type=Path, metavar="FILE.jsonl",
+                   help="with --score-only: the answers to score (ours or LLaVA's; default --output)")
+    p.add_argument("--compare", type=Path, metavar="BASE.json",
+                   help="metrics JSON line(s) of an uncompressed run: print each metric relative to it, in percent")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random compressor (default 0)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="default: float16 on cuda; float32 on cpu, or bfloat16 when float32 would not fit")
+    p.add_argument("--compile", action="store_true", help="torch.compile the tower, prefill and decode step")
+    args = p.parse_args(argv)
+    if args.data is None and TASKS[args.task].needs_data:
+        p.error(f"--data DIR is required: the folder of {args.task}'s question file, images and annotations")
+    if args.score_only:
+        args.answers = args.answers or args.output
+        if args.answers is None:
+            p.error("--score-only needs --answers FILE.jsonl (or --output)")
+    elif args.output is None:
+        p.error("--output FILE.jsonl is required (the answers file; it is resumed if it exists)")
+    elif args.answers is not None:
+        p.error("--answers goes with --score-only; to answer questions, give --output")
+    if args.limit is not None and args.limit < 0:
+        p.error("--limit must be >= 0")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    task = TASKS[args.task]
+    try:
+        args.base = baseline(args.compare, task.name) if args.compare else None  # checked before any work
+        if args.score_only:
+            questions = select(task.load(args.data, args.questions, args.images), args.limit)
+            records = merge(assign_keys(read_records(args.answers)))
+            finish(args, task, questions, records, args.answers)
+            return 0
+        return answer_all(args, task)
+    except (DataError, *USER_ERRORS) as e:
+        return fail(str(e))
+
+
+def select(questions: list[Question], limit: int | None) -> list[Question]:
+    return questions if limit is None else questions[:limit]
+
+
+def answer_all(args, task: Task) -> int:
+    """Answer the questions the answers file lacks, this process's share of them; rank 0 merges and scores."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return fail("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = distributed.init(device.type)
+    try:
+        if device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+        all_questions = task.load(args.data, args.questions, args.images)
+        task.check(args.data)
+        questions = select(all_questions, args.limit)
+        settings = {"compressor": args.compressor, "retention_ratio": args.retention_ratio,
+                    "max_new_tokens": args.max_new_tokens or task.max_new_tokens, "seed": args.seed}
+        output = args.output
+        done = merge(assign_keys([r for path in [output, *part_files(output)] for r in read_records(path)]))
+        check_settings(output, done.values(), settings)
+        world.barrier()  # everyone has read the files before rank 0 rewrites them
+        order = [q.key for q in all_questions]
+        if world.main:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            consolidate(output, order)  # leftovers of a killed run, merged and in order
+        world.barrier()
+        todo = [q for q in questions if q.key not in done or (args.retry_failed and is_failed(done[q.key]))]
+        mine = todo[world.rank :: world.size]
+        if world.main:
+            ranks = f" on {world.size} processes" if world.size > 1 else ""
+            print(f"{task.name}: {len(questions)} questions, {len(questions) - len(todo)} already in {output}, "
+                  f"{len(todo)} to answer{ranks}", file=sys.stderr)
+        if todo:
+            model_dir = fetch_model(args.model, world)
+            if mine:
+                answer(args, task, mine, settings, model_dir, device, world)
+        world.barrier()  # every rank's answers are in its part file
+        if world.main:
+            finish(args, task, questions, consolidate(output, order), output)
+    finally:
+        world.close()
+    return 0
+
+
+def fetch_model(model: str, world: distributed.World) -> Path:
+    """The checkpoint directory; a hub id is downloaded by rank 0 alone, the others wait for it."""
+    if world.main:
+        model_dir = resolve_model(model)
+        load_config(model_dir)  # not a checkpoint: say so before reading any weights
+    world.barrier()
+    return model_dir if world.main else resolve_model(model)
+
+
+def answer(args, task: Task, questions: list[Question], settings: dict, model_dir: Path, device, world):
+    """Answer `questions` with one model, appending each record as soon as it exists."""
+    model, tokenizer = load(model_dir, device, DTYPES[args.dtype] if args.dtype else default_dtype(model_dir, device))
+    steps = Steps()
+    if args.compile:
+        steps = compile_steps(model)
+        warm_up(model, steps)
+    writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
+    share = f" (rank 0 of {world.size})" if world.size > 1 else ""
+    bar = tqdm(total=len(questions), desc=task.name + share, unit="q", file=sys.stderr, disable=not world.main,
+               dynamic_ncols=True)
+    try:
+        for q in questions:
+            record = {"key": q.key, "question_id": q.question_id, "prompt": q.text}
+            try:
+                result = generate(model, tokenizer, task.open_image(q), q.prompt, args.compressor,
+                                  args.retention_ratio, settings["max_new_tokens"], temperature=0.0, seed=args.seed,
+                                  steps=steps)
+                record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
+            except (ImageError, PromptError, torch.cuda.OutOfMemoryError) as e:
+                if isinstance(e, torch.cuda.OutOfMemoryError):  # e.g. one huge image: free and go on
+                    torch.cuda.empty_cache()
+                message = " ".join(str(e).split()) or type(e).__name__
+                record.update(text="", error=message)
+                prefix = f"[rank {world.rank}] " if world.size > 1 else ""
+                tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
+            record.update(model_id=args.model, metadata=settings)
+            writer.write(record)
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+
+
+def check_settings(output: Path, records, settings: dict):
+    """An answers file holds one configuration: refuse to resume it with another."""
+    for record in records:
+        old = {k: record.get("metadata", {}).get(k) for k in SETTINGS}
+        if "metadata" in record and old != settings:
+            differ = ", ".join(f"{k} {old[k]} -> {settings[k]}" for k in SETTINGS if old[k] != settings[k])
+            raise DataError(f"{output} holds answers made with other settings ({differ}); "
+                            "use another --output, or the same settings to resume it")
+
+
+def finish(args, task: Task, questions: list[Question], records: dict[str, dict], answers_path: Path):
+    """Score, write the submission file if the task has one, print the JSON line and the markdown row."""
+    answered = [(q, records[q.key].get("text", "")) for q in questions if q.key in records]
+    failed = sum(is_failed(records[q.key]) for q in questions if q.key in records)
+    missing = len(questions) - len(answered)
+    if missing:
+        print(f"warning: {missing} of {len(questions)} questions have no answer in {answers_path}; "
+              "they are left out of the metrics", file=sys.stderr)
+    metrics = task.score(args.data, answered) if answered else {}
+    first = next(iter(records.values()), {})
+    settings = first.get("metadata", {})  # how the answers were made (LLaVA's own files do not say)
+    kept = [records[q.key]["visual_tokens"] for q in questions if "visual_tokens" in records.get(q.key, {})]
+    line = {
+        "task": task.name,
+        "model": first.get("model_id"),
+        "compressor": settings.get("compressor"),
+        "retention_ratio": settings.get("retention_ratio"),
+        "questions": len(questions),
+        "answered": len(answered) - failed,
+        "failed": failed,
+        "missing": missing,
+        "visual_tokens": {k: round(sum(v[k] for v in kept) / len(kept), 1) for k in ("before", "after")} if kept else None,
+        "headline": task.headline,
+        "score": metrics.get(task.headline) if task.headline else None,
+        "metrics": metrics,
+    }
+    made = task.submission(answered) if answered else None
+    if made is not None:
+        suffix, content = made
+        path = answers_path.with_name(answers_path.with_suffix("").name + suffix)
+        path.write_text(content, encoding="utf-8")
+        line["submission"] = str(path)
+    if args.base is not None:
+        line["relative"] = relative(metrics, args.base)
+    print(json.dumps(rounded(line)))
+    print(markdown_row(line))
+
+
+def baseline(path: Path, task: str) -> dict:
+    """The metrics of `task` in BASE: what this command prints, for one task or several (markdown rows
+    and other lines not starting with "{" are skipped; the last line of the task wins)."""
+    objects = []
+    with open(require(path, "--compare file"), encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.lstrip().startswith("{"):
+                try:
+                    objects.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{number}: not a JSON line ({e.msg} at column {e.colno})") from None
+    found = [o for o in objects if isinstance(o, dict) and o.get("task") == task]
+    if not found:
+        raise DataError(f"{path}: no metrics of task {task} (expected the JSON line this command prints)")
+    return found[-1].get("metrics", {})
+
+
+def relative(metrics: dict, base: dict) -> dict:
+    """Each numeric metric as a percentage of the base run's (the paper's relative scores)."""
+    return {k: 100.0 * v / base[k] for k, v in metrics.items()
+            if isinstance(v, (int, float)) and isinstance(base.get(k), (int, float)) and base[k]}
+
+
+def rounded(value):
+    """Floats to 4 decimals, in nested dicts too: 75.0, not 74.99999999999999."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return value
+
+
+def markdown_row(line: dict) -> str:
+    """| task | compressor | retention ratio | metric | value | vs base | answered/questions |"""
+    value = line["score"]
+    rel = line.get("relative", {}).get(line["headline"]) if line["headline"] else None
+    ratio = line["retention_ratio"] if line["compressor"] not in (None, "none") else "-"  # no ratio without compression
+    cells = [line["task"], line["compressor"] or "-", ratio, line["headline"] or "-",
+             "-" if value is None else f"{value:.2f}", "-" if rel is None else f"{rel:.1f}%",
+             f"{line['answered']}/{line['questions']}"]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
