@@ -1,6 +1,8 @@
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 
@@ -22,6 +24,15 @@ def checkpoints(tmp_path_factory, hf_model, tokenizer_path):
     """The same tiny random model saved in every key layout: {layout: directory}."""
     root = tmp_path_factory.mktemp("ckpt")
     return {name: tiny.save_checkpoint(hf_model, root / name, name, tokenizer_path) for name in tiny.LAYOUTS}
+
+
+@pytest.fixture(scope="session")
+def image_path(tmp_path_factory):
+    """A 150 x 90 noise picture: a 2 x 1 crop grid on the tiny model's 56 px tiles."""
+    rng = np.random.default_rng(7)
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(path)
+    return path
 
 
 PARITY: list[tuple[str, float]] = []  # (stage, max abs difference), filled by the parity tests

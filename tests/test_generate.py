@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,14 +16,6 @@ from minillava.tokenizer import Tokenizer, build_prompt
 from tests import tiny
 
 QUESTION = "What is in the picture?"
-
-
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    rng = np.random.default_rng(7)
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def run_cli(capsys, *args):

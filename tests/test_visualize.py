@@ -19,14 +19,6 @@ COLOUR = np.array([200, 100, 50], dtype=np.float32)  # the test images are one f
 DIMMED = COLOUR * vis.DIM + vis.DIM_TO * (1 - vis.DIM)
 
 
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    rng = np.random.default_rng(7)
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def run_cli(capsys, *args):
     code = vis.main([str(a) for a in args])
     out, err = capsys.readouterr()
