@@ -220,3 +220,11 @@ def test_compressed_token_count_through_the_cli(capsys, checkpoints, image_path,
     assert result["visual_tokens"]["after"] == expected
     # new_h = int(60 * 12 / 300) = 2 of the 4 grid rows, pad 1: rows 1 and 2, each 12 tokens + newline
     assert result["visual_tokens"]["before"] == 16 + 2 * (12 + 1)
+
+
+def test_compiled_steps_give_the_eager_ids(capsys, checkpoints, image_path):
+    """--compile: torch.compile'd tower, prefill and decode step (about 30 s of compiling on 2 cores)."""
+    eager = run_json(capsys, checkpoints["hub"], image_path)
+    compiled = run_json(capsys, checkpoints["hub"], image_path, "--compile")
+    assert compiled["token_ids"] == eager["token_ids"]
+    assert compiled["timings_s"]["compile"] > 0 and "compile" not in eager["timings_s"]
