@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -1023,6 +1024,8 @@ def markdown(r: dict, rows: list[Row]) -> str:
     m = r["machine"]
     head = "# minillava benchmark" + ("" if plan["representative"] else " (QUICK: small shapes, NOT representative)")
     lines = [head, ""]
+    if r.get("interrupted"):
+        lines += ["**Interrupted** (Ctrl-C or SIGTERM): only the sections that finished are in the table.", ""]
     lines.append(f"Machine: {m['cpu_model']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} threads, "
                  f"{m['torch_interop_threads']} interop), transformers {m['transformers']}, Python {m['python']}; "
                  f"load average {m['loadavg_1min_at_start']:.2f} at start, {r.get('loadavg_end', float('nan')):.2f} at end. "
@@ -1175,16 +1178,9 @@ def to_json(obj):
 SECTIONS = ("loading", "vision", "compression", "prefill", "decode")
 
 
-def run(plan: Plan, out: Path, sections=SECTIONS, log=None) -> dict:
-    """Run the plan's sections in order, write bench.md, bench.json and bench.png into `out`; the results."""
-    log = log or (lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
-    t_start = time.perf_counter()
-    torch.set_num_threads(plan.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    WATCH.rounds = {}
-    r: dict = {"plan": dataclasses.asdict(plan), "machine": machine_facts(), "contention": WATCH.rounds}
-    log(f"{plan.name} run, {plan.threads} threads; machine: {_fmt_dict(r['machine'])}")
-
+def run_sections(plan: Plan, r: dict, sections, log) -> None:
+    """The measurements, in an order that keeps memory low: loading (a subprocess) first, then the tower,
+    the compressor and the theory, then the decoders. Each section's results land in `r` when it ends."""
     if "loading" in sections:
         r["loading"] = bench_loading(plan, log)
         gc.collect()
@@ -1226,6 +1222,23 @@ def run(plan: Plan, out: Path, sections=SECTIONS, log=None) -> dict:
             r["decode"] = bench_decode(plan, ours, hf, log)
         del ours, hf
         gc.collect()
+
+
+def run(plan: Plan, out: Path, sections=SECTIONS, log=None) -> dict:
+    """Run the plan's sections in order, write bench.md, bench.json and bench.png into `out`; the results."""
+    log = log or (lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    torch.set_num_threads(plan.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    WATCH.rounds = {}
+    r: dict = {"plan": dataclasses.asdict(plan), "machine": machine_facts(), "contention": WATCH.rounds}
+    log(f"{plan.name} run, {plan.threads} threads; machine: {_fmt_dict(r['machine'])}")
+
+    try:
+        run_sections(plan, r, sections, log)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see main): keep what was measured
+        r["interrupted"] = True
+        log("interrupted: writing the rows measured so far")
 
     t = plan.text
     n_dec = r.get("models_decoder_params") or text_params(t)
@@ -1297,8 +1310,13 @@ def main(argv=None) -> int:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    run(plan, args.out, tuple(args.sections.split(",")))
-    return 0
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)  # a killed run still writes what it measured
+    results = run(plan, args.out, tuple(args.sections.split(",")))
+    return 1 if results.get("interrupted") else 0
 
 
 if __name__ == "__main__":

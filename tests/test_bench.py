@@ -105,3 +105,15 @@ def test_targets_and_arguments(bench):
     assert bench.check(None, "<= 1.0") is None
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "vision,bogus"])
+
+
+def test_an_interrupted_run_still_writes_what_it_measured(bench, tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what main's SIGTERM handler raises
+
+    monkeypatch.setattr(bench, "bench_decode", killed)
+    results = bench.run(tiny_plan(bench), tmp_path, sections=("compression", "prefill", "decode"), log=lambda m: None)
+    assert results["interrupted"] is True
+    assert [row["key"] for row in results["rows"]] == ["3a", "3b", "5", "7"]
+    assert "**Interrupted**" in (tmp_path / "bench.md").read_text()
+    assert json.loads((tmp_path / "bench.json").read_text())["interrupted"] is True
