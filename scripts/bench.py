@@ -1081,7 +1081,6 @@ def plot(r: dict, rows: list[Row], path: Path) -> None:
     height = top + bar_h * len(rows) + 60 + (330 if theory_rows else 0)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    font = _font(14)
     small = _font(12)
     title = "minillava vs transformers: ours / theirs (log scale)"
     if not r["plan"]["representative"]:
