@@ -46,13 +46,15 @@ class Result:
     decode_tokens_per_s: float = 0.0
 
 
-def load(model: str, device="cpu", dtype=torch.float32) -> tuple[LlavaNext, Tokenizer]:
-    """Model and tokenizer from a checkpoint directory or hub id."""
+def load(model: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[LlavaNext, Tokenizer]:
+    """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`."""
     model_dir = resolve_model(model)
     load_config(model_dir)  # a directory that is no checkpoint fails here, before anything is read
     tokenizer_path = model_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise WeightsError(f"{model_dir}: no tokenizer.model (the sentencepiece tokenizer of the checkpoint)")
+    device = torch.device(device)
+    dtype = dtype or default_dtype(model_dir, device)
     return load_model(model_dir, device, dtype), Tokenizer(tokenizer_path)
 
 
@@ -276,10 +278,7 @@ def main(argv=None) -> int:
     try:
         image = load_image(args.image)
         t0 = time.perf_counter()
-        model_dir = resolve_model(args.model)
-        load_config(model_dir)  # not a checkpoint: say so before reading any weights
-        dtype = DTYPES[args.dtype] if args.dtype else default_dtype(model_dir, device)
-        model, tokenizer = load(model_dir, device, dtype)
+        model, tokenizer = load(args.model, device, DTYPES.get(args.dtype))
         load_s = time.perf_counter() - t0
         steps, compile_s = Steps(), {}
         if args.compile:

@@ -20,7 +20,7 @@ import globalcom2
 from .. import generate as gen
 from ..anyres import ImageError
 from ..config import load_config
-from ..generate import DTYPES, USER_ERRORS, PromptError, Steps, compile_steps, default_dtype, fail, generate, load, \
+from ..generate import DTYPES, USER_ERRORS, PromptError, Steps, compile_steps, fail, generate, load, \
     ratio_arg, warm_up
 from ..weights import resolve_model
 from . import distributed
@@ -158,7 +158,7 @@ def fetch_model(model: str, world: distributed.World) -> Path:
 
 def answer(args, task: Task, questions: list[Question], settings: dict, model_dir: Path, device, world):
     """Answer `questions` with one model, appending each record as soon as it exists."""
-    model, tokenizer = load(model_dir, device, DTYPES[args.dtype] if args.dtype else default_dtype(model_dir, device))
+    model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype))
     steps = Steps()
     if args.compile:
         steps = compile_steps(model)
