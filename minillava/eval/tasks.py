@@ -444,3 +444,57 @@ class MMVet(Task):
 
     def submission(self, answered):
         return ".submission.json", json.dumps({f"v1_{q.question_id}": text for q, text in answered}, indent=2)
+
+
+@register
+class Synthetic(Task):
+    """Synthetic scenes for a small model trained here (`synthetic.py`, `scripts/train_tiny.py`): the digit on a card
+    of a given colour, or the colour of the card showing a given digit, a detail only the crops show.
+    Exact match after lower-casing and stripping. `--data` is a split written by
+    `python -m minillava.eval.synthetic --out DIR`; without it, the default held-out split
+    (DEFAULT_QUESTIONS test questions of the default seed) is made in memory."""
+
+    name = "synthetic"
+    questions_file = "questions.jsonl"
+    images_dir = "images"
+    max_new_tokens = 8
+    headline = "accuracy"
+    needs = ("answers.json",)
+    needs_data = False
+    DEFAULT_QUESTIONS = 500
+
+    def load(self, data, questions_file=None, images=None):
+        from . import synthetic as S
+
+        if data is None and questions_file is None:
+            questions = []
+            for i in range(self.DEFAULT_QUESTIONS):
+                s = S.sample(S.DEFAULT_SEED, "test", i)
+                questions.append(Question("", f"test-{i:05d}", S.prompt(s.question), S.prompt(s.question), None,
+                                          {"index": i, "answer": s.answer, "category": s.category}))
+            return key_questions(questions)
+        if data is None:
+            raise DataError("--questions needs --data DIR, the split's folder (with answers.json)")
+        questions = super().load(data, questions_file, images)
+        path = data / self.needs[0]
+        answers = read_json(path, "synthetic answers file")
+        for q in questions:
+            if str(q.question_id) not in answers:
+                raise DataError(f"{path}: no answer for question {q.question_id}")
+            q.extra["answer"] = answers[str(q.question_id)]
+        return questions
+
+    def check(self, data):
+        if data is not None:
+            super().check(data)
+
+    def open_image(self, q):
+        if q.image is None:
+            from . import synthetic as S
+
+            return S.sample(S.DEFAULT_SEED, "test", q.extra["index"]).scene.image
+        return super().open_image(q)
+
+    def score(self, data, answered):
+        correct = [text.strip().lower() == str(q.extra["answer"]).strip().lower() for q, text in answered]
+        return {"accuracy": _percent(M.mean(correct))}

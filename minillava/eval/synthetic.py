@@ -1,0 +1,202 @@
+"""Synthetic high-resolution scenes whose answers live in details only the AnyRes crops show.
+
+A scene is a cluttered pastel background with 3 to 5 small cards, each a distinct colour showing one
+distinct digit. Questions ask for the digit on a card of a given colour, or for the colour of the
+card with a given digit: single-word answers. Sizes are chosen so that the colour of a card survives
+the thumbnail but its digit does not:
+
+    original image     2 x the AnyRes canvas (448 x 448, 672 x 224, 448 x 336, ...)
+    AnyRes canvas      cards about 12 px with digits about 9 px tall, one card per 14 px patch cell
+    thumbnail 112 px   cards 3 to 6 px wide, digits a blur of 2 to 4 px
+
+Cards sit in the 14 px patch cells of the canvas (give or take a pixel), never across a crop border.
+Everything is drawn with PIL from a numpy generator seeded by (seed, split, index), so a split is the
+same on every run: `sample(seed, split, index)`. `write_split` writes one in LLaVA's evaluation layout
+(question file, image folder, answers), which the `synthetic` task of the evaluation harness scores.
+
+    python -m minillava.eval.synthetic --out data/synthetic --n 500     # the held-out test split
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (30, 150, 55),
+    "blue": (35, 75, 215),
+    "yellow": (240, 205, 20),
+    "purple": (135, 50, 175),
+    "orange": (245, 125, 15),
+    "pink": (245, 115, 185),
+    "brown": (120, 70, 30),
+}
+DARK_INK = ("yellow", "orange", "pink")  # cards light enough for a black digit; the others get white
+DIGITS = "0123456789"
+SCALE = 2  # original image pixels per canvas pixel
+CELL = 14 * SCALE  # one patch of the canvas, in original pixels
+# Original sizes (w, h): 2 x a pinpoint, or 2 x a padded fit (448 x 336 -> 224 x 168 on a 224 x 224 canvas).
+SIZES = [(448, 448), (448, 224), (224, 448), (672, 224), (224, 672), (448, 336), (336, 448)]
+SPLITS = {"train": 0, "test": 1, "val": 2}
+DEFAULT_SEED = 0
+TEMPLATES = {
+    "digit": "What digit is on the {colour} card?",
+    "colour": "What colour is the card with the digit {digit}?",
+}
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+
+
+@dataclass
+class Card:
+    colour: str
+    digit: str
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in original image pixels
+
+
+@dataclass
+class Scene:
+    image: Image.Image
+    cards: list[Card]
+
+
+@dataclass
+class Sample:
+    scene: Scene
+    question: str  # the question alone; the prompt adds SHORT_ANSWER on a second line
+    answer: str
+    category: str  # a key of TEMPLATES
+
+
+def rng_for(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """Pale vertical gradient, faint noise and a few large pastel shapes: clutter that is not a card."""
+    w, h = size
+    top, bottom = rng.uniform(185, 245, 3), rng.uniform(185, 245, 3)
+    t = np.linspace(0, 1, h)[:, None, None]
+    pixels = top * (1 - t) + bottom * t + rng.normal(0, 6, (h, w, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(2, 6)):
+        colour = tuple(int(c) for c in rng.uniform(150, 235, 3))
+        x0, y0 = rng.uniform(-0.2, 0.9) * w, rng.uniform(-0.2, 0.9) * h
+        x1, y1 = x0 + rng.uniform(0.15, 0.6) * w, y0 + rng.uniform(0.15, 0.6) * h
+        kind = rng.integers(3)
+        if kind == 0:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+        elif kind == 1:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(4, 14)))
+    return image.filter(ImageFilter.GaussianBlur(1.5))
+
+
+def _free_cells(rng: np.random.Generator, columns: int, rows: int, n: int) -> list[tuple[int, int]]:
+    """n cells of the patch grid, no two touching (not even diagonally), in random order."""
+    cells = [(c, r) for r in range(rows) for c in range(columns)]
+    order = rng.permutation(len(cells))
+    chosen: list[tuple[int, int]] = []
+    for i in order:
+        c, r = cells[i]
+        if all(abs(c - c2) > 1 or abs(r - r2) > 1 for c2, r2 in chosen):
+            chosen.append((c, r))
+            if len(chosen) == n:
+                break
+    return chosen
+
+
+def make_scene(rng: np.random.Generator) -> Scene:
+    """One scene: a size from SIZES, background clutter and 3 to 5 cards of distinct colours and digits."""
+    w, h = SIZES[rng.integers(len(SIZES))]
+    image = _background(rng, (w, h))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=24)
+    n = int(rng.integers(3, 6))
+    colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:n]]
+    digits = [DIGITS[i] for i in rng.permutation(len(DIGITS))[:n]]
+    cards = []
+    for (c, r), colour, digit in zip(_free_cells(rng, w // CELL, h // CELL, n), colours, digits):
+        side = int(rng.integers(23, 27))  # card side in original pixels, centred in its 28 px cell ...
+        x0 = c * CELL + (CELL - side) // 2 + int(rng.integers(-1, 2))  # ... give or take a pixel
+        y0 = r * CELL + (CELL - side) // 2 + int(rng.integers(-1, 2))
+        box = (x0, y0, x0 + side - 1, y0 + side - 1)
+        draw.rectangle(box, fill=COLOURS[colour])
+        ink = (0, 0, 0) if colour in DARK_INK else (255, 255, 255)
+        draw.text(((box[0] + box[2] + 1) / 2, (box[1] + box[3] + 1) / 2), digit, fill=ink, font=font, anchor="mm")
+        cards.append(Card(colour, digit, box))
+    return Scene(image, cards)
+
+
+def make_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(question, answer, category) about one card of the scene."""
+    card = scene.cards[rng.integers(len(scene.cards))]
+    category = list(TEMPLATES)[rng.integers(len(TEMPLATES))]
+    question = TEMPLATES[category].format(colour=card.colour, digit=card.digit)
+    return question, (card.digit if category == "digit" else card.colour), category
+
+
+def sample(seed: int, split: str, index: int) -> Sample:
+    """Scene and question number `index` of a split: the same on every call."""
+    rng = rng_for(seed, split, index)
+    scene = make_scene(rng)
+    return Sample(scene, *make_question(scene, rng))
+
+
+def prompt(question: str) -> str:
+    """What the model is asked after `<image>\\n`, as LLaVA's short-answer benchmarks do."""
+    return f"{question}\n{SHORT_ANSWER}"
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every text the model reads or writes: the prompt, each question and each answer."""
+    from ..tokenizer import build_prompt
+
+    lines = [build_prompt(prompt(TEMPLATES["digit"].format(colour=c, digit=""))) for c in COLOURS]
+    lines += [build_prompt(prompt(TEMPLATES["colour"].format(colour="", digit=d))) for d in DIGITS]
+    lines += [f"{a}" for a in [*COLOURS, *DIGITS]]
+    return lines
+
+
+def write_split(out: Path, n: int, split: str = "test", seed: int = DEFAULT_SEED) -> Path:
+    """Write samples 0..n-1 of a split in LLaVA's evaluation layout:
+
+        out/questions.jsonl   {"question_id", "image", "text", "category"} per line
+        out/images/<id>.png
+        out/answers.json      {question_id: answer}
+    """
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    answers = {}
+    with open(out / "questions.jsonl", "w", encoding="utf-8") as f:
+        for i in range(n):
+            s = sample(seed, split, i)
+            qid = f"{split}-{i:05d}"
+            s.scene.image.save(out / "images" / f"{qid}.png")
+            row = {"question_id": qid, "image": f"{qid}.png", "text": prompt(s.question), "category": s.category}
+            f.write(json.dumps(row) + "\n")
+            answers[qid] = s.answer
+    (out / "answers.json").write_text(json.dumps(answers, indent=0) + "\n", encoding="utf-8")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minillava.eval.synthetic",
+                                description="Write a split of the synthetic scenes in LLaVA's evaluation layout.")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (questions.jsonl, images/, answers.json)")
+    p.add_argument("--n", type=int, default=500, help="number of questions (default 500)")
+    p.add_argument("--split", choices=list(SPLITS), default="test", help="which split (default test; train is what training sees)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"base seed (default {DEFAULT_SEED})")
+    args = p.parse_args(argv)
+    write_split(args.out, args.n, args.split, args.seed)
+    print(f"wrote {args.n} {args.split} questions to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
