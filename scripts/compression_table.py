@@ -4,10 +4,11 @@
 
 Answers the held-out split of the `synthetic` task (the one `python -m minillava.eval synthetic`
 scores without --data) greedily, uncompressed, with the thumbnail alone (crops removed), and with
-every compressor at r = 0.5, 0.25, 0.1. Each image goes through the tower and projector once; its
+every compressor at r = 0.5, 0.25, 0.1, and how often each kept the card's token (the one crop token
+that shows the digit). Each image goes through the tower and projector once; its
 features are then compressed by each method and answered as `minillava.generate.generate` does
 (same prompt, same prefill and decode step). Prints a markdown table of accuracy and its ratio to
-uncompressed, and saves a PNG plot of accuracy against r (drawn with PIL).
+uncompressed and the card-token column, and saves a PNG plot of accuracy against r (drawn with PIL).
 """
 
 from __future__ import annotations
@@ -50,27 +51,35 @@ def greedy(model, tokenizer, tokens: torch.Tensor, question: str, max_new_tokens
     return tokenizer.decode(ids)
 
 
-def image_tokens(features: globalcom2.ImageFeatures, method: str, ratio: float, seed: int = 0) -> torch.Tensor:
-    """The image's token sequence: a compressor's, or the thumbnail alone ("thumbnail")."""
+def image_tokens(features: globalcom2.ImageFeatures, method: str, ratio: float, seed: int = 0):
+    """The image's token sequence, a compressor's or the thumbnail alone ("thumbnail"), and the
+    (H, W) map of the crop tokens it keeps (None for the thumbnail)."""
     if method == "thumbnail":
-        return features.thumb
-    return globalcom2.compress([features], method, ratio, seed=seed)[0].tokens
+        return features.thumb, None
+    out = globalcom2.compress([features], method, ratio, seed=seed)[0]
+    return out.tokens, out.crop_keep
 
 
 @torch.inference_mode()
 def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: int = 0):
-    """Accuracy in percent of each (method, ratio) on held-out questions 0 .. n-1, exact match after
-    lower-casing and stripping, as the `synthetic` task scores."""
+    """On held-out questions 0 .. n-1, per (method, ratio): accuracy in percent (exact match after
+    lower-casing and stripping, as the `synthetic` task scores) and the percentage of scenes whose card
+    token (the crop token at the card's centre, the one that shows the digit) was kept."""
     model, tokenizer = load(str(model_dir))
-    correct = {c: 0 for c in configs}
+    cfg = model.cfg
+    correct, kept = {c: 0 for c in configs}, {c: 0 for c in configs}
     for i in tqdm(range(n), desc="held-out", dynamic_ncols=True, file=sys.stderr):
         s = S.sample(S.DEFAULT_SEED, "test", i)
-        tiles = tile_image(s.scene.image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
+        tiles = tile_image(s.scene.image, cfg.grid_pinpoints, cfg.vision.image_size)
         features = model.encode_images([tiles])[0]
+        _, cell = S.card_cells(s.scene.cards[0], s.scene.image.size, cfg.grid_pinpoints, cfg.vision.image_size,
+                               cfg.vision.patch_size)
         for method, ratio in configs:
-            answer = greedy(model, tokenizer, image_tokens(features, method, ratio, seed), S.prompt(s.question))
+            tokens, keep = image_tokens(features, method, ratio, seed)
+            answer = greedy(model, tokenizer, tokens, S.prompt(s.question))
             correct[(method, ratio)] += answer.strip().lower() == s.answer
-    return {c: 100.0 * k / n for c, k in correct.items()}
+            kept[(method, ratio)] += keep is not None and bool(keep[cell])
+    return {c: 100.0 * k / n for c, k in correct.items()}, {c: 100.0 * k / n for c, k in kept.items()}
 
 
 def plot(accuracy: dict, path: Path):
@@ -111,15 +120,15 @@ def plot(accuracy: dict, path: Path):
     fig.save(path)
 
 
-def table(accuracy: dict) -> str:
+def table(accuracy: dict, kept: dict) -> str:
     base = accuracy[("none", 1.0)]
-    rows = ["| method | r | accuracy | vs uncompressed |", "|---|---|---|---|",
-            f"| none | 1.0 | {base:.1f}% | 100.0% |",
-            f"| thumbnail only | - | {accuracy[('thumbnail', 1.0)]:.1f}% | {100 * accuracy[('thumbnail', 1.0)] / base:.1f}% |"]
+    rows = ["| method | r | accuracy | vs uncompressed | card token kept |", "|---|---|---|---|---|",
+            f"| none | 1.0 | {base:.1f}% | 100.0% | {kept[('none', 1.0)]:.1f}% |",
+            f"| thumbnail only | - | {accuracy[('thumbnail', 1.0)]:.1f}% | {100 * accuracy[('thumbnail', 1.0)] / base:.1f}% | - |"]
     for method in METHODS:
         for r in RATIOS:
             a = accuracy[(method, r)]
-            rows.append(f"| {method} | {r} | {a:.1f}% | {100 * a / base:.1f}% |")
+            rows.append(f"| {method} | {r} | {a:.1f}% | {100 * a / base:.1f}% | {kept[(method, r)]:.1f}% |")
     return "\n".join(rows)
 
 
@@ -131,9 +140,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the random compressor (default 0)")
     args = p.parse_args(argv)
     configs = [("none", 1.0), ("thumbnail", 1.0)] + [(m, r) for m in METHODS for r in RATIOS]
-    accuracy = evaluate(args.model, args.n, configs, args.seed)
+    accuracy, kept = evaluate(args.model, args.n, configs, args.seed)
     print(f"{args.n} held-out questions of the synthetic task, model {args.model}\n")
-    print(table(accuracy))
+    print(table(accuracy, kept))
     plot(accuracy, args.plot)
     print(f"\nwrote {args.plot}")
 

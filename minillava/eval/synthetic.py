@@ -1,15 +1,17 @@
 """Synthetic high-resolution scenes whose answers live in details only the AnyRes crops show.
 
-A scene is a cluttered pastel background with 3 to 5 small cards, each a distinct colour showing one
-distinct digit. Questions ask for the digit on a card of a given colour, or for the colour of the
-card with a given digit: single-word answers. Sizes are chosen so that the colour of a card survives
-the thumbnail but its digit does not:
+A scene is a cluttered pastel background with one small coloured card showing a digit, and the
+question asks for that digit: "What digit is on the red card?", a single-word answer. Sizes are
+chosen so that the card (its colour) survives the thumbnail but its digit does not:
 
     original image     2 x the AnyRes canvas (448 x 448, 672 x 224, 448 x 336, ...)
-    AnyRes canvas      cards about 12 px with digits about 9 px tall, one card per 14 px patch cell
-    thumbnail 112 px   cards 3 to 6 px wide, digits a blur of 2 to 4 px
+    AnyRes canvas      the card about 12 px with a digit about 9 px tall, inside one 14 px patch cell
+    thumbnail 112 px   the card 3 to 6 px wide, its digit a blur of 2 to 4 px
 
-Cards sit in the 14 px patch cells of the canvas (give or take a pixel), never across a crop border.
+So the answer sits in one visual token of the crops out of about 350: the needle a compressor must
+keep. (Scenes with several cards, `cards=(3, 5)`, train the tower; the tiny decoder trained here does
+not learn to pick a card by its colour in the hour it gets, so the held-out questions have one card.)
+The card sits in a 14 px patch cell of the canvas (give or take a pixel), never across a crop border.
 Everything is drawn with PIL from a numpy generator seeded by (seed, split, index), so a split is the
 same on every run: `sample(seed, split, index)`. `write_split` writes one in LLaVA's evaluation layout
 (question file, image folder, answers), which the `synthetic` task of the evaluation harness scores.
@@ -49,6 +51,7 @@ TEMPLATES = {
     "digit": "What digit is on the {colour} card?",
     "colour": "What colour is the card with the digit {digit}?",
 }
+CARDS = (1, 1)  # fewest and most cards in a scene
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
@@ -113,13 +116,14 @@ def _free_cells(rng: np.random.Generator, columns: int, rows: int, n: int) -> li
     return chosen
 
 
-def make_scene(rng: np.random.Generator) -> Scene:
-    """One scene: a size from SIZES, background clutter and 3 to 5 cards of distinct colours and digits."""
+def make_scene(rng: np.random.Generator, cards: tuple[int, int] = CARDS) -> Scene:
+    """One scene: a size from SIZES, background clutter and cards[0] to cards[1] cards of distinct
+    colours and digits."""
     w, h = SIZES[rng.integers(len(SIZES))]
     image = _background(rng, (w, h))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=24)
-    n = int(rng.integers(3, 6))
+    n = int(rng.integers(cards[0], cards[1] + 1))
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:n]]
     digits = [DIGITS[i] for i in rng.permutation(len(DIGITS))[:n]]
     cards = []
@@ -135,18 +139,36 @@ def make_scene(rng: np.random.Generator) -> Scene:
     return Scene(image, cards)
 
 
-def make_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
-    """(question, answer, category) about one card of the scene."""
+def card_cells(card: Card, size: tuple[int, int], pinpoints, tile: int, patch: int = 14):
+    """Where the centre of a card of an image of `size` (w, h) lands in the model's tokens:
+    ((row, col) on the thumbnail's patch grid, (row, col) on the crops' token grid H x W, the layout
+    of `globalcom2.Compressed.crop_keep`), for AnyRes with these pinpoints and tile size."""
+    from ..anyres import _fit_size, select_best_resolution
+
+    w0, h0 = size
+    width, height = select_best_resolution((w0, h0), pinpoints)
+    new_w, new_h = _fit_size((w0, h0), (width, height))
+    ox, oy, scale = (width - new_w) // 2, (height - new_h) // 2, new_w / w0
+    x, y = (card.box[0] + card.box[2] + 1) / 2, (card.box[1] + card.box[3] + 1) / 2  # original pixels
+    canvas_x, canvas_y = ox + scale * x, oy + scale * y
+    thumb_x, thumb_y = x / w0 * tile, y / h0 * tile
+    return (int(thumb_y // patch), int(thumb_x // patch)), (int(canvas_y // patch), int(canvas_x // patch))
+
+
+def make_question(scene: Scene, rng: np.random.Generator, categories=("digit",)) -> tuple[str, str, str]:
+    """(question, answer, category) about one card of the scene: its digit (the task's question), or,
+    with "colour" among `categories`, possibly the colour of the card showing a given digit."""
     card = scene.cards[rng.integers(len(scene.cards))]
-    category = list(TEMPLATES)[rng.integers(len(TEMPLATES))]
+    category = categories[rng.integers(len(categories))]
     question = TEMPLATES[category].format(colour=card.colour, digit=card.digit)
     return question, (card.digit if category == "digit" else card.colour), category
 
 
-def sample(seed: int, split: str, index: int) -> Sample:
-    """Scene and question number `index` of a split: the same on every call."""
+def sample(seed: int, split: str, index: int, cards: tuple[int, int] = CARDS) -> Sample:
+    """Scene and question number `index` of a split: the same on every call. `cards` is the range of
+    the number of cards: one for the task, (3, 5) for the tower's pretraining in train_tiny.py."""
     rng = rng_for(seed, split, index)
-    scene = make_scene(rng)
+    scene = make_scene(rng, cards)
     return Sample(scene, *make_question(scene, rng))
 
 

@@ -448,8 +448,8 @@ class MMVet(Task):
 
 @register
 class Synthetic(Task):
-    """Synthetic scenes for a small model trained here (`synthetic.py`, `scripts/train_tiny.py`): the digit on a card
-    of a given colour, or the colour of the card showing a given digit, a detail only the crops show.
+    """Synthetic scenes for a small model trained here (`synthetic.py`, `scripts/train_tiny.py`): the digit on the
+    scene's one small card, a detail only the crops show.
     Exact match after lower-casing and stripping. `--data` is a split written by
     `python -m minillava.eval.synthetic --out DIR`; without it, the default held-out split
     (DEFAULT_QUESTIONS test questions of the default seed) is made in memory."""
