@@ -237,7 +237,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Answer a question about an image with LLaVA-NeXT (LLaVA-1.6), optionally compressing "
         "its visual tokens with GlobalCom2. The answer streams to stdout; timings go to stderr.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id (default {DEFAULT_MODEL}); "
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory, folder name under weights/, or hub id (default {DEFAULT_MODEL}, "
+                   "the tiny model trained here on synthetic scenes; the real one is e.g. liuhaotian/llava-v1.6-vicuna-7b); "
                    "hub ids are looked up in weights/<name>/ and downloaded there if missing")
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--prompt", required=True, help="the question about the image")

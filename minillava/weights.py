@@ -18,8 +18,11 @@ import torch
 from .config import ConfigError, LlavaConfig, load_config, vision_config_from_shapes
 from .model import LlavaNext
 
-DEFAULT_MODEL = "liuhaotian/llava-v1.6-vicuna-7b"
-WEIGHTS_DIR = Path(os.environ.get("MINILLAVA_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"  # the repository's weights/ (the tiny model is committed)
+WEIGHTS_DIR = Path(os.environ.get("MINILLAVA_WEIGHTS", SHIPPED_DIR))  # where hub checkpoints are looked for and downloaded
+# The model trained here on synthetic scenes (scripts/train_tiny.py, 6 MB, committed): it runs offline.
+# The real thing is e.g. --model liuhaotian/llava-v1.6-vicuna-7b.
+DEFAULT_MODEL = "llava-next-tiny-scenes"
 
 
 class WeightsError(ValueError):
@@ -206,14 +209,18 @@ def release(mm: mmap.mmap, start: int, end: int):
 
 
 def resolve_model(name: str) -> Path:
-    """A local checkpoint directory for `name`: a directory as given, or a hub id, found under
-    weights/<name>/ or downloaded there."""
+    """A local checkpoint directory for `name`: a directory as given, a folder name under weights/
+    (the shipped tiny model), or a hub id, found under weights/<name>/ or downloaded there."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if "/" not in name and name not in ("", ".", ".."):
+        for folder in (WEIGHTS_DIR, SHIPPED_DIR):
+            if (folder / name / "config.json").is_file():
+                return folder / name
     parts = name.split("/")
     if len(parts) != 2 or not all(parts) or name.startswith((".", "/", "~")):
-        raise WeightsError(f"--model {name}: no such directory, and not a hub id of the form owner/name")
+        raise WeightsError(f"--model {name}: no such directory, no weights/{name}/, and not a hub id of the form owner/name")
     local = WEIGHTS_DIR / parts[1]
     if (local / "config.json").is_file():
         return local
