@@ -123,6 +123,14 @@ def _fit_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]
     return min(math.ceil(w0 * scale_h), width), height
 
 
+def canvas_placement(size: tuple[int, int], pinpoints: list[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Where AnyRes puts a (w0, h0) image: the canvas (width, height), its best pinpoint, and the box
+    (left, top, w, h) the resized image fills on it, centred (odd leftover pixel on the far side)."""
+    width, height = select_best_resolution(size, pinpoints)
+    new_w, new_h = _fit_size(size, (width, height))
+    return (width, height), ((width - new_w) // 2, (height - new_h) // 2, new_w, new_h)
+
+
 def _normalise(pixels: np.ndarray, mean, std) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), rescaled and normalised exactly as CLIP's processor does."""
     x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
@@ -159,11 +167,9 @@ def tile_image(
     if w0 == 0 or h0 == 0:
         raise ValueError(f"cannot tile an empty image of size {w0}x{h0}")
 
-    width, height = select_best_resolution((w0, h0), pinpoints)
-    new_w, new_h = _fit_size((w0, h0), (width, height))
+    (width, height), (left, top, new_w, new_h) = canvas_placement((w0, h0), pinpoints)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
-    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    canvas.paste(resized, ((width - new_w) // 2, (height - new_h) // 2))
+    canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), (left, top))
 
     gw, gh = width // tile, height // tile
     crops = np.asarray(canvas).reshape(gh, tile, gw, tile, 3)  # (rows, tile, cols, tile, 3)

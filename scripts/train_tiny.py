@@ -132,30 +132,19 @@ def tile_labels(sample: S.Sample, tiles: Tiles) -> tuple[torch.Tensor, torch.Ten
     return cards, patch
 
 
-def turns(sample: S.Sample, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """The conversation of a training sample, as LLaVA's multi-turn data: (prompt, answer) for the
-    sample's question first, then one question about each other card (random kind, random order). A
-    card is asked about once, so no answer can be read off an earlier turn. A prompt is the question
-    with the short-answer line of the benchmarks or, with probability BARE_QUESTION, the question alone."""
-    out = [(sample.question, sample.answer)]
-    asked = sample.answer if sample.category == "digit" else None
-    for i in rng.permutation(len(sample.scene.cards)):
-        card = sample.scene.cards[i]
-        if card.digit == asked or card.colour == sample.answer:
-            continue
-        kind = list(S.TEMPLATES)[rng.integers(len(S.TEMPLATES))]
-        out.append((S.TEMPLATES[kind].format(colour=card.colour, digit=card.digit),
-                    card.digit if kind == "digit" else card.colour))
-    return [(q if rng.random() < BARE_QUESTION else S.prompt(q), a) for q, a in out]
+def prompt_for(sample: S.Sample, rng: np.random.Generator) -> str:
+    """What the user says after `<image>\n`: the question with the benchmarks' short-answer line or,
+    with probability BARE_QUESTION, the question alone."""
+    return sample.question if rng.random() < BARE_QUESTION else S.prompt(sample.question)
 
 
-def batch_samples(seed: int, start: int, n: int, cards=TOWER_CARDS) -> list[tuple[S.Sample, Tiles, tuple, list]]:
-    """Training samples start .. start+n-1: (sample, tiles, tile labels, conversation)."""
+def batch_samples(seed: int, start: int, n: int) -> list[tuple[Tiles, tuple]]:
+    """Stage-1 training scenes start .. start+n-1 (3 to 5 cards): (tiles, tile labels)."""
     out = []
     for i in range(start, start + n):
-        s = S.sample(seed, "train", i, cards)
+        s = S.sample(seed, "train", i, TOWER_CARDS)
         tiles = tile_image(s.scene.image, PINPOINTS, TILE)
-        out.append((s, tiles, tile_labels(s, tiles), turns(s, np.random.default_rng([seed, 100, i]))))
+        out.append((tiles, tile_labels(s, tiles)))
     return out
 
 
@@ -204,49 +193,37 @@ def tower_forward(model: LlavaNext, pixels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def tower_features(model: LlavaNext, seed: int, start: int, n: int) -> list[tuple[S.Sample, Tiles, torch.Tensor]]:
+def tower_features(model: LlavaNext, seed: int, start: int, n: int) -> list[tuple[S.Sample, tuple, tuple, torch.Tensor]]:
     """Stage-2 scenes start .. start+n-1 (one card each, as held out) through the frozen tower once:
-    (sample, tiles without pixels, layer -2 features (tiles, P, Dv) in float16)."""
+    (sample, crop grid, image size, layer -2 features (tiles, P, Dv) in float16)."""
     out = []
     for i in tqdm(range(start, start + n), desc="tower features", dynamic_ncols=True, file=sys.stderr):
         s = S.sample(seed, "train", i)
         tiles = tile_image(s.scene.image, PINPOINTS, TILE)
         features, _ = model.vision(tiles.pixels, model.cfg.vision_feature_layer)
-        out.append((s, Tiles(torch.empty(0), tiles.grid, tiles.size), features.half()))
+        out.append((s, tiles.grid, tiles.size, features.half()))
     return out
 
 
 def answer_loss(model: LlavaNext, tok: Tokenizer, batch, rng: np.random.Generator):
-    """Answer cross-entropy of a batch of (sample, tiles, tower features), as generate() would prompt
-    with the uncompressed image."""
+    """Answer cross-entropy of a batch of (sample, grid, size, tower features): each prompt token for
+    token what generate() feeds the model with the uncompressed image, then the answer and </s>."""
     sequences, targets = [], []
-    for s, tiles, features in batch:
+    for s, grid, size, features in batch:
         x = model.projector(features.float())  # (tiles, P, D)
         zeros = torch.zeros(x.shape[:2])  # scores are not used by "none"
         image = globalcom2.compress([globalcom2.ImageFeatures(
-            x[0], x[1:], zeros[0], zeros[1:], tiles.grid, tiles.size, model.image_newline)], "none")[0].tokens
-        # vicuna_v1, several turns: SYSTEM USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...
-        # The first turn is token for token what generate() feeds the model.
-        conversation = turns(s, rng)
-        first = tok.encode_prompt(build_prompt(conversation[0][0]))
-        pieces = [model.prompt_embeds(first, [image])[0]]  # (T, D)
-        length = len(pieces[0])
-        for k, (question, answer) in enumerate(conversation):
-            if k:
-                ids = tok.encode(f"USER: {question} ASSISTANT:")
-                pieces.append(model.embed(ids))
-                length += len(ids)
-            ids = tok.encode(answer) + [tok.eos_id]
-            targets.append((len(sequences), length - 1, ids))  # position p predicts the token at p + 1
-            pieces.append(model.embed(ids))
-            length += len(ids)
-        sequences.append(torch.cat(pieces))
+            x[0], x[1:], zeros[0], zeros[1:], grid, size, model.image_newline)], "none")[0].tokens
+        prompt = model.prompt_embeds(tok.encode_prompt(build_prompt(prompt_for(s, rng))), [image])[0]  # (T, D)
+        answer = tok.encode(s.answer) + [tok.eos_id]
+        targets.append((len(prompt) - 1, answer))  # position p predicts the token at p + 1
+        sequences.append(torch.cat([prompt, model.embed(answer)]))
     length = max(len(x) for x in sequences)
     x = torch.stack([F.pad(seq, (0, 0, 0, length - len(seq))) for seq in sequences])  # (B, T, D), right-padded
     model.llm.setup_rope(length)
     hidden = model.llm(x, torch.arange(length), prefill=True)  # causal: padding is never attended to
     rows, cols, ids = [], [], []
-    for b, first, answer in targets:
+    for b, (first, answer) in enumerate(targets):
         rows += [b] * len(answer)
         cols += range(first, first + len(answer))
         ids += answer
@@ -385,9 +362,9 @@ def main(argv=None):
     b1 = args.stage1_batch
 
     def stage1_loss(batch):
-        pixels = torch.cat([b[1].pixels for b in batch])
+        pixels = torch.cat([tiles.pixels for tiles, _ in batch])
         features, cls = tower_forward(model, pixels)
-        return card_losses(head, features, cls, [b[2] for b in batch])
+        return card_losses(head, features, cls, [labels for _, labels in batch])
 
     tower = [*model.vision.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(tower, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))

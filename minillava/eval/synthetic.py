@@ -49,6 +49,8 @@ SPLITS = {"train": 0, "test": 1, "val": 2}
 DEFAULT_SEED = 0
 TEMPLATES = {
     "digit": "What digit is on the {colour} card?",
+    # Asked of multi-card scenes in earlier experiments (see train_tiny.py); still in the tokenizer's
+    # corpus, so that the shipped tokenizer is the one train_tiny.py trains.
     "colour": "What colour is the card with the digit {digit}?",
 }
 CARDS = (1, 1)  # fewest and most cards in a scene
@@ -143,25 +145,21 @@ def card_cells(card: Card, size: tuple[int, int], pinpoints, tile: int, patch: i
     """Where the centre of a card of an image of `size` (w, h) lands in the model's tokens:
     ((row, col) on the thumbnail's patch grid, (row, col) on the crops' token grid H x W, the layout
     of `globalcom2.Compressed.crop_keep`), for AnyRes with these pinpoints and tile size."""
-    from ..anyres import _fit_size, select_best_resolution
+    from ..anyres import canvas_placement
 
     w0, h0 = size
-    width, height = select_best_resolution((w0, h0), pinpoints)
-    new_w, new_h = _fit_size((w0, h0), (width, height))
-    ox, oy, scale = (width - new_w) // 2, (height - new_h) // 2, new_w / w0
+    _, (left, top, new_w, _) = canvas_placement(size, pinpoints)
+    scale = new_w / w0
     x, y = (card.box[0] + card.box[2] + 1) / 2, (card.box[1] + card.box[3] + 1) / 2  # original pixels
-    canvas_x, canvas_y = ox + scale * x, oy + scale * y
+    canvas_x, canvas_y = left + scale * x, top + scale * y
     thumb_x, thumb_y = x / w0 * tile, y / h0 * tile
     return (int(thumb_y // patch), int(thumb_x // patch)), (int(canvas_y // patch), int(canvas_x // patch))
 
 
-def make_question(scene: Scene, rng: np.random.Generator, categories=("digit",)) -> tuple[str, str, str]:
-    """(question, answer, category) about one card of the scene: its digit (the task's question), or,
-    with "colour" among `categories`, possibly the colour of the card showing a given digit."""
+def make_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(question, answer, category): the digit on one card of the scene."""
     card = scene.cards[rng.integers(len(scene.cards))]
-    category = categories[rng.integers(len(categories))]
-    question = TEMPLATES[category].format(colour=card.colour, digit=card.digit)
-    return question, (card.digit if category == "digit" else card.colour), category
+    return TEMPLATES["digit"].format(colour=card.colour), card.digit, "digit"
 
 
 def sample(seed: int, split: str, index: int, cards: tuple[int, int] = CARDS) -> Sample:
