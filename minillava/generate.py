@@ -34,7 +34,12 @@ class PromptError(ValueError):
     """The prompt cannot be run (e.g. longer than the model's context)."""
 
 
-USER_ERRORS = (ImageError, ConfigError, WeightsError, PromptError)
+class NumericsError(RuntimeError):
+    """The model produced logits that cannot be sampled (NaN or infinite): broken weights or config,
+    or an overflow of the dtype."""
+
+
+USER_ERRORS = (ImageError, ConfigError, WeightsError, PromptError, NumericsError)
 
 
 @dataclass
@@ -71,16 +76,42 @@ def decode_one_token(model: LlavaNext, token: torch.Tensor, pos: torch.Tensor) -
     return model.logits(hidden[:, -1])
 
 
+BAD_TOKEN = -1  # what `sample` returns for a row whose logits are not usable (NaN, +inf, all -inf)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next ids (B,) from logits (B, V): argmax at temperature 0, else nucleus sampling."""
+    """Next ids (B,) from logits (B, V): argmax at temperature 0, else nucleus sampling.
+
+    A row whose largest logit is not finite (a NaN anywhere, +inf, or every entry -inf) gets BAD_TOKEN
+    instead of an id: argmax would silently pick a token from garbage. The check is on the device, so
+    the caller learns of it when it reads the id, without a synchronisation per step.
+    """
+    top = logits.amax(dim=-1, keepdim=True)  # (B, 1); NaN if any entry is NaN
+    bad = ~top.isfinite().squeeze(-1)  # (B,)
     if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest head reaching top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        ids = logits.argmax(dim=-1)
+    else:
+        # Subtract the max before dividing: a tiny temperature then sends the others to -inf (a one-hot
+        # distribution) instead of overflowing every logit to inf and the softmax to NaN. float64,
+        # because a temperature below float32's range (1e-46) would become 0 there, and 0 / 0 is NaN.
+        shifted = torch.where(bad[:, None], 0.0, logits - top).double()  # bad rows: uniform, never NaN
+        probs = torch.softmax(shifted / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest head reaching top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(bad, BAD_TOKEN, ids)
+
+
+def check_token(token: int, step: int) -> int:
+    """The id read back from `sample`, or NumericsError if the logits were unusable."""
+    if token == BAD_TOKEN:
+        raise NumericsError(
+            f"the model's logits are NaN or infinite at answer token {step + 1}: the weights or config.json are "
+            "broken, or the dtype overflows (try --dtype float32 or bfloat16)"
+        )
+    return token
 
 
 def _sync(device: torch.device):
@@ -200,10 +231,11 @@ def generate(
     ids, stream = [], StreamDecoder(tokenizer)
     for step in range(max_new_tokens):
         if step + 1 < max_new_tokens:  # queue the next step before waiting for this id
-            logits = steps.decode(model, next_id.view(1, 1), positions[step : step + 1])
+            # A BAD_TOKEN is fed as id 0: that step is thrown away, since reading the id raises first.
+            logits = steps.decode(model, next_id.clamp(min=0).view(1, 1), positions[step : step + 1])
             next_id = sample(logits, temperature, top_p, generator)
             reader.start(step + 1, next_id)
-        token = reader.read(step)
+        token = check_token(reader.read(step), step)
         ids.append(token)
         if token == tokenizer.eos_id:
             break
@@ -231,6 +263,29 @@ def ratio_arg(text: str) -> float:
     return value
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator takes a 64-bit seed; 2**64 and up overflow it
+
+
+def seed_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 2**63 - 1]")
+    return value
+
+
+def temperature_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):  # NaN fails every comparison: test finiteness first
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 is greedy)")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m minillava.generate",
@@ -249,10 +304,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retention-ratio", type=ratio_arg, default=DEFAULT_RETENTION_RATIO, metavar="R",
                    help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+    p.add_argument("--temperature", type=temperature_arg, default=0.0, metavar="T",
                    help="0 is greedy, as the paper's evaluation (default 0)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass when T > 0 (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the random compressor (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0,
+                   help="seed of sampling and of the random compressor, in [0, 2**63 - 1] (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and activations (default: float16 on cuda; float32 on cpu, or bfloat16 "
@@ -264,10 +320,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
-    if not 0.0 < args.top_p <= 1.0:
+    if not 0.0 < args.top_p <= 1.0:  # NaN fails too
         p.error("--top-p must be in (0, 1]")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
     return args
 
 
