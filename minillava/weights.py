@@ -174,7 +174,8 @@ def read_header(path: Path) -> dict[str, Entry]:
                                "(tensors must follow each other with no gap or overlap)")
         end = e.end
     if end != size:
-        raise WeightsError(f"{path.name}: the tensors cover {end} bytes of the file but it has {size}; truncated or padded")
+        raise WeightsError(f"{path.name}: the tensors need {end - 8 - n} data bytes but the file has {size - 8 - n}; "
+                           "truncated, or bytes no tensor accounts for")
     return {e.key: e for e in entries}
 
 
