@@ -163,7 +163,7 @@ def read_header(path: Path) -> dict[str, Entry]:
     header = parse_json(raw, f"{path}: header", WeightsError)
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: header must be a JSON object, got {show(header)}")
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", None) or {}  # optional, null allowed (an Option in safetensors)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WeightsError(f"{path}: __metadata__ must be an object of strings")
     entries = [header_entry(path, key, info, 8 + n, size) for key, info in header.items()]
@@ -305,13 +305,16 @@ def hub_folder(repo_id: str) -> Path:
 def resolve_model(name: str) -> Path:
     """A local checkpoint directory for `name`: a directory as given, a folder name under weights/
     (the shipped tiny model), or a hub id owner/name, found in weights/owner--name/ or downloaded there."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if "/" not in name and name not in ("", ".", ".."):
-        for folder in (WEIGHTS_DIR, SHIPPED_DIR):
-            if (folder / name / "config.json").is_file():
-                return folder / name
+    try:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return path
+        if "/" not in name and name not in ("", ".", ".."):
+            for folder in (WEIGHTS_DIR, SHIPPED_DIR):
+                if (folder / name / "config.json").is_file():
+                    return folder / name
+    except (OSError, RuntimeError):  # a name no file can have (too long, ~unknown-user): only a hub id is left
+        pass
     if not HUB_ID.fullmatch(name):
         raise WeightsError(f"--model {show(name)}: no such directory, no folder of that name in weights/, "
                            "and not a hub id of the form owner/name")

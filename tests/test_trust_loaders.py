@@ -546,7 +546,8 @@ def test_a_hub_id_is_stored_under_owner_and_name(checkpoints, tmp_path, monkeypa
         resolve_model("bob/tiny")
 
 
-@pytest.mark.parametrize("name", ["a/../b", "a--b/c", "../x", "a/b/c", "-a/b", "a/b.", "a/" + "b" * 97, "x/\n"])
+@pytest.mark.parametrize("name", ["a/../b", "a--b/c", "../x", "a/b/c", "-a/b", "a/b.", "a/" + "b" * 97, "x/\n",
+                                  "~no-such-user-here/x", "a" * 5000, "\0", "x/\ud800"])
 def test_malformed_hub_ids(name, tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(WeightsError) as e:
