@@ -162,10 +162,12 @@ def parse_json(data: bytes, where: str, error: type[Exception] = ConfigError):
     silently, so two readers of the file could disagree about what it says)."""
 
     def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise error(f"{where}: key {show(next(k for k in keys if keys.count(k) > 1))} appears twice")
-        return dict(pairs)
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise error(f"{where}: key {show(key)} appears twice")
+            out[key] = value
+        return out
 
     try:
         return json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)

@@ -100,7 +100,7 @@ def inside(model_dir: Path, name: str, source: str) -> Path:
     (not absolute, no `..`) and the file it resolves to, symlinks followed, lies in `model_dir`. A hub
     cache snapshot (`models--owner--name/snapshots/REV/`) links its files to `../../blobs/`, so there
     the repository's cache folder is the bound."""
-    if not name or "\0" in name or "\\" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+    if not name or "\0" in name or "\\" in name or Path(name).is_absolute() or ".." in Path(name).parts:  # \\: Windows' separator
         raise WeightsError(f"{model_dir}: {source} {show(name)} is not a plain file name inside the checkpoint")
     path = model_dir / name
     try:
@@ -132,12 +132,14 @@ class Entry:
     shape: tuple[int, ...]
     start: int
     end: int
-    size: int
+    file_size: int
 
 
-# safetensors' own cap on the JSON header (MAX_HEADER_SIZE in safetensors/src/tensor.rs): a longer
-# one is refused before a byte of it is read.
-MAX_HEADER_BYTES = 100_000_000
+# Cap on the JSON header, checked before a byte of it is read. safetensors allows 100 MB
+# (MAX_HEADER_SIZE in safetensors/src/tensor.rs), but a hostile header that size parses into about
+# 1 GB of Python objects in half a minute; real ones are far smaller (LLaVA-NeXT-34B's shards: tens
+# of KB; even 90k tensors, a 671B mixture of experts in one file, would take about 14 MB).
+MAX_HEADER_BYTES = 16 << 20
 
 
 def read_header(path: Path) -> dict[str, Entry]:
@@ -145,10 +147,11 @@ def read_header(path: Path) -> dict[str, Entry]:
     (UTF-8, an object of name -> {dtype, shape, data_offsets}), then the data.
 
     Nothing of the file is trusted. The rules are safetensors' own (`SafeTensors::read_metadata` and
-    `Metadata::validate` in safetensors/src/tensor.rs): n at most 100 MB and inside the file; the
+    `Metadata::validate` in safetensors/src/tensor.rs): n capped and inside the file; the
     entries, sorted by offset, tile the data region exactly from 0 with no gap or overlap, each as long
     as its shape x dtype; the data region ends at the end of the file. Stricter than safetensors:
-    a key twice in the header (serde keeps one silently) is refused, and only the dtypes we load pass.
+    the cap on n is lower (MAX_HEADER_BYTES), a key twice in the header is refused (which copy counts
+    would depend on the reader), and only the dtypes we load pass.
     """
     with open_regular(path, WeightsError) as f:
         size = os.fstat(f.fileno()).st_size
@@ -156,7 +159,7 @@ def read_header(path: Path) -> dict[str, Entry]:
             raise WeightsError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER_BYTES:
-            raise WeightsError(f"{path}: header length {n} is over safetensors' limit of {MAX_HEADER_BYTES} bytes; not a safetensors file")
+            raise WeightsError(f"{path}: header length {n} is over the limit of {MAX_HEADER_BYTES} bytes (real headers are far smaller); not a checkpoint we load")
         if 8 + n > size:
             raise WeightsError(f"{path}: header length {n} is past the end of the file ({size} bytes); truncated or not safetensors")
         raw = f.read(n)
@@ -170,7 +173,7 @@ def read_header(path: Path) -> dict[str, Entry]:
     end = 8 + n  # the data region starts right after the header
     for e in sorted(entries, key=lambda e: (e.start, e.end)):
         if e.start != end:
-            raise WeightsError(f"{path.name}: {e.key!r} starts at byte {e.start - 8 - n} of the data, expected {end - 8 - n} "
+            raise WeightsError(f"{path.name}: {show(e.key)} starts at byte {e.start - 8 - n} of the data, expected {end - 8 - n} "
                                "(tensors must follow each other with no gap or overlap)")
         end = e.end
     if end != size:
@@ -245,7 +248,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32) -> Llav
             raise WeightsError(f"{e.path.name}: {e.key!r} has shape {list(e.shape)}, the config implies {list(expected[name].shape)}")
 
     device = torch.device(device)
-    sizes = {e.path: e.size for e in layout.values()}
+    sizes = {e.path: e.file_size for e in layout.values()}
     maps = {path: map_file(path, size) for path, size in sizes.items()}
     state, loaded = {}, {}
     for name, e in layout.items():
