@@ -22,16 +22,12 @@ import globalcom2
 from .anyres import ImageError, load_image, tile_image
 from .config import ConfigError, load_config
 from .model import LlavaNext
-from .tokenizer import StreamDecoder, Tokenizer, build_prompt
+from .tokenizer import PromptError, StreamDecoder, Tokenizer, build_prompt
 from .weights import DEFAULT_MODEL, WeightsError, checkpoint_files, load_model, read_layout, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_COMPRESSOR = "globalcom2"
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
-
-
-class PromptError(ValueError):
-    """The prompt cannot be run (e.g. longer than the model's context)."""
 
 
 class NumericsError(RuntimeError):
@@ -52,15 +48,20 @@ class Result:
 
 
 def load(model: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[LlavaNext, Tokenizer]:
-    """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`."""
+    """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`.
+    The config is validated whole and the tokenizer checked against it before any weight is read."""
     model_dir = resolve_model(model)
-    load_config(model_dir)  # a directory that is no checkpoint fails here, before anything is read
+    cfg = load_config(model_dir)  # a directory that is no checkpoint fails here, before anything is read
     tokenizer_path = model_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
+    if not (tokenizer_path.exists() or tokenizer_path.is_symlink()):
         raise WeightsError(f"{model_dir}: no tokenizer.model (the sentencepiece tokenizer of the checkpoint)")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.n_pieces > cfg.text.vocab_size:  # ids past the embedding table would index out of it
+        raise WeightsError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_pieces} pieces but config.json's "
+                           f"vocab_size is {cfg.text.vocab_size}; the tokenizer belongs to another model")
     device = torch.device(device)
     dtype = dtype or default_dtype(model_dir, device)
-    return load_model(model_dir, device, dtype), Tokenizer(tokenizer_path)
+    return load_model(model_dir, device, dtype), tokenizer
 
 
 def prefill(model: LlavaNext, embeds: torch.Tensor) -> torch.Tensor:
@@ -294,7 +295,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory, folder name under weights/, or hub id (default {DEFAULT_MODEL}, "
                    "the tiny model trained here on synthetic scenes; the real one is e.g. liuhaotian/llava-v1.6-vicuna-7b); "
-                   "hub ids are looked up in weights/<name>/ and downloaded there if missing")
+                   "hub ids owner/name are looked up in weights/owner--name/ and downloaded there if missing")
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--prompt", required=True, help="the question about the image")
     p.add_argument("--compressor", default=DEFAULT_COMPRESSOR, choices=globalcom2.METHODS,

@@ -6,16 +6,19 @@ each tensor either is the mapped file (CPU, same dtype) or is converted from it 
 
 from __future__ import annotations
 
-import json
+import math
 import mmap
 import os
+import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, LlavaConfig, load_config, vision_config_from_shapes
+from .config import (ConfigError, LlavaConfig, check_vision, load_config, open_regular, parse_json,
+                     read_regular, show, vision_config_from_shapes)
 from .model import LlavaNext
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"  # the repository's weights/ (the tiny model is committed)
@@ -59,30 +62,56 @@ def internal_name(key: str) -> str | None:
     for prefix, ours in KEY_PREFIXES:
         if key.startswith(prefix):
             return ours + key[len(prefix) :]
-    raise WeightsError(f"unexpected key {key!r} in the checkpoint (not a LLaVA-NeXT weight)")
+    raise WeightsError(f"unexpected key {show(key)} in the checkpoint (not a LLaVA-NeXT weight)")
+
+
+MAX_INDEX_BYTES = 64 << 20  # model.safetensors.index.json: a 70B model's is about 100 KB
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the index's shards, or the single file."""
+    """The safetensors files of a checkpoint: the index's shards, or the single file, or every
+    *.safetensors. Each must be a regular file inside the checkpoint (see `inside`)."""
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise WeightsError(f"{index}: unreadable index ({e})") from None
-        files = [model_dir / s for s in shards]
-        for f in files:
-            if not f.is_file():
-                raise WeightsError(f"{f}: shard named in {index.name} is missing")
-        return files
-    if (model_dir / "model.safetensors").is_file():
-        return [model_dir / "model.safetensors"]
-    found = sorted(model_dir.glob("*.safetensors"))
-    if found:
-        return found
-    if list(model_dir.glob("*.bin")):
-        raise WeightsError(f"{model_dir}: only PyTorch .bin weights; convert them to safetensors first")
-    raise WeightsError(f"{model_dir}: no *.safetensors weights")
+    if index.exists() or index.is_symlink():
+        weight_map = parse_json(read_regular(index, MAX_INDEX_BYTES, WeightsError), str(index), WeightsError)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightsError(f"{index}: weight_map must be a JSON object of tensor name -> shard file name")
+        names, source = sorted(set(weight_map.values())), f"shard named in {index.name}"
+    else:
+        single = model_dir / "model.safetensors"
+        names = ["model.safetensors"] if single.exists() else sorted(p.name for p in model_dir.glob("*.safetensors"))
+        source = "weights file"
+        if not names and list(model_dir.glob("*.bin")):
+            raise WeightsError(f"{model_dir}: only PyTorch .bin weights; convert them to safetensors first")
+        if not names:
+            raise WeightsError(f"{model_dir}: no *.safetensors weights")
+    files = [inside(model_dir, name, source) for name in names]
+    for f in files:
+        if not f.exists():
+            raise WeightsError(f"{f}: {source} is missing")
+        if not f.is_file():  # a FIFO or a device would hang or stream forever
+            raise WeightsError(f"{f}: {source} is not a regular file")
+    return files
+
+
+def inside(model_dir: Path, name: str, source: str) -> Path:
+    """`model_dir / name`, refused unless it stays in the checkpoint: `name` is a plain relative path
+    (not absolute, no `..`) and the file it resolves to, symlinks followed, lies in `model_dir`. A hub
+    cache snapshot (`models--owner--name/snapshots/REV/`) links its files to `../../blobs/`, so there
+    the repository's cache folder is the bound."""
+    if not name or "\0" in name or "\\" in name or Path(name).is_absolute() or ".." in Path(name).parts:  # \\: Windows' separator
+        raise WeightsError(f"{model_dir}: {source} {show(name)} is not a plain file name inside the checkpoint")
+    path = model_dir / name
+    try:
+        root, target = model_dir.resolve(), path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise WeightsError(f"{path}: cannot resolve it ({e})") from None
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        root = root.parent.parent
+    if not target.is_relative_to(root):
+        raise WeightsError(f"{path}: {source} resolves to {target}, outside the checkpoint {root}; copy the file in")
+    return path
 
 
 SAFETENSORS_DTYPES = {
@@ -94,7 +123,8 @@ SAFETENSORS_DTYPES = {
 
 @dataclass
 class Entry:
-    """Where one tensor lives: file, its key there, dtype, shape and byte range (from the file start)."""
+    """Where one tensor lives: file, its key there, dtype, shape, byte range (from the file start), and
+    the file's size when the header was checked."""
 
     path: Path
     key: str
@@ -102,25 +132,74 @@ class Entry:
     shape: tuple[int, ...]
     start: int
     end: int
+    file_size: int
+
+
+# Cap on the JSON header, checked before a byte of it is read. safetensors allows 100 MB
+# (MAX_HEADER_SIZE in safetensors/src/tensor.rs), but a hostile header that size parses into about
+# 1 GB of Python objects in half a minute; real ones are far smaller (LLaVA-NeXT-34B's shards: tens
+# of KB; even 90k tensors, a 671B mixture of experts in one file, would take about 14 MB).
+MAX_HEADER_BYTES = 16 << 20
 
 
 def read_header(path: Path) -> dict[str, Entry]:
-    """The tensor table of a safetensors file: an 8-byte little-endian length, then that much JSON."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    base, entries = 8 + n, {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise WeightsError(f"{path.name}: {key!r} has dtype {info['dtype']}, which we do not load")
-        start, end = info["data_offsets"]
-        entries[key] = Entry(path, key, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end)
-    return entries
+    """The tensor table of a safetensors file: an 8-byte little-endian length n, then n bytes of JSON
+    (UTF-8, an object of name -> {dtype, shape, data_offsets}), then the data.
+
+    Nothing of the file is trusted. The rules are safetensors' own (`SafeTensors::read_metadata` and
+    `Metadata::validate` in safetensors/src/tensor.rs): n capped and inside the file; the
+    entries, sorted by offset, tile the data region exactly from 0 with no gap or overlap, each as long
+    as its shape x dtype; the data region ends at the end of the file. Stricter than safetensors:
+    the cap on n is lower (MAX_HEADER_BYTES), a key twice in the header is refused (which copy counts
+    would depend on the reader), and only the dtypes we load pass.
+    """
+    with open_regular(path, WeightsError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise WeightsError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise WeightsError(f"{path}: header length {n} is over the limit of {MAX_HEADER_BYTES} bytes (real headers are far smaller); not a checkpoint we load")
+        if 8 + n > size:
+            raise WeightsError(f"{path}: header length {n} is past the end of the file ({size} bytes); truncated or not safetensors")
+        raw = f.read(n)
+    header = parse_json(raw, f"{path}: header", WeightsError)
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: header must be a JSON object, got {show(header)}")
+    metadata = header.pop("__metadata__", None) or {}  # optional, null allowed (an Option in safetensors)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsError(f"{path}: __metadata__ must be an object of strings")
+    entries = [header_entry(path, key, info, 8 + n, size) for key, info in header.items()]
+    end = 8 + n  # the data region starts right after the header
+    for e in sorted(entries, key=lambda e: (e.start, e.end)):
+        if e.start != end:
+            raise WeightsError(f"{path.name}: {show(e.key)} starts at byte {e.start - 8 - n} of the data, expected {end - 8 - n} "
+                               "(tensors must follow each other with no gap or overlap)")
+        end = e.end
+    if end != size:
+        raise WeightsError(f"{path.name}: the tensors need {end - 8 - n} data bytes but the file has {size - 8 - n}; "
+                           "truncated, or bytes no tensor accounts for")
+    return {e.key: e for e in entries}
+
+
+def header_entry(path: Path, key: str, info, base: int, size: int) -> Entry:
+    """One header entry, its types checked and its length equal to shape x dtype size."""
+    where = f"{path.name}: {show(key)}"
+    if not isinstance(info, dict):
+        raise WeightsError(f"{where} must be an object with dtype, shape and data_offsets, got {show(info)}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise WeightsError(f"{where} has dtype {show(dtype)}, which we do not load ({', '.join(SAFETENSORS_DTYPES)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise WeightsError(f"{where} has shape {show(shape)}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise WeightsError(f"{where} has data_offsets {show(offsets)}, not two non-negative integers")
+    start, end = offsets
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if end < start or end - start != nbytes:
+        raise WeightsError(f"{where} has data_offsets [{start}, {end}] ({end - start} bytes) but shape {show(shape)} "
+                           f"of {dtype} needs {nbytes}")
+    return Entry(path, key, SAFETENSORS_DTYPES[dtype], tuple(shape), base + start, base + end, size)
 
 
 def read_layout(files: list[Path]) -> dict[str, Entry]:
@@ -132,7 +211,7 @@ def read_layout(files: list[Path]) -> dict[str, Entry]:
             if name is None:
                 continue
             if name in layout:
-                raise WeightsError(f"{key!r} in {path.name} duplicates {layout[name].key!r}")
+                raise WeightsError(f"{show(key)} in {path.name} duplicates {show(layout[name].key)}")
             layout[name] = entry
     return layout
 
@@ -149,11 +228,9 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32) -> Llav
     model_dir = Path(model_dir)
     cfg: LlavaConfig = load_config(model_dir)
     layout = read_layout(checkpoint_files(model_dir))
-    if cfg.vision_from_shapes:
-        try:
-            cfg.vision = vision_config_from_shapes({k: v.shape for k, v in layout.items()})
-        except KeyError as e:
-            raise WeightsError(f"{model_dir}: vision tower weight {e} is missing") from None
+    if cfg.vision_from_shapes:  # an unknown tower: its sizes are the weights', checked like a config's
+        cfg.vision = vision_config_from_shapes({k: v.shape for k, v in layout.items()})
+        check_vision(cfg)
     if cfg.text.tie_word_embeddings and "lm_head.weight" not in layout:
         layout["lm_head.weight"] = layout["llm.embed_tokens.weight"]
     with torch.device("meta"):
@@ -171,7 +248,8 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32) -> Llav
             raise WeightsError(f"{e.path.name}: {e.key!r} has shape {list(e.shape)}, the config implies {list(expected[name].shape)}")
 
     device = torch.device(device)
-    maps = {path: map_file(path) for path in {e.path for e in layout.values()}}
+    sizes = {e.path: e.file_size for e in layout.values()}
+    maps = {path: map_file(path, size) for path, size in sizes.items()}
     state, loaded = {}, {}
     for name, e in layout.items():
         if (e.path, e.key) in loaded:  # tied weights: one tensor, two names
@@ -194,10 +272,15 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32) -> Llav
     return model
 
 
-def map_file(path: Path) -> mmap.mmap:
-    """The whole file, mapped copy-on-write: readable and writable in memory, the file never changes."""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+def map_file(path: Path, size: int) -> mmap.mmap:
+    """The whole file, mapped copy-on-write: readable and writable in memory, the file never changes.
+    `size` is the length its header was checked against: a file changed since is refused."""
+    with open_regular(path, WeightsError) as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if len(mm) != size:
+        mm.close()
+        raise WeightsError(f"{path}: changed while loading ({len(mm)} bytes, its header said {size})")
+    return mm
 
 
 def release(mm: mmap.mmap, start: int, end: int):
@@ -208,26 +291,45 @@ def release(mm: mmap.mmap, start: int, end: int):
         mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+# A hub repository id, owner/name, by huggingface_hub's rules (`validate_repo_id`): letters, digits,
+# "_", "-", "."; no "--" or ".." anywhere; "-" and "." neither first nor last; at most 96 per part.
+HUB_PART = r"(?!.*(?:--|\.\.))(?![-.])[\w.-]{1,96}(?<![-.])"
+HUB_ID = re.compile(rf"{HUB_PART}/{HUB_PART}", re.ASCII)
+
+
+def hub_folder(repo_id: str) -> Path:
+    """Where hub id `owner/name` lives here: weights/owner--name/ (the hub cache's models--owner--name
+    naming). The owner is part of it, so `someone/llava-next-tiny-scenes` is never the shipped
+    `llava-next-tiny-scenes/`, and as hub ids cannot contain "--", no two ids share a folder."""
+    owner, name = repo_id.split("/")
+    return WEIGHTS_DIR / f"{owner}--{name}"
+
+
 def resolve_model(name: str) -> Path:
     """A local checkpoint directory for `name`: a directory as given, a folder name under weights/
-    (the shipped tiny model), or a hub id, found under weights/<name>/ or downloaded there."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if "/" not in name and name not in ("", ".", ".."):
-        for folder in (WEIGHTS_DIR, SHIPPED_DIR):
-            if (folder / name / "config.json").is_file():
-                return folder / name
-    parts = name.split("/")
-    if len(parts) != 2 or not all(parts) or name.startswith((".", "/", "~")):
-        raise WeightsError(f"--model {name}: no such directory, no weights/{name}/, and not a hub id of the form owner/name")
-    local = WEIGHTS_DIR / parts[1]
+    (the shipped tiny model), or a hub id owner/name, found in weights/owner--name/ or downloaded there."""
+    try:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return path
+        if "/" not in name and name not in ("", ".", ".."):
+            for folder in (WEIGHTS_DIR, SHIPPED_DIR):
+                if (folder / name / "config.json").is_file():
+                    return folder / name
+    except (OSError, RuntimeError):  # a name no file can have (too long, ~unknown-user): only a hub id is left
+        pass
+    if not HUB_ID.fullmatch(name):
+        raise WeightsError(f"--model {show(name)}: no such directory, no folder of that name in weights/, "
+                           "and not a hub id of the form owner/name")
+    local = hub_folder(name)
     if (local / "config.json").is_file():
         return local
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
 
-        print(f"downloading {name} to {local} ...", flush=True)
+        if constants.HF_HUB_OFFLINE:  # say why at once, without announcing a download that cannot start
+            raise RuntimeError("HF_HUB_OFFLINE is set")
+        print(f"downloading {name} to {local} ...", file=sys.stderr, flush=True)  # stdout is the answer (or --json)
         snapshot_download(repo_id=name, local_dir=local, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
     except Exception as e:  # offline, unknown repo, no access: all end the same way for the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
