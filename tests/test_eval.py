@@ -355,7 +355,8 @@ def test_missing_and_malformed_files(tmp_path, capsys):
     code = runner.main(["pope", "--data", str(tmp_path / "nowhere"), "--score-only", "--answers", str(answers)])
     one_error_line(code, capsys.readouterr().err, "data folder not found")
     (data / "val2014").rmdir()
-    one_error_line(*run("--questions", tmp_path / "a.jsonl"), "image folder not found", "val2014")
+    other = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "a.png", "text": "Q?", "category": "random"}])
+    one_error_line(*run("--questions", other), "image folder not found", "val2014")
     with pytest.raises(SystemExit) as e:
         runner.parse_args(["pope", "--output", "x.jsonl"])
     assert e.value.code == 2 and "--data DIR is required" in capsys.readouterr().err

@@ -17,11 +17,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ..anyres import ImageError, _to_rgb, load_image
+from ..anyres import ImageError, decode_image, load_image
 from . import metrics as M
-from .files import DataError, field as get, read_json, read_jsonl, read_tsv, require
+from .files import DataError, field as get, read_json, read_jsonl, read_text, read_tsv, require
+
+QID = (str, int)  # question ids are numbers or strings in LLaVA's files
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
@@ -63,12 +65,20 @@ class Task:
         """The questions, in file order, keyed."""
         if not data.is_dir():
             raise DataError(f"data folder not found: {data}")
-        path = questions_file or data / self.questions_file
+        path = self.questions_path(data, questions_file)
         image_root = images or (data / self.images_dir if self.images_dir else None)
         if image_root is not None and not image_root.is_dir():
             raise DataError(f"image folder not found: {image_root}")
         built = [self.make(row, path, number, image_root) for number, row in self.read(path)]
         return key_questions([q for q in built if q is not None])
+
+    def questions_path(self, data: Path | None, questions_file: Path | None = None) -> Path | None:
+        return questions_file or (data / self.questions_file if data is not None else None)
+
+    def inputs(self, data: Path | None, questions_file: Path | None = None) -> list[Path]:
+        """The files a run reads (that an output must never overwrite)."""
+        questions = self.questions_path(data, questions_file)
+        return ([questions] if questions else []) + ([data / n for n in self.needs] if data is not None else [])
 
     def layout(self) -> list[str]:
         """The files and folders --data holds, for --help."""
@@ -85,8 +95,8 @@ class Task:
 
     def make(self, row: dict, path: Path, number: int, images: Path | None) -> Question | None:
         """A Question from one row of the question file (None to skip the row)."""
-        return Question("", get(row, "question_id", path, number), get(row, "text", path, number),
-                        row["text"], images / get(row, "image", path, number), {"line": number})
+        return Question("", get(row, "question_id", path, number, QID), get(row, "text", path, number, str),
+                        row["text"], images / get(row, "image", path, number, str), {"line": number})
 
     def open_image(self, q: Question) -> Image.Image:
         return load_image(str(q.image))
@@ -185,13 +195,12 @@ class MME(Task):
             path = self._truth_file(root, qid)
             if path not in truths:
                 truths[path] = {}
-                with open(require(path, "MME answer file"), encoding="utf-8") as f:
-                    for number, line in enumerate(f, 1):
-                        if line.strip():
-                            parts = line.rstrip("\n").split("\t")
-                            if len(parts) != 2:
-                                raise DataError(f"{path}:{number}: expected 'question<TAB>answer'")
-                            truths[path][self._question(parts[0])] = parts[1].strip()
+                for number, line in enumerate(read_text(path, "MME answer file").split("\n"), 1):
+                    if line.strip():
+                        parts = line.rstrip("\r").split("\t")
+                        if len(parts) != 2:
+                            raise DataError(f"{path}:{number}: expected 'question<TAB>answer'")
+                        truths[path][self._question(parts[0])] = parts[1].strip()
             truth = truths[path].get(self._question(q.text))
             if truth is None:
                 raise DataError(f"{path}: no answer for question {self._question(q.text)!r}")
@@ -227,14 +236,19 @@ class POPE(Task):
 
     def make(self, row, path, number, images):
         q = super().make(row, path, number, images)
-        q.extra["category"] = get(row, "category", path, number)
+        q.extra["category"] = get(row, "category", path, number, str)
         return q
+
+    def inputs(self, data, questions_file=None):
+        splits = ("adversarial", "popular", "random")
+        return [*super().inputs(data, questions_file), *(data / "coco" / f"coco_pope_{s}.json" for s in splits)]
 
     def layout(self):
         return [*super().layout(), "coco/coco_pope_{adversarial,popular,random}.json"]
 
     def check(self, data):
-        require(data / "coco", "POPE label folder")
+        if not (data / "coco").is_dir():
+            raise DataError(f"POPE label folder not found: {data / 'coco'}")
 
     def score(self, data, answered):
         labels: dict[str, list] = {}
@@ -316,9 +330,11 @@ class ScienceQA(Task):
             text = row["conversations"][0]["value"]
         except (KeyError, IndexError, TypeError):
             raise DataError(f"{path}: entry {number} has no conversations[0].value") from None
+        if not isinstance(text, str):
+            raise DataError(f"{path}: entry {number}: conversations[0].value must be a string")
         question = text.replace("<image>", "").strip()
-        return Question("", get(row, "id", path, number), text, question + "\n" + OPTION_LETTER,
-                        images / row["image"], {"line": number})
+        return Question("", get(row, "id", path, number, QID), text, question + "\n" + OPTION_LETTER,
+                        images / get(row, "image", path, number, str), {"line": number})
 
     def score(self, data, answered):
         path = data / self.needs[0]
@@ -373,11 +389,9 @@ class MMBench(Task):
         where = f"the image of MMBench question {q.question_id} (line {q.extra['line']})"
         try:
             data = base64.b64decode(q.extra["image_b64"], validate=True)
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                return _to_rgb(ImageOps.exif_transpose(image))
-        except (binascii.Error, ValueError, OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-            raise ImageError(f"cannot decode {where}: {' '.join(str(e).split()) or type(e).__name__}") from None
+        except (binascii.Error, ValueError) as e:
+            raise ImageError(f"cannot decode {where}: not base64 ({' '.join(str(e).split())})") from None
+        return decode_image(io.BytesIO(data), where)  # the same format allowlist as every image
 
     def score(self, data, answered):
         graded = [(q, text) for q, text in answered if q.extra["answer"] is not None]
@@ -411,6 +425,9 @@ class VizWiz(Task):
 
     def layout(self):
         return [*super().layout(), "[val.json, to score val questions]"]
+
+    def inputs(self, data, questions_file=None):
+        return [*super().inputs(data, questions_file), data / "val.json"]
 
     def score(self, data, answered):
         path = data / "val.json"
