@@ -95,6 +95,8 @@ def _fetch(url: str) -> bytes:
     """
     hint = "check the URL and your network"
     try:
+        if any(c.isspace() or not c.isprintable() for c in url):  # urllib would drop some, http.client refuse others
+            raise ValueError("it contains a space or a control character")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError("expected http(s)://host/...")
