@@ -382,6 +382,39 @@ def test_short_and_long_mmbench_rows(tmp_path, capsys):
                        f"{tsv}:3:", problem)
 
 
+def malformed_annotations(root: Path, task: str) -> tuple[Path, Path]:
+    """(--data, the damaged annotation file) of a one-question benchmark whose annotation lacks a field."""
+    q = [{"question_id": "1", "image": "x.png", "text": "Q?"}]
+    if task == "textvqa":
+        write_jsonl(root / "llava_textvqa_val_v051_ocr.jsonl", q)
+        (root / "train_images").mkdir()
+        bad = write_json(root / "TextVQA_0.5.1_val.json", {"data": [{"image_id": "1", "question": "Q?"}]})
+    elif task == "gqa":
+        write_jsonl(root / "llava_gqa_testdev_balanced.jsonl", q)
+        (root / "data" / "images").mkdir(parents=True)
+        bad = write_json(root / "data" / "testdev_balanced_questions.json", {"1": {"answer": 3}})
+    elif task == "scienceqa":
+        write_json(root / "llava_test_CQM-A.json", [{"id": "1", "image": "x.png", "conversations": [{"value": "Q?"}]}])
+        (root / "images" / "test").mkdir(parents=True)
+        bad = write_json(root / "problems.json", {"1": {"answer": 0}})
+    elif task == "vizwiz":
+        write_jsonl(root / "llava_test.jsonl", q)
+        (root / "test").mkdir()
+        bad = write_json(root / "val.json", [{"image": "x.png", "answers": [{"a": 1}]}])
+    else:
+        write_jsonl(root / "questions.jsonl", q)
+        (root / "images").mkdir()
+        bad = write_json(root / "answers.json", ["1"])
+    return root, bad
+
+
+@pytest.mark.parametrize("task", ["textvqa", "gqa", "scienceqa", "vizwiz", "synthetic"])
+def test_malformed_annotation_files(tmp_path, capsys, task):
+    data, bad = malformed_annotations(tmp_path / task, task)
+    answers = llava_answers(tmp_path / "a.jsonl", [("1", "yes")])
+    one_error_line(*run_eval(capsys, task, "--data", data, "--score-only", "--answers", answers), str(bad))
+
+
 # ----------------------------------------------------------------------------- 3. atomic writes
 
 

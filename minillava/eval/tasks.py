@@ -122,6 +122,16 @@ def _percent(x: float) -> float:
     return 100.0 * x
 
 
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _entry(value, path: Path, where: str, shape: str, ok) -> None:
+    """DataError naming the file and entry unless `ok(value)`: annotation files are checked as read."""
+    if not (isinstance(value, dict) and ok(value)):
+        raise DataError(f"{path}: {where} is not {shape}")
+
+
 # ----------------------------------------------------------------------------- tasks
 
 
@@ -147,8 +157,12 @@ class TextVQA(Task):
     def score(self, data, answered):
         path = data / self.needs[0]
         document = read_json(path, "TextVQA annotations")
-        if not isinstance(document, dict) or "data" not in document:
+        if not isinstance(document, dict) or not isinstance(document.get("data"), list):
             raise DataError(f"{path}: expected TextVQA's {{\"data\": [...]}} annotation file")
+        for i, a in enumerate(document["data"]):
+            _entry(a, path, f"data[{i}]", "an annotation with image_id, question (strings) and answers (a list of strings)",
+                   lambda a: isinstance(a.get("image_id"), str) and isinstance(a.get("question"), str)
+                   and _strings(a.get("answers")))
         # Matched as LLaVA's eval_textvqa.py does: (image id, lower-cased question).
         truth = {(a["image_id"], a["question"].lower()): a["answers"] for a in document["data"]}
         scores = []
@@ -296,8 +310,10 @@ class GQA(Task):
         correct = []
         for q, text in answered:
             entry = truth.get(str(q.question_id)) if isinstance(truth, dict) else None
-            if entry is None or "answer" not in entry:
+            if entry is None:
                 raise DataError(f"{path}: no answer for question {q.question_id}")
+            _entry(entry, path, f"question {q.question_id}", "an object with a string 'answer'",
+                   lambda e: isinstance(e.get("answer"), str))
             correct.append(M.gqa_normalize(text) == entry["answer"])
         return {"accuracy": _percent(M.mean(correct))}
 
@@ -344,6 +360,8 @@ class ScienceQA(Task):
             problem = problems.get(str(q.question_id)) if isinstance(problems, dict) else None
             if problem is None:
                 raise DataError(f"{path}: no problem {q.question_id}")
+            _entry(problem, path, f"problem {q.question_id}", "an object with 'choices' (a list) and 'answer' (an index)",
+                   lambda p: isinstance(p.get("choices"), list) and type(p.get("answer")) is int)
             correct.append(M.scienceqa_choice(text, len(problem["choices"])) == problem["answer"])
         return {"accuracy": _percent(M.mean(correct))}
 
@@ -436,6 +454,10 @@ class VizWiz(Task):
         entries = read_json(path, "VizWiz annotations")
         if not isinstance(entries, list):
             raise DataError(f"{path}: expected VizWiz's list of annotations")
+        for i, a in enumerate(entries):
+            _entry(a, path, f"entry {i}", "an annotation with 'image' and 'answers' ([{\"answer\": string}, ...])",
+                   lambda a: isinstance(a.get("image", ""), str) and isinstance(a.get("answers", []), list)
+                   and all(isinstance(x, dict) and isinstance(x.get("answer"), str) for x in a.get("answers", [])))
         truth = {a["image"]: [x["answer"] for x in a["answers"]] for a in entries if "image" in a and a.get("answers")}
         graded = [M.vqa_score(text, truth[q.image.name]) for q, text in answered if q.image.name in truth]
         return {"accuracy": _percent(M.mean(graded)) if graded else None, "graded": len(graded)}
@@ -495,6 +517,8 @@ class Synthetic(Task):
         questions = super().load(data, questions_file, images)
         path = data / self.needs[0]
         answers = read_json(path, "synthetic answers file")
+        if not isinstance(answers, dict):
+            raise DataError(f"{path}: expected an object {{question_id: answer}}")
         for q in questions:
             if str(q.question_id) not in answers:
                 raise DataError(f"{path}: no answer for question {q.question_id}")
