@@ -71,13 +71,16 @@ def _download(url: str, stop: threading.Event) -> bytes:
     opener = urllib.request.build_opener(_HttpOnlyRedirects)
     request = urllib.request.Request(url, headers={"User-Agent": "minillava"})
     with opener.open(request, timeout=URL_DEADLINE_S) as response:  # per socket operation; the total is _fetch's
-        length = response.headers.get("Content-Length", "")
-        if length.strip().isdigit() and int(length) > URL_MAX_BYTES:
-            raise OSError(f"the server announces {int(length)} bytes, more than the limit of {URL_MAX_BYTES}")
+        length = response.headers.get("Content-Length", "").strip()
+        length = int(length) if length.isdigit() else None
+        if length is not None and length > URL_MAX_BYTES:
+            raise OSError(f"the server announces {length} bytes, more than the limit of {URL_MAX_BYTES}")
         body = bytearray()
         while not stop.is_set():
             chunk = response.read1(_CHUNK)  # read1: whatever has arrived, so a trickle still returns here
             if not chunk:
+                if length is not None and len(body) != length:  # read1, unlike read, does not check this
+                    raise OSError(f"the connection closed after {len(body)} of {length} bytes")
                 return bytes(body)
             body += chunk
             if len(body) > URL_MAX_BYTES:

@@ -97,6 +97,8 @@ class Hostile(http.server.BaseHTTPRequestHandler):
             chunk = b"\0" * 65536
             for _ in range(URL_SERVER_MAX // len(chunk)):
                 self.wfile.write(chunk)
+        elif path == "/short":  # fewer bytes than announced, then the connection closes
+            self._send(headers=[("Content-Length", "5000")], body=png_bytes()[:100])
         elif path == "/announced":  # a huge Content-Length, refused before reading
             self._send(headers=[("Content-Length", str(10**12))], body=b"x" * 100)
         elif path == "/trickle":  # a byte every 0.2 s: no read ever times out
@@ -212,6 +214,7 @@ def test_url_body_is_capped(hostile_url):
         tracemalloc.stop()
     assert peak < 8 * 2**20  # the cap (1 MiB) plus a chunk, not the 32 MiB the server would send
     refused(f"{hostile_url}/announced", "announces 1000000000000 bytes")
+    refused(f"{hostile_url}/short", "closed after 100 of 5000 bytes")
 
 
 @pytest.mark.parametrize("path", ["/trickle", "/slow-headers"])
@@ -242,6 +245,7 @@ def test_fifos_and_devices_are_refused_without_opening(tmp_path):
     refused(str(fifo), "FIFO", "not a regular file", within=5)
     refused("/dev/zero", "device", within=5)  # would never end
     refused(str(tmp_path), "directory", within=5)
+    refused("bad\0name.png", "cannot open image file", within=5)
     with deadline(5):
         for reader in (read_jsonl, read_json, read_tsv):
             for path in (fifo, Path("/dev/zero"), tmp_path):
