@@ -555,6 +555,21 @@ def test_hostile_question_text_with_the_real_tokenizer(tmp_path, capsys, checkpo
     assert records[3]["prompt"] == "bad \ud800 text"  # written with an escape, read back the same
 
 
+def test_answers_with_a_lone_surrogate_are_written_and_read_back(tmp_path):
+    """JSON escapes in a question file can make a lone surrogate, which UTF-8 cannot encode: the record
+    is written with ASCII escapes instead of crashing the writer, and reads back equal."""
+    from minillava.eval.answers import AnswerWriter
+
+    path = tmp_path / "a.jsonl"
+    writer = AnswerWriter(path)
+    records = [{"key": "1", "question_id": 1, "prompt": "caf\u00e9", "text": "x"},
+               {"key": "2", "question_id": 2, "prompt": "bad \ud800 text", "text": "", "error": "refused"}]
+    for record in records:
+        writer.write(record)
+    writer.close()
+    assert read_records(path) == records and "café" in path.read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- 6. seeds
 
 
