@@ -166,7 +166,7 @@ def _kind(mode: int) -> str | None:
         return None
     return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "not a regular file")
+            else "a special file")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
