@@ -20,6 +20,7 @@ imports nothing from the model; only `main` loads it (minillava) to tile the ima
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -371,6 +372,7 @@ def _crop_marks(fig: Image.Image, xy: tuple[int, int], keep, valid, ratios, grid
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from minillava.eval.runner import seed_arg
     from minillava.generate import DTYPES, ratio_arg
     from minillava.weights import DEFAULT_MODEL
 
@@ -386,7 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compression method to picture (default globalcom2; none keeps everything)")
     p.add_argument("--retention-ratio", type=ratio_arg, default=0.25, metavar="R",
                    help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random compressor (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random compressor (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and activations (default: float16 on cuda, float32 on cpu)")
@@ -397,6 +399,8 @@ def out_problem(out: Path) -> str | None:
     """Why the picture cannot be written to `out`, or None."""
     if out.is_dir():
         return f"--out {out} is a directory; give a file name such as {out / 'kept.png'}"
+    if out.exists() and not out.is_file():  # a FIFO or device: replacing it is not what anyone meant
+        return f"--out {out} exists and is not a regular file; give a file name ending in .png"
     if out.suffix.lower() != ".png":
         return f"--out {out}: the picture is a PNG; give a file name ending in .png"
     parent = out.parent
@@ -409,6 +413,7 @@ def out_problem(out: Path) -> str | None:
 
 def main(argv=None) -> int:
     from minillava.anyres import load_image, tile_image
+    from minillava.eval.files import write_atomic
     from minillava.generate import DTYPES, USER_ERRORS, fail
     from minillava.weights import load_model, resolve_model
 
@@ -433,7 +438,9 @@ def main(argv=None) -> int:
     picture = draw(image, tiles.grid, tiles.size, tile, features[0].thumb_scores, result,
                    args.compressor, args.retention_ratio, seed=args.seed)
     try:
-        picture.save(args.out, format="PNG")
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        write_atomic(args.out, buffer.getvalue())  # a failed write leaves the old file, not half a PNG
     except OSError as e:
         return fail(f"cannot write {args.out}: {e.strerror or e}")
     after = result.tokens.shape[0]

@@ -11,7 +11,10 @@ match theirs exactly.
 import io
 import math
 import os
+import stat
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -36,14 +39,134 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()).rstrip(".") or type(error).__name__
 
 
-def _fetch(url: str) -> bytes:
-    """Download the bytes behind an http(s) URL, turning every network failure into an ImageError."""
+# Image formats PIL may read, everywhere an image is opened (files, URLs, MMBench's base64 cells).
+# Plain raster formats decoded inside Pillow (libpng, libjpeg, libwebp, libtiff, its own C code):
+# what benchmarks ship (COCO, GQA, TextVQA, VizWiz, MME: JPEG; ScienceQA, MM-Vet: PNG) and what a
+# user may hand to `generate` ("JPEG" also opens MPO, a camera JPEG carrying a second picture).
+# Anything else is refused before decoding: above all EPS/PS/PDF, which PIL renders by running
+# Ghostscript (an interpreter of a programming language) on the file, and the rarely used
+# plugins nobody here needs the attack surface of.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # PPM: also PGM, PBM, PNM
+
+# Limits of one download: the whole exchange (DNS, connect, redirects, headers, body) within
+# URL_DEADLINE_S seconds, and at most URL_MAX_BYTES of body. 64 MiB is 10 times a 24-megapixel
+# JPEG; a server trickling bytes or sending an endless body is stopped by one or the other.
+URL_DEADLINE_S = 60.0
+URL_MAX_BYTES = 64 * 2**20
+_CHUNK = 256 * 1024
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib alone also follows ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, f"redirect to {newurl} refused: only http(s) is followed",
+                                         headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _download(url: str, stop: threading.Event) -> bytes:
+    """The body behind `url`, read in chunks; stops (OSError) past URL_MAX_BYTES or once `stop` is set."""
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
     request = urllib.request.Request(url, headers={"User-Agent": "minillava"})
+    with opener.open(request, timeout=URL_DEADLINE_S) as response:  # per socket operation; the total is _fetch's
+        length = response.headers.get("Content-Length", "").strip()
+        length = int(length) if length.isdigit() else None
+        if length is not None and length > URL_MAX_BYTES:
+            raise OSError(f"the server announces {length} bytes, more than the limit of {URL_MAX_BYTES}")
+        body = bytearray()
+        while not stop.is_set():
+            chunk = response.read1(_CHUNK)  # read1: whatever has arrived, so a trickle still returns here
+            if not chunk:
+                if length is not None and len(body) != length:  # read1, unlike read, does not check this
+                    raise OSError(f"the connection closed after {len(body)} of {length} bytes")
+                return bytes(body)
+            body += chunk
+            if len(body) > URL_MAX_BYTES:
+                raise OSError(f"the body is larger than the limit of {URL_MAX_BYTES} bytes")
+    raise OSError("stopped")
+
+
+def _fetch(url: str) -> bytes:
+    """Download the bytes behind an http(s) URL within URL_DEADLINE_S and URL_MAX_BYTES; every failure,
+    a malformed URL included, is an ImageError naming the URL.
+
+    The download runs in a daemon thread that this one waits for at most URL_DEADLINE_S: a socket
+    timeout bounds each read, not their sum, and name resolution has no timeout at all. A thread
+    given up on stops at its next chunk (it holds at most URL_MAX_BYTES meanwhile).
+    """
+    hint = "check the URL and your network"
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.read()
-    except (OSError, HTTPException, ValueError) as e:  # URLError/HTTPError and timeouts are OSErrors
-        raise ImageError(f"cannot download image {url}: {_one_line(e)}; check the URL and your network") from e
+        if any(c.isspace() or not c.isprintable() for c in url):  # urllib would drop some, http.client refuse others
+            raise ValueError("it contains a space or a control character")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected http(s)://host/...")
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as e:
+        raise ImageError(f"cannot download image {url}: malformed URL ({_one_line(e)}); {hint}") from None
+    result, stop = {}, threading.Event()
+
+    def run():
+        try:
+            result["data"] = _download(url, stop)
+        except BaseException as e:  # handed to the waiting thread, which sorts it out
+            result["error"] = e
+
+    worker = threading.Thread(target=run, name=f"download {url}", daemon=True)
+    worker.start()
+    worker.join(URL_DEADLINE_S)
+    if worker.is_alive():
+        stop.set()
+        raise ImageError(f"cannot download image {url}: no complete answer within {URL_DEADLINE_S:g} s; {hint}")
+    error = result.get("error")
+    if isinstance(error, (OSError, HTTPException, ValueError)):  # URLError/HTTPError and timeouts are OSErrors
+        raise ImageError(f"cannot download image {url}: {_one_line(error)}; {hint}") from error
+    if error is not None:
+        raise error
+    return result["data"]
+
+
+def check_regular(path, error: type[Exception], what: str):
+    """Raise `error` unless `path` is a regular file (symlinks followed), from its stat alone: a FIFO,
+    device or socket would block a reader or never end, so it is refused without being opened."""
+    try:
+        kind = _kind(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}; check the path") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise error(f"cannot open {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if kind is not None:
+        raise error(f"{what} {path} is {kind}, not a regular file; give a file")
+
+
+def open_regular(path, error: type[Exception], what: str):
+    """`path` opened for binary reading if it is a regular file, else `error` (see check_regular).
+
+    The file opened is checked again, and opened with O_NONBLOCK so that a FIFO swapped in after the
+    first check cannot block the open."""
+    path = os.fspath(path)
+    check_regular(path, error, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise error(f"cannot open {what} {path}: {e.strerror or e}") from None
+    kind = _kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise error(f"{what} {path} is {kind}, not a regular file; give a file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file, else what it is, for the message."""
+    if stat.S_ISREG(mode):
+        return None
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a special file")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -65,21 +188,25 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def load_image(source: str) -> Image.Image:
     """Open a local path or an http(s) URL as an upright (EXIF-rotated) RGB image.
 
-    Every problem with the file (missing, not an image, truncated, over PIL's pixel limit) or the
-    download is raised as ImageError, so callers can show the message as is.
+    Every problem with the file (missing, not a regular file, not an image in IMAGE_FORMATS,
+    truncated, over PIL's pixel limit) or the download is raised as ImageError, so callers can show
+    the message as is.
     """
     source = os.fspath(source)
     if source.startswith(("http://", "https://")):
-        data = io.BytesIO(_fetch(source))
-    elif not os.path.isfile(source):
-        raise ImageError(f"image file not found: {source}; check the path")
-    else:
-        data = source
+        return decode_image(io.BytesIO(_fetch(source)), source)
+    with open_regular(source, ImageError, "image file") as f:
+        return decode_image(f, source)
+
+
+def decode_image(fp, source: str) -> Image.Image:
+    """Decode an image from a binary file object, reading only IMAGE_FORMATS, as an upright RGB image;
+    every failure is an ImageError naming `source` (a path, URL or a phrase such as "the image of ...")."""
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat it as the error it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(data) as image:
+            with Image.open(fp, formats=IMAGE_FORMATS) as image:
                 image.load()  # PIL is lazy: decode now so truncation is caught here
                 return _to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -88,7 +215,8 @@ def load_image(source: str) -> Image.Image:
             "(or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it)"
         ) from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"not an image (or a format PIL cannot read): {source}; pass a PNG, JPEG, ... file") from None
+        raise ImageError(f"not an image, or not in a format read here: {source}; pass a PNG, JPEG, WEBP, "
+                         "GIF, BMP, TIFF or PPM file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(
             f"cannot read image {source} ({_one_line(e)}); the file may be damaged: re-save or re-download it"

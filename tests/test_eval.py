@@ -6,9 +6,12 @@ plumbing only (records, resume, sharding, failures).
 """
 
 import base64
+import copy as cp
 import io
 import json
 import os
+import re
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -355,7 +358,8 @@ def test_missing_and_malformed_files(tmp_path, capsys):
     code = runner.main(["pope", "--data", str(tmp_path / "nowhere"), "--score-only", "--answers", str(answers)])
     one_error_line(code, capsys.readouterr().err, "data folder not found")
     (data / "val2014").rmdir()
-    one_error_line(*run("--questions", tmp_path / "a.jsonl"), "image folder not found", "val2014")
+    other = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "a.png", "text": "Q?", "category": "random"}])
+    one_error_line(*run("--questions", other), "image folder not found", "val2014")
     with pytest.raises(SystemExit) as e:
         runner.parse_args(["pope", "--output", "x.jsonl"])
     assert e.value.code == 2 and "--data DIR is required" in capsys.readouterr().err
@@ -459,3 +463,119 @@ def test_torchrun_two_processes_equal_one(tmp_path, capsys, checkpoints, pope_im
     stdout = done.stdout.strip().splitlines()
     assert len(stdout) == 2 and json.loads(stdout[0]) == line  # printed once, by rank 0
     assert "on 2 processes" in done.stderr
+
+
+# ----------------------------------------------------------------------------- MMBench matching vs VLMEvalKit
+# A literal transcription of VLMEvalKit's exact matching (open-compass/VLMEvalKit e8e78f05,
+# vlmeval/utils/matching_util.py: can_infer_option, can_infer_text, can_infer), logger calls dropped
+# and `verbose` fixed to its default (the VERBOSE environment variable unset).
+
+_VERBOSE_ANSWER_RE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def can_infer_option(answer, choices):
+    verbose = 0
+    # Choices is a dictionary
+    if 'Failed to obtain answer via API' in answer:
+        return False
+
+    reject_to_answer = [
+        "Sorry, I can't help with images of people yet.", "I can't process this file.",
+        "I'm sorry, but without the image provided", 'Cannot determine the answer'
+    ]
+    for err in reject_to_answer:
+        if err in answer:
+            return 'Z'
+
+    def count_choice(splits, choices, prefix='', suffix=''):
+        cnt = 0
+        for c in choices:
+            if prefix + c + suffix in splits:
+                cnt += 1
+        return cnt
+
+    answer_mod = cp.copy(answer)
+    chars = '.()[],:;!*#{}'
+    for c in chars:
+        answer_mod = answer_mod.replace(c, ' ')
+
+    splits = [x.strip() for x in answer_mod.split()]
+    count = count_choice(splits, choices)
+
+    if count == 1:
+        for ch in choices:
+            if 'A' in splits and len(splits) > 3 and verbose:
+                return False
+            if ch in splits and splits.index(ch) > (len(splits) - 5):
+                return ch
+    elif count == 0 and count_choice(splits, {'Z', ''}) == 1:
+        return 'Z'
+
+    match = _VERBOSE_ANSWER_RE.search(answer or "")
+    if match and match.group(1).upper() in choices:
+        return match.group(1).upper()
+
+    return False
+
+
+def can_infer_text(answer, choices):
+    answer = answer.lower()
+    if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
+        return False
+    assert isinstance(choices, dict)
+    for k in choices:
+        assert k in string.ascii_uppercase
+        choices[k] = str(choices[k]).lower()
+    cands = []
+    for k in choices:
+        if choices[k] in answer:
+            cands.append(k)
+    if len(cands) == 1:
+        return cands[0]
+    return False
+
+
+def can_infer(answer, choices):
+    answer = str(answer)
+    copt = can_infer_option(answer, choices)
+    return copt if copt else can_infer_text(answer, choices)
+
+
+MMB_OPTION_SETS = [
+    {"A": "cat", "B": "dog"},
+    {"A": "red", "B": "green", "C": "blue", "D": "dark green"},
+    {"A": "The Renaissance", "B": "Middle Ages", "C": "A", "D": "none of these"},
+    {"A": "1", "B": "2", "C": "3"},
+    {"A": "yes", "B": "no", "C": "Z"},
+]
+MMB_ANSWERS = [
+    "A", "B", "C", "D", "Z", "E", "a", "b", "", " ", "A.", "(B)", "[C]", "D:", "B) dog", "C. blue", "The answer is C",
+    "The answer is C.", "the correct answer is **B**.", "Answer is d", "Option D", "Options A and B", "I think A or B",
+    "A or B", "A cat", "a cat", "dog", "It is a dog.", "It is a cat, not a dog.", "green", "dark green",
+    "The colour is dark green.", "Cannot determine the answer", "Sorry, I can't help with images of people yet.",
+    "Failed to obtain answer via API", "Failed to obtain answer via API: B", "B is right, because A is wrong here",
+    "The picture shows A in the corner and the answer is B", "A A", "B\nC", "**C**", "#D", "{A}", "2", "3.",
+    "Two", "It shows 1 and 2", "Middle Ages", "the renaissance, clearly", "None of these", "yes", "No.",
+    "Yes, no", "B - dog", "B/dog", "answer: B", "Answer:B", "Answer is B, not C", "The answer is E",
+    "A. The Renaissance", "I cannot tell. Z", "Z.", "The answer is B because the answer is C",
+    "It is red or green", "The first one, A, no wait, B, C, D, actually the answer", "blue " * 20,
+]
+
+
+@pytest.mark.parametrize("options", MMB_OPTION_SETS, ids=lambda o: "/".join(o.values()))
+def test_mmbench_matching_is_vlmevalkit_can_infer(options):
+    rng = np.random.default_rng(0)
+    answers = list(MMB_ANSWERS)
+    pieces = [*options, *options.values(), "The", "answer", "is", "Option", "(", ")", ".", ",", "**", "not", "Z", "\n"]
+    for _ in range(400):  # random sentences of letters, option texts and the words the rules look for
+        answers.append(" ".join(rng.choice(pieces, size=rng.integers(1, 9))))
+    for answer in answers:
+        expected = can_infer(answer, dict(options))  # a copy: can_infer_text lower-cases its choices in place
+        assert M.mmbench_choice(answer, options) == (expected if expected in options else None), answer
+
+
+def test_mmbench_matching_examples():
+    options = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
+    picks = {"The answer is C": "C", "Option D": "D", "[A]": "A", "It is a dog.": "B", "I think A or B": None,
+             "Cannot determine the answer": None, "B is right, because A is wrong here": None}
+    assert {a: M.mmbench_choice(a, options) for a in picks} == picks

@@ -17,7 +17,8 @@ import json
 import os
 from pathlib import Path
 
-from .files import DataError
+from ..anyres import open_regular
+from .files import DataError, write_atomic
 
 
 def is_failed(record: dict) -> bool:
@@ -37,13 +38,14 @@ def part_file(output: Path, rank: int) -> Path:
     return output.with_name(f"{output.name}.rank{rank}.part")
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Path, missing_ok: bool = True) -> list[dict]:
     """The complete records of an answers file; a partial last line (a kill mid-write) is skipped.
 
-    A malformed line anywhere else is damage, not a kill: DataError naming the line."""
-    if not path.exists():
+    A malformed line anywhere else is damage, not a kill: DataError naming the line. A missing file
+    is no records when `missing_ok` (a run not started yet), else a DataError."""
+    if missing_ok and not os.path.lexists(path):
         return []
-    with open(path, "rb") as f:
+    with open_regular(path, DataError, "answers file") as f:
         data = f.read()
     lines = data.split(b"\n")
     lines.pop()  # after the last newline: empty, or the partial line of an interrupted write
@@ -56,10 +58,31 @@ def read_records(path: Path) -> list[dict]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path}:{number}: not a JSON line ({e}); the answers file is damaged: "
                             "fix or delete that line and run again") from None
-        if not isinstance(record, dict) or "text" not in record:
-            raise DataError(f"{path}:{number}: not an answer record (expected an object with a 'text' field)")
+        problem = record_problem(record)
+        if problem:
+            raise DataError(f"{path}:{number}: not an answer record: {problem}")
         records.append(record)
     return records
+
+
+def record_problem(record) -> str | None:
+    """What makes `record` no answer record (ours or LLaVA's), or None: what the harness reads must be there,
+    with its type."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    if not isinstance(record.get("text"), str):
+        return "its 'text' must be a string" + ("" if "text" in record else " and is missing")
+    if "key" in record and not isinstance(record["key"], str):
+        return "its 'key' must be a string"
+    if "key" not in record and (isinstance(record.get("question_id"), bool)
+                                or not isinstance(record.get("question_id"), (str, int))):
+        return "it needs a 'question_id' (a string or an integer)"
+    if not isinstance(record.get("metadata", {}), dict):
+        return "its 'metadata' must be an object"
+    tokens = record.get("visual_tokens", {"before": 0, "after": 0})
+    if not (isinstance(tokens, dict) and all(type(tokens.get(k)) is int for k in ("before", "after"))):
+        return "its 'visual_tokens' must be an object with integer 'before' and 'after'"
+    return None
 
 
 def assign_keys(records: list[dict]) -> list[dict]:
@@ -85,7 +108,14 @@ def merge(records: list[dict]) -> dict[str, dict]:
 
 
 def dumps(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
+    """One JSON line; readable UTF-8, except that a record holding a lone surrogate (JSON escapes in a
+    question file can make one) is written with ASCII escapes, the only way it encodes."""
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record) + "\n"
+    return line
 
 
 def consolidate(output: Path, order: list[str]) -> dict[str, dict]:
@@ -97,14 +127,9 @@ def consolidate(output: Path, order: list[str]) -> dict[str, dict]:
     position = {key: i for i, key in enumerate(order)}
     ordered = sorted(records.values(), key=lambda r: position.get(r["key"], len(order)))  # stable: unknowns keep their order
     text = "".join(dumps(r) for r in ordered)
-    current = output.read_text(encoding="utf-8") if output.exists() else None
+    current = output.read_bytes().decode("utf-8", "replace") if output.exists() else None
     if text != current and (records or current is not None):
-        tmp = output.with_name(output.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
+        write_atomic(output, text)
     for part in parts:
         part.unlink()
     return records

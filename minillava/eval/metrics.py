@@ -7,8 +7,8 @@ quirks included, so that numbers are comparable with published tables:
   min(1, matching humans / 3) averaged over the ten leave-one-out subsets of the human answers.
 - POPE: `eval_pope.py`; MME: the MME `eval_tool/calculation.py`; GQA: `convert_gqa_for_eval.py`
   followed by the GQA `eval.py` exact match; ScienceQA: `eval_science_qa.py`.
-- MMBench: its official score needs CircularEval and a GPT matcher; `mmbench_choice` is a plain
-  letter/option-text matcher for a local single-pass accuracy (see its docstring).
+- MMBench: its official score needs CircularEval and a GPT matcher; `mmbench_choice` is VLMEvalKit's
+  exact matching (`can_infer`), for a local single-pass accuracy (see its docstring).
 
 Rates are returned as fractions in [0, 1]; the tasks turn them into percentages.
 """
@@ -163,22 +163,53 @@ def scienceqa_choice(answer: str, n_choices: int) -> int:
 
 # ----------------------------------------------------------------------------- MMBench
 
-MMB_LETTER = re.compile(r"^\(?([A-Z])(?:[.):]|\s|$)")
+# VLMEvalKit's exact-matching rule, `can_infer` = `can_infer_option`, then `can_infer_text`
+# (vlmeval/utils/matching_util.py at open-compass/VLMEvalKit e8e78f05, Aug 2026), which MMBench's
+# evaluation (`vlmeval/dataset/utils/multiple_choice.py`, `extract_answer_from_item`) applies before
+# its GPT matcher; without the GPT matcher ("exact_matching") an answer it cannot place is wrong.
+MMB_SEPARATORS = re.compile(r"[.()\[\],:;!*#{}]")
+MMB_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                "I'm sorry, but without the image provided", "Cannot determine the answer")
+MMB_VERBOSE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")  # "The answer is **B**"
+
+
+def _mmbench_option(answer: str, options: dict[str, str]) -> str | None:
+    """`can_infer_option`: a letter standing alone among the last 5 words, or "the answer is X";
+    "Z" for a refusal (wrong, and no text matching after it); None if undecided."""
+    if "Failed to obtain answer via API" in answer:
+        return None
+    if any(refusal in answer for refusal in MMB_REFUSALS):
+        return "Z"
+    words = MMB_SEPARATORS.sub(" ", answer).split()
+    named = [letter for letter in options if letter in words]
+    if len(named) == 1:
+        if words.index(named[0]) > len(words) - 5:  # (VLMEvalKit's "A might be a quantifier" check is off by default)
+            return named[0]
+    elif not named and "Z" in words:
+        return "Z"
+    match = MMB_VERBOSE.search(answer)
+    if match and match.group(1).upper() in options:
+        return match.group(1).upper()
+    return None
+
+
+def _mmbench_text(answer: str, options: dict[str, str]) -> str | None:
+    """`can_infer_text`: the one option whose text the (not too long) answer contains, case ignored."""
+    text = answer.lower()
+    if len(text) > 2 * sum(len(option) for option in options.values()):
+        return None
+    hits = [letter for letter, option in options.items() if option.lower() in text]
+    return hits[0] if len(hits) == 1 else None
 
 
 def mmbench_choice(answer: str, options: dict[str, str]) -> str | None:
-    """The option letter an answer picks, or None.
+    """The option letter an answer picks by MMBench's exact matching (VLMEvalKit's `can_infer`), or None.
 
-    A local stand-in for MMBench's matcher (its official score adds CircularEval and a GPT
-    matcher, on the server): the answer starts with an option letter ("B", "B.", "(B)", "B: ..."),
-    or it is, up to case and a final period, exactly one option's text."""
-    text = answer.strip()
-    match = MMB_LETTER.match(text)
-    if match and match.group(1) in options:
-        return match.group(1)
-    bare = text.rstrip(".").strip().lower()
-    hits = [letter for letter, option in options.items() if option.strip().rstrip(".").lower() == bare]
-    return hits[0] if len(hits) == 1 else None
+    `options` maps letters to option texts ({"A": "cat", "B": "dog"}). The official score adds
+    CircularEval and, for answers this cannot place, a GPT matcher (on the server); here those
+    answers count as wrong, as VLMEvalKit's exact-matching mode counts them."""
+    letter = _mmbench_option(answer, options) or _mmbench_text(answer, options)
+    return letter if letter in options else None
 
 
 def mean(values) -> float:

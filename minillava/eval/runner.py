@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,17 +19,28 @@ from tqdm import tqdm
 import globalcom2
 
 from .. import generate as gen
-from ..anyres import ImageError
+from ..anyres import check_regular
 from ..config import load_config
-from ..generate import DTYPES, USER_ERRORS, PromptError, Steps, compile_steps, fail, generate, load, \
-    ratio_arg, warm_up
+from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, fail, generate, load, ratio_arg, warm_up
 from ..weights import resolve_model
 from . import distributed
 from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, part_file, part_files, read_records
-from .files import DataError, require
+from .files import DataError, read_text, write_atomic
 from .tasks import TASKS, Question, Task
 
 SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed")  # what an answers file must not mix
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes at most a signed 64-bit value
+
+
+def seed_arg(text: str) -> int:
+    """argparse type: an integer seed in [0, MAX_SEED]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1]; got {text}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --score-only: the answers to score (ours or LLaVA's; default --output)")
     p.add_argument("--compare", type=Path, metavar="BASE.json",
                    help="metrics JSON line(s) of an uncompressed run: print each metric relative to it, in percent")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random compressor (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random compressor (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: float16 on cuda; float32 on cpu, or bfloat16 when float32 would not fit")
@@ -91,15 +103,39 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     task = TASKS[args.task]
     try:
-        args.base = baseline(args.compare, task.name) if args.compare else None  # checked before any work
+        check_paths(args, task)  # before any work
+        args.base = baseline(args.compare, task.name) if args.compare else None
         if args.score_only:
             questions = select(task.load(args.data, args.questions, args.images), args.limit)
-            records = merge(assign_keys(read_records(args.answers)))
+            records = merge(assign_keys(read_records(args.answers, missing_ok=False)))
             finish(args, task, questions, records, args.answers)
             return 0
         return answer_all(args, task)
     except (DataError, *USER_ERRORS) as e:
         return fail(str(e))
+    except OSError as e:  # the disk or a folder: full, read-only, removed, not a folder
+        return fail(f"cannot read or write {e.filename}: {e.strerror}" if e.filename else str(e))
+
+
+def check_paths(args, task: Task):
+    """What we write (--output) must be a new or regular file in a folder, and neither it nor the
+    answers we score may be a file we read (question or annotation file, --compare): a run would
+    overwrite the questions, or score them as answers."""
+    inputs = task.inputs(args.data, args.questions) + ([args.compare] if args.compare else [])
+    checked = [("--answers", args.answers)] if args.score_only else [("--output", args.output)]
+    for flag, path in checked:
+        if os.path.exists(path) or args.score_only:
+            check_regular(path, DataError, flag)  # a directory, FIFO, /dev/stdout (a pipe) or a typo
+        if not args.score_only and path.parent.exists() and not path.parent.is_dir():
+            raise DataError(f"{flag} {path}: {path.parent} is not a folder")
+        check_not_input(flag, path, inputs)
+
+
+def check_not_input(flag: str, path: Path, inputs: list[Path]):
+    """DataError if `path` is the same file as one of `inputs` (hard and symbolic links included)."""
+    for other in inputs:
+        if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
+            raise DataError(f"{flag} {path} is an input of this run ({other}); give another file")
 
 
 def select(questions: list[Question], limit: int | None) -> list[Question]:
@@ -175,7 +211,7 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
                                   args.retention_ratio, settings["max_new_tokens"], temperature=0.0, seed=args.seed,
                                   steps=steps)
                 record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
-            except (ImageError, PromptError, torch.cuda.OutOfMemoryError) as e:
+            except (*USER_ERRORS, torch.cuda.OutOfMemoryError) as e:  # this question's fault: record it, go on
                 if isinstance(e, torch.cuda.OutOfMemoryError):  # e.g. one huge image: free and go on
                     torch.cuda.empty_cache()
                 message = " ".join(str(e).split()) or type(e).__name__
@@ -230,7 +266,8 @@ def finish(args, task: Task, questions: list[Question], records: dict[str, dict]
     if made is not None:
         suffix, content = made
         path = answers_path.with_name(answers_path.with_suffix("").name + suffix)
-        path.write_text(content, encoding="utf-8")
+        check_not_input("the submission file", path, task.inputs(args.data, args.questions) + [answers_path])
+        write_atomic(path, content)
         line["submission"] = str(path)
     if args.base is not None:
         line["relative"] = relative(metrics, args.base)
@@ -242,17 +279,19 @@ def baseline(path: Path, task: str) -> dict:
     """The metrics of `task` in BASE: what this command prints, for one task or several (markdown rows
     and other lines not starting with "{" are skipped; the last line of the task wins)."""
     objects = []
-    with open(require(path, "--compare file"), encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.lstrip().startswith("{"):
-                try:
-                    objects.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not a JSON line ({e.msg} at column {e.colno})") from None
+    for number, line in enumerate(read_text(path, "--compare file").split("\n"), 1):
+        if line.lstrip().startswith("{"):
+            try:
+                objects.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not a JSON line ({e.msg} at column {e.colno})") from None
     found = [o for o in objects if isinstance(o, dict) and o.get("task") == task]
     if not found:
         raise DataError(f"{path}: no metrics of task {task} (expected the JSON line this command prints)")
-    return found[-1].get("metrics", {})
+    metrics = found[-1].get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise DataError(f"{path}: the metrics of task {task} are not an object")
+    return metrics
 
 
 def relative(metrics: dict, base: dict) -> dict:

@@ -22,6 +22,7 @@ same on every run: `sample(seed, split, index)`. `write_split` writes one in LLa
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,17 +193,20 @@ def write_split(out: Path, n: int, split: str = "test", seed: int = DEFAULT_SEED
         out/images/<id>.png
         out/answers.json      {question_id: answer}
     """
+    from .files import write_atomic
+
     (out / "images").mkdir(parents=True, exist_ok=True)
-    answers = {}
-    with open(out / "questions.jsonl", "w", encoding="utf-8") as f:
-        for i in range(n):
-            s = sample(seed, split, i)
-            qid = f"{split}-{i:05d}"
-            s.scene.image.save(out / "images" / f"{qid}.png")
-            row = {"question_id": qid, "image": f"{qid}.png", "text": prompt(s.question), "category": s.category}
-            f.write(json.dumps(row) + "\n")
-            answers[qid] = s.answer
-    (out / "answers.json").write_text(json.dumps(answers, indent=0) + "\n", encoding="utf-8")
+    answers, rows = {}, []
+    for i in range(n):
+        s = sample(seed, split, i)
+        qid = f"{split}-{i:05d}"
+        png = io.BytesIO()
+        s.scene.image.save(png, format="PNG")
+        write_atomic(out / "images" / f"{qid}.png", png.getvalue())
+        rows.append({"question_id": qid, "image": f"{qid}.png", "text": prompt(s.question), "category": s.category})
+        answers[qid] = s.answer
+    write_atomic(out / "questions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(out / "answers.json", json.dumps(answers, indent=0) + "\n")
     return out
 
 

@@ -17,11 +17,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ..anyres import ImageError, _to_rgb, load_image
+from ..anyres import ImageError, decode_image, load_image
 from . import metrics as M
-from .files import DataError, field as get, read_json, read_jsonl, read_tsv, require
+from .files import DataError, field as get, read_json, read_jsonl, read_text, read_tsv, require
+
+QID = (str, int)  # question ids are numbers or strings in LLaVA's files
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
@@ -63,12 +65,20 @@ class Task:
         """The questions, in file order, keyed."""
         if not data.is_dir():
             raise DataError(f"data folder not found: {data}")
-        path = questions_file or data / self.questions_file
+        path = self.questions_path(data, questions_file)
         image_root = images or (data / self.images_dir if self.images_dir else None)
         if image_root is not None and not image_root.is_dir():
             raise DataError(f"image folder not found: {image_root}")
         built = [self.make(row, path, number, image_root) for number, row in self.read(path)]
         return key_questions([q for q in built if q is not None])
+
+    def questions_path(self, data: Path | None, questions_file: Path | None = None) -> Path | None:
+        return questions_file or (data / self.questions_file if data is not None else None)
+
+    def inputs(self, data: Path | None, questions_file: Path | None = None) -> list[Path]:
+        """The files a run reads (that an output must never overwrite)."""
+        questions = self.questions_path(data, questions_file)
+        return ([questions] if questions else []) + ([data / n for n in self.needs] if data is not None else [])
 
     def layout(self) -> list[str]:
         """The files and folders --data holds, for --help."""
@@ -85,8 +95,8 @@ class Task:
 
     def make(self, row: dict, path: Path, number: int, images: Path | None) -> Question | None:
         """A Question from one row of the question file (None to skip the row)."""
-        return Question("", get(row, "question_id", path, number), get(row, "text", path, number),
-                        row["text"], images / get(row, "image", path, number), {"line": number})
+        return Question("", get(row, "question_id", path, number, QID), get(row, "text", path, number, str),
+                        row["text"], images / get(row, "image", path, number, str), {"line": number})
 
     def open_image(self, q: Question) -> Image.Image:
         return load_image(str(q.image))
@@ -110,6 +120,16 @@ def register(cls: type[Task]) -> type[Task]:
 
 def _percent(x: float) -> float:
     return 100.0 * x
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _entry(value, path: Path, where: str, shape: str, ok) -> None:
+    """DataError naming the file and entry unless `ok(value)`: annotation files are checked as read."""
+    if not (isinstance(value, dict) and ok(value)):
+        raise DataError(f"{path}: {where} is not {shape}")
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -137,8 +157,12 @@ class TextVQA(Task):
     def score(self, data, answered):
         path = data / self.needs[0]
         document = read_json(path, "TextVQA annotations")
-        if not isinstance(document, dict) or "data" not in document:
+        if not isinstance(document, dict) or not isinstance(document.get("data"), list):
             raise DataError(f"{path}: expected TextVQA's {{\"data\": [...]}} annotation file")
+        for i, a in enumerate(document["data"]):
+            _entry(a, path, f"data[{i}]", "an annotation with image_id, question (strings) and answers (a list of strings)",
+                   lambda a: isinstance(a.get("image_id"), str) and isinstance(a.get("question"), str)
+                   and _strings(a.get("answers")))
         # Matched as LLaVA's eval_textvqa.py does: (image id, lower-cased question).
         truth = {(a["image_id"], a["question"].lower()): a["answers"] for a in document["data"]}
         scores = []
@@ -185,13 +209,12 @@ class MME(Task):
             path = self._truth_file(root, qid)
             if path not in truths:
                 truths[path] = {}
-                with open(require(path, "MME answer file"), encoding="utf-8") as f:
-                    for number, line in enumerate(f, 1):
-                        if line.strip():
-                            parts = line.rstrip("\n").split("\t")
-                            if len(parts) != 2:
-                                raise DataError(f"{path}:{number}: expected 'question<TAB>answer'")
-                            truths[path][self._question(parts[0])] = parts[1].strip()
+                for number, line in enumerate(read_text(path, "MME answer file").split("\n"), 1):
+                    if line.strip():
+                        parts = line.rstrip("\r").split("\t")
+                        if len(parts) != 2:
+                            raise DataError(f"{path}:{number}: expected 'question<TAB>answer'")
+                        truths[path][self._question(parts[0])] = parts[1].strip()
             truth = truths[path].get(self._question(q.text))
             if truth is None:
                 raise DataError(f"{path}: no answer for question {self._question(q.text)!r}")
@@ -227,14 +250,19 @@ class POPE(Task):
 
     def make(self, row, path, number, images):
         q = super().make(row, path, number, images)
-        q.extra["category"] = get(row, "category", path, number)
+        q.extra["category"] = get(row, "category", path, number, str)
         return q
+
+    def inputs(self, data, questions_file=None):
+        splits = ("adversarial", "popular", "random")
+        return [*super().inputs(data, questions_file), *(data / "coco" / f"coco_pope_{s}.json" for s in splits)]
 
     def layout(self):
         return [*super().layout(), "coco/coco_pope_{adversarial,popular,random}.json"]
 
     def check(self, data):
-        require(data / "coco", "POPE label folder")
+        if not (data / "coco").is_dir():
+            raise DataError(f"POPE label folder not found: {data / 'coco'}")
 
     def score(self, data, answered):
         labels: dict[str, list] = {}
@@ -282,8 +310,10 @@ class GQA(Task):
         correct = []
         for q, text in answered:
             entry = truth.get(str(q.question_id)) if isinstance(truth, dict) else None
-            if entry is None or "answer" not in entry:
+            if entry is None:
                 raise DataError(f"{path}: no answer for question {q.question_id}")
+            _entry(entry, path, f"question {q.question_id}", "an object with a string 'answer'",
+                   lambda e: isinstance(e.get("answer"), str))
             correct.append(M.gqa_normalize(text) == entry["answer"])
         return {"accuracy": _percent(M.mean(correct))}
 
@@ -316,9 +346,11 @@ class ScienceQA(Task):
             text = row["conversations"][0]["value"]
         except (KeyError, IndexError, TypeError):
             raise DataError(f"{path}: entry {number} has no conversations[0].value") from None
+        if not isinstance(text, str):
+            raise DataError(f"{path}: entry {number}: conversations[0].value must be a string")
         question = text.replace("<image>", "").strip()
-        return Question("", get(row, "id", path, number), text, question + "\n" + OPTION_LETTER,
-                        images / row["image"], {"line": number})
+        return Question("", get(row, "id", path, number, QID), text, question + "\n" + OPTION_LETTER,
+                        images / get(row, "image", path, number, str), {"line": number})
 
     def score(self, data, answered):
         path = data / self.needs[0]
@@ -328,6 +360,8 @@ class ScienceQA(Task):
             problem = problems.get(str(q.question_id)) if isinstance(problems, dict) else None
             if problem is None:
                 raise DataError(f"{path}: no problem {q.question_id}")
+            _entry(problem, path, f"problem {q.question_id}", "an object with 'choices' (a list) and 'answer' (an index)",
+                   lambda p: isinstance(p.get("choices"), list) and type(p.get("answer")) is int)
             correct.append(M.scienceqa_choice(text, len(problem["choices"])) == problem["answer"])
         return {"accuracy": _percent(M.mean(correct))}
 
@@ -373,11 +407,9 @@ class MMBench(Task):
         where = f"the image of MMBench question {q.question_id} (line {q.extra['line']})"
         try:
             data = base64.b64decode(q.extra["image_b64"], validate=True)
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                return _to_rgb(ImageOps.exif_transpose(image))
-        except (binascii.Error, ValueError, OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-            raise ImageError(f"cannot decode {where}: {' '.join(str(e).split()) or type(e).__name__}") from None
+        except (binascii.Error, ValueError) as e:
+            raise ImageError(f"cannot decode {where}: not base64 ({' '.join(str(e).split())})") from None
+        return decode_image(io.BytesIO(data), where)  # the same format allowlist as every image
 
     def score(self, data, answered):
         graded = [(q, text) for q, text in answered if q.extra["answer"] is not None]
@@ -412,6 +444,9 @@ class VizWiz(Task):
     def layout(self):
         return [*super().layout(), "[val.json, to score val questions]"]
 
+    def inputs(self, data, questions_file=None):
+        return [*super().inputs(data, questions_file), data / "val.json"]
+
     def score(self, data, answered):
         path = data / "val.json"
         if not path.exists():
@@ -419,6 +454,10 @@ class VizWiz(Task):
         entries = read_json(path, "VizWiz annotations")
         if not isinstance(entries, list):
             raise DataError(f"{path}: expected VizWiz's list of annotations")
+        for i, a in enumerate(entries):
+            _entry(a, path, f"entry {i}", "an annotation with 'image' and 'answers' ([{\"answer\": string}, ...])",
+                   lambda a: isinstance(a.get("image", ""), str) and isinstance(a.get("answers", []), list)
+                   and all(isinstance(x, dict) and isinstance(x.get("answer"), str) for x in a.get("answers", [])))
         truth = {a["image"]: [x["answer"] for x in a["answers"]] for a in entries if "image" in a and a.get("answers")}
         graded = [M.vqa_score(text, truth[q.image.name]) for q, text in answered if q.image.name in truth]
         return {"accuracy": _percent(M.mean(graded)) if graded else None, "graded": len(graded)}
@@ -478,6 +517,8 @@ class Synthetic(Task):
         questions = super().load(data, questions_file, images)
         path = data / self.needs[0]
         answers = read_json(path, "synthetic answers file")
+        if not isinstance(answers, dict):
+            raise DataError(f"{path}: expected an object {{question_id: answer}}")
         for q in questions:
             if str(q.question_id) not in answers:
                 raise DataError(f"{path}: no answer for question {q.question_id}")
