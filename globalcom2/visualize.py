@@ -372,7 +372,7 @@ def _crop_marks(fig: Image.Image, xy: tuple[int, int], keep, valid, ratios, grid
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from minillava.eval.runner import seed_arg
+    from minillava.generate import seed_arg
     from minillava.generate import DTYPES, ratio_arg
     from minillava.weights import DEFAULT_MODEL
 

@@ -21,7 +21,8 @@ import globalcom2
 from .. import generate as gen
 from ..anyres import check_regular
 from ..config import load_config
-from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, fail, generate, load, ratio_arg, warm_up
+from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, fail, generate, load, ratio_arg, seed_arg, \
+    warm_up
 from ..weights import resolve_model
 from . import distributed
 from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, part_file, part_files, read_records
@@ -29,20 +30,6 @@ from .files import DataError, read_text, write_atomic
 from .tasks import TASKS, Question, Task
 
 SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed")  # what an answers file must not mix
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes at most a signed 64-bit value
-
-
-def seed_arg(text: str) -> int:
-    """argparse type: an integer seed in [0, MAX_SEED]."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1]; got {text}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     tasks = "\n".join(f"  {name:<10} {', '.join(task.layout())}" for name, task in TASKS.items())
     p = argparse.ArgumentParser(
