@@ -123,7 +123,8 @@ class Attention(nn.Module):
 def last_query_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Post-softmax attention of the last query over every key, mean over heads: (B, T) from q, k
     (B, H, T, hd). One row, never the T x T matrix. Computed as the eager attention of FastV's
-    transformers fork (llava-hf/transformers/.../llama/modeling_llama.py, LlamaAttention.forward):
+    transformers fork (src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py,
+    LlamaAttention.forward):
     q k^T / sqrt(hd) in the model's dtype, softmax in float32 cast back, then `torch.mean(.., dim=1)`
     over heads (LlamaModel.fastv_forward). The last row of a causal mask masks nothing."""
     row = torch.matmul(q[:, :, -1:], k.transpose(2, 3)) / math.sqrt(q.shape[-1])  # (B, H, 1, T)
@@ -158,9 +159,9 @@ class Block(nn.Module):
 @dataclass(frozen=True)
 class FastV:
     """FastV (Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2"), as its KV-cache code
-    prunes (pkunlp-icler/FastV: llava-hf/transformers/.../llama/modeling_llama.py,
-    `LlamaModel.fastv_forward`, the `use_cache` branch; lmms-eval/fastv_kvcache.py,
-    `FastVLlamaModel.forward`): once, in the prefill, before layer `layer` (K), keep of the image span
+    prunes (pkunlp-icler/FastV: src/FastV/llava-hf/transformers/src/transformers/models/llama/
+    modeling_llama.py, `LlamaModel.fastv_forward`, its `use_cache` branch; src/FastV/lmms-eval/
+    fastv_kvcache.py, `FastVLlamaModel.forward`): once, in the prefill, before layer `layer` (K), keep of the image span
     [start, start + length) the `keep` tokens that the prompt's last token attends to most in layer
     K-1 (mean over heads), and every text token; layers from K on see and cache only those, in prompt
     order, at their original positions (RoPE and mask). Layers before K see and cache everything."""

@@ -85,10 +85,10 @@ def prompt_embeds(model, tokenizer, image_path):
     return model.prompt_embeds(chunks, [image])[0], len(chunks[0]), image.shape[0]
 
 
-def fastv_reference(model, tokenizer, image_path, r, max_new_tokens=12):
-    """Greedy ids and the kept prompt positions of FastV with K = 2 and R = 1 - r, computed naively."""
+def fastv_reference(model, prompt, start, length, r, eos_id, max_new_tokens=12):
+    """Greedy ids and the kept prompt positions of FastV with K = 2 and R = 1 - r on the decoder input
+    `prompt` (T, D) whose image is [start, start + length), computed naively."""
     layers, theta = model.llm.layers, model.cfg.text.rope_theta
-    prompt, start, length = prompt_embeds(model, tokenizer, image_path)
     t = prompt.shape[0]
     x = prompt
     for block in layers[:K]:
@@ -111,9 +111,15 @@ def fastv_reference(model, tokenizer, image_path, r, max_new_tokens=12):
             x, _ = layer_ref(block, x, rows, theta)
         next_id = int(model.lm_head(rms(x[-1], model.llm.norm)).argmax())
         ids.append(next_id)
-        if next_id == tokenizer.eos_id:
+        if next_id == eos_id:
             break
         seq = torch.cat([seq, model.llm.embed_tokens.weight[next_id][None]])
+    return ids, kept
+
+
+def image_reference(model, tokenizer, image_path, r, max_new_tokens=12):
+    prompt, start, length = prompt_embeds(model, tokenizer, image_path)
+    ids, kept = fastv_reference(model, prompt, start, length, r, tokenizer.eos_id, max_new_tokens)
     return ids, kept, length
 
 
@@ -122,7 +128,7 @@ def test_cli_greedy_ids_equal_the_naive_reference(capsys, monkeypatch, deep_chec
     result = run_json(capsys, monkeypatch, deep_checkpoint, image_path, "--compressor", "fastv", "--retention-ratio", r)
     model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
     with torch.no_grad():
-        ids, kept, length = fastv_reference(model, tokenizer, image_path, r)
+        ids, kept, length = image_reference(model, tokenizer, image_path, r)
     assert result["token_ids"] == ids
     assert result["visual_tokens"] == {"before": length, "after": round(length * r)}
 
@@ -134,7 +140,7 @@ def test_cache_holds_what_fastv_keeps(monkeypatch, deep_checkpoint, image_path):
     model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
     r = 0.25
     with torch.no_grad():
-        _, kept, length = fastv_reference(model, tokenizer, image_path, r, max_new_tokens=1)
+        _, kept, length = image_reference(model, tokenizer, image_path, r, max_new_tokens=1)
         result = gen.generate(model, tokenizer, load_image(str(image_path)), QUESTION, "fastv", r, max_new_tokens=4)
     dropped = length - round(length * r)
     t = len(kept) + dropped
@@ -163,6 +169,24 @@ def test_r_1_is_plain_llava_next(capsys, monkeypatch, deep_checkpoint, image_pat
         plain = gen.prefill(model, embeds[None])
         pruned = gen.prefill(model, embeds[None], FastV.from_ratio(start, length, 1.0))
     assert torch.equal(plain, pruned)
+
+
+def test_grouped_query_attention_decoder_equals_the_naive_reference(tmp_path, tokenizer_path):
+    """The decoder alone, on random embeddings, with grouped-query attention (2 key heads for 4)."""
+    hf = tiny.hf_model(seed=6, num_hidden_layers=3, num_key_value_heads=2)
+    model = load_model(tiny.save_checkpoint(hf, tmp_path / "gqa", "tf5", tokenizer_path, shards=1))
+    torch.manual_seed(2)
+    prompt = torch.randn(40, model.cfg.text.hidden_size)
+    fastv = FastV.from_ratio(5, 30, 0.3)
+    with torch.no_grad():
+        ids, kept = fastv_reference(model, prompt, 5, 30, 0.3, eos_id=-1, max_new_tokens=6)
+        model.llm.setup_cache(1, 64, layer_lengths=[64] * K + [64 - fastv.dropped])
+        got = [int(gen.prefill(model, prompt[None], fastv).argmax())]
+        for step in range(5):
+            token = torch.tensor([[got[-1]]])
+            got.append(int(gen.decode_one_token(model, token, torch.tensor([40 + step])).argmax()))
+    assert got == ids
+    assert model.llm.layers[K].self_attn.cache.pos[: len(kept)].tolist() == kept
 
 
 @pytest.mark.parametrize("length", [1, 7, 52, 576, 2928])
