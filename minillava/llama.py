@@ -158,13 +158,14 @@ class Block(nn.Module):
 
 @dataclass(frozen=True)
 class FastV:
-    """FastV (Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2"), as its KV-cache code
-    prunes (pkunlp-icler/FastV: src/FastV/llava-hf/transformers/src/transformers/models/llama/
-    modeling_llama.py, `LlamaModel.fastv_forward`, its `use_cache` branch; src/FastV/lmms-eval/
-    fastv_kvcache.py, `FastVLlamaModel.forward`): once, in the prefill, before layer `layer` (K), keep of the image span
-    [start, start + length) the `keep` tokens that the prompt's last token attends to most in layer
-    K-1 (mean over heads), and every text token; layers from K on see and cache only those, in prompt
-    order, at their original positions (RoPE and mask). Layers before K see and cache everything."""
+    """FastV (Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2") as its KV-cache code
+    prunes (pkunlp-icler/FastV: `LlamaModel.fastv_forward`, its `use_cache` branch, in
+    src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py; and
+    `FastVLlamaModel.forward` in src/FastV/lmms-eval/fastv_kvcache.py). Once, in the prefill, before
+    layer `layer` (K): of the image span [start, start + length) keep the `keep` tokens that the
+    prompt's last token attends to most in layer K-1 (mean over heads), and every text token. Layers
+    from K on see and cache only those, in prompt order, at their original positions (RoPE and mask);
+    layers before K see and cache everything."""
 
     layer: int  # K: the first layer that sees only the kept tokens
     start: int  # the image's first position in the prompt
