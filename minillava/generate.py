@@ -176,7 +176,8 @@ def generate(
     features = model.encode_images([tiles])
     _sync(device)
     t1 = time.perf_counter()
-    compressed = globalcom2.compress(features, "none" if compressor == "fastv" else compressor, retention_ratio, seed=seed)
+    method = "none" if compressor == "fastv" else compressor  # FastV prunes in the decoder's prefill
+    compressed = globalcom2.compress(features, method, retention_ratio, seed=seed)
     _sync(device)
     t2 = time.perf_counter()
     timings["vision"], timings["compress"] = t1 - t0, t2 - t1

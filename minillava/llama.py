@@ -190,7 +190,8 @@ class FastV:
         top `keep` by score, every text token, sorted by position."""
         t, end, device = scores.shape[1], self.start + self.length, scores.device
         top = scores[0, self.start : end].topk(self.keep).indices + self.start
-        return torch.cat([torch.arange(self.start, device=device), top, torch.arange(end, t, device=device)]).sort().values
+        text = torch.arange(self.start, device=device), torch.arange(end, t, device=device)
+        return torch.cat([text[0], top, text[1]]).sort().values
 
 
 class Decoder(nn.Module):
@@ -239,7 +240,7 @@ class Decoder(nn.Module):
         T' = T - fastv.dropped, its last row still the prompt's last token.
         """
         if fastv is not None and not (prefill and 0 < fastv.layer < len(self.layers)):
-            raise ValueError(f"FastV prunes in a prefill before one of layers 1 .. {len(self.layers) - 1}, not {fastv.layer}")
+            raise ValueError(f"FastV prunes in a prefill, before one of layers 1 .. {len(self.layers) - 1}")
         cos, sin = self.rope[:, input_pos]  # (T, hd) each
         x, scores = embeds, None
         for i, layer in enumerate(self.layers):

@@ -74,7 +74,8 @@ def layer_ref(block, x, pos, theta):
     x = x + F.linear((maps @ v).transpose(0, 1).reshape(t, -1), a.o_proj.weight, a.o_proj.bias)
     h = rms(x, block.post_attention_layernorm)
     m = block.mlp
-    return x + F.linear(F.silu(F.linear(h, m.gate_proj.weight)) * F.linear(h, m.up_proj.weight), m.down_proj.weight), maps
+    gate, up = F.linear(h, m.gate_proj.weight, m.gate_proj.bias), F.linear(h, m.up_proj.weight, m.up_proj.bias)
+    return x + F.linear(F.silu(gate) * up, m.down_proj.weight, m.down_proj.bias), maps
 
 
 def prompt_embeds(model, tokenizer, image_path):
