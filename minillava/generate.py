@@ -21,12 +21,15 @@ import globalcom2
 
 from .anyres import ImageError, load_image, tile_image
 from .config import ConfigError, load_config
+from .llama import FastV
 from .model import LlavaNext
 from .tokenizer import PromptError, StreamDecoder, Tokenizer, build_prompt
 from .weights import DEFAULT_MODEL, WeightsError, checkpoint_files, load_model, read_layout, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_COMPRESSOR = "globalcom2"
+# globalcom2's methods act between projector and decoder; "fastv" prunes inside the decoder's prefill
+COMPRESSORS = (*globalcom2.METHODS, "fastv")
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
 
 
@@ -64,10 +67,11 @@ def load(model: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[Ll
     return load_model(model_dir, device, dtype), tokenizer
 
 
-def prefill(model: LlavaNext, embeds: torch.Tensor) -> torch.Tensor:
-    """Run the prompt (1, T, D) from position 0, filling the cache; logits of its last position (1, V)."""
+def prefill(model: LlavaNext, embeds: torch.Tensor, fastv: FastV | None = None) -> torch.Tensor:
+    """Run the prompt (1, T, D) from position 0, filling the cache (with `fastv`: pruning its image
+    tokens before layer K); logits of its last position (1, V)."""
     pos = torch.arange(embeds.shape[1], device=embeds.device)
-    hidden = model.llm(embeds, pos, prefill=True)
+    hidden = model.llm(embeds, pos, prefill=True, fastv=fastv)
     return model.logits(hidden[:, -1])
 
 
@@ -204,7 +208,8 @@ def generate(
     features = model.encode_images([tiles])
     _sync(device)
     t1 = time.perf_counter()
-    compressed = globalcom2.compress(features, compressor, retention_ratio, seed=seed)
+    method = "none" if compressor == "fastv" else compressor  # FastV prunes in the decoder's prefill
+    compressed = globalcom2.compress(features, method, retention_ratio, seed=seed)
     _sync(device)
     t2 = time.perf_counter()
     timings["vision"], timings["compress"] = t1 - t0, t2 - t1
@@ -218,12 +223,22 @@ def generate(
             "shorten the prompt or compress the image (--compressor globalcom2 --retention-ratio 0.25)"
         )
     max_new_tokens = min(max_new_tokens, context - length)
-    model.llm.setup_cache(1, min(context, -(-(length + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET))
+    layers, fastv = model.cfg.text.num_hidden_layers, None
+    if compressor == "fastv":  # the uncompressed image, pruned by the decoder in its prefill
+        fastv = FastV.from_ratio(len(chunks[0]), compressed[0].tokens.shape[0], retention_ratio)
+        if fastv.layer >= layers:
+            raise ConfigError(f"FastV prunes after decoder layer {fastv.layer}, but this model has only {layers} "
+                              "decoder layers; use another --compressor")
+    bucket = lambda n: min(context, -(-n // CACHE_BUCKET) * CACHE_BUCKET)  # noqa: E731
+    slots = [bucket(length + max_new_tokens)] * layers
+    if fastv is not None:  # the layers from K on never hold the dropped image tokens
+        slots[fastv.layer :] = [bucket(length + max_new_tokens - fastv.dropped)] * (layers - fastv.layer)
+    model.llm.setup_cache(1, slots[0], layer_lengths=slots)
     generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
     positions = torch.arange(length, length + max_new_tokens, device=device)
     reader = TokenReader(device, max_new_tokens)
 
-    next_id = sample(steps.prefill(model, embeds), temperature, top_p, generator)
+    next_id = sample(steps.prefill(model, embeds, fastv), temperature, top_p, generator)
     reader.start(0, next_id)
     _sync(device)
     t3 = time.perf_counter()
@@ -248,7 +263,9 @@ def generate(
     return Result(
         text=tokenizer.decode(ids),
         token_ids=ids,
-        visual_tokens={"before": sum(c.before for c in compressed), "after": sum(c.tokens.shape[0] for c in compressed)},
+        # fastv: `after` is what the layers from K on see (the layers before K see all `before`)
+        visual_tokens={"before": sum(c.before for c in compressed),
+                       "after": fastv.keep if fastv else sum(c.tokens.shape[0] for c in compressed)},
         timings_s=timings,
         decode_tokens_per_s=n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0,
     )

@@ -5,6 +5,9 @@ Parameter names follow transformers' `LlamaModel` (`embed_tokens`, `layers.N.sel
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,20 +42,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+EMPTY = torch.iinfo(torch.long).max  # position of a slot not written yet: after every query, so masked
+
+
 class KVCache(nn.Module):
-    """Keys and values of every position so far, preallocated to the full length so shapes never change."""
+    """Keys and values preallocated to `length` slots so shapes never change, and the position each slot
+    holds. A query attends to the slots whose position is at most its own, so the mask of a step is
+    (T, length), built from this one position table: linear in the length, never length x length.
+
+    Slots fill in order: slot = position - `skipped`, where `skipped` counts the prompt positions this
+    layer does not hold (the image tokens FastV drops, in its layers from K on; 0 everywhere else).
+    """
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, heads, length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("pos", torch.full((length,), EMPTY, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+
+    def prefill(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Start afresh with the prompt's k, v (B, H, T, hd) at its ascending positions `input_pos` (T,),
+        in slots 0 .. T-1; the prompt ends at position input_pos[-1]."""
+        t = k.shape[2]
+        self.k[:, :, :t] = k
+        self.v[:, :, :t] = v
+        self.pos.fill_(EMPTY)
+        self.pos[:t] = input_pos
+        self.skipped.copy_(input_pos[-1] + 1 - t)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, hd) at positions `input_pos` (T,); return the whole cache."""
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
-        return self.k, self.v
+        """Write k, v (B, H, T, hd) of the positions `input_pos` (T,) that follow the prompt; return the
+        whole cache (B, H, length, hd) twice and the mask (T, length), True where a query may look."""
+        slots = input_pos - self.skipped
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        self.pos[slots] = input_pos
+        return self.k, self.v, self.pos <= input_pos[:, None]
 
 
 class Attention(nn.Module):
@@ -66,24 +93,42 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def forward(self, x, cos, sin, input_pos, prefill: bool, probe: bool = False):
+        """x (B, T, D) at positions `input_pos` (T,) -> (B, T, D), and with `probe` the attention the last
+        query pays to every key, mean over heads (B, T) (FastV's score; else None).
+
+        `prefill`: the prompt, causal among its own tokens, which start the cache afresh. Otherwise the
+        new tokens attend to the whole cache."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = k, v  # a prefill from position 0: the new keys are all there is, causal order
-        if mask is not None and self.cache is None:
-            raise RuntimeError("decoding past position 0 needs a KV cache: call Decoder.setup_cache first")
+        k_all, v_all, mask = k, v, None  # a prefill: the new keys are all there is, causal order
+        if self.cache is None and not prefill:
+            raise RuntimeError("decoding past the prompt needs a KV cache: call Decoder.setup_cache first")
         if self.cache is not None:
-            cache_k, cache_v = self.cache.update(input_pos, k, v)
-            if mask is not None:
-                k_all, v_all = cache_k, cache_v
+            if prefill:
+                self.cache.prefill(input_pos, k, v)
+            else:
+                k_all, v_all, mask = self.cache.update(input_pos, k, v)
         if self.kv_heads != self.heads:
             k_all = k_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v_all = v_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        scores = last_query_attention(q, k_all) if probe else None
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), scores  # (B, T, D)
+
+
+def last_query_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Post-softmax attention of the last query over every key, mean over heads: (B, T) from q, k
+    (B, H, T, hd). One row, never the T x T matrix. Computed as the eager attention of FastV's
+    transformers fork (src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py,
+    LlamaAttention.forward):
+    q k^T / sqrt(hd) in the model's dtype, softmax in float32 cast back, then `torch.mean(.., dim=1)`
+    over heads (LlamaModel.fastv_forward). The last row of a causal mask masks nothing."""
+    row = torch.matmul(q[:, :, -1:], k.transpose(2, 3)) / math.sqrt(q.shape[-1])  # (B, H, 1, T)
+    return torch.softmax(row, dim=-1, dtype=torch.float32).to(q.dtype).mean(dim=1)[:, 0]
 
 
 class MLP(nn.Module):
@@ -105,9 +150,48 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, input_pos, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, input_pos, prefill: bool, probe: bool = False):
+        h, scores = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, prefill, probe)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), scores
+
+
+@dataclass(frozen=True)
+class FastV:
+    """FastV (Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2") as its KV-cache code
+    prunes (pkunlp-icler/FastV: `LlamaModel.fastv_forward`, its `use_cache` branch, in
+    src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py; and
+    `FastVLlamaModel.forward` in src/FastV/lmms-eval/fastv_kvcache.py). Once, in the prefill, before
+    layer `layer` (K): of the image span [start, start + length) keep the `keep` tokens that the
+    prompt's last token attends to most in layer K-1 (mean over heads), and every text token. Layers
+    from K on see and cache only those, in prompt order, at their original positions (RoPE and mask);
+    layers before K see and cache everything."""
+
+    layer: int  # K: the first layer that sees only the kept tokens
+    start: int  # the image's first position in the prompt
+    length: int  # the image's token count
+    keep: int  # image tokens kept
+
+    @classmethod
+    def from_ratio(cls, start: int, length: int, ratio: float, layer: int = 2) -> FastV:
+        """`ratio` r of the image tokens kept: FastV's R = 1 - r dropped, and it keeps
+        round(length * (1 - R)) (fastv_forward: `topk(round(FASTV_image_token_length*(1-FASTV_r)))`).
+        K = 2, the paper's setting for its LLaVA results."""
+        dropped = 1.0 - ratio  # R, FastV's `fastv_r`
+        return cls(layer, start, length, round(length * (1 - dropped)))
+
+    @property
+    def dropped(self) -> int:
+        return self.length - self.keep
+
+    def kept(self, scores: torch.Tensor) -> torch.Tensor:
+        """Prompt positions the layers from K on keep, ascending (T - dropped,), from the scores (B, T)
+        of `last_query_attention` in layer K-1. As fastv_forward: the first batch row, the image span's
+        top `keep` by score, every text token, sorted by position."""
+        t, end, device = scores.shape[1], self.start + self.length, scores.device
+        top = scores[0, self.start : end].topk(self.keep).indices + self.start
+        text = torch.arange(self.start, device=device), torch.arange(end, t, device=device)
+        return torch.cat([text[0], top, text[1]]).sort().values
 
 
 class Decoder(nn.Module):
@@ -120,17 +204,17 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("rope", torch.empty(0), persistent=False)
-        self.register_buffer("causal", torch.empty(0, dtype=torch.bool), persistent=False)
 
-    def setup_cache(self, batch: int, length: int, device=None, dtype=None):
-        """Allocate the KV cache for `length` positions, and the RoPE and mask tables that go with it."""
+    def setup_cache(self, batch: int, length: int, device=None, dtype=None, layer_lengths: list[int] | None = None):
+        """Allocate the KV cache for positions 0 .. `length`-1, and the RoPE table that goes with it.
+        `layer_lengths`: slots per layer, `length` each by default (FastV's layers from K on hold fewer).
+        Memory is linear in the length: no length x length mask."""
         param = self.embed_tokens.weight
         device, dtype = device or param.device, dtype or param.dtype
         self.setup_rope(length, device)
-        for layer in self.layers:
+        for layer, slots in zip(self.layers, layer_lengths or [length] * len(self.layers), strict=True):
             attn = layer.self_attn
-            attn.cache = KVCache(batch, attn.kv_heads, length, attn.head_dim, dtype, device)
-        self.causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
+            attn.cache = KVCache(batch, attn.kv_heads, slots, attn.head_dim, dtype, device)
 
     def setup_rope(self, length: int, device=None):
         """RoPE table for `length` positions and no cache: enough for full-sequence (`prefill=True`)
@@ -141,17 +225,28 @@ class Decoder(nn.Module):
 
     @property
     def cache_length(self) -> int:
-        return self.causal.shape[0]
+        """Slots of the (first layer's) KV cache: the positions it can hold; 0 without a cache."""
+        cache = self.layers[0].self_attn.cache
+        return 0 if cache is None else cache.k.shape[2]
 
-    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, prefill: bool = False) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, input_pos: torch.Tensor, prefill: bool = False, fastv: FastV | None = None
+    ) -> torch.Tensor:
         """Hidden states after the final norm, (B, T, D), for `embeds` (B, T, D) at positions `input_pos` (T,).
 
         `prefill`: the positions are 0 .. T-1, so attention is plain causal over the new tokens (no
         mask over the whole cache). Otherwise each query sees the cache up to its own position.
+        `fastv` (prefill only): prune the image tokens before layer K; the result is then (B, T', D),
+        T' = T - fastv.dropped, its last row still the prompt's last token.
         """
+        if fastv is not None and not (prefill and 0 < fastv.layer < len(self.layers)):
+            raise ValueError(f"FastV prunes in a prefill, before one of layers 1 .. {len(self.layers) - 1}")
         cos, sin = self.rope[:, input_pos]  # (T, hd) each
-        mask = None if prefill else self.causal[input_pos][None, None]  # (1, 1, T, cache length)
-        x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+        x, scores = embeds, None
+        for i, layer in enumerate(self.layers):
+            if fastv is not None and i == fastv.layer:  # FastV: from here on only the kept tokens
+                keep = fastv.kept(scores)
+                x, input_pos, cos, sin = x[:, keep], input_pos[keep], cos[keep], sin[keep]
+            probe = fastv is not None and i == fastv.layer - 1  # the layer whose attention FastV reads
+            x, scores = layer(x, cos, sin, input_pos, prefill, probe)
         return self.norm(x)

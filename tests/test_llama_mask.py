@@ -1,0 +1,76 @@
+"""The KV cache's mask is linear in the cache length (issue 10): no length x length table."""
+
+import resource
+
+import pytest
+import torch
+
+from minillava.config import TextConfig
+from minillava.llama import EMPTY, Decoder
+
+
+def small_decoder(layers: int = 2) -> Decoder:
+    torch.manual_seed(0)
+    cfg = TextConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=layers,
+                     num_attention_heads=2, max_position_embeddings=2**20)
+    return Decoder(cfg).eval()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def test_a_million_position_cache_allocates_no_square_mask():
+    """2**20 positions: the old boolean tril was 2**40 bytes (1 TiB). Now every buffer is linear in L
+    and the whole cache (k, v, positions, RoPE table) fits in a few hundred MB; a decode step at the
+    far end of the cache works and sees only what was written."""
+    length = 2**20
+    dec = small_decoder()
+    rss0 = peak_rss_mb()
+    with torch.no_grad():
+        dec.setup_cache(1, length)
+        assert dec.cache_length == length
+        buffers = dict(dec.named_buffers())
+        assert max(b.numel() for b in buffers.values()) == 8 * length  # k, v (1, 2, L, 4), RoPE (2, L, 4)
+        # bytes per position, all buffers: per layer k and v (2 heads x 4 dims, float32) and the
+        # position (int64), and the RoPE table's cos and sin (4 dims, float32)
+        per_position = sum(b.numel() * b.element_size() for b in buffers.values()) / length
+        assert per_position == pytest.approx(2 * (2 * 2 * 4 * 4 + 8) + 2 * 4 * 4)  # + a scalar per layer
+
+        embeds = torch.randn(1, 5, 8)
+        dec(embeds, torch.arange(5), prefill=True)
+        far = dec(torch.randn(1, 1, 8), torch.tensor([length - 1]))  # positions 5 .. L-2 never written
+    assert torch.isfinite(far).all()
+    cache = dec.layers[0].self_attn.cache
+    assert cache.pos[:5].tolist() == list(range(5)) and cache.pos[length - 1] == length - 1
+    assert (cache.pos[5 : length - 1] == EMPTY).all()  # masked: never attended to
+    assert peak_rss_mb() - rss0 < 1024  # the square mask alone would be 1 TiB
+
+
+def test_cached_steps_equal_a_full_pass():
+    """Prefill then single steps through the position-table mask give the logits of one causal pass."""
+    dec = small_decoder(layers=3)
+    embeds = torch.randn(1, 11, 8)
+    with torch.no_grad():
+        dec.setup_rope(11)
+        full = dec(embeds, torch.arange(11), prefill=True)
+        dec.setup_cache(1, 16)
+        steps = [dec(embeds[:, :6], torch.arange(6), prefill=True)]
+        steps += [dec(embeds[:, t : t + 1], torch.tensor([t])) for t in range(6, 11)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_prefill_forgets_the_previous_question():
+    """One cache for two prompts (as the benchmark does): the second answer does not see the first's
+    longer prompt in the slots beyond its own."""
+    dec = small_decoder()
+    long, short = torch.randn(1, 9, 8), torch.randn(1, 4, 8)
+    with torch.no_grad():
+        dec.setup_cache(1, 16)
+        dec(long, torch.arange(9), prefill=True)
+        dec(short, torch.arange(4), prefill=True)
+        reused = dec(torch.ones(1, 1, 8), torch.tensor([4]))
+        dec.setup_cache(1, 16)
+        dec(short, torch.arange(4), prefill=True)
+        fresh = dec(torch.ones(1, 1, 8), torch.tensor([4]))
+    assert torch.equal(reused, fresh)
