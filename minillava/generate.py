@@ -315,7 +315,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "hub ids owner/name are looked up in weights/owner--name/ and downloaded there if missing")
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--prompt", required=True, help="the question about the image")
-    p.add_argument("--compressor", default=DEFAULT_COMPRESSOR, choices=globalcom2.METHODS,
+    p.add_argument("--compressor", default=DEFAULT_COMPRESSOR, choices=COMPRESSORS,
                    help="visual-token compression between projector and decoder: globalcom2 (default), "
                    "globalcom2-paper (token for token the published code), the paper's ablations uniform, "
                    "local-only, global-only, a seeded random floor, or none (plain LLaVA-NeXT)")

@@ -35,8 +35,6 @@ def deep_checkpoint(tmp_path_factory, tokenizer_path):
 
 
 def run_json(capsys, monkeypatch, model_dir, image_path, *extra):
-    # until parse_args offers gen.COMPRESSORS (the lead's switch), the CLI accepts fastv only this way
-    monkeypatch.setattr(globalcom2, "METHODS", gen.COMPRESSORS)
     code = gen.main([str(a) for a in ("--model", model_dir, "--image", image_path, "--prompt", QUESTION,
                                       "--max-new-tokens", 12, "--json", *extra)])
     out, err = capsys.readouterr()
@@ -199,7 +197,6 @@ def test_kept_count_is_fastv_rounding(length, r):
 
 def test_fastv_needs_layers_after_k(capsys, monkeypatch, checkpoints, image_path):
     """The default tiny checkpoint has 2 decoder layers: nothing to prune after layer 2, one error line."""
-    monkeypatch.setattr(globalcom2, "METHODS", gen.COMPRESSORS)
     code = gen.main(["--model", str(checkpoints["hub"]), "--image", str(image_path), "--prompt", QUESTION,
                      "--compressor", "fastv"])
     out, err = capsys.readouterr()

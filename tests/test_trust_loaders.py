@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from minillava import generate as gen
 from minillava import weights

@@ -16,8 +16,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import globalcom2
-
 from .. import generate as gen
 from ..anyres import check_regular
 from ..config import load_config
@@ -48,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, metavar="FILE.jsonl", help="answers file, one JSON line per question; resumed if it exists")
     p.add_argument("--model", default=gen.DEFAULT_MODEL,
                    help=f"checkpoint directory or hub id (default {gen.DEFAULT_MODEL})")
-    p.add_argument("--compressor", default=gen.DEFAULT_COMPRESSOR, choices=globalcom2.METHODS,
+    p.add_argument("--compressor", default=gen.DEFAULT_COMPRESSOR, choices=gen.COMPRESSORS,
                    help=f"visual-token compression (default {gen.DEFAULT_COMPRESSOR})")
     p.add_argument("--retention-ratio", type=ratio_arg, default=gen.DEFAULT_RETENTION_RATIO, metavar="R",
                    help=f"fraction of visual tokens kept, in (0, 1] (default {gen.DEFAULT_RETENTION_RATIO})")
