@@ -1,10 +1,15 @@
 """Shared inputs of the peer tests: one image's features and tower probes, random but reproducible."""
 
+import pytest
 import torch
 
 from globalcom2 import ImageFeatures
 
 GRIDS = [(2, 2), (1, 3), (3, 1), (1, 2), (2, 1), (3, 2)]
+RATIOS = {24: (0.5, 0.25, 0.1), 6: (1.0, 0.5, 0.25, 0.1), 8: (0.5, 0.1)}  # tile side: ratios tried
+# every grid at sides 6 and 8; the real side 24 (576 tokens) on two grids by default, on all with -m slow
+CASES = [pytest.param(grid, side, RATIOS[side], marks=[pytest.mark.slow] if side == 24 and grid not in GRIDS[:2] else [])
+         for side in (6, 8, 24) for grid in GRIDS]
 SIZES = [(640, 480), (480, 640), (1000, 333), (333, 1000), (800, 799), (1280, 300), (300, 1280), (672, 672)]
 
 

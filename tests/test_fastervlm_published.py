@@ -14,7 +14,7 @@ import torch
 
 from globalcom2 import compress
 from minillava.anyres import select_best_resolution
-from tests.peers_cases import GRIDS, SIZES, peer_case
+from tests.peers_cases import CASES, SIZES, peer_case
 
 
 def unpad_image(tensor, original_size):  # llava_arch.py unpad_image, verbatim logic
@@ -74,8 +74,7 @@ def published(image_features, attentions, visual_token_num, grid, image_size, ne
     return torch.cat((base_image_feature, image_feature), dim=0), base_index_mask.nonzero()[:, 0]
 
 
-@pytest.mark.parametrize("grid", GRIDS)
-@pytest.mark.parametrize("side, ratios", [(24, (0.5, 0.25, 0.1)), (6, (1.0, 0.5, 0.25, 0.1)), (8, (0.5, 0.1))])
+@pytest.mark.parametrize("grid, side, ratios", CASES)
 def test_fastervlm_is_token_for_token_the_published_code(grid, side, ratios):
     for k, size in enumerate(SIZES):
         image, attn = peer_case(grid, size, side, seed=k)
