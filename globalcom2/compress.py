@@ -11,6 +11,9 @@ The stage sits between the projector and the decoder. Per image it receives (`Im
     grid          (gw, gh)     columns and rows of crops (AnyRes best resolution / tile size)
     size          (w0, h0)     original image size in pixels (decides the unpadded area)
     newline       (D,)         the learned image_newline vector
+    probes        {(kind, layer): (1 + C, ...)}  what the tower gave for the method's `needs(method)`
+                               (minillava/clip.py), tile 0 the thumbnail; empty for GlobalCom2's methods
+    project       the projector (vision width -> D), for methods that merge before it (VisionZip)
 
 Together the crops form one H x W token grid, H = gh * side, W = gw * side, of which the rows
 [top, bottom) and columns [left, right) show the image (`unpad_area`); the rest is padding.
@@ -163,6 +166,11 @@ def compress_image(
         missing = [need for need in PEERS[method].needs if need not in image.probes]
         if missing:
             raise ValueError(f"method {method!r} needs the tower probes {missing}: pass needs={needs(method)} to the tower")
+        token_dim = {"cls_attn": -1, "keys": -2, "hidden": -2}  # where the 1 + P tokens are in each kind
+        bad = {need: tuple(p.shape) for need, p in image.probes.items()
+               if p.shape[0] != 1 + C or p.shape[token_dim.get(need[0], 1)] != 1 + P}
+        if bad:
+            raise ValueError(f"probes must be (1 + {C} tiles, ..., 1 + {P} tokens, ...) for grid {image.grid}, got {bad}")
         packed = PEERS[method].run(image, ratio, PEERS[method].paper)
         return Compressed(packed.tokens, packed.thumb_keep, packed.crop_keep, valid, packed.crop_ratio, before,
                           packed.thumb_merge, packed.crop_merge)

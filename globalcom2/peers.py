@@ -6,7 +6,10 @@ tokens at their true grid positions, unpadded, a newline closing each unpadded r
 name packs it token for token as the authors' code does. Tokens with no grid position ([CLS],
 merged summaries) go where the published code puts them, in both.
 
-A peer is one entry of `PEERS`: name -> Peer(needs, run), `run(image, ratio, paper)` -> `Packed`.
+A peer is one entry of `PEERS`: name -> Peer(needs, run, paper), `run(image, ratio, paper)` -> `Packed`.
+A new selection-only method needs a `run` of a few lines: its keep mask (1 + C, P) from its pure
+function, then `emit` with the tiles' features as the table (see `_fastervlm`); a merging one also
+passes its merged tokens as table rows and `merge_rows` (see `_visionzip`).
 """
 
 from __future__ import annotations
@@ -40,22 +43,28 @@ class Packed(NamedTuple):
     crop_merge: Tensor | None  # (H, W) long: the same over the crop grid
 
 
+def full_raster(index: Tensor, keep: Tensor) -> Tensor:
+    """The published crop order of FasterVLM and VisionZip: the kept entries of the whole H x W grid in
+    raster order, padding included, no newline. index, keep (H, W) -> (n,) long."""
+    return index[keep]
+
+
 def emit(image, table: Tensor, thumb_rows: Tensor, grid_rows: Tensor, crop_keep: Tensor, tail_rows: Tensor,
-         merge_rows: Tensor | None, T: int, paper: bool) -> Packed:
+         merge_rows: Tensor | None, T: int, paper: Callable | None) -> Packed:
     """Gather one image's sequence from `table` (R, D) of token rows.
 
     thumb_rows (k,) long: the thumbnail part, rows in emission order. grid_rows (C, P) long: the row of
     each crop position's token; crop_keep (C, P) bool which of them are kept. tail_rows (t,) long: rows
     emitted after the crop grid. merge_rows (1 + C, P) long or None: the row of the merged token each
-    position went into, -1 if none. T: tokens kept per tile. `paper`: the crop grid in full raster order over all H x W positions,
-    padding included, without newlines (both published codes); else the unpadded rows, each closed by a
-    newline (LLaVA-NeXT's `spatial_unpad`).
+    position went into, -1 if none. T: tokens kept per tile. `paper`: None for LLaVA-NeXT's true layout
+    of the crop grid (the unpadded rows, each closed by a newline, as `spatial_unpad`), else the
+    published order, a function (index (H, W) long, keep (H, W) bool) -> (n,) long, e.g. `full_raster`.
     """
     gw, gh = image.grid
     side = int(image.thumb.shape[0] ** 0.5)
     index, keep = to_grid(grid_rows, image.grid, side), to_grid(crop_keep, image.grid, side)  # (H, W)
-    if paper:
-        crop_order = index[keep]
+    if paper is not None:
+        crop_order = paper(index, keep)
     else:
         top, bottom, left, right = unpad_area(image.grid, image.size, side)
         crop_order = emit_rows(index[top:bottom, left:right], keep[top:bottom, left:right])
@@ -76,7 +85,7 @@ def emit(image, table: Tensor, thumb_rows: Tensor, grid_rows: Tensor, crop_keep:
     return Packed(tokens, thumb_rows.new_empty(0), keep, ratios, thumb_merge, crop_merge)
 
 
-def _fastervlm(image, ratio: float, paper: bool) -> Packed:
+def _fastervlm(image, ratio: float, paper: Callable | None) -> Packed:
     """FasterVLM: each tile's T best by [CLS] attention; thumbnail then crops, kept tokens in raster order
     (llava_arch.py prepare_inputs_labels_for_multimodal: `base_image_feature[base_index_mask]`, then the
     crop grid through the same index mask)."""
@@ -91,7 +100,7 @@ def _fastervlm(image, ratio: float, paper: bool) -> Packed:
     return packed._replace(thumb_keep=thumb_rows)
 
 
-def _visionzip(image, ratio: float, paper: bool) -> Packed:
+def _visionzip(image, ratio: float, paper: Callable | None) -> Packed:
     """VisionZip: per tile [CLS], the dominant patches and the contextual tokens, projected together.
 
     Order (visionzip/llava_arch.py prepare_inputs_labels_for_multimodal_visionzip and
@@ -124,12 +133,12 @@ def _visionzip(image, ratio: float, paper: bool) -> Packed:
 class Peer:
     needs: tuple[tuple[str, int], ...]  # tower probes, see minillava/clip.py
     run: Callable  # (image, ratio, paper) -> Packed
-    paper: bool  # the published sequence (True) or LLaVA-NeXT's true layout
+    paper: Callable | None = None  # the published crop order (see `emit`), None: LLaVA-NeXT's true layout
 
 
 PEERS = {
-    "fastervlm": Peer(FASTERVLM_NEEDS, _fastervlm, paper=False),
-    "fastervlm-paper": Peer(FASTERVLM_NEEDS, _fastervlm, paper=True),
-    "visionzip": Peer(VISIONZIP_NEEDS, _visionzip, paper=False),
-    "visionzip-paper": Peer(VISIONZIP_NEEDS, _visionzip, paper=True),
+    "fastervlm": Peer(FASTERVLM_NEEDS, _fastervlm),
+    "fastervlm-paper": Peer(FASTERVLM_NEEDS, _fastervlm, paper=full_raster),
+    "visionzip": Peer(VISIONZIP_NEEDS, _visionzip),
+    "visionzip-paper": Peer(VISIONZIP_NEEDS, _visionzip, paper=full_raster),
 }

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import globalcom2
+import globalcom2.visionzip
 import globalcom2.visualize as vis
 import minillava.generate as gen
 from minillava.anyres import load_image, tile_image
@@ -121,3 +122,39 @@ def test_visionzip_needs_the_projector():
     image.project = None
     with pytest.raises(ValueError, match="project"):
         globalcom2.compress([image], "visionzip", 0.5)
+
+
+@pytest.mark.parametrize("method", PEERS)
+def test_empty_crops_and_no_valid_area(method):
+    """1 x 3 grids of wide images: top and bottom crops all padding (900 x 500), or no valid row at all
+    (900 x 200). The published selection runs on every tile; the default drops what lies in padding."""
+    for size, n_rows in (((900, 500), 2), ((900, 200), 0)):
+        image, _ = peer_case((1, 3), size, 4, seed=1)
+        out = globalcom2.compress([image], method, 0.5)[0]
+        assert torch.isfinite(out.tokens).all()
+        T = 8
+        if method.endswith("-paper"):
+            assert out.tokens.shape[0] == 4 * T
+        else:
+            assert not (out.crop_keep & ~out.valid).any()
+            extra = 3 * (1 + globalcom2.visionzip.visionzip_split(T)[1]) if method == "visionzip" else 0
+            assert out.tokens.shape[0] == T + int(out.crop_keep.sum()) + n_rows + extra
+
+
+ACCELERATORS = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if ok]
+
+
+@pytest.mark.skipif(not ACCELERATORS, reason="no accelerator")
+@pytest.mark.parametrize("method", PEERS)
+def test_accelerator_matches_cpu(method):
+    for k, (grid, size) in enumerate([((2, 2), (640, 480)), ((3, 1), (1000, 333)), ((1, 2), (300, 1280))]):
+        for side in (6, 24):
+            image, _ = peer_case(grid, size, side, seed=k)
+            on_cpu = globalcom2.compress([image], method, 0.25)[0]
+            dev = ACCELERATORS[0]
+            image.thumb, image.crops, image.newline = image.thumb.to(dev), image.crops.to(dev), image.newline.to(dev)
+            image.probes = {need: p.to(dev) for need, p in image.probes.items()}
+            out = globalcom2.compress([image], method, 0.25)[0]
+            assert out.tokens.device.type == dev
+            assert torch.equal(out.crop_keep.cpu(), on_cpu.crop_keep) and torch.equal(out.thumb_keep.cpu(), on_cpu.thumb_keep)
+            torch.testing.assert_close(out.tokens.cpu(), on_cpu.tokens)  # merging sums may round differently
