@@ -14,6 +14,7 @@ passes its merged tokens as table rows and `merge_rows` (see `_visionzip`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -61,7 +62,7 @@ def emit(image, table: Tensor, thumb_rows: Tensor, grid_rows: Tensor, crop_keep:
     published order, a function (index (H, W) long, keep (H, W) bool) -> (n,) long, e.g. `full_raster`.
     """
     gw, gh = image.grid
-    side = int(image.thumb.shape[0] ** 0.5)
+    side = math.isqrt(image.thumb.shape[0])
     index, keep = to_grid(grid_rows, image.grid, side), to_grid(crop_keep, image.grid, side)  # (H, W)
     if paper is not None:
         crop_order = paper(index, keep)
