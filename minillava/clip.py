@@ -63,7 +63,10 @@ class Attention(nn.Module):
         n, t, _ = x.shape
         return x.view(n, t, self.heads, self.head_dim).transpose(1, 2)  # (N, heads, T, hd)
 
-    def forward(self, x: torch.Tensor, kinds=()) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.probed(x, ())[0]
+
+    def probed(self, x: torch.Tensor, kinds) -> tuple[torch.Tensor, dict]:
         """(N, T, D) -> (N, T, D), and the probes of `kinds` ("cls_attn", "keys") from this pass."""
         keys = self.k_proj(x)  # (N, T, D)
         q, k, v = self.split(self.q_proj(x)), self.split(keys), self.split(self.v_proj(x))
@@ -117,9 +120,12 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, kinds=()) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.probed(x, ())[0]
+
+    def probed(self, x: torch.Tensor, kinds) -> tuple[torch.Tensor, dict]:
         """(N, T, D) -> (N, T, D), and this layer's attention probes of `kinds`."""
-        h, probes = self.self_attn(self.layer_norm1(x), kinds)
+        h, probes = self.self_attn.probed(self.layer_norm1(x), kinds)
         x = x + h
         return x + self.mlp(self.layer_norm2(x)), probes
 
@@ -163,7 +169,7 @@ class VisionTower(nn.Module):
         features = x if select == 0 else None
         for i, layer in enumerate(layers[:-1]):
             kinds = wanted.get(i, ())
-            x, got = layer(x, kinds)
+            x, got = layer.probed(x, kinds)
             found.update({(kind, i): t for kind, t in got.items()})
             if "hidden" in kinds:
                 found["hidden", i] = x
@@ -174,7 +180,7 @@ class VisionTower(nn.Module):
         h = last.layer_norm1(x)  # input of the last layer
         scores = last.self_attn.cls_scores(h)[:, 1:]
         if select == n_layers or "hidden" in kinds:  # the last layer's output is needed after all
-            x, got = last(x, kinds)
+            x, got = last.probed(x, kinds)
             features = x if select == n_layers else features
             found["hidden", i] = x
         else:  # its probes need only its input: the [CLS] query and the keys
