@@ -11,6 +11,9 @@ The stage sits between the projector and the decoder. Per image it receives (`Im
     grid          (gw, gh)     columns and rows of crops (AnyRes best resolution / tile size)
     size          (w0, h0)     original image size in pixels (decides the unpadded area)
     newline       (D,)         the learned image_newline vector
+    probes        {(kind, layer): (1 + C, ...)}  what the tower gave for the method's `needs(method)`
+                               (minillava/clip.py), tile 0 the thumbnail; empty for GlobalCom2's methods
+    project       the projector (vision width -> D), for methods that merge before it (VisionZip)
 
 Together the crops form one H x W token grid, H = gh * side, W = gw * side, of which the rows
 [top, bottom) and columns [left, right) show the image (`unpad_area`); the rest is padding.
@@ -30,7 +33,36 @@ device, and what was kept. Methods (`METHODS`):
     global-only       budget from the thumbnail, tokens chosen by the thumbnail's map only
     random            r of every tile's valid tokens at random (seeded), thumbnail in raster order
 
-All but `none` and `globalcom2-paper` emit in the `globalcom2` layout. The thumbnail keeps
+The peer methods (`globalcom2/peers.py`; each default name in LLaVA-NeXT's true layout, each `-paper`
+name token for token the authors' published sequence):
+
+    fastervlm         FasterVLM: every tile (thumbnail and crops) keeps its T = round(P r) tokens of
+                      highest [CLS] attention in CLIP layer -2 (mean over heads); P = 576 gives T = 58
+                      at r = 0.1, FasterVLM's "90% reduction" (its knob: reduction ratio 1 - r). Kept
+                      tokens in raster order; the crops unpadded, a newline closing each row (FasterVLM's
+                      own `spatial_unpad` branch, which its code switches off)
+    fastervlm-paper   the published sequence: thumbnail then the whole crop grid in raster order,
+                      padding tokens included, no newlines (its code forces mm_patch_merge_type =
+                      'spatial'). Our tiler's grid is LLaVA's; FasterVLM's own `select_best_resolution`
+                      picks another grid for some sizes (tests/test_fastervlm_published.py lists them)
+    visionzip         VisionZip: every tile keeps T = round(P r) tokens, split dominant : contextual as
+                      54 : 10 (contextual = round(T * 10 / 64), at least 1; the dominant count includes
+                      [CLS]): [CLS], the patches of highest [CLS] attention (layer -2, summed over heads),
+                      and contextual tokens, each an evenly spaced remaining token plus the mean of the
+                      remaining tokens whose layer -2 keys (mean over heads) are most similar to it;
+                      merged before the projector. Thumbnail: [CLS], dominant, contextual; then the crops'
+                      dominant tokens unpadded with newlines; then the crops' [CLS] and contextual tokens
+    visionzip-paper   the published sequence: as `visionzip` but the crop grid is not unpadded and has
+                      no newlines (the published code computes a newline and does not use it)
+
+Both peers need tower probes (`needs(method)`; `ImageFeatures.probes`), VisionZip also the projector
+(`ImageFeatures.project`). Their ties: lower position first (a stable sort); the published `topk`
+leaves the order of equal scores unspecified. A padded crop's kept padding tokens are dropped by the
+default layout (unpadding), so the default emits at most, the `-paper` exactly, T tokens per tile.
+VisionZip merges (`Compressed.thumb_merge` / `crop_merge`) say which positions each merged token
+stands for.
+
+All but `none`, `globalcom2-paper` and the peers emit in the `globalcom2` layout. The thumbnail keeps
 int(P * r) tokens in descending score order, without newlines; crop c keeps int(N_c * scale_c) of
 its N_c valid tokens.
 
@@ -42,12 +74,14 @@ deterministic, and each image is compressed on its own: a batch gives what one-a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .peers import PEERS
 from .layout import area_mask, crop_extents, emit_rows, gather_tokens, paper_slots, to_crops, to_grid, unpad_area
 from .scoring import (
     crop_scales,
@@ -59,7 +93,15 @@ from .scoring import (
     top_order,
 )
 
-METHODS = ("none", "globalcom2", "globalcom2-paper", "uniform", "local-only", "global-only", "random")
+METHODS = ("none", "globalcom2", "globalcom2-paper", "uniform", "local-only", "global-only", "random", *PEERS)
+
+
+def needs(method: str) -> tuple[tuple[str, int], ...]:
+    """The tower probes a method needs, (kind, layer) pairs (minillava/clip.py); () for GlobalCom2's own."""
+    return PEERS[method].needs if method in PEERS else ()
+
+
+ALL_NEEDS = tuple(dict.fromkeys(need for peer in PEERS.values() for need in peer.needs))  # every method's
 
 
 @dataclass
@@ -73,6 +115,8 @@ class ImageFeatures:
     grid: tuple[int, int]  # (gw, gh) columns, rows of crops
     size: tuple[int, int]  # (w0, h0) original image size in pixels
     newline: Tensor  # (D,) image_newline
+    probes: dict = field(default_factory=dict)  # {(kind, layer): (1 + gw*gh, ...)} tower probes, tile 0 = thumbnail
+    project: Callable[[Tensor], Tensor] | None = None  # the projector, for methods that merge before it
 
 
 @dataclass
@@ -85,6 +129,9 @@ class Compressed:
     valid: Tensor  # (H, W) bool: the unpadded area
     crop_ratio: Tensor  # (gw*gh,) float64 on the CPU: each crop's retention ratio (1 for none)
     before: int  # token count of the uncompressed packing (what `none` returns)
+    thumb_merge: Tensor | None = None  # (P,) long: index in `tokens` of the merged token each thumbnail
+    # position went into, -1 if none; None for methods that do not merge
+    crop_merge: Tensor | None = None  # (H, W) long: the same over the crop grid
 
 
 def compress(images: list[ImageFeatures], method: str = "none", ratio: float = 1.0, seed: int = 0) -> list[Compressed]:
@@ -113,6 +160,20 @@ def compress_image(
     n_valid = np.outer(rows, cols).ravel()  # (C,) N_c, crops row-major
     before = P + (bottom - top) * (right - left + 1)
 
+    if method in PEERS:
+        if scales is not None:
+            raise ValueError(f"scales do not apply to method {method!r}")
+        missing = [need for need in PEERS[method].needs if need not in image.probes]
+        if missing:
+            raise ValueError(f"method {method!r} needs the tower probes {missing}: pass needs={needs(method)} to the tower")
+        token_dim = {"cls_attn": -1, "keys": -2, "hidden": -2}  # where the 1 + P tokens are in each kind
+        bad = {need: tuple(p.shape) for need, p in image.probes.items()
+               if p.shape[0] != 1 + C or p.shape[token_dim.get(need[0], 1)] != 1 + P}
+        if bad:
+            raise ValueError(f"probes must be (1 + {C} tiles, ..., 1 + {P} tokens, ...) for grid {image.grid}, got {bad}")
+        packed = PEERS[method].run(image, ratio, PEERS[method].paper)
+        return Compressed(packed.tokens, packed.thumb_keep, packed.crop_keep, valid, packed.crop_ratio, before,
+                          packed.thumb_merge, packed.crop_merge)
     if method == "none":
         if scales is not None:
             raise ValueError("scales do not apply to method 'none'")

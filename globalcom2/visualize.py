@@ -10,6 +10,8 @@ One PNG, drawn with PIL only:
     canvas    the AnyRes canvas (the image resized and centred on black exactly as the tiles are cut),
               crop boundaries, the padding that unpadding removes hatched, dropped tokens dimmed, and
               each crop's retention ratio and kept/valid count
+Methods that merge tokens (VisionZip) tint each merged position with the colour of the token it went
+into (one colour per merged token), on the thumbnail and on the canvas.
 Thumbnail and scores stand in a column left of the canvas, or side by side above it for a grid of one
 row. Small tiles are blown up by a whole factor (a 56 px tile shows as 336 px); 336 px tiles are 1:1.
 
@@ -42,6 +44,10 @@ DIM = 0.25  # a dropped token keeps this much of its pixels ...
 DIM_TO = np.array([40, 40, 48], dtype=np.float32)  # ... and is pulled towards this
 HATCH = (np.array([95, 95, 95], dtype=np.float32), np.array([30, 30, 30], dtype=np.float32))  # padding stripes
 KEPT_RIM = (255, 255, 255)
+MERGE_TINT = 0.6  # a merged token's cell takes this much of its merged token's colour
+MERGE_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                          [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                          [0, 128, 128], [170, 110, 40]], dtype=np.float32)  # cycled over merged tokens
 CROP_LINE = (255, 150, 0)
 GRID_ALPHA = 0.22  # patch grid lines: this much white over the picture
 
@@ -91,16 +97,24 @@ def _edges(n_pixels: int, n_cells: int) -> np.ndarray:
 
 
 def _shade(
-    picture: Image.Image, keep: np.ndarray, valid: np.ndarray | None = None, stripe: int = 6, outline: int = 1
+    picture: Image.Image, keep: np.ndarray, valid: np.ndarray | None = None, stripe: int = 6, outline: int = 1,
+    merged: np.ndarray | None = None,
 ) -> Image.Image:
-    """Dim the pixels of dropped token cells, hatch the invalid (padding) ones, rim the kept ones where
-    they border dropped ones (`outline` px), and draw the patch grid.
+    """Dim the pixels of dropped token cells, tint merged ones, hatch the invalid (padding) ones, rim the
+    kept ones where they border dropped ones (`outline` px), and draw the patch grid.
 
-    keep, valid: (rows, cols) bool token masks laid over the whole picture."""
+    keep, valid: (rows, cols) bool token masks laid over the whole picture; merged: (rows, cols) int, the
+    merged token each cell went into (any id, one colour per id), -1 where none."""
     px = np.asarray(picture, dtype=np.float32).copy()  # (h, w, 3)
     h, w = px.shape[:2]
     rows, cols = _cells(h, keep.shape[0]), _cells(w, keep.shape[1])
     dropped = ~keep[np.ix_(rows, cols)]  # (h, w)
+    if merged is not None:
+        into = merged[np.ix_(rows, cols)]  # (h, w)
+        tint = dropped & (into >= 0)
+        colour = MERGE_COLOURS[into[tint] % len(MERGE_COLOURS)]
+        px[tint] = px[tint] * (1 - MERGE_TINT) + colour * MERGE_TINT
+        dropped &= into < 0
     px[dropped] = px[dropped] * DIM + DIM_TO * (1 - DIM)
     if valid is not None:
         pad = ~valid[np.ix_(rows, cols)]
@@ -218,11 +232,16 @@ def draw(
         return picture.resize((picture.width * st.zoom, picture.height * st.zoom), Image.Resampling.NEAREST)
 
     squashed = image.convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC)  # the thumbnail tile
-    thumb = _shade(zoomed(squashed), thumb_keep.reshape(side, side), outline=st.rim)
-    canvas = _shade(zoomed(anyres_canvas(image, grid, size, tile)), keep, valid, outline=st.rim)
+    merges = result.thumb_merge is not None and result.crop_merge is not None
+    thumb_merge = result.thumb_merge.detach().cpu().numpy().reshape(side, side) if merges else None
+    crop_merge = result.crop_merge.detach().cpu().numpy() if merges else None  # (H, W)
+    thumb = _shade(zoomed(squashed), thumb_keep.reshape(side, side), outline=st.rim, merged=thumb_merge)
+    canvas = _shade(zoomed(anyres_canvas(image, grid, size, tile)), keep, valid, outline=st.rim, merged=crop_merge)
 
     # Texts.
-    k_thumb, k_crops, n_valid = int(thumb_keep.sum()), int(keep.sum()), int(valid.sum())
+    k_thumb, k_crops, n_valid = int(thumb_keep.sum()), int((keep & valid).sum()), int(valid.sum())
+    k_pad = int((keep & ~valid).sum())  # padding tokens kept: only the -paper peers emit them
+    n_merged = len(np.union1d(thumb_merge[thumb_merge >= 0], crop_merge[crop_merge >= 0])) if merges else 0
     after = int(result.tokens.shape[0])
     name = {"none": "none (uncompressed LLaVA-NeXT)", "globalcom2": "GlobalCom2"}.get(method, method)
     if method == "random" and seed is not None:
@@ -231,7 +250,9 @@ def draw(
     counts = [
         f"thumbnail {k_thumb}/{P} kept",
         f"crops {k_crops}/{n_valid} kept (padding excluded)",
-        f"{after - k_thumb - k_crops} newlines",
+        *([f"{k_pad} padding tokens kept"] if k_pad else []),
+        *([f"{n_merged} merged tokens", f"{after - k_thumb - k_crops - k_pad - n_merged} newlines and [CLS] tokens"]
+          if merges else [f"{after - k_thumb - k_crops - k_pad} newlines"]),
         f"visual tokens {result.before} -> {after} ({100 * after / result.before:.0f}%)",
     ]
     canvas_label = [f"high-resolution canvas {gw * tile}x{gh * tile} px", f"{gw}x{gh} crops of {tile} px",
@@ -269,7 +290,7 @@ def draw(
     if note:
         d.text((M, y), note, font=small, fill=(180, 40, 40))
         y += line
-    _legend(fig, (M, y), st)
+    _legend(fig, (M, y), st, merges)
 
     _text_lines(d, (thumb_xy[0], thumb_xy[1] - line * len(thumb_lines)), thumb_lines, small, line)
     fig.paste(thumb, thumb_xy)
@@ -290,8 +311,8 @@ def _text_lines(d: ImageDraw.ImageDraw, xy: tuple[int, int], lines: list[str], f
         d.text((xy[0], xy[1] + n * line), text, font=fnt, fill=INK)
 
 
-def _legend(fig: Image.Image, xy: tuple[int, int], st: Style):
-    """One row: what kept, dropped and padding cells and crop boundaries look like."""
+def _legend(fig: Image.Image, xy: tuple[int, int], st: Style, merges: bool = False):
+    """One row: what kept, dropped, merged and padding cells and crop boundaries look like."""
     d, small, sw = ImageDraw.Draw(fig), st.small, st.f
     x, y = xy
     two = np.empty((sw, sw, 3), np.uint8)  # a swatch of two colours, to show the dimming on both
@@ -299,6 +320,8 @@ def _legend(fig: Image.Image, xy: tuple[int, int], st: Style):
     for text, patch in [
         ("kept token", Image.fromarray(two)),
         ("dropped token (dimmed)", _shade(Image.fromarray(two), np.zeros((1, 1), bool))),
+        *([("merged (colour of its token)", _shade(Image.fromarray(two), np.zeros((1, 2), bool), merged=np.array([[0, 3]])))]
+          if merges else []),
         ("padding (never a token)", _shade(Image.new("RGB", (sw, sw)), np.ones((1, 1), bool), np.zeros((1, 1), bool), 3)),
     ]:
         fig.paste(patch, (x, y + 2))
@@ -356,7 +379,7 @@ def _crop_marks(fig: Image.Image, xy: tuple[int, int], keep, valid, ratios, grid
     for c in range(gw * gh):
         i, j = divmod(c, gw)
         cells = np.s_[i * side : (i + 1) * side, j * side : (j + 1) * side]
-        k_c, n_c = int(keep[cells].sum()), int(valid[cells].sum())
+        k_c, n_c = int((keep & valid)[cells].sum()), int(valid[cells].sum())
         text = f"r={ratios[c]:.3f}  {k_c}/{n_c}" if n_c else "all padding"
         _label(o, (cx + j * T + st.thick + 2, cy + i * T + st.thick + 2), text, small)
     rows, cols = np.flatnonzero(valid.any(1)), np.flatnonzero(valid.any(0))

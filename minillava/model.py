@@ -52,10 +52,16 @@ class LlavaNext(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def encode_images(self, tiles: list[Tiles]) -> list[globalcom2.ImageFeatures]:
-        """All tiles of all images through the tower and projector in one batch, split back per image."""
+    def encode_images(self, tiles: list[Tiles], needs=None) -> list[globalcom2.ImageFeatures]:
+        """All tiles of all images through the tower and projector in one batch, split back per image.
+
+        `needs`: the tower probes the compression method will use, `globalcom2.needs(method)`. None (what
+        callers that do not know the method pass) gives every method's, `globalcom2.ALL_NEEDS`: all of them
+        come out of the tower's one pass at the cost of one [CLS] attention row.
+        """
+        needs = globalcom2.ALL_NEEDS if needs is None else tuple(needs)
         pixels = torch.cat([t.pixels for t in tiles]).to(self.device, self.dtype)  # (sum tiles, 3, S, S)
-        features, scores = self.vision(pixels, self.cfg.vision_feature_layer)
+        features, scores, probes = self.vision(pixels, self.cfg.vision_feature_layer, needs)
         features = self.projector(features)  # (sum tiles, P, D)
         out, start = [], 0
         for t in tiles:
@@ -69,6 +75,8 @@ class LlavaNext(nn.Module):
                     grid=t.grid,
                     size=t.size,
                     newline=self.image_newline,
+                    probes={need: p[start : start + n] for need, p in probes.items()},
+                    project=self.projector,
                 )
             )
             start += n

@@ -1,4 +1,4 @@
-"""GlobalCom2 against its ablations on the synthetic scenes: the paper's table, in miniature.
+"""GlobalCom2 against its ablations and its peers on the synthetic scenes: the paper's table, in miniature.
 
     python scripts/compression_table.py [--model weights/llava-next-tiny-scenes] [--n 500] [--plot examples/compression.png]
 
@@ -32,7 +32,7 @@ from minillava.tokenizer import build_prompt  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "weights" / "llava-next-tiny-scenes"
 RATIOS = (0.5, 0.25, 0.1)
-METHODS = ("globalcom2", "globalcom2-paper", "uniform", "local-only", "global-only", "random")
+METHODS = tuple(m for m in globalcom2.METHODS if m != "none")  # every compressor, the peers included
 
 
 @torch.inference_mode()
@@ -71,7 +71,7 @@ def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: in
     for i in tqdm(range(n), desc="held-out", dynamic_ncols=True, file=sys.stderr):
         s = S.sample(S.DEFAULT_SEED, "test", i)
         tiles = tile_image(s.scene.image, cfg.grid_pinpoints, cfg.vision.image_size)
-        features = model.encode_images([tiles])[0]
+        features = model.encode_images([tiles], globalcom2.ALL_NEEDS)[0]  # the probes of every method
         _, cell = S.card_cells(s.scene.cards[0], s.scene.image.size, cfg.grid_pinpoints, cfg.vision.image_size,
                                cfg.vision.patch_size)
         for method, ratio in configs:
@@ -98,7 +98,9 @@ def plot(accuracy: dict, path: Path):
     d.text(((left + width - right) / 2, height - 22), "retention ratio r", fill="black", font=font, anchor="mm")
     d.text((left, 14), "synthetic scenes: held-out accuracy vs kept visual tokens", fill="black", font=font)
     d.rectangle((left, top, width - right, height - bottom), outline="black")
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127), (0, 0, 128), (128, 128, 0),
+               (0, 128, 0), (255, 0, 255)]
     legend_y = top
     for (label, a), colour in [(("none", accuracy[("none", 1.0)]), (90, 90, 90)),
                                (("thumbnail only", accuracy[("thumbnail", 1.0)]), (170, 170, 170))]:
@@ -108,7 +110,8 @@ def plot(accuracy: dict, path: Path):
         d.line((width - right + 12, legend_y + 7, width - right + 36, legend_y + 7), fill=colour, width=2)
         d.text((width - right + 42, legend_y), label, fill="black", font=font)
         legend_y += 22
-    for method, colour in zip(METHODS, colours):
+    for i, method in enumerate(METHODS):
+        colour = colours[i % len(colours)]
         points = [(x_of(r), y_of(accuracy[(method, r)])) for r in RATIOS]
         d.line(points, fill=colour, width=3)
         for x, y in points:

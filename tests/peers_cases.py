@@ -1,0 +1,35 @@
+"""Shared inputs of the peer tests: one image's features and tower probes, random but reproducible."""
+
+import pytest
+import torch
+
+from globalcom2 import ImageFeatures
+
+GRIDS = [(2, 2), (1, 3), (3, 1), (1, 2), (2, 1), (3, 2)]
+RATIOS = {24: (0.5, 0.25, 0.1), 6: (1.0, 0.5, 0.25, 0.1), 8: (0.5, 0.1)}  # tile side: ratios tried
+# every grid at sides 6 and 8; the real side 24 (576 tokens) on two grids by default, on all with -m slow
+CASES = [pytest.param(grid, side, RATIOS[side], marks=[pytest.mark.slow] if side == 24 and grid not in GRIDS[:2] else [])
+         for side in (6, 8, 24) for grid in GRIDS]
+SIZES = [(640, 480), (480, 640), (1000, 333), (333, 1000), (800, 799), (1280, 300), (300, 1280), (672, 672)]
+
+
+def project(h):
+    """A stand-in projector: per token, and exact whatever the batch shape (so that projecting rows
+    together or apart gives the same bits), widening Dv = 8 to D = 12."""
+    return torch.cat([h, torch.tanh(h[..., :4]) * 2], dim=-1)
+
+
+def peer_case(grid, size, side, seed, heads=2, Dv=8, dtype=torch.float32):
+    """ImageFeatures with every probe of FasterVLM and VisionZip, and the full layer -2 attention
+    (N, heads, 1 + P, 1 + P) whose [CLS] row the probe is, for the transcriptions of the published code."""
+    g = torch.Generator().manual_seed(seed)
+    gw, gh = grid
+    P, N = side * side, 1 + gw * gh
+    hidden = torch.randn(N, 1 + P, Dv, generator=g).to(dtype)
+    keys = torch.randn(N, 1 + P, Dv, generator=g).to(dtype)
+    attn = (torch.randn(N, heads, 1 + P, 1 + P, generator=g) * 3).softmax(-1)
+    features = project(hidden[:, 1:])
+    probes = {("cls_attn", -2): attn[:, :, 0, :], ("keys", -2): keys, ("hidden", -2): hidden}
+    image = ImageFeatures(features[0], features[1:], torch.randn(P, generator=g), torch.randn(N - 1, P, generator=g),
+                          grid, size, torch.full((features.shape[-1],), -7.0, dtype=dtype), probes, project)
+    return image, attn
