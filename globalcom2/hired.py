@@ -73,7 +73,8 @@ def crop_budgets(early_thumb: Tensor, C: int, share: int, alpha: float = ALPHA) 
     P, device = early_thumb.shape[0], early_thumb.device
     marked = top_order(early_thumb, int(P * (1 - alpha)))  # the marked positions
     chunk = marked * C // P  # chunk of each marked raster position
-    counts = torch.zeros(C, dtype=torch.float32, device=device).index_add_(0, chunk, torch.ones_like(chunk, dtype=torch.float32))
+    ones = torch.ones_like(chunk, dtype=torch.float32)
+    counts = torch.zeros(C, dtype=torch.float32, device=device).index_add_(0, chunk, ones)  # (C,)
     # published: int64 / int64 (float32 true division), float32 * int, .int() truncation, clamp
     return (counts / counts.sum() * share).int().clamp(max=P).long()
 
