@@ -149,7 +149,7 @@ SIZES = [(640, 480), (480, 640), (1000, 333), (333, 1000), (800, 799), (1280, 30
 
 
 @pytest.mark.parametrize("grid", GRIDS)
-@pytest.mark.parametrize("side, heads", [(6, 2), (6, 4), (8, 3), (12, 2)])
+@pytest.mark.parametrize("side, heads", [(6, 2), (6, 4), (8, 3), (12, 2), (24, 2)])
 def test_hired_is_token_for_token_the_published_code(grid, side, heads):
     C = grid[0] * grid[1]
     for k, size in enumerate(SIZES):
