@@ -8,7 +8,6 @@ Only what needs the model is replaced by arguments: `get_anyres_image_grid_shape
 Attentions are continuous random values, so the ties where topk's order is unspecified do not occur.
 """
 
-import math
 
 import pytest
 import torch
