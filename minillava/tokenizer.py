@@ -46,19 +46,11 @@ def read_added_tokens(model_dir: Path) -> tuple[dict[str, int], set[int], bool]:
     def take(text, i, where, is_special):
         if type(text) is not str or not text or type(i) is not int or not 0 <= i < MAX_VOCAB:
             raise WeightsError(f"{where}: added token {show(text)} -> {show(i)} is not a token text and an id")
-        if added.get(text, i) != i:
-            raise WeightsError(f"{model_dir}: added token {show(text)} has two ids, {added[text]} and {i}")
-        added[text] = i
-        if is_special:
-            special.add(i)
+        if text not in added:  # tokenizer_config.json first, as transformers reads it
+            added[text] = i
+            if is_special:
+                special.add(i)
 
-    path = model_dir / "added_tokens.json"
-    if path.exists():
-        raw = parse_json(read_regular(path, MAX_TOKENIZER_JSON_BYTES, WeightsError), str(path), WeightsError)
-        if not isinstance(raw, dict):
-            raise WeightsError(f"{path}: must be a JSON object of token text -> id")
-        for text, i in raw.items():
-            take(text, i, path, False)
     path = model_dir / "tokenizer_config.json"
     if path.exists():
         raw = parse_json(read_regular(path, MAX_TOKENIZER_JSON_BYTES, WeightsError), str(path), WeightsError)
@@ -72,6 +64,16 @@ def read_added_tokens(model_dir: Path) -> tuple[dict[str, int], set[int], bool]:
         add_bos = raw.get("add_bos_token", True)
         if type(add_bos) is not bool:
             raise WeightsError(f"{path}: add_bos_token must be true or false, got {show(add_bos)}")
+    # Older saves list added tokens here only. liuhaotian/llava-v1.6-34b-tokenizer's also lists
+    # <|startoftext|> at 64000, past the 64,000 embeddings, where tokenizer_config.json says 1: the first
+    # file wins, and an id is checked against the embedding table only where a template uses it.
+    path = model_dir / "added_tokens.json"
+    if path.exists():
+        raw = parse_json(read_regular(path, MAX_TOKENIZER_JSON_BYTES, WeightsError), str(path), WeightsError)
+        if not isinstance(raw, dict):
+            raise WeightsError(f"{path}: must be a JSON object of token text -> id")
+        for text, i in raw.items():
+            take(text, i, path, False)
     return added, special, add_bos
 
 

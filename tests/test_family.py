@@ -2,6 +2,7 @@
 resolves to, and greedy ids against transformers for a Mistral decoder and a Yi-like (GQA, ChatML) one."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -279,7 +280,7 @@ def test_undetermined_templates_are_refused(capsys, mistral, checkpoints, image_
     with pytest.raises(ConfigError, match="cannot tell.*--conv-template"):
         choose_template(tmp_path, "transformers", "llama", 64000, False)
     # ChatML asked for on a tokenizer without its tokens
-    with pytest.raises(WeightsError, match="<|im_start|>"):
+    with pytest.raises(WeightsError, match=re.escape("needs the token <|im_start|>")):
         template_of(checkpoints["hub"], "chatml_direct")
 
 
@@ -334,3 +335,25 @@ def test_prompts_longer_than_the_sliding_window_are_refused(capsys, mistral, ima
     (short / "config.json").write_text(json.dumps(config))
     code, _, err = run_cli(capsys, "--model", short, "--image", image_path, "--prompt", QUESTION, "--compressor", "none")
     one_error_line(code, err, "context is 64")
+
+
+def test_added_tokens_of_older_saves(chatml_tokenizer_path, tmp_path):
+    """added_tokens.json alone (older saves) gives the ChatML tokens; where it disagrees with
+    tokenizer_config.json (liuhaotian/llava-v1.6-34b-tokenizer puts <|startoftext|> at 64000, past the
+    embeddings), tokenizer_config.json wins; a template token past the embeddings is refused."""
+    shutil.copy(chatml_tokenizer_path, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"1": {"content": "<|startoftext|>", **tiny.ADDED}}}))
+    (tmp_path / "added_tokens.json").write_text(json.dumps(
+        {"<|startoftext|>": 64000, "<|im_start|>": tiny.IM_START, "<|im_end|>": tiny.IM_END + 100}))
+    added, special, add_bos = read_added_tokens(tmp_path)
+    assert added["<|startoftext|>"] == 1 and special == {1} and add_bos
+    tok = Tokenizer(tmp_path / "tokenizer.model", added, special, add_bos)
+    with pytest.raises(WeightsError, match=re.escape("<|im_end|> the id 501, past the model's 416 embeddings")):
+        tok.use_template(TEMPLATES["chatml_direct"], tiny.VOCAB)
+    tok.use_template(TEMPLATES["chatml_direct"], 1000)
+    assert tok.encode_question("x")[0][:2] == [tok.bos_id, tiny.IM_START] and tok.eos_id == tiny.IM_END + 100
+    for bad in ([1, 2], {"<x>": "3"}, {"<x>": -1}, {"": 3}):
+        (tmp_path / "added_tokens.json").write_text(json.dumps(bad))
+        with pytest.raises(WeightsError, match="added_tokens.json"):
+            read_added_tokens(tmp_path)
