@@ -260,7 +260,7 @@ def test_family_checkpoints_resolve(mistral, chatml):
     assert template_of(chatml[1]) == "chatml_direct"  # chat template and the tokenizer's ChatML tokens
 
 
-def test_undetermined_templates_are_refused(capsys, mistral, checkpoints, image_path, tmp_path):
+def test_undetermined_templates_are_refused(capsys, mistral, chatml, checkpoints, image_path, tmp_path):
     # an original Mistral checkpoint whose name says Vicuna ("v1"): the name and the decoder disagree
     vicuna_named = shutil.copytree(mistral[1]["original"], tmp_path / "llava-v1.6-vicuna-7b")
     code, _, err = run_cli(capsys, "--model", vicuna_named, "--image", image_path, "--prompt", "x")
@@ -276,6 +276,13 @@ def test_undetermined_templates_are_refused(capsys, mistral, checkpoints, image_
     (wrong / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'USER: ' }}...{{ 'ASSISTANT:' }}"}))
     with pytest.raises(ConfigError, match="--conv-template"):
         template_of(wrong)
+    # llava-hf/llava-v1.6-34b-hf's first chat_template.json (commit 70a966b) was the Mistral one: on a
+    # decoder whose tokenizer has ChatML's tokens it is refused, not followed
+    first_34b = shutil.copytree(chatml[1], tmp_path / "first-34b")
+    (first_34b / "chat_template.json").write_text(json.dumps({"chat_template": tiny.MISTRAL_CHAT_TEMPLATE}))
+    with pytest.raises(ConfigError, match="chat template says mistral_instruct.*decoder .* says chatml_direct"):
+        template_of(first_34b)
+    assert template_of(first_34b, "chatml_direct") == "chatml_direct"
     # a Yi-sized LLaMA vocabulary without ChatML tokens or a chat template: nothing says which template
     with pytest.raises(ConfigError, match="cannot tell.*--conv-template"):
         choose_template(tmp_path, "transformers", "llama", 64000, False)
