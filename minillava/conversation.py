@@ -17,7 +17,6 @@ conv.sep if conv.sep_style != SeparatorStyle.TWO else conv.sep2`; conv.sep2 is "
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -12,6 +12,7 @@ import torch
 from minillava import generate as gen
 from minillava.config import ConfigError, parse_config
 from minillava.conversation import TEMPLATES, choose_template
+from minillava.eval import runner
 from minillava.tokenizer import Tokenizer, build_prompt, read_added_tokens
 from minillava.weights import WeightsError
 from tests import tiny
@@ -364,3 +365,14 @@ def test_added_tokens_of_older_saves(chatml_tokenizer_path, tmp_path):
         (tmp_path / "added_tokens.json").write_text(json.dumps(bad))
         with pytest.raises(WeightsError, match="added_tokens.json"):
             read_added_tokens(tmp_path)
+
+
+def test_eval_takes_conv_template_and_refuses_to_mix_templates(capsys, checkpoints, tmp_path):
+    from tests.test_eval import pope_data, run_pope
+
+    data, out = pope_data(tmp_path, images=True), tmp_path / "answers.jsonl"
+    run_pope(capsys, data, out, checkpoints["hub"], "--conv-template", "vicuna_v1", "--limit", 2)
+    assert json.loads(out.read_text().splitlines()[0])["metadata"]["conv_template"] == "vicuna_v1"
+    code = runner.main(["pope", "--data", str(data), "--output", str(out), "--model", str(checkpoints["hub"]),
+                        "--max-new-tokens", "3"])  # resumed with the checkpoint's own template
+    one_error_line(code, capsys.readouterr().err, "conv_template vicuna_v1 -> None")

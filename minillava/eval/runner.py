@@ -143,8 +143,9 @@ def answer_all(args, task: Task) -> int:
         task.check(args.data)
         questions = select(all_questions, args.limit)
         settings = {"compressor": args.compressor, "retention_ratio": args.retention_ratio,
-                    "max_new_tokens": args.max_new_tokens or task.max_new_tokens, "seed": args.seed,
-                    "conv_template": args.conv_template}  # None: the checkpoint's own (old files hold none)
+                    "max_new_tokens": args.max_new_tokens or task.max_new_tokens, "seed": args.seed}
+        if args.conv_template:  # recorded only when asked for: files made without it stay resumable
+            settings["conv_template"] = args.conv_template
         output = args.output
         done = merge(assign_keys([r for path in [output, *part_files(output)] for r in read_records(path)]))
         check_settings(output, done.values(), settings)
@@ -217,10 +218,11 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
 
 def check_settings(output: Path, records, settings: dict):
     """An answers file holds one configuration: refuse to resume it with another."""
+    new = {k: settings.get(k) for k in SETTINGS}
     for record in records:
         old = {k: record.get("metadata", {}).get(k) for k in SETTINGS}
-        if "metadata" in record and old != settings:
-            differ = ", ".join(f"{k} {old[k]} -> {settings[k]}" for k in SETTINGS if old[k] != settings[k])
+        if "metadata" in record and old != new:
+            differ = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in SETTINGS if old[k] != new[k])
             raise DataError(f"{output} holds answers made with other settings ({differ}); "
                             "use another --output, or the same settings to resume it")
 
