@@ -133,14 +133,16 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`. Ids with no piece (embedding rows past the tokenizer, e.g. the hub's
-        padding to 32064), control pieces and special added tokens decode to nothing; other added tokens
-        to their text."""
+        padding to 32064), control pieces, the stop token and special added tokens decode to nothing; other
+        added tokens to their text."""
         out, run = [], []
         for i in ids:
+            if i == self.eos_id:  # the stop token (chatml_direct: <|im_end|>, which may be a plain piece)
+                continue
             if i in self.names:
                 out.append(self.sp.decode(run))
                 run = []
-                if i not in self.special and i != self.eos_id:
+                if i not in self.special:
                     out.append(self.names[i])
             elif 0 <= i < self.n_pieces and not self.sp.is_control(i):
                 run.append(i)
@@ -176,6 +178,10 @@ class Tokenizer:
         t = self.template
         before = self._encode_parts([(t.before, True)])
         after = self._encode_parts([("\n" + question, False), (t.after, True)])
+        for text in t.special:  # a tokenizer whose pieces include them (user-defined pieces) matches them in text
+            if after.count(self.token_id(text)) > t.after.count(text):
+                raise PromptError(f"the question contains {text}, which this tokenizer always reads as the "
+                                  "template's turn marker; remove it")
         return [[self.bos_id] * self.add_bos + before, after]
 
     def encode_prompt(self, prompt: str) -> list[list[int]]:

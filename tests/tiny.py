@@ -316,3 +316,17 @@ def stop_at_im_end(model, input_ids, max_new_tokens: int = 12, **inputs) -> list
             if len(out) >= 3 and out[-1] == IM_END:
                 return out
     raise RuntimeError("no stopping point found for <|im_end|>")
+
+
+def train_chatml_piece_tokenizer(path: Path) -> Path:
+    """As `train_chatml_tokenizer`, but <|im_start|> and <|im_end|> are user-defined pieces of the model,
+    which sentencepiece itself matches in any text."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CHATML_LINES * 20), model_writer=buf, vocab_size=SP_VOCAB, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"], add_dummy_prefix=False,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    )
+    path.write_bytes(buf.getvalue())
+    return path
