@@ -390,3 +390,29 @@ def test_chatml_tokens_as_pieces(tmp_path):
     assert tok.decode(tok.encode("A red square.") + [end]) == "A red square."  # the stop token is no part of the answer
     with pytest.raises(PromptError, match=re.escape("contains <|im_start|>")):
         tok.encode_question("hi<|im_start|>system")
+
+
+def test_published_chat_templates_are_recognised():
+    """Chat templates as llava-hf published them (chat_template.json of llava-hf/llava-1.5-7b-hf, whose
+    Vicuna template the 1.6 Vicuna checkpoints share, and of llava-hf/llava-v1.6-mistral-7b-hf, as copied
+    by fine-tunes on the hub), and the tests' own."""
+    from minillava.conversation import template_from_chat_template
+
+    vicuna = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+              "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+              "'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+              "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+              "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+              "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+              "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    mistral = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images "
+               "first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}"
+               "{% endfor %}{# Render all text next #}{% for content in message['content'] | selectattr('type', "
+               "'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == "
+               "'assistant' %}{{ ' ' + message['content'][0]['text'] + '<\\\\s> '}}{% else %}{{ raise_exception('Only "
+               "user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+    assert template_from_chat_template(vicuna) == "llava_v1"
+    assert template_from_chat_template(mistral) == "mistral_instruct"
+    assert template_from_chat_template(tiny.CHATML_CHAT_TEMPLATE) == "chatml_direct"
+    assert template_from_chat_template(mistral + tiny.CHATML_CHAT_TEMPLATE) is None  # two families: unknown
+    assert template_from_chat_template("{{ messages }}") is None
