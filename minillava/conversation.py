@@ -24,7 +24,7 @@ from .config import ConfigError, parse_json, read_regular, show
 
 IMAGE_PLACEHOLDER = "<image>"
 EOS = "</s>"  # LLaMA's and Mistral's end of sequence: the tokenizer's own EOS piece
-MAX_TEMPLATE_BYTES = 1 << 20  # chat templates and tokenizer_config.json: real ones are a few KB
+MAX_TEMPLATE_BYTES = 16 << 20  # chat templates, tokenizer_config.json (as tokenizer.MAX_TOKENIZER_JSON_BYTES)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def chat_template_text(model_dir: Path) -> str | None:
             raw = parse_json(read_regular(path, MAX_TEMPLATE_BYTES), str(path))
             value = raw.get("chat_template") if isinstance(raw, dict) else None
             if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
-                value = "".join(t.get("template", "") for t in value if isinstance(t, dict))
+                value = "".join(t["template"] for t in value if isinstance(t, dict) and isinstance(t.get("template"), str))
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{path}: chat_template must be a string, got {show(value)}")
             if value:
