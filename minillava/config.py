@@ -75,8 +75,9 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """LLaMA/Vicuna decoder. Defaults are transformers' `LlamaConfig` defaults."""
-
+    """LLaMA-architecture decoder: Vicuna, Yi (LLaMA's layers, GQA) or Mistral (the same layers, GQA and a
+    sliding window). Defaults are transformers' `LlamaConfig` defaults; a Mistral config's missing keys
+    take `MistralConfig`'s (MISTRAL_DEFAULTS)."""
     vocab_size: int = bounded(32000, 1, MAX_VOCAB)  # rows of the embedding table (may exceed the tokenizer's pieces)
     hidden_size: int = bounded(4096, 1, MAX_WIDTH)
     intermediate_size: int = bounded(11008, 1, MAX_FFN)  # SwiGLU width
@@ -93,6 +94,10 @@ class TextConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = bounded(1, 0, MAX_VOCAB - 1)  # and < vocab_size (checked in `_text_config`)
     eos_token_id: int = bounded(2, 0, MAX_VOCAB - 1)
+    model_type: str = "llama"  # "llama" or "mistral" (the original layout's llava_llama / llava_mistral)
+    # Mistral: each position attends to the last `sliding_window` positions only (None: to all of them).
+    # Honoured by never running past it: max_position_embeddings is capped to it (see `_text_config`).
+    sliding_window: int | None = bounded(None, 1, MAX_CONTEXT)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -116,6 +121,14 @@ class LlavaConfig:
     layout: str = "transformers"  # "transformers" or "original": which config.json this came from
     vision_from_shapes: bool = False  # original layout with an unknown tower: sizes come from the weights
 
+
+# transformers' MistralConfig defaults where they differ from LlamaConfig's (transformers 5.24,
+# models/mistral/configuration_mistral.py); LLaVA's LlavaMistralConfig subclasses MistralConfig.
+MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                    "sliding_window": 4096}
+# Decoder model types we run: the LLaMA layer stack (Vicuna, Yi) and Mistral's (the same layers). The
+# original layout's top-level model_type names the LLaVA class; absent means LlamaConfig.
+DECODER_TYPES = {"llama": "llama", "llava_llama": "llama", "mistral": "mistral", "llava_mistral": "mistral"}
 
 HF_DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # (height, width)
 
@@ -241,6 +254,13 @@ def _section(raw: dict, key: str) -> dict:
 
 def _text_config(raw: dict, section: str) -> TextConfig:
     raw = dict(raw)
+    kind = raw.get("model_type", "llama")
+    if kind not in DECODER_TYPES:
+        raise ConfigError(f"{section}model_type {show(kind)}: the decoder runs LLaMA (Vicuna, Yi) and Mistral "
+                          f"models only ({', '.join(DECODER_TYPES)})")
+    raw["model_type"] = DECODER_TYPES[kind]
+    if raw["model_type"] == "mistral":  # absent keys (not null ones: a null sliding_window is no window)
+        raw.update({k: v for k, v in MISTRAL_DEFAULTS.items() if k not in raw})
     rope = _section(raw, "rope_parameters")  # transformers 5 moved rope_theta in here
     if "rope_theta" not in raw and "rope_theta" in rope:
         raw["rope_theta"] = rope["rope_theta"]
@@ -267,6 +287,12 @@ def _text_config(raw: dict, section: str) -> TextConfig:
     for key in ("bos_token_id", "eos_token_id"):
         if getattr(text, key) >= text.vocab_size:
             raise ConfigError(f"{section}{key} {getattr(text, key)} is not below vocab_size {text.vocab_size}")
+    if text.sliding_window is not None and text.sliding_window < text.max_position_embeddings:
+        # A sequence no longer than the window attends exactly as with full causal attention (transformers'
+        # sliding mask keeps key j for query i when i - window < j <= i), so the decoder, which has no
+        # window, is exact up to the window and the context stops there: longer prompts are refused and
+        # answers end at it (generate's context check). LLaVA-1.6-Mistral's own config has no window.
+        text.max_position_embeddings = text.sliding_window
     return text
 
 

@@ -23,7 +23,8 @@ from .anyres import ImageError, load_image, tile_image
 from .config import ConfigError, load_config
 from .llama import FastV
 from .model import LlavaNext
-from .tokenizer import PromptError, StreamDecoder, Tokenizer, build_prompt
+from .conversation import FLAG as CONV_FLAG, TEMPLATES, choose_template
+from .tokenizer import PromptError, StreamDecoder, Tokenizer, read_added_tokens
 from .weights import DEFAULT_MODEL, WeightsError, checkpoint_files, load_model, read_layout, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,18 +51,25 @@ class Result:
     decode_tokens_per_s: float = 0.0
 
 
-def load(model: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[LlavaNext, Tokenizer]:
+def load(model: str, device="cpu", dtype: torch.dtype | None = None,
+         conv_template: str | None = None) -> tuple[LlavaNext, Tokenizer]:
     """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`.
-    The config is validated whole and the tokenizer checked against it before any weight is read."""
+    The config is validated whole, the tokenizer checked against it and the conversation template chosen
+    (`conv_template` names one, else `conversation.choose_template` reads the checkpoint) before any
+    weight is read."""
     model_dir = resolve_model(model)
     cfg = load_config(model_dir)  # a directory that is no checkpoint fails here, before anything is read
     tokenizer_path = model_dir / "tokenizer.model"
     if not (tokenizer_path.exists() or tokenizer_path.is_symlink()):
         raise WeightsError(f"{model_dir}: no tokenizer.model (the sentencepiece tokenizer of the checkpoint)")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path, *read_added_tokens(model_dir))
     if tokenizer.n_pieces > cfg.text.vocab_size:  # ids past the embedding table would index out of it
         raise WeightsError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_pieces} pieces but config.json's "
                            f"vocab_size is {cfg.text.vocab_size}; the tokenizer belongs to another model")
+    has_chatml = all(tokenizer.token_id(t) is not None for t in TEMPLATES["chatml_direct"].special)
+    template = choose_template(model_dir, cfg.layout, cfg.text.model_type, cfg.text.vocab_size, has_chatml,
+                               conv_template)
+    tokenizer.use_template(template, cfg.text.vocab_size)
     device = torch.device(device)
     dtype = dtype or default_dtype(model_dir, device)
     return load_model(model_dir, device, dtype), tokenizer
@@ -214,7 +222,7 @@ def generate(
     t2 = time.perf_counter()
     timings["vision"], timings["compress"] = t1 - t0, t2 - t1
 
-    chunks = tokenizer.encode_prompt(build_prompt(question))
+    chunks = tokenizer.encode_question(question)  # the checkpoint's conversation template (`load`)
     embeds = model.prompt_embeds(chunks, [c.tokens for c in compressed])
     length, context = embeds.shape[1], model.cfg.text.max_position_embeddings
     if length >= context:
@@ -304,6 +312,12 @@ def temperature_arg(text: str) -> float:
     return value
 
 
+def conv_template_arg(p: argparse.ArgumentParser):
+    p.add_argument(CONV_FLAG, choices=list(TEMPLATES), default=None, metavar="NAME",
+                   help="conversation template: " + ", ".join(TEMPLATES) + " (default: the checkpoint's, from its "
+                   "chat template, its name as LLaVA's run_llava.py reads it, and its decoder)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m minillava.generate",
@@ -331,6 +345,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and activations (default: float16 on cuda; float32 on cpu, or bfloat16 "
                    "when float32 weights would take over half the memory)")
+    conv_template_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the tower, prefill and decode step (pays off on long answers; "
                    "compile time is reported apart)")
@@ -351,7 +366,7 @@ def main(argv=None) -> int:
     try:
         image = load_image(args.image)
         t0 = time.perf_counter()
-        model, tokenizer = load(args.model, device, DTYPES.get(args.dtype))
+        model, tokenizer = load(args.model, device, DTYPES.get(args.dtype), args.conv_template)
         load_s = time.perf_counter() - t0
         steps, compile_s = Steps(), {}
         if args.compile:

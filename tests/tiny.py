@@ -194,3 +194,139 @@ def save_checkpoint(model, out: Path, layout: str, tokenizer: Path, shards: int 
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (out / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
     return out
+
+
+# --- the LLaVA-1.6 family: a Mistral decoder, and a Yi-like decoder (GQA) with a ChatML tokenizer ---------
+
+IM_START, IM_END = 400, 401  # ChatML's added tokens: embedding rows past the tokenizer's pieces, as no piece
+CHATML_LINES = [  # Yi-like tokenizer text: the template's words, without <|im_start|> / <|im_end|>
+    "system\nAnswer the questions.", "user\nWhat is in the picture?", "assistant\nA red square.",
+] + LINES
+ADDED = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": True}
+
+
+def train_chatml_tokenizer(path: Path) -> Path:
+    """A sentencepiece model as Yi's: no dummy prefix, ChatML tokens not among its pieces."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CHATML_LINES * 20), model_writer=buf, vocab_size=SP_VOCAB, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    )
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def hf_family_model(text_config, seed: int = 0):
+    """transformers' LlavaNext with the tiny tower and `text_config` (a LlamaConfig or MistralConfig),
+    weights initialised as `hf_model`'s."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(vision_config=hf_config().vision_config, text_config=text_config,
+                             image_grid_pinpoints=[[h, w] for w, h in PINPOINTS_WH], image_token_index=IMAGE_TOKEN)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model
+
+
+def mistral_text_config(**overrides):
+    """A tiny Mistral decoder: GQA (4 query heads, 2 KV heads), rope_theta 1e6 and a sliding window
+    longer than the tests' prompts (shorter ones are refused)."""
+    from transformers import MistralConfig
+
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, vocab_size=VOCAB, max_position_embeddings=1024,
+                rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=512)
+    return MistralConfig(**{**text, **overrides})
+
+
+def yi_text_config():
+    """A tiny Yi-34B: LLaMA layers, GQA 8 query heads on 2 KV heads (Yi: 56 on 8), rope_theta 5e6,
+    ChatML's end <|im_end|> as EOS."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                       rope_theta=5e6, bos_token_id=1, eos_token_id=IM_END)
+
+
+MISTRAL_CHAT_TEMPLATE = (  # llava-hf's Mistral chat template, in its parts that matter here
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST] {% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<image>\n{% endif %}{% endfor %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %} [/INST]{% endif %}{% endfor %}"
+)
+CHATML_CHAT_TEMPLATE = (  # llava-hf's 34B chat template, in its parts that matter here
+    "{% for message in messages %}{% if message['role'] == 'system' %}<|im_start|>system\n{{ message['content'] }}"
+    "<|im_end|>{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_mistral_checkpoint(model, out: Path, layout: str, tokenizer: Path) -> Path:
+    """A Mistral LlavaNext in the hub layout with llava-hf's kind of chat_template.json, or in the
+    original layout (model_type llava_mistral, no chat template, as liuhaotian/llava-v1.6-mistral-7b)."""
+    save_checkpoint(model, out, layout, tokenizer)
+    if layout == "original":
+        t = model.config.text_config
+        config = original_config(model.config)
+        config.update(model_type="llava_mistral", architectures=["LlavaMistralForCausalLM"],
+                      rope_theta=t.rope_parameters["rope_theta"], sliding_window=t.sliding_window, head_dim=t.head_dim)
+        (out / "config.json").write_text(json.dumps(config, indent=1))
+    else:
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": MISTRAL_CHAT_TEMPLATE}))
+    return out
+
+
+def save_chatml_checkpoint(model, out: Path, tokenizer: Path) -> Path:
+    """A Yi-like LlavaNext in the hub layout: <|im_start|> / <|im_end|> only in tokenizer_config.json's
+    added_tokens_decoder, no BOS added (Yi's tokenizer adds none), llava-hf's kind of chat template."""
+    save_checkpoint(model, out, "hub", tokenizer)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False,
+        "added_tokens_decoder": {str(IM_START): {"content": "<|im_start|>", **ADDED},
+                                 str(IM_END): {"content": "<|im_end|>", **ADDED}},
+        "chat_template": CHATML_CHAT_TEMPLATE,
+        "eos_token": "<|im_end|>",
+    }, indent=1))
+    return out
+
+
+def stop_at_im_end(model, input_ids, max_new_tokens: int = 12, **inputs) -> list[int]:
+    """Make greedy decoding of `input_ids` emit <|im_end|> after a few tokens (random weights never
+    would): its lm_head row becomes a slightly larger copy of the row of a token greedy decoding emits
+    later, so it wins there first. Returns transformers' greedy ids, ending in IM_END."""
+    head = model.lm_head.weight
+    with torch.no_grad():
+        plain = model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=IM_END, pad_token_id=0, **inputs)[0, input_ids.shape[1]:].tolist()
+        for j in range(3, len(plain)):
+            if plain[j] in plain[:j]:
+                continue
+            head[IM_END] = 1.01 * head[plain[j]]
+            out = model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=IM_END, pad_token_id=0, **inputs)[0, input_ids.shape[1]:].tolist()
+            if len(out) >= 3 and out[-1] == IM_END:
+                return out
+    raise RuntimeError("no stopping point found for <|im_end|>")
+
+
+def train_chatml_piece_tokenizer(path: Path) -> Path:
+    """As `train_chatml_tokenizer`, but <|im_start|> and <|im_end|> are user-defined pieces of the model,
+    which sentencepiece itself matches in any text."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CHATML_LINES * 20), model_writer=buf, vocab_size=SP_VOCAB, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"], add_dummy_prefix=False,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    )
+    path.write_bytes(buf.getvalue())
+    return path

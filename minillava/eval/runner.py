@@ -19,15 +19,15 @@ from tqdm import tqdm
 from .. import generate as gen
 from ..anyres import check_regular
 from ..config import load_config
-from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, fail, generate, load, ratio_arg, seed_arg, \
-    warm_up
+from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, generate, load, ratio_arg, \
+    seed_arg, warm_up
 from ..weights import resolve_model
 from . import distributed
 from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, part_file, part_files, read_records
 from .files import DataError, read_text, write_atomic
 from .tasks import TASKS, Question, Task
 
-SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed")  # what an answers file must not mix
+SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed", "conv_template")  # what an answers file must not mix
 def parse_args(argv=None) -> argparse.Namespace:
     tasks = "\n".join(f"  {name:<10} {', '.join(task.layout())}" for name, task in TASKS.items())
     p = argparse.ArgumentParser(
@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: float16 on cuda; float32 on cpu, or bfloat16 when float32 would not fit")
+    conv_template_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the tower, prefill and decode step")
     args = p.parse_args(argv)
     if args.data is None and TASKS[args.task].needs_data:
@@ -141,6 +142,8 @@ def answer_all(args, task: Task) -> int:
         questions = select(all_questions, args.limit)
         settings = {"compressor": args.compressor, "retention_ratio": args.retention_ratio,
                     "max_new_tokens": args.max_new_tokens or task.max_new_tokens, "seed": args.seed}
+        if args.conv_template:  # recorded only when asked for: files made without it stay resumable
+            settings["conv_template"] = args.conv_template
         output = args.output
         done = merge(assign_keys([r for path in [output, *part_files(output)] for r in read_records(path)]))
         check_settings(output, done.values(), settings)
@@ -179,7 +182,7 @@ def fetch_model(model: str, world: distributed.World) -> Path:
 
 def answer(args, task: Task, questions: list[Question], settings: dict, model_dir: Path, device, world):
     """Answer `questions` with one model, appending each record as soon as it exists."""
-    model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype))
+    model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), args.conv_template)
     steps = Steps()
     if args.compile:
         steps = compile_steps(model)
@@ -213,10 +216,11 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
 
 def check_settings(output: Path, records, settings: dict):
     """An answers file holds one configuration: refuse to resume it with another."""
+    new = {k: settings.get(k) for k in SETTINGS}
     for record in records:
         old = {k: record.get("metadata", {}).get(k) for k in SETTINGS}
-        if "metadata" in record and old != settings:
-            differ = ", ".join(f"{k} {old[k]} -> {settings[k]}" for k in SETTINGS if old[k] != settings[k])
+        if "metadata" in record and old != new:
+            differ = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in SETTINGS if old[k] != new[k])
             raise DataError(f"{output} holds answers made with other settings ({differ}); "
                             "use another --output, or the same settings to resume it")
 
