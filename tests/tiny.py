@@ -78,7 +78,11 @@ def hf_model(seed: int = 0, **text_overrides):
     from transformers import LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(hf_config(**text_overrides)).eval()
+    return randomise(LlavaNextForConditionalGeneration(hf_config(**text_overrides)).eval())
+
+
+def randomise(model):
+    """Random weights (from the current torch seed) large enough that outputs depend on them."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):  # norms away from 1 so their weights matter
@@ -225,16 +229,7 @@ def hf_family_model(text_config, seed: int = 0):
     config = LlavaNextConfig(vision_config=hf_config().vision_config, text_config=text_config,
                              image_grid_pinpoints=[[h, w] for w, h in PINPOINTS_WH], image_token_index=IMAGE_TOKEN)
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model
+    return randomise(LlavaNextForConditionalGeneration(config).eval())
 
 
 def mistral_text_config(**overrides):
