@@ -136,7 +136,7 @@ class Compressed:
 
 def compress(images: list[ImageFeatures], method: str = "none", ratio: float = 1.0, seed: int = 0) -> list[Compressed]:
     """Compress every image of a batch; each result equals compressing that image alone."""
-    check_arguments(method, ratio)
+    check_arguments(method, ratio, seed)
     return [compress_image(image, method, ratio, seed) for image in images]
 
 
@@ -148,7 +148,7 @@ def compress_image(
     `scales` (gw*gh,), if given, replaces the crop ratios scale_c of step 2 (e.g. all 1 to check that
     `globalcom2` then packs the crops exactly as `none` does).
     """
-    ratio = check_arguments(method, ratio)
+    ratio = check_arguments(method, ratio, seed)
     side = check_image(image)
     gw, gh = image.grid
     P, C = side * side, gw * gh
@@ -189,6 +189,28 @@ def compress_image(
     crops = image.crops.reshape(C * P, -1).to(dtype)  # (C*P, D)
     tokens = torch.cat([image.thumb[thumb_keep], gather_tokens(crops, image.newline.to(dtype), order)])
     return Compressed(tokens, thumb_keep, crop_keep, valid, torch.from_numpy(ratios), before)
+
+
+def keep_sequence(full: Compressed, kept: Tensor) -> Compressed:
+    """`full` (what `none` returns) restricted to its sequence positions `kept` (k,) long, ascending: what a
+    method that prunes the uncompressed sequence keeps (FastV, in the decoder), on the true token grid.
+
+    Positions 0 .. P-1 are the thumbnail's tokens; after them the unpadded crop grid row by row, a newline
+    closing each row (kept newlines stay in `tokens` and have no grid position)."""
+    P = full.thumb_keep.shape[0]
+    side = math.isqrt(P)
+    H, W = full.valid.shape
+    grid = (W // side, H // side)
+    rows, cols = full.valid.any(dim=1), full.valid.any(dim=0)  # the unpadded area is a rectangle
+    flat = torch.arange(H * W, device=kept.device).view(H, W)
+    order = emit_rows(flat[rows][:, cols], full.valid[rows][:, cols])  # crop part: grid cell or NEWLINE
+    crop = order[kept[kept >= P] - P]
+    crop_keep = torch.zeros(H * W, dtype=torch.bool, device=kept.device)
+    crop_keep[crop[crop >= 0]] = True
+    crop_keep = crop_keep.view(H, W)
+    n_valid = to_crops(full.valid, grid, side).sum(dim=1).double().cpu()
+    ratios = to_crops(crop_keep, grid, side).sum(dim=1).double().cpu() / n_valid.clamp(min=1)
+    return Compressed(full.tokens[kept], kept[kept < P], crop_keep, full.valid, ratios, full.before)
 
 
 def _crop_order(
@@ -252,8 +274,11 @@ def _keep_crops(
     return to_grid(keep, grid, side)
 
 
-def check_arguments(method: str, ratio: float) -> float:
-    """Refuse an unknown method or a ratio outside (0, 1] (NaN included); return the ratio as a float."""
+def check_arguments(method: str, ratio: float, seed: int = 0) -> float:
+    """Refuse an unknown method, a ratio outside (0, 1] (NaN included) or a seed outside [0, 2**63 - 1]
+    (the random method's torch.Generator overflows at 2**64); return the ratio as a float."""
+    if not 0 <= seed <= 2**63 - 1:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed!r}")
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; expected one of {', '.join(METHODS)}")
     try:

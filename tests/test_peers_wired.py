@@ -128,3 +128,11 @@ def test_hired_merges_nothing_and_r_1_keeps_everything():
     full = globalcom2.compress([image], "hired", 1.0)[0]
     none = globalcom2.compress([image], "none")[0]
     assert torch.equal(full.tokens, none.tokens) and full.crop_merge is None
+
+
+def test_seed_outside_the_generators_range_is_refused():
+    image, _ = peer_case((2, 1), (150, 90), 4, seed=0)
+    assert globalcom2.compress([image], "random", 0.5, seed=2**63 - 1)[0].tokens.shape[0] > 0
+    for seed in (-1, 2**63, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63 - 1\]"):
+            globalcom2.compress([image], "random", 0.5, seed=seed)
