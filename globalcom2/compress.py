@@ -54,13 +54,32 @@ name token for token the authors' published sequence):
                       dominant tokens unpadded with newlines; then the crops' [CLS] and contextual tokens
     visionzip-paper   the published sequence: as `visionzip` but the crop grid is not unpadded and has
                       no newlines (the published code computes a newline and does not use it)
+    hired             HiRED: a total budget int((1 + C) P r), alpha = 0.5 of it (at most P) for the
+                      thumbnail, the crops' share split by the thumbnail's layer-0 [CLS] attention
+                      (summed over heads) over C consecutive chunks of its raster order; every tile
+                      keeps its budget by layer -2 [CLS] attention (summed over heads), padding included;
+                      r = 1 keeps everything. Thumbnail in raster order, crops unpadded with newlines
+    hired-paper       the published sequence: the crop grid laid out with width and height swapped
+                      (`get_anyres_image_grid_shape` returns rows, columns), unpadded as such, no newlines
+    prumerge+         PruMerge+: r is ignored, PruMerge+ chooses its own count. Per tile the patches
+                      whose last-layer [CLS] attention (one full-width softmax) is above Q3 + 1.5 IQR,
+                      plus extras at a step set by their share; each kept token absorbs its 32 most
+                      key-similar positions (layer -1 keys, attention-weighted), one extra token sums
+                      the rest; merged in layer -2's width, then projected. Thumbnail: kept tokens in
+                      raster order, its extra token; crops unpadded with newlines; then the crops'
+                      extra tokens
+    prumerge+-paper   the published sequence: tile by tile, each tile's merged tokens (most attended
+                      first, then the extras by position) and its extra token; no unpadding, no newlines
 
-Both peers need tower probes (`needs(method)`; `ImageFeatures.probes`), VisionZip also the projector
-(`ImageFeatures.project`). Their ties: lower position first (a stable sort); the published `topk`
+The peers need tower probes (`needs(method)`; `ImageFeatures.probes`), VisionZip and PruMerge+ also the
+projector (`ImageFeatures.project`). Their ties: lower position first (a stable sort); the published `topk`
 leaves the order of equal scores unspecified. A padded crop's kept padding tokens are dropped by the
 default layout (unpadding), so the default emits at most, the `-paper` exactly, T tokens per tile.
-VisionZip merges (`Compressed.thumb_merge` / `crop_merge`) say which positions each merged token
-stands for.
+VisionZip's and PruMerge+'s merges (`Compressed.thumb_merge` / `crop_merge`) say which positions each
+merged token stands for (PruMerge+ merges into kept tokens; a position in several clusters shows the
+first, and every non-kept position also goes into its tile's extra token, not recorded there).
+FastV (`minillava.llama.FastV`) is no method here: it prunes the `none` sequence inside the decoder;
+`keep_sequence` maps what it kept back onto the grid.
 
 All but `none`, `globalcom2-paper` and the peers emit in the `globalcom2` layout. The thumbnail keeps
 int(P * r) tokens in descending score order, without newlines; crop c keeps int(N_c * scale_c) of
@@ -130,7 +149,7 @@ class Compressed:
     crop_ratio: Tensor  # (gw*gh,) float64 on the CPU: each crop's retention ratio (1 for none)
     before: int  # token count of the uncompressed packing (what `none` returns)
     thumb_merge: Tensor | None = None  # (P,) long: index in `tokens` of the merged token each thumbnail
-    # position went into, -1 if none; None for methods that do not merge
+    # position went into (a kept position that others went into: its own), -1 if none; None: no merging
     crop_merge: Tensor | None = None  # (H, W) long: the same over the crop grid
 
 
