@@ -81,18 +81,20 @@ def test_visualize_cli(capsys, checkpoints, image_path, tmp_path, method):
     assert f"{method}, visual tokens 52 -> " in stdout and out.exists()
 
 
-def test_draw_tints_merged_cells():
+@pytest.mark.parametrize("method", ["visionzip", "prumerge+"])
+def test_draw_tints_merged_cells(method):
     image, _ = peer_case((2, 2), (112, 112), 4, seed=0)
-    result = globalcom2.compress([image], "visionzip", 0.5)[0]
+    result = globalcom2.compress([image], method, 0.5)[0]
     colour = (200, 120, 60)
     picture = vis.draw(Image.new("RGB", (112, 112), colour), (2, 2), (112, 112), 56, image.thumb_scores, result,
-                       "visionzip", 0.5)
+                       method, 0.5)
     left, top, right, bottom = picture.info["panels"]["canvas"]
     px = np.asarray(picture, dtype=np.float32)
     ys = top + ((np.arange(8) + 0.5) * (bottom - top) / 8).astype(int)
     xs = left + ((np.arange(8) + 0.5) * (right - left) / 8).astype(int)
     cells = px[np.ix_(ys, xs)]  # (8, 8, 3)
     keep, merge = result.crop_keep.numpy(), result.crop_merge.numpy()
+    assert (~keep).any() and (merge[~keep] >= 0).all()  # every dropped cell went into a token here
     assert (np.abs(cells[keep] - colour).max(-1) <= 2).all()
     tint = np.asarray(colour) * (1 - vis.MERGE_TINT) + vis.MERGE_COLOURS[merge[~keep] % len(vis.MERGE_COLOURS)] * vis.MERGE_TINT
     assert (np.abs(cells[~keep] - tint).max(-1) <= 2).all()
