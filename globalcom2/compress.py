@@ -54,13 +54,32 @@ name token for token the authors' published sequence):
                       dominant tokens unpadded with newlines; then the crops' [CLS] and contextual tokens
     visionzip-paper   the published sequence: as `visionzip` but the crop grid is not unpadded and has
                       no newlines (the published code computes a newline and does not use it)
+    hired             HiRED: a total budget int((1 + C) P r), alpha = 0.5 of it (at most P) for the
+                      thumbnail, the crops' share split by the thumbnail's layer-0 [CLS] attention
+                      (summed over heads) over C consecutive chunks of its raster order; every tile
+                      keeps its budget by layer -2 [CLS] attention (summed over heads), padding included;
+                      r = 1 keeps everything. Thumbnail in raster order, crops unpadded with newlines
+    hired-paper       the published sequence: the crop grid laid out with width and height swapped
+                      (`get_anyres_image_grid_shape` returns rows, columns), unpadded as such, no newlines
+    prumerge+         PruMerge+: r is ignored, PruMerge+ chooses its own count. Per tile the patches
+                      whose last-layer [CLS] attention (one full-width softmax) is above Q3 + 1.5 IQR,
+                      plus extras at a step set by their share; each kept token absorbs its 32 most
+                      key-similar positions (layer -1 keys, attention-weighted), one extra token sums
+                      the rest; merged in layer -2's width, then projected. Thumbnail: kept tokens in
+                      raster order, its extra token; crops unpadded with newlines; then the crops'
+                      extra tokens
+    prumerge+-paper   the published sequence: tile by tile, each tile's merged tokens (most attended
+                      first, then the extras by position) and its extra token; no unpadding, no newlines
 
-Both peers need tower probes (`needs(method)`; `ImageFeatures.probes`), VisionZip also the projector
-(`ImageFeatures.project`). Their ties: lower position first (a stable sort); the published `topk`
+The peers need tower probes (`needs(method)`; `ImageFeatures.probes`), VisionZip and PruMerge+ also the
+projector (`ImageFeatures.project`). Their ties: lower position first (a stable sort); the published `topk`
 leaves the order of equal scores unspecified. A padded crop's kept padding tokens are dropped by the
 default layout (unpadding), so the default emits at most, the `-paper` exactly, T tokens per tile.
-VisionZip merges (`Compressed.thumb_merge` / `crop_merge`) say which positions each merged token
-stands for.
+VisionZip's and PruMerge+'s merges (`Compressed.thumb_merge` / `crop_merge`) say which positions each
+merged token stands for (PruMerge+ merges into kept tokens; a position in several clusters shows the
+first, and every non-kept position also goes into its tile's extra token, not recorded there).
+FastV (`minillava.llama.FastV`) is no method here: it prunes the `none` sequence inside the decoder;
+`keep_sequence` maps what it kept back onto the grid.
 
 All but `none`, `globalcom2-paper` and the peers emit in the `globalcom2` layout. The thumbnail keeps
 int(P * r) tokens in descending score order, without newlines; crop c keeps int(N_c * scale_c) of
@@ -130,13 +149,13 @@ class Compressed:
     crop_ratio: Tensor  # (gw*gh,) float64 on the CPU: each crop's retention ratio (1 for none)
     before: int  # token count of the uncompressed packing (what `none` returns)
     thumb_merge: Tensor | None = None  # (P,) long: index in `tokens` of the merged token each thumbnail
-    # position went into, -1 if none; None for methods that do not merge
+    # position went into (a kept position that others went into: its own), -1 if none; None: no merging
     crop_merge: Tensor | None = None  # (H, W) long: the same over the crop grid
 
 
 def compress(images: list[ImageFeatures], method: str = "none", ratio: float = 1.0, seed: int = 0) -> list[Compressed]:
     """Compress every image of a batch; each result equals compressing that image alone."""
-    check_arguments(method, ratio)
+    check_arguments(method, ratio, seed)
     return [compress_image(image, method, ratio, seed) for image in images]
 
 
@@ -148,7 +167,7 @@ def compress_image(
     `scales` (gw*gh,), if given, replaces the crop ratios scale_c of step 2 (e.g. all 1 to check that
     `globalcom2` then packs the crops exactly as `none` does).
     """
-    ratio = check_arguments(method, ratio)
+    ratio = check_arguments(method, ratio, seed)
     side = check_image(image)
     gw, gh = image.grid
     P, C = side * side, gw * gh
@@ -189,6 +208,28 @@ def compress_image(
     crops = image.crops.reshape(C * P, -1).to(dtype)  # (C*P, D)
     tokens = torch.cat([image.thumb[thumb_keep], gather_tokens(crops, image.newline.to(dtype), order)])
     return Compressed(tokens, thumb_keep, crop_keep, valid, torch.from_numpy(ratios), before)
+
+
+def keep_sequence(full: Compressed, kept: Tensor) -> Compressed:
+    """`full` (what `none` returns) restricted to its sequence positions `kept` (k,) long, ascending: what a
+    method that prunes the uncompressed sequence keeps (FastV, in the decoder), on the true token grid.
+
+    Positions 0 .. P-1 are the thumbnail's tokens; after them the unpadded crop grid row by row, a newline
+    closing each row (kept newlines stay in `tokens` and have no grid position)."""
+    P = full.thumb_keep.shape[0]
+    side = math.isqrt(P)
+    H, W = full.valid.shape
+    grid = (W // side, H // side)
+    rows, cols = full.valid.any(dim=1), full.valid.any(dim=0)  # the unpadded area is a rectangle
+    flat = torch.arange(H * W, device=kept.device).view(H, W)
+    order = emit_rows(flat[rows][:, cols], full.valid[rows][:, cols])  # crop part: grid cell or NEWLINE
+    crop = order[kept[kept >= P] - P]
+    crop_keep = torch.zeros(H * W, dtype=torch.bool, device=kept.device)
+    crop_keep[crop[crop >= 0]] = True
+    crop_keep = crop_keep.view(H, W)
+    n_valid = to_crops(full.valid, grid, side).sum(dim=1).double().cpu()
+    ratios = to_crops(crop_keep, grid, side).sum(dim=1).double().cpu() / n_valid.clamp(min=1)
+    return Compressed(full.tokens[kept], kept[kept < P], crop_keep, full.valid, ratios, full.before)
 
 
 def _crop_order(
@@ -252,8 +293,11 @@ def _keep_crops(
     return to_grid(keep, grid, side)
 
 
-def check_arguments(method: str, ratio: float) -> float:
-    """Refuse an unknown method or a ratio outside (0, 1] (NaN included); return the ratio as a float."""
+def check_arguments(method: str, ratio: float, seed: int = 0) -> float:
+    """Refuse an unknown method, a ratio outside (0, 1] (NaN included) or a seed outside [0, 2**63 - 1]
+    (the random method's torch.Generator overflows at 2**64); return the ratio as a float."""
+    if not 0 <= seed <= 2**63 - 1:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed!r}")
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; expected one of {', '.join(METHODS)}")
     try:

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from .layout import area_mask, to_grid, unpad_area
+from .layout import area_mask, to_crops, to_grid, unpad_area
 from .scoring import keep_top_per_crop, top_order
 
 NEEDS = (("cls_attn", 0), ("cls_attn", -2))  # early layer (budgets), final layer (tokens)
@@ -96,22 +96,32 @@ def hired_paper_order(keep: Tensor, grid: tuple[int, int], size: tuple[int, int]
     """The published emission order (n,) long: index t * P + p into the (1 + C) tiles' tokens.
 
     `pack_HiRED_image_features` with image_newline=None: the thumbnail's kept tokens in raster order,
-    then the crops' grid, unpadded, kept tokens in raster order, no newlines. It names the grid shape
-    `num_patch_width, num_patch_height = get_anyres_image_grid_shape(...)`, which returns (rows,
-    columns): the crops are laid out as gw rows of gh crops (crop c at row c // gh, column c % gh)
-    and that (gw * side) x (gh * side) grid is unpadded with the image's true (h0, w0). Square grids
-    are unaffected; 1 x 2, 2 x 1, 1 x 3, 3 x 1 are transposed, and their unpadding is of the wrong shape.
+    then the crops as `hired_crop_order` packs them.
     """
-    gw, gh = grid
     T, P = keep.shape
     side = math.isqrt(P)
-    swapped = (gh, gw)  # (columns, rows) as the published view has them
-    index = torch.arange(P, T * P, device=keep.device).view(T - 1, P)  # (C, P) tile-major token index
-    index = to_grid(index, swapped, side)  # (gw * side, gh * side)
-    mask = to_grid(keep[1:], swapped, side)
-    top, bottom, left, right = unpad_area(swapped, size, side)  # `unpad_image` on the swapped grid
-    crops = index[top:bottom, left:right][mask[top:bottom, left:right]]  # raster order
+    index = to_grid(torch.arange(P, T * P, device=keep.device).view(T - 1, P), grid, side)  # (H, W) token index
+    crops = hired_crop_order(index, to_grid(keep[1:], grid, side), grid, size)
     return torch.cat([keep[0].nonzero().flatten(), crops])
+
+
+def hired_crop_order(index: Tensor, keep: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """The published crop part (n,) of what `index` (H, W) holds on the true crop grid where `keep` (H, W).
+
+    `pack_HiRED_image_features`: the crops' grid, unpadded, kept tokens in raster order, no newlines.
+    It names the grid shape `num_patch_width, num_patch_height = get_anyres_image_grid_shape(...)`,
+    which returns (rows, columns): the crops are laid out as gw rows of gh crops (crop c at row c // gh,
+    column c % gh) and that (gw * side) x (gh * side) grid is unpadded with the image's true (h0, w0).
+    Square grids are unaffected; 1 x 2, 2 x 1, 1 x 3, 3 x 1 are transposed, and their unpadding is of
+    the wrong shape.
+    """
+    gw, gh = grid
+    side = index.shape[0] // gh
+    swapped = (gh, gw)  # (columns, rows) as the published view has them
+    index = to_grid(to_crops(index, grid, side), swapped, side)  # (gw * side, gh * side)
+    keep = to_grid(to_crops(keep, grid, side), swapped, side)
+    top, bottom, left, right = unpad_area(swapped, size, side)  # `unpad_image` on the swapped grid
+    return index[top:bottom, left:right][keep[top:bottom, left:right]]  # raster order
 
 
 def hired_paper_sequence(features: Tensor, keep: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:

@@ -10,8 +10,10 @@ One PNG, drawn with PIL only:
     canvas    the AnyRes canvas (the image resized and centred on black exactly as the tiles are cut),
               crop boundaries, the padding that unpadding removes hatched, dropped tokens dimmed, and
               each crop's retention ratio and kept/valid count
-Methods that merge tokens (VisionZip) tint each merged position with the colour of the token it went
-into (one colour per merged token), on the thumbnail and on the canvas.
+Methods that merge tokens (VisionZip, PruMerge+) tint each merged position with the colour of the token
+it went into (one colour per merged token), on the thumbnail and on the canvas. FastV, which prunes
+inside the decoder by the prompt's attention, needs `--prompt`: the picture shows the image tokens its
+layers from K on keep (read from their KV cache after the prefill).
 Thumbnail and scores stand in a column left of the canvas, or side by side above it for a grid of one
 row. Small tiles are blown up by a whole factor (a 56 px tile shows as 336 px); 336 px tiles are 1:1.
 
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .compress import METHODS, Compressed, compress
+from .compress import Compressed, compress, keep_sequence, needs
 
 GUIDED = ("globalcom2", "globalcom2-paper", "local-only", "global-only")  # budgets set by the thumbnail map
 
@@ -241,7 +243,12 @@ def draw(
     # Texts.
     k_thumb, k_crops, n_valid = int(thumb_keep.sum()), int((keep & valid).sum()), int(valid.sum())
     k_pad = int((keep & ~valid).sum())  # padding tokens kept: only the -paper peers emit them
-    n_merged = len(np.union1d(thumb_merge[thumb_merge >= 0], crop_merge[crop_merge >= 0])) if merges else 0
+    n_merged = n_absorbing = 0
+    if merges:  # merged tokens of their own (VisionZip's contextual), and kept tokens others went into (PruMerge+)
+        into = np.union1d(thumb_merge[thumb_merge >= 0], crop_merge[crop_merge >= 0])
+        own = np.union1d(thumb_merge[thumb_keep.reshape(side, side)], crop_merge[keep])  # a kept token's place
+        n_absorbing = len(np.intersect1d(into, own[own >= 0]))
+        n_merged = len(into) - n_absorbing
     after = int(result.tokens.shape[0])
     name = {"none": "none (uncompressed LLaVA-NeXT)", "globalcom2": "GlobalCom2"}.get(method, method)
     if method == "random" and seed is not None:
@@ -251,7 +258,9 @@ def draw(
         f"thumbnail {k_thumb}/{P} kept",
         f"crops {k_crops}/{n_valid} kept (padding excluded)",
         *([f"{k_pad} padding tokens kept"] if k_pad else []),
-        *([f"{n_merged} merged tokens", f"{after - k_thumb - k_crops - k_pad - n_merged} newlines and [CLS] tokens"]
+        *([*([f"{n_merged} merged tokens"] if n_merged else []),
+           *([f"{n_absorbing} kept tokens with merges"] if n_absorbing else []),
+           f"{after - k_thumb - k_crops - k_pad - n_merged} newlines, [CLS] and extra tokens"]
           if merges else [f"{after - k_thumb - k_crops - k_pad} newlines"]),
         f"visual tokens {result.before} -> {after} ({100 * after / result.before:.0f}%)",
     ]
@@ -395,8 +404,7 @@ def _crop_marks(fig: Image.Image, xy: tuple[int, int], keep, valid, ratios, grid
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from minillava.generate import seed_arg
-    from minillava.generate import DTYPES, ratio_arg
+    from minillava.generate import COMPRESSORS, DTYPES, ratio_arg, seed_arg
     from minillava.weights import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(
@@ -407,15 +415,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--out", required=True, type=Path, metavar="FILE.png", help="the PNG to write")
-    p.add_argument("--compressor", default="globalcom2", choices=METHODS,
-                   help="compression method to picture (default globalcom2; none keeps everything)")
+    p.add_argument("--compressor", default="globalcom2", choices=COMPRESSORS,
+                   help="compression method to picture (default globalcom2; none keeps everything). Peers: "
+                   "fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is ignored: "
+                   "PruMerge+ chooses its own count), each also as NAME-paper (the published sequence); "
+                   "fastv prunes in the decoder by the question's attention and needs --prompt")
+    p.add_argument("--prompt", default=None,
+                   help="the question (required for fastv, whose choice depends on it; unused otherwise)")
     p.add_argument("--retention-ratio", type=ratio_arg, default=0.25, metavar="R",
                    help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random compressor (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and activations (default: float16 on cuda, float32 on cpu)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.compressor == "fastv" and args.prompt is None:
+        p.error("--compressor fastv needs --prompt: FastV keeps the image tokens the question attends to")
+    return args
+
+
+def fastv_kept(llm, fastv, length: int) -> torch.Tensor:
+    """Indices into the uncompressed image sequence (ascending) of the image tokens FastV kept, read from
+    the KV cache of decoder layer K after the prefill of a `length`-token prompt: its first slots hold
+    the positions the layers from K on see (minillava/llama.py KVCache, Decoder.forward)."""
+    pos = llm.layers[fastv.layer].self_attn.cache.pos[: length - fastv.dropped]
+    return pos[(pos >= fastv.start) & (pos < fastv.start + fastv.length)] - fastv.start
 
 
 def out_problem(out: Path) -> str | None:
@@ -436,8 +460,10 @@ def out_problem(out: Path) -> str | None:
 
 def main(argv=None) -> int:
     from minillava.anyres import load_image, tile_image
+    from minillava.config import ConfigError
     from minillava.eval.files import write_atomic
-    from minillava.generate import DTYPES, USER_ERRORS, fail
+    from minillava.generate import DTYPES, USER_ERRORS, FastV, fail, load, prefill
+    from minillava.tokenizer import build_prompt
     from minillava.weights import load_model, resolve_model
 
     args = parse_args(argv)
@@ -448,18 +474,37 @@ def main(argv=None) -> int:
         return fail(problem)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    fastv = args.compressor == "fastv"
+    note = ""
     try:
         image = load_image(args.image)
-        model = load_model(resolve_model(args.model), device, dtype)  # no tokenizer needed
+        if fastv:  # FastV's choice needs the decoder and the question
+            model, tokenizer = load(args.model, device, dtype)
+        else:
+            model = load_model(resolve_model(args.model), device, dtype)  # no tokenizer needed
         tile = model.cfg.vision.image_size
         tiles = tile_image(image, model.cfg.grid_pinpoints, tile)
         with torch.inference_mode():
-            features = model.encode_images([tiles])
-            result = compress(features, args.compressor, args.retention_ratio, seed=args.seed)[0]
+            features = model.encode_images([tiles], () if fastv else needs(args.compressor))
+            if fastv:
+                full = compress(features, "none")[0]
+                chunks = tokenizer.encode_prompt(build_prompt(args.prompt))
+                embeds = model.prompt_embeds(chunks, [full.tokens])
+                fv = FastV.from_ratio(len(chunks[0]), full.tokens.shape[0], args.retention_ratio)
+                layers = model.cfg.text.num_hidden_layers
+                if fv.layer >= layers:
+                    raise ConfigError(f"FastV prunes after decoder layer {fv.layer}, but this model has only "
+                                      f"{layers} decoder layers; use another --compressor")
+                model.llm.setup_cache(1, embeds.shape[1])
+                prefill(model, embeds, fv)
+                result = keep_sequence(full, fastv_kept(model.llm, fv, embeds.shape[1]))
+                note = f"kept for decoder layers {fv.layer}+ (layers 0-{fv.layer - 1} see all) for: {args.prompt}"
+            else:
+                result = compress(features, args.compressor, args.retention_ratio, seed=args.seed)[0]
     except USER_ERRORS as e:
         return fail(str(e))
     picture = draw(image, tiles.grid, tiles.size, tile, features[0].thumb_scores, result,
-                   args.compressor, args.retention_ratio, seed=args.seed)
+                   args.compressor, args.retention_ratio, seed=args.seed, note=note)
     try:
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")

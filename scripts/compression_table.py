@@ -4,11 +4,13 @@
 
 Answers the held-out split of the `synthetic` task (the one `python -m minillava.eval synthetic`
 scores without --data) greedily, uncompressed, with the thumbnail alone (crops removed), and with
-every compressor at r = 0.5, 0.25, 0.1, and how often each kept the card's token (the one crop token
-that shows the digit). Each image goes through the tower and projector once; its
-features are then compressed by each method and answered as `minillava.generate.generate` does
-(same prompt, same prefill and decode step). Prints a markdown table of accuracy and its ratio to
-uncompressed and the card-token column, and saves a PNG plot of accuracy against r (drawn with PIL).
+every compressor at r = 0.5, 0.25, 0.1 (the peers included; FastV prunes the uncompressed image in the
+decoder's prefill), and how often each kept the card's token (the one crop token that shows the digit),
+and how often that token was kept or merged into a kept token (VisionZip's contextual tokens, PruMerge+'s
+clusters). Each image goes through the tower and projector once; its features are then compressed by
+each method and answered as `minillava.generate.generate` does (same prompt, same prefill and decode
+step). Prints a markdown table of accuracy and its ratio to uncompressed and the card-token columns,
+and saves a PNG plot of accuracy against r (drawn with PIL). `--n 5` is a quick smoke run.
 """
 
 from __future__ import annotations
@@ -24,62 +26,79 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import globalcom2  # noqa: E402
+from globalcom2.visualize import fastv_kept  # noqa: E402
 from minillava.anyres import tile_image  # noqa: E402
 from minillava.eval import synthetic as S  # noqa: E402
-from minillava.generate import decode_one_token, load, prefill  # noqa: E402
+from minillava.generate import FastV, decode_one_token, load, prefill  # noqa: E402
 from minillava.tokenizer import build_prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "weights" / "llava-next-tiny-scenes"
 RATIOS = (0.5, 0.25, 0.1)
-METHODS = tuple(m for m in globalcom2.METHODS if m != "none")  # every compressor, the peers included
+METHODS = (*(m for m in globalcom2.METHODS if m != "none"), "fastv")  # every compressor, the peers included
+FASTV_NOTE = ("FastV prunes before decoder layer K = 2; the tiny model's decoder has 4 layers, so layers 0-1 "
+              "(half the decoder) see every image token and only layers 2-3 the kept ones")
 
 
 @torch.inference_mode()
-def greedy(model, tokenizer, tokens: torch.Tensor, question: str, max_new_tokens: int = 8) -> str:
-    """The answer to `question` about an image given as its token sequence (T, D), greedy."""
-    embeds = model.prompt_embeds(tokenizer.encode_prompt(build_prompt(question)), [tokens])
+def greedy(model, tokenizer, tokens: torch.Tensor, question: str, max_new_tokens: int = 8, fastv_ratio=None):
+    """The answer to `question` about an image given as its token sequence (T, D), greedy. With
+    `fastv_ratio` r, `tokens` is the uncompressed image and FastV keeps r of it in the prefill; then also
+    the indices into `tokens` it kept (else None)."""
+    chunks = tokenizer.encode_prompt(build_prompt(question))
+    embeds = model.prompt_embeds(chunks, [tokens])
     length = embeds.shape[1]
-    model.llm.setup_cache(1, length + max_new_tokens)
-    token = prefill(model, embeds).argmax(-1)
+    fastv = None if fastv_ratio is None else FastV.from_ratio(len(chunks[0]), tokens.shape[0], fastv_ratio)
+    model.llm.setup_cache(1, length + max_new_tokens)  # every layer this long: FastV's need fewer slots
+    token = prefill(model, embeds, fastv).argmax(-1)
+    kept = None if fastv is None else fastv_kept(model.llm, fastv, length)
     ids = []
     for step in range(max_new_tokens):
         if token.item() == tokenizer.eos_id:
             break
         ids.append(token.item())
         token = decode_one_token(model, token.view(1, 1), torch.tensor([length + step])).argmax(-1)
-    return tokenizer.decode(ids)
+    return tokenizer.decode(ids), kept
 
 
-def image_tokens(features: globalcom2.ImageFeatures, method: str, ratio: float, seed: int = 0):
-    """The image's token sequence, a compressor's or the thumbnail alone ("thumbnail"), and the
-    (H, W) map of the crop tokens it keeps (None for the thumbnail)."""
+def answer(model, tokenizer, features: globalcom2.ImageFeatures, full: globalcom2.Compressed, question: str,
+           method: str, ratio: float, seed: int = 0):
+    """The answer with one compressor, and what it kept (a `Compressed`; None for the thumbnail alone).
+    `full` is the uncompressed packing (`none`), which FastV prunes in the decoder."""
     if method == "thumbnail":
-        return features.thumb, None
+        return greedy(model, tokenizer, features.thumb, question)[0], None
+    if method == "fastv":
+        text, kept = greedy(model, tokenizer, full.tokens, question, fastv_ratio=ratio)
+        return text, globalcom2.keep_sequence(full, kept)
     out = globalcom2.compress([features], method, ratio, seed=seed)[0]
-    return out.tokens, out.crop_keep
+    return greedy(model, tokenizer, out.tokens, question)[0], out
 
 
 @torch.inference_mode()
 def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: int = 0):
     """On held-out questions 0 .. n-1, per (method, ratio): accuracy in percent (exact match after
-    lower-casing and stripping, as the `synthetic` task scores) and the percentage of scenes whose card
-    token (the crop token at the card's centre, the one that shows the digit) was kept."""
+    lower-casing and stripping, as the `synthetic` task scores), the percentage of scenes whose card
+    token (the crop token at the card's centre, the one that shows the digit) was kept, and the
+    percentage where it was kept or merged into a token that was (`Compressed.crop_merge`)."""
     model, tokenizer = load(str(model_dir))
     cfg = model.cfg
-    correct, kept = {c: 0 for c in configs}, {c: 0 for c in configs}
+    correct, kept, merged = ({c: 0 for c in configs} for _ in range(3))
     for i in tqdm(range(n), desc="held-out", dynamic_ncols=True, file=sys.stderr):
         s = S.sample(S.DEFAULT_SEED, "test", i)
         tiles = tile_image(s.scene.image, cfg.grid_pinpoints, cfg.vision.image_size)
         features = model.encode_images([tiles], globalcom2.ALL_NEEDS)[0]  # the probes of every method
+        full = globalcom2.compress([features], "none")[0]
         _, cell = S.card_cells(s.scene.cards[0], s.scene.image.size, cfg.grid_pinpoints, cfg.vision.image_size,
                                cfg.vision.patch_size)
         for method, ratio in configs:
-            tokens, keep = image_tokens(features, method, ratio, seed)
-            answer = greedy(model, tokenizer, tokens, S.prompt(s.question))
-            correct[(method, ratio)] += answer.strip().lower() == s.answer
-            kept[(method, ratio)] += keep is not None and bool(keep[cell])
-    return {c: 100.0 * k / n for c, k in correct.items()}, {c: 100.0 * k / n for c, k in kept.items()}
+            text, out = answer(model, tokenizer, features, full, S.prompt(s.question), method, ratio, seed)
+            correct[(method, ratio)] += text.strip().lower() == s.answer
+            if out is not None:
+                into = out.crop_merge is not None and bool(out.crop_merge[cell] >= 0)
+                kept[(method, ratio)] += bool(out.crop_keep[cell])
+                merged[(method, ratio)] += bool(out.crop_keep[cell]) or into
+    percent = lambda counts: {c: 100.0 * k / n for c, k in counts.items()}  # noqa: E731
+    return percent(correct), percent(kept), percent(merged)
 
 
 def plot(accuracy: dict, path: Path):
@@ -100,7 +119,7 @@ def plot(accuracy: dict, path: Path):
     d.rectangle((left, top, width - right, height - bottom), outline="black")
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127), (0, 0, 128), (128, 128, 0),
-               (0, 128, 0), (255, 0, 255)]
+               (0, 128, 0), (255, 0, 255), (0, 0, 0), (255, 99, 71)]
     legend_y = top
     for (label, a), colour in [(("none", accuracy[("none", 1.0)]), (90, 90, 90)),
                                (("thumbnail only", accuracy[("thumbnail", 1.0)]), (170, 170, 170))]:
@@ -123,29 +142,34 @@ def plot(accuracy: dict, path: Path):
     fig.save(path)
 
 
-def table(accuracy: dict, kept: dict) -> str:
+def table(accuracy: dict, kept: dict, merged: dict) -> str:
     base = accuracy[("none", 1.0)]
-    rows = ["| method | r | accuracy | vs uncompressed | card token kept |", "|---|---|---|---|---|",
-            f"| none | 1.0 | {base:.1f}% | 100.0% | {kept[('none', 1.0)]:.1f}% |",
-            f"| thumbnail only | - | {accuracy[('thumbnail', 1.0)]:.1f}% | {100 * accuracy[('thumbnail', 1.0)] / base:.1f}% | - |"]
+    rows = ["| method | r | accuracy | vs uncompressed | card token kept | kept or merged |", "|---|---|---|---|---|---|",
+            f"| none | 1.0 | {base:.1f}% | 100.0% | {kept[('none', 1.0)]:.1f}% | {merged[('none', 1.0)]:.1f}% |",
+            f"| thumbnail only | - | {accuracy[('thumbnail', 1.0)]:.1f}% | {100 * accuracy[('thumbnail', 1.0)] / base:.1f}% | - | - |"]
     for method in METHODS:
         for r in RATIOS:
             a = accuracy[(method, r)]
-            rows.append(f"| {method} | {r} | {a:.1f}% | {100 * a / base:.1f}% | {kept[(method, r)]:.1f}% |")
+            rows.append(f"| {method} | {r} | {a:.1f}% | {100 * a / base:.1f}% | {kept[(method, r)]:.1f}% "
+                        f"| {merged[(method, r)]:.1f}% |")
     return "\n".join(rows)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default weights/llava-next-tiny-scenes)")
-    p.add_argument("--n", type=int, default=500, help="held-out questions (default 500, the synthetic task's default split)")
+    p.add_argument("--n", type=int, default=500, help="held-out questions (default 500, the synthetic task's default split; "
+                   "a handful for a smoke run)")
     p.add_argument("--plot", type=Path, default=ROOT / "examples" / "compression.png", help="PNG to write (default examples/compression.png)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random compressor (default 0)")
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be at least 1")
     configs = [("none", 1.0), ("thumbnail", 1.0)] + [(m, r) for m in METHODS for r in RATIOS]
-    accuracy, kept = evaluate(args.model, args.n, configs, args.seed)
+    accuracy, kept, merged = evaluate(args.model, args.n, configs, args.seed)
     print(f"{args.n} held-out questions of the synthetic task, model {args.model}\n")
-    print(table(accuracy, kept))
+    print(table(accuracy, kept, merged))
+    print(f"\n{FASTV_NOTE}. PruMerge+ ignores r (it chooses its own count).")
     plot(accuracy, args.plot)
     print(f"\nwrote {args.plot}")
 

@@ -20,8 +20,8 @@ def project(h):
 
 
 def peer_case(grid, size, side, seed, heads=2, Dv=8, dtype=torch.float32):
-    """ImageFeatures with every probe of FasterVLM and VisionZip, and the full layer -2 attention
-    (N, heads, 1 + P, 1 + P) whose [CLS] row the probe is, for the transcriptions of the published code."""
+    """ImageFeatures with every probe of every peer, and the full layer -2 attention (N, heads, 1 + P, 1 + P)
+    whose [CLS] row the probe is, for the transcriptions of the published code."""
     g = torch.Generator().manual_seed(seed)
     gw, gh = grid
     P, N = side * side, 1 + gw * gh
@@ -30,6 +30,11 @@ def peer_case(grid, size, side, seed, heads=2, Dv=8, dtype=torch.float32):
     attn = (torch.randn(N, heads, 1 + P, 1 + P, generator=g) * 3).softmax(-1)
     features = project(hidden[:, 1:])
     probes = {("cls_attn", -2): attn[:, :, 0, :], ("keys", -2): keys, ("hidden", -2): hidden}
-    image = ImageFeatures(features[0], features[1:], torch.randn(P, generator=g), torch.randn(N - 1, P, generator=g),
+    thumb_scores, crop_scores = torch.randn(P, generator=g), torch.randn(N - 1, P, generator=g)
+    # HiRED's and PruMerge+'s (drawn after the others, so those keep their values)
+    probes["cls_attn", 0] = torch.randn(N, heads, 1 + P, generator=g).softmax(-1)
+    probes["cls_attn", -1] = (torch.randn(N, heads, 1 + P, generator=g) * 2).softmax(-1)
+    probes["keys", -1] = torch.randn(N, 1 + P, Dv, generator=g).to(dtype)
+    image = ImageFeatures(features[0], features[1:], thumb_scores, crop_scores,
                           grid, size, torch.full((features.shape[-1],), -7.0, dtype=dtype), probes, project)
     return image, attn

@@ -10,13 +10,13 @@ from PIL import Image
 import globalcom2
 import globalcom2.visionzip
 import globalcom2.visualize as vis
+from globalcom2.peers import PEERS
 import minillava.generate as gen
 from minillava.anyres import load_image, tile_image
 from minillava.weights import load_model
 from tests import tiny
 from tests.peers_cases import peer_case
 
-PEERS = ("fastervlm", "fastervlm-paper", "visionzip", "visionzip-paper")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,8 @@ def test_every_peer_is_a_method():
     assert set(PEERS) <= set(globalcom2.METHODS)
     assert globalcom2.needs("globalcom2") == () and globalcom2.needs("fastervlm") == (("cls_attn", -2),)
     assert set(globalcom2.needs("visionzip")) == {("cls_attn", -2), ("keys", -2), ("hidden", -2)}
+    assert globalcom2.needs("hired") == (("cls_attn", 0), ("cls_attn", -2))
+    assert set(globalcom2.needs("prumerge+")) == {("cls_attn", -1), ("keys", -1), ("hidden", -2)}
     assert set(globalcom2.ALL_NEEDS) == {n for m in globalcom2.METHODS for n in globalcom2.needs(m)}
 
 
@@ -65,7 +67,7 @@ def test_cli_counts(capsys, checkpoints, model, wide, method):
     with torch.no_grad():
         expected = globalcom2.compress(model.encode_images([tiles], globalcom2.needs(method)), method, r)[0]
     assert counts == {"before": 16 + 2 * (12 + 1), "after": expected.tokens.shape[0]}
-    if method.endswith("-paper"):
+    if method in ("fastervlm-paper", "visionzip-paper"):
         assert counts["after"] == 4 * 4  # T = round(16 * 0.25) = 4 tokens in each of the 4 tiles
 
 
@@ -79,18 +81,20 @@ def test_visualize_cli(capsys, checkpoints, image_path, tmp_path, method):
     assert f"{method}, visual tokens 52 -> " in stdout and out.exists()
 
 
-def test_draw_tints_merged_cells():
+@pytest.mark.parametrize("method", ["visionzip", "prumerge+"])
+def test_draw_tints_merged_cells(method):
     image, _ = peer_case((2, 2), (112, 112), 4, seed=0)
-    result = globalcom2.compress([image], "visionzip", 0.5)[0]
+    result = globalcom2.compress([image], method, 0.5)[0]
     colour = (200, 120, 60)
     picture = vis.draw(Image.new("RGB", (112, 112), colour), (2, 2), (112, 112), 56, image.thumb_scores, result,
-                       "visionzip", 0.5)
+                       method, 0.5)
     left, top, right, bottom = picture.info["panels"]["canvas"]
     px = np.asarray(picture, dtype=np.float32)
     ys = top + ((np.arange(8) + 0.5) * (bottom - top) / 8).astype(int)
     xs = left + ((np.arange(8) + 0.5) * (right - left) / 8).astype(int)
     cells = px[np.ix_(ys, xs)]  # (8, 8, 3)
     keep, merge = result.crop_keep.numpy(), result.crop_merge.numpy()
+    assert (~keep).any() and (merge[~keep] >= 0).all()  # every dropped cell went into a token here
     assert (np.abs(cells[keep] - colour).max(-1) <= 2).all()
     tint = np.asarray(colour) * (1 - vis.MERGE_TINT) + vis.MERGE_COLOURS[merge[~keep] % len(vis.MERGE_COLOURS)] * vis.MERGE_TINT
     assert (np.abs(cells[~keep] - tint).max(-1) <= 2).all()
@@ -124,6 +128,14 @@ def test_visionzip_needs_the_projector():
         globalcom2.compress([image], "visionzip", 0.5)
 
 
+def extras(method, out, C):
+    """Tokens of the default layout with no grid position: VisionZip's [CLS] and contextual tokens of every
+    crop, PruMerge+'s extra token of every tile (the thumbnail's kept tokens are counted in thumb_keep)."""
+    if method == "visionzip":
+        return C * (1 + globalcom2.visionzip.visionzip_split(8)[1])
+    return 1 + C if method == "prumerge+" else 0
+
+
 @pytest.mark.parametrize("method", PEERS)
 def test_empty_crops_and_no_valid_area(method):
     """1 x 3 grids of wide images: top and bottom crops all padding (900 x 500), or no valid row at all
@@ -132,13 +144,19 @@ def test_empty_crops_and_no_valid_area(method):
         image, _ = peer_case((1, 3), size, 4, seed=1)
         out = globalcom2.compress([image], method, 0.5)[0]
         assert torch.isfinite(out.tokens).all()
-        T = 8
         if method.endswith("-paper"):
-            assert out.tokens.shape[0] == 4 * T
+            if method.startswith(("fastervlm", "visionzip")):
+                assert out.tokens.shape[0] == 4 * 8  # T = 8 in each tile
+            elif method == "prumerge+-paper":  # no unpadding: every tile's tokens and its extra token
+                assert out.tokens.shape[0] == len(out.thumb_keep) + int(out.crop_keep.sum()) + 4
+            else:  # hired-paper: what its (transposed) unpadding leaves, no newlines
+                assert out.tokens.shape[0] == len(out.thumb_keep) + int(out.crop_keep.sum())
         else:
             assert not (out.crop_keep & ~out.valid).any()
-            extra = 3 * (1 + globalcom2.visionzip.visionzip_split(T)[1]) if method == "visionzip" else 0
-            assert out.tokens.shape[0] == T + int(out.crop_keep.sum()) + n_rows + extra
+            expected = len(out.thumb_keep) + int(out.crop_keep.sum()) + n_rows + extras(method, out, 3)
+            if method == "visionzip":
+                expected = 8 + int(out.crop_keep.sum()) + n_rows + extras(method, out, 3)  # thumbnail: T tokens
+            assert out.tokens.shape[0] == expected
 
 
 ACCELERATORS = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if ok]
