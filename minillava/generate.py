@@ -31,6 +31,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_COMPRESSOR = "globalcom2"
 # globalcom2's methods act between projector and decoder; "fastv" prunes inside the decoder's prefill
 COMPRESSORS = (*globalcom2.METHODS, "fastv")
+COMPRESSOR_HELP = (
+    "visual-token compression: globalcom2 (default) and globalcom2-paper (token for token the published "
+    "code); the paper's ablations uniform, local-only, global-only; a seeded random floor; none (plain "
+    "LLaVA-NeXT); the peers fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is "
+    "ignored: PruMerge+ chooses its own count), each also as NAME-paper (the published sequence), and fastv "
+    "(prunes inside the decoder after layer 2; needs more than 2 decoder layers). README: GlobalCom2, Peers"
+)
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
 
 
@@ -330,9 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--prompt", required=True, help="the question about the image")
     p.add_argument("--compressor", default=DEFAULT_COMPRESSOR, choices=COMPRESSORS,
-                   help="visual-token compression between projector and decoder: globalcom2 (default), "
-                   "globalcom2-paper (token for token the published code), the paper's ablations uniform, "
-                   "local-only, global-only, a seeded random floor, or none (plain LLaVA-NeXT)")
+                   help=COMPRESSOR_HELP)
     p.add_argument("--retention-ratio", type=ratio_arg, default=DEFAULT_RETENTION_RATIO, metavar="R",
                    help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")

@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=gen.DEFAULT_MODEL,
                    help=f"checkpoint directory or hub id (default {gen.DEFAULT_MODEL})")
     p.add_argument("--compressor", default=gen.DEFAULT_COMPRESSOR, choices=gen.COMPRESSORS,
-                   help=f"visual-token compression (default {gen.DEFAULT_COMPRESSOR})")
+                   help=gen.COMPRESSOR_HELP)
     p.add_argument("--retention-ratio", type=ratio_arg, default=gen.DEFAULT_RETENTION_RATIO, metavar="R",
                    help=f"fraction of visual tokens kept, in (0, 1] (default {gen.DEFAULT_RETENTION_RATIO})")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N questions of the question file")
