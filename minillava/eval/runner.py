@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .. import generate as gen
 from ..anyres import check_regular
 from ..config import load_config
-from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, fail, generate, load, ratio_arg, seed_arg, \
+from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, fail, generate_batch, load, ratio_arg, seed_arg, \
     warm_up
 from ..weights import resolve_model
 from . import distributed
@@ -27,6 +27,9 @@ from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, p
 from .files import DataError, read_text, write_atomic
 from .tasks import TASKS, Question, Task
 
+# 8: on the tiny model on 2 CPU cores about 4x the questions/s of 1 (scripts/bench.py --sections batch), and
+# for 7B in float16 eight prompts of LLaVA-NeXT's ~2900 uncompressed tokens need ~12 GB of KV cache
+DEFAULT_BATCH_SIZE = 8
 SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed")  # what an answers file must not mix
 def parse_args(argv=None) -> argparse.Namespace:
     tasks = "\n".join(f"  {name:<10} {', '.join(task.layout())}" for name, task in TASKS.items())
@@ -66,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: float16 on cuda; float32 on cpu, or bfloat16 when float32 would not fit")
     p.add_argument("--compile", action="store_true", help="torch.compile the tower, prefill and decode step")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                   help=f"questions answered together (default {DEFAULT_BATCH_SIZE}): one tower batch, one decoder "
+                   "batch of unequal lengths; the answers are those of --batch-size 1. A batch that runs out of "
+                   "GPU memory is answered again one by one; lower N if that happens often")
     args = p.parse_args(argv)
     if args.data is None and TASKS[args.task].needs_data:
         p.error(f"--data DIR is required: the folder of {args.task}'s question file, images and annotations")
@@ -79,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--answers goes with --score-only; to answer questions, give --output")
     if args.limit is not None and args.limit < 0:
         p.error("--limit must be >= 0")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     return args
@@ -178,37 +187,67 @@ def fetch_model(model: str, world: distributed.World) -> Path:
 
 
 def answer(args, task: Task, questions: list[Question], settings: dict, model_dir: Path, device, world):
-    """Answer `questions` with one model, appending each record as soon as it exists."""
+    """Answer `questions` with one model, --batch-size at a time, appending each record as soon as its
+    batch is done. A question that fails is recorded as failed; the others of its batch are answered."""
     model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype))
     steps = Steps()
     if args.compile:
         steps = compile_steps(model)
-        warm_up(model, steps)
+        warm_up(model, steps, batch=min(args.batch_size, len(questions)))
     writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
     share = f" (rank 0 of {world.size})" if world.size > 1 else ""
     bar = tqdm(total=len(questions), desc=task.name + share, unit="q", file=sys.stderr, disable=not world.main,
                dynamic_ncols=True)
     try:
-        for q in questions:
-            record = {"key": q.key, "question_id": q.question_id, "prompt": q.text}
-            try:
-                result = generate(model, tokenizer, task.open_image(q), q.prompt, args.compressor,
-                                  args.retention_ratio, settings["max_new_tokens"], temperature=0.0, seed=args.seed,
-                                  steps=steps)
-                record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
-            except (*USER_ERRORS, torch.cuda.OutOfMemoryError) as e:  # this question's fault: record it, go on
-                if isinstance(e, torch.cuda.OutOfMemoryError):  # e.g. one huge image: free and go on
-                    torch.cuda.empty_cache()
-                message = " ".join(str(e).split()) or type(e).__name__
-                record.update(text="", error=message)
-                prefix = f"[rank {world.rank}] " if world.size > 1 else ""
-                tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
-            record.update(model_id=args.model, metadata=settings)
-            writer.write(record)
-            bar.update(1)
+        for start in range(0, len(questions), args.batch_size):
+            batch = questions[start : start + args.batch_size]
+            for q, result in zip(batch, answer_batch(args, task, batch, settings, model, tokenizer, steps)):
+                record = {"key": q.key, "question_id": q.question_id, "prompt": q.text}
+                if isinstance(result, BaseException):  # this question's fault: record it, go on
+                    message = " ".join(str(result).split()) or type(result).__name__
+                    record.update(text="", error=message)
+                    prefix = f"[rank {world.rank}] " if world.size > 1 else ""
+                    tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
+                else:
+                    record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
+                record.update(model_id=args.model, metadata=settings)
+                writer.write(record)
+                bar.update(1)
     finally:
         bar.close()
         writer.close()
+
+
+def answer_batch(args, task: Task, batch: list[Question], settings: dict, model, tokenizer, steps) -> list:
+    """One Result or exception per question of `batch`. A batch that runs out of GPU memory is answered
+    again one question at a time, so only a question too large alone fails (e.g. one huge image)."""
+    images, results = {}, [None] * len(batch)
+    for i, q in enumerate(batch):
+        try:
+            images[i] = task.open_image(q)
+        except USER_ERRORS as e:
+            results[i] = e
+
+    def run(keys: list[int]) -> list:
+        return generate_batch(model, tokenizer, [(images[i], batch[i].prompt) for i in keys], args.compressor,
+                              args.retention_ratio, settings["max_new_tokens"], temperature=0.0, seed=args.seed,
+                              steps=steps, return_exceptions=True)
+
+    keys = list(images)
+    try:
+        done = run(keys) if keys else []
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        done = [e] if len(keys) == 1 else []
+        for i in keys if len(keys) > 1 else []:
+            try:
+                done += run([i])
+            except torch.cuda.OutOfMemoryError as alone:
+                torch.cuda.empty_cache()
+                done.append(alone)
+    for i, r in zip(keys, done, strict=True):
+        results[i] = r
+    return results
 
 
 def check_settings(output: Path, records, settings: dict):
