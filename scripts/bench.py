@@ -771,12 +771,20 @@ def bench_batch_decode(plan: Plan, ours: LlavaNext, hf, log, sizes=(1, 8)) -> di
     cache = -(-(prompt + n) // CACHE_BUCKET) * CACHE_BUCKET
     embeds = random_embeds(hf, prompt, seed=1)
     ids: dict[int, list[list[int]]] = {}
+    prefilled = {}  # batch size: (each layer's cache, first ids). A prefill costs b x a long decode: done
+    # once per size; rerunning the steps rewrites the same slots, and the mask hides the later ones
 
     def side(b: int) -> Callable[[], float]:
         def run() -> float:
-            ours.llm.setup_cache(b, cache)
+            layers = ours.llm.layers
+            if b not in prefilled:
+                ours.llm.setup_cache(b, cache)
+                first = sample(prefill(ours, embeds.expand(b, -1, -1)), 0.0, 1.0, None)
+                prefilled[b] = [layer.self_attn.cache for layer in layers], first
+            caches, next_id = prefilled[b]
+            for layer, kv in zip(layers, caches):
+                layer.self_attn.cache = kv
             positions = torch.arange(prompt, prompt + n).expand(b, -1)
-            next_id = sample(prefill(ours, embeds.expand(b, -1, -1)), 0.0, 1.0, None)
             out = [next_id.tolist()]
             t0 = time.perf_counter()
             for step in range(n - 1):
