@@ -284,7 +284,7 @@ def generate_batch(
     _sync(device)
     t1 = time.perf_counter()
     method = "none" if compressor == "fastv" else compressor  # FastV prunes in the decoder's prefill
-    compressed = dict(zip(tiles, globalcom2.compress(features, method, retention_ratio, seed=seed)))
+    compressed = dict(zip(tiles, globalcom2.compress(features, method, retention_ratio, seed=seed) if tiles else []))
     _sync(device)
     t2 = time.perf_counter()
     timings["vision"], timings["compress"], timings["prefill"], timings["decode"] = t1 - t0, t2 - t1, 0.0, 0.0
@@ -380,7 +380,9 @@ def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], tempe
     model.llm.setup_cache(b, slots[0], layer_lengths=slots)
     generators = [torch.Generator(device).manual_seed(seed) for _ in rows] if temperature > 0 else None
     lengths = torch.tensor([r.embeds.shape[0] for r in rows], device=device)
-    positions = lengths[:, None] + torch.arange(n, device=device)  # (B, n): row b's answer token s
+    # (n, B, 1): row b's answer token s at [s, b]; each step's (B, 1) is a contiguous tensor, as the
+    # compiled (CUDA graph) step was recorded with
+    positions = (lengths[None, :] + torch.arange(n, device=device)[:, None])[..., None]
     reader = TokenReader(device, n, b)
 
     t0 = time.perf_counter()
@@ -397,7 +399,7 @@ def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], tempe
         if step + 1 < n:  # queue the next step before waiting for these ids
             # A BAD_TOKEN is fed as id 0, and a stopped row goes on with whatever it sampled: its
             # later ids are never read, and rows do not see each other.
-            logits = steps.decode(model, next_id.clamp(min=0).view(b, 1), positions[:, step : step + 1])
+            logits = steps.decode(model, next_id.clamp(min=0).view(b, 1), positions[step])
             next_id = sample_rows(logits, temperature, top_p, generators)
             reader.start(step + 1, next_id)
         tokens = reader.read(step)

@@ -732,8 +732,9 @@ def bench_decode(plan: Plan, ours: LlavaNext, hf, log) -> dict:
 def bench_batch_eval(plan: Plan, log, model_name: str = "llava-next-tiny-scenes") -> dict:
     """Row 10: questions/s of `minillava.eval synthetic` (the shipped tiny model, globalcom2 r = 0.25, the
     task's own max_new_tokens) at each of plan.batch_sizes. Each side answers the same first
-    `batch_questions` held-out questions through the eval's own per-batch path (runner.answer_batch: the
-    scene is made, tiled, encoded, compressed and answered), the model loaded once, no file written."""
+    `batch_questions` held-out questions through the eval's own loop (runner.answered: the scenes of the
+    next batch are made in a thread while this batch is tiled, encoded, compressed and answered), the
+    model loaded once, no file written."""
     from minillava.eval import runner
     from minillava.eval.tasks import TASKS
     from minillava.generate import load
@@ -741,17 +742,16 @@ def bench_batch_eval(plan: Plan, log, model_name: str = "llava-next-tiny-scenes"
     task = TASKS["synthetic"]
     questions = task.load(None, None, None)[: plan.batch_questions]
     model, tokenizer = load(model_name)
-    args = argparse.Namespace(compressor="globalcom2", retention_ratio=0.25, seed=0)
     settings = {"max_new_tokens": task.max_new_tokens}
     answers: dict[int, list[str]] = {}
 
     def side(size: int) -> Callable[[], float]:
+        args = argparse.Namespace(compressor="globalcom2", retention_ratio=0.25, seed=0, batch_size=size)
+
         def run() -> float:
-            t0, texts = time.perf_counter(), []
-            for start in range(0, len(questions), size):
-                done = runner.answer_batch(args, task, questions[start : start + size], settings, model, tokenizer, Steps())
-                texts += [getattr(r, "text", repr(r)) for r in done]
-            answers[size] = texts
+            t0 = time.perf_counter()
+            done = runner.answered(args, task, questions, settings, model, tokenizer, Steps())
+            answers[size] = [getattr(r, "text", repr(r)) for _, r in done]
             return time.perf_counter() - t0
 
         return run

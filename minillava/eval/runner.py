@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -199,34 +200,55 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
     bar = tqdm(total=len(questions), desc=task.name + share, unit="q", file=sys.stderr, disable=not world.main,
                dynamic_ncols=True)
     try:
-        for start in range(0, len(questions), args.batch_size):
-            batch = questions[start : start + args.batch_size]
-            for q, result in zip(batch, answer_batch(args, task, batch, settings, model, tokenizer, steps)):
-                record = {"key": q.key, "question_id": q.question_id, "prompt": q.text}
-                if isinstance(result, BaseException):  # this question's fault: record it, go on
-                    message = " ".join(str(result).split()) or type(result).__name__
-                    record.update(text="", error=message)
-                    prefix = f"[rank {world.rank}] " if world.size > 1 else ""
-                    tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
-                else:
-                    record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
-                record.update(model_id=args.model, metadata=settings)
-                writer.write(record)
-                bar.update(1)
+        for q, result in answered(args, task, questions, settings, model, tokenizer, steps):
+            record = {"key": q.key, "question_id": q.question_id, "prompt": q.text}
+            if isinstance(result, BaseException):  # this question's fault: record it, go on
+                message = " ".join(str(result).split()) or type(result).__name__
+                record.update(text="", error=message)
+                prefix = f"[rank {world.rank}] " if world.size > 1 else ""
+                tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
+            else:
+                record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
+            record.update(model_id=args.model, metadata=settings)
+            writer.write(record)
+            bar.update(1)
     finally:
         bar.close()
         writer.close()
 
 
-def answer_batch(args, task: Task, batch: list[Question], settings: dict, model, tokenizer, steps) -> list:
-    """One Result or exception per question of `batch`. A batch that runs out of GPU memory is answered
-    again one question at a time, so only a question too large alone fails (e.g. one huge image)."""
-    images, results = {}, [None] * len(batch)
-    for i, q in enumerate(batch):
+def answered(args, task: Task, questions: list[Question], settings: dict, model, tokenizer, steps):
+    """(question, Result or exception) for each question, in order, --batch-size at a time. The next
+    batch's images are opened (read, decoded, or made) in a thread while this batch is answered."""
+    batches = [questions[s : s + args.batch_size] for s in range(0, len(questions), args.batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(open_images, task, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            opened = pending.result()  # a bug raised while opening is raised here
+            if k + 1 < len(batches):
+                pending = pool.submit(open_images, task, batches[k + 1])
+            yield from zip(batch, answer_batch(args, task, batch, settings, model, tokenizer, steps, opened))
+
+
+def open_images(task: Task, batch: list[Question]) -> list:
+    """Each question's PIL image, or the exception (one of USER_ERRORS) that opening it raised."""
+    out = []
+    for q in batch:
         try:
-            images[i] = task.open_image(q)
+            out.append(task.open_image(q))
         except USER_ERRORS as e:
-            results[i] = e
+            out.append(e)
+    return out
+
+
+def answer_batch(args, task: Task, batch: list[Question], settings: dict, model, tokenizer, steps,
+                 opened: list | None = None) -> list:
+    """One Result or exception per question of `batch` (`opened`: its images from `open_images`, opened
+    here if None). A batch that runs out of GPU memory is answered again one question at a time, so
+    only a question too large alone fails (e.g. one huge image)."""
+    opened = open_images(task, batch) if opened is None else opened
+    images = {i: x for i, x in enumerate(opened) if not isinstance(x, BaseException)}
+    results = [x if isinstance(x, BaseException) else None for x in opened]
 
     def run(keys: list[int]) -> list:
         return generate_batch(model, tokenizer, [(images[i], batch[i].prompt) for i in keys], args.compressor,
