@@ -28,8 +28,9 @@ from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, p
 from .files import DataError, read_text, write_atomic
 from .tasks import TASKS, Question, Task
 
-# 8: on the tiny model on 2 CPU cores about 4x the questions/s of 1 (scripts/bench.py --sections batch), and
-# for 7B in float16 eight prompts of LLaVA-NeXT's ~2900 uncompressed tokens need ~12 GB of KV cache
+# 8: a GPU's decode step reads the weights once for 8 rows; for 7B in float16 eight prompts of
+# LLaVA-NeXT's ~2900 uncompressed tokens need ~12 GB of KV cache. On a CPU the tiny model gains little
+# (its tower and prefill are compute-bound per question; bench.py row 10), and loses nothing.
 DEFAULT_BATCH_SIZE = 8
 SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed")  # what an answers file must not mix
 def parse_args(argv=None) -> argparse.Namespace:
