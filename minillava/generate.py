@@ -21,7 +21,7 @@ import globalcom2
 
 from .anyres import ImageError, load_image, tile_image
 from .config import ConfigError, load_config
-from .llama import FastV
+from .llama import PAD, FastV
 from .model import LlavaNext
 from .conversation import FLAG as CONV_FLAG, TEMPLATES, choose_template
 from .tokenizer import PromptError, StreamDecoder, Tokenizer, read_added_tokens
@@ -82,16 +82,18 @@ def load(model: str, device="cpu", dtype: torch.dtype | None = None,
     return load_model(model_dir, device, dtype), tokenizer
 
 
-def prefill(model: LlavaNext, embeds: torch.Tensor, fastv: FastV | None = None) -> torch.Tensor:
-    """Run the prompt (1, T, D) from position 0, filling the cache (with `fastv`: pruning its image
-    tokens before layer K); logits of its last position (1, V)."""
-    pos = torch.arange(embeds.shape[1], device=embeds.device)
+def prefill(model: LlavaNext, embeds: torch.Tensor, fastv: FastV | None = None,
+            input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompts (B, T, D) from position 0, filling the cache (with `fastv`: pruning the image
+    tokens before layer K); logits of the last position (B, V). `input_pos` (B, T): per-row positions
+    of left-padded prompts, PAD (-1) on the padding (see `pad_left`); default 0 .. T-1 for every row."""
+    pos = torch.arange(embeds.shape[1], device=embeds.device) if input_pos is None else input_pos
     hidden = model.llm(embeds, pos, prefill=True, fastv=fastv)
     return model.logits(hidden[:, -1])
 
 
 def decode_one_token(model: LlavaNext, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """One step: token ids (1, 1) at position `pos` (1,) -> logits (1, V)."""
+    """One step: token ids (B, 1) at positions `pos` ((B, 1) per row, or (1,) for every row) -> logits (B, V)."""
     hidden = model.llm(model.llm.embed_tokens(token), pos)
     return model.logits(hidden[:, -1])
 
@@ -122,6 +124,16 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return torch.where(bad, BAD_TOKEN, ids)
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_p: float,
+                generators: list[torch.Generator] | None) -> torch.Tensor:
+    """`sample` for a batch (B, V) -> (B,). Greedy is one call. With a temperature each row draws from
+    its own generator, one (1, V) draw per step exactly as a question answered alone does, so a row's
+    random numbers do not depend on the other rows of its batch."""
+    if temperature <= 0 or generators is None:
+        return sample(logits, temperature, top_p, None)
+    return torch.cat([sample(logits[i : i + 1], temperature, top_p, g) for i, g in enumerate(generators)])
 
 
 def check_token(token: int, step: int) -> int:
@@ -164,16 +176,17 @@ def compile_steps(model: LlavaNext) -> Steps:
 
 
 @torch.inference_mode()
-def warm_up(model: LlavaNext, steps: Steps, cache_length: int = CACHE_BUCKET) -> float:
+def warm_up(model: LlavaNext, steps: Steps, cache_length: int = CACHE_BUCKET, batch: int = 1) -> float:
     """Run each compiled call once on dummy inputs so compilation is paid here, not in the timings
-    of the first answer. Returns the seconds it took."""
+    of the first answer (`batch` rows, as `generate_batch` will call them). Returns the seconds it took."""
     t0 = time.perf_counter()
     device, side = model.device, model.cfg.vision.image_size
     model.vision(torch.zeros(2, 3, side, side, device=device, dtype=model.dtype))
-    model.llm.setup_cache(1, cache_length)
-    embeds = model.embed(torch.zeros(8, dtype=torch.long))[None]
+    model.llm.setup_cache(batch, cache_length)
+    embeds = model.embed(torch.zeros(8, dtype=torch.long))[None].expand(batch, -1, -1)
     steps.prefill(model, embeds)
-    token, pos = torch.zeros(1, 1, dtype=torch.long, device=device), torch.tensor([8], device=device)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.full((batch, 1), 8, device=device)
     for _ in range(3):  # CUDA graphs are recorded after a warm-up call
         steps.decode(model, token, pos)
     _sync(device)
@@ -181,23 +194,25 @@ def warm_up(model: LlavaNext, steps: Steps, cache_length: int = CACHE_BUCKET) ->
 
 
 class TokenReader:
-    """Brings sampled ids to the host without stalling the device: the id is copied out before the next
-    step is queued, and read after, so on CUDA the next step runs while the host handles this one."""
+    """Brings sampled ids to the host without stalling the device: the ids are copied out before the
+    next step is queued, and read after, so on CUDA the next step runs while the host handles this one."""
 
-    def __init__(self, device: torch.device, n: int):
+    def __init__(self, device: torch.device, n: int, batch: int = 1):
         self.cuda = device.type == "cuda"
-        self.host = torch.empty(n, dtype=torch.long, pin_memory=self.cuda)
+        self.host = torch.empty(n, batch, dtype=torch.long, pin_memory=self.cuda)
         self.event = torch.cuda.Event() if self.cuda else None
 
     def start(self, step: int, ids: torch.Tensor):
-        self.host[step : step + 1].copy_(ids, non_blocking=self.cuda)
+        """ids (B,) of step `step`."""
+        self.host[step].copy_(ids.view(-1), non_blocking=self.cuda)
         if self.cuda:
             self.event.record()
 
-    def read(self, step: int) -> int:
+    def read(self, step: int) -> list[int]:
+        """The B ids of step `step`."""
         if self.cuda:
             self.event.synchronize()
-        return int(self.host[step])
+        return self.host[step].tolist()
 
 
 @torch.inference_mode()
@@ -215,75 +230,212 @@ def generate(
     on_text=None,
     steps: Steps | None = None,
 ) -> Result:
-    """Answer `question` about the PIL `image`; `on_text(str)` receives the answer as it is produced."""
+    """Answer `question` about the PIL `image`; `on_text(str)` receives the answer as it is produced.
+    A batch of one of `generate_batch`; its errors are raised."""
+    stream = None if on_text is None else (lambda _row, text: on_text(text))
+    return generate_batch(model, tokenizer, [(image, question)], compressor, retention_ratio, max_new_tokens,
+                          temperature, top_p, seed, stream, steps)[0]
+
+
+@dataclass
+class _Row:
+    """One question of a batch between compression and decoding."""
+
+    index: int  # in the caller's list
+    embeds: torch.Tensor  # (T, D) the prompt with its image
+    limit: int  # answer tokens at most: max_new_tokens, cut to the context
+    fastv: FastV | None
+    visual_tokens: dict[str, int]
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: LlavaNext,
+    tokenizer: Tokenizer,
+    items: list[tuple],
+    compressor: str = "none",
+    retention_ratio: float = 1.0,
+    max_new_tokens: int | list[int] = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    on_text=None,
+    steps: Steps | None = None,
+    return_exceptions: bool = False,
+) -> list[Result | Exception]:
+    """Answer the (PIL image, question) `items` together, one Result each, in order.
+
+    Every tile of every image goes through the tower in one batch, each image is compressed alone (as
+    if answered alone: the random method is seeded per image), and the prompts run through the decoder
+    as one batch of unequal lengths (`decode_batch`). `max_new_tokens`: one limit, or one per item.
+    `on_text(i, str)` receives item i's answer as it is produced. Timings are the batch's (every
+    Result carries them); decode_tokens_per_s is the row's tokens over the batch's decode time.
+
+    Greedy (temperature 0) ids of a row are those of the question answered alone (tests/test_batch.py);
+    with a temperature each row samples from its own generator seeded with `seed`, as alone, so only
+    float rounding of batched matrix products can move a draw.
+
+    A question that fails (an image that cannot be tiled, a prompt longer than the context, NaN logits
+    in its row) fails alone: with `return_exceptions` its place holds the exception (a USER_ERRORS
+    one) and the other rows are answered; otherwise the first failure is raised.
+
+    `compressor` "fastv" prunes inside the prefill, whose kept count differs per image, so the layers
+    from K on would hold a different number of slots per row: its questions are decoded one at a time
+    (the tower still runs once for all of them)."""
     device, steps = model.device, steps or Steps()
+    limits = [max_new_tokens] * len(items) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(items):
+        raise ValueError(f"{len(limits)} max_new_tokens for {len(items)} items")
+    out: list[Result | Exception | None] = [None] * len(items)
     timings = {}
     t0 = time.perf_counter()
-    tiles = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
-    features = model.encode_images([tiles])
+    tiles = {}
+    for i, (image, _) in enumerate(items):
+        try:
+            tiles[i] = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
+        except USER_ERRORS as e:
+            out[i] = e
+    features = model.encode_images(list(tiles.values())) if tiles else []
     _sync(device)
     t1 = time.perf_counter()
     method = "none" if compressor == "fastv" else compressor  # FastV prunes in the decoder's prefill
-    compressed = globalcom2.compress(features, method, retention_ratio, seed=seed)
+    compressed = dict(zip(tiles, globalcom2.compress(features, method, retention_ratio, seed=seed) if tiles else []))
     _sync(device)
     t2 = time.perf_counter()
-    timings["vision"], timings["compress"] = t1 - t0, t2 - t1
+    timings["vision"], timings["compress"], timings["prefill"], timings["decode"] = t1 - t0, t2 - t1, 0.0, 0.0
 
+    rows = []
+    for i, image_tokens in compressed.items():
+        try:
+            rows.append(prepare(model, tokenizer, i, items[i][1], image_tokens, compressor, retention_ratio, limits[i]))
+        except USER_ERRORS as e:
+            out[i] = e
+    # FastV rows one by one (see the docstring); all others in one batch
+    groups = [[r] for r in rows] if compressor == "fastv" else [rows] if rows else []
+    decoded = {}
+    for group in groups:
+        for row, ids in zip(group, decode_batch(model, tokenizer, group, temperature, top_p, seed, on_text, steps,
+                                                timings), strict=True):
+            decoded[row.index] = (row, ids)
+    for i, (row, ids) in decoded.items():
+        if isinstance(ids, Exception):
+            out[i] = ids
+            continue
+        n_steps = max(len(ids) - 1, 0)  # the first id came out of the prefill
+        out[i] = Result(
+            text=tokenizer.decode(ids),
+            token_ids=ids,
+            visual_tokens=row.visual_tokens,
+            timings_s=dict(timings),
+            decode_tokens_per_s=n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0,
+        )
+    if not return_exceptions:
+        for r in out:
+            if isinstance(r, Exception):
+                raise r
+    return out
+
+
+def prepare(model: LlavaNext, tokenizer: Tokenizer, index: int, question: str, image, compressor: str,
+            retention_ratio: float, max_new_tokens: int) -> _Row:
+    """The decoder input of one question about its compressed image (globalcom2.Compressed); PromptError
+    if it does not fit the context, ConfigError if FastV cannot prune this model."""
     chunks = tokenizer.encode_question(question)  # the checkpoint's conversation template (`load`)
-    embeds = model.prompt_embeds(chunks, [c.tokens for c in compressed])
-    length, context = embeds.shape[1], model.cfg.text.max_position_embeddings
+    embeds = model.prompt_embeds(chunks, [image.tokens])[0]
+    length, context = embeds.shape[0], model.cfg.text.max_position_embeddings
     if length >= context:
         raise PromptError(
             f"the prompt and image take {length} tokens but the model's context is {context}; "
             "shorten the prompt or compress the image (--compressor globalcom2 --retention-ratio 0.25)"
         )
-    max_new_tokens = min(max_new_tokens, context - length)
     layers, fastv = model.cfg.text.num_hidden_layers, None
     if compressor == "fastv":  # the uncompressed image, pruned by the decoder in its prefill
-        fastv = FastV.from_ratio(len(chunks[0]), compressed[0].tokens.shape[0], retention_ratio)
+        fastv = FastV.from_ratio(len(chunks[0]), image.tokens.shape[0], retention_ratio)
         if fastv.layer >= layers:
             raise ConfigError(f"FastV prunes after decoder layer {fastv.layer}, but this model has only {layers} "
                               "decoder layers; use another --compressor")
-    bucket = lambda n: min(context, -(-n // CACHE_BUCKET) * CACHE_BUCKET)  # noqa: E731
-    slots = [bucket(length + max_new_tokens)] * layers
-    if fastv is not None:  # the layers from K on never hold the dropped image tokens
-        slots[fastv.layer :] = [bucket(length + max_new_tokens - fastv.dropped)] * (layers - fastv.layer)
-    model.llm.setup_cache(1, slots[0], layer_lengths=slots)
-    generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
-    positions = torch.arange(length, length + max_new_tokens, device=device)
-    reader = TokenReader(device, max_new_tokens)
+    # fastv: `after` is what the layers from K on see (the layers before K see all `before`)
+    visual = {"before": image.before, "after": fastv.keep if fastv else image.tokens.shape[0]}
+    return _Row(index, embeds, min(max_new_tokens, context - length), fastv, visual)
 
-    next_id = sample(steps.prefill(model, embeds, fastv), temperature, top_p, generator)
+
+def pad_left(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (T_b, D) -> (B, T, D) left-padded with zeros, and their positions: (T,) 0 .. T-1 when all
+    have one length (no padding, plain causal attention), else (B, T) per row, PAD on the padding.
+
+    Left padding rather than packing: every row's last prompt token lands on slot T-1, so each decode
+    step writes one shared cache slot for all rows and the step keeps static shapes (B, 1) for
+    `--compile` and CUDA graphs; row b's tokens keep positions 0 .. T_b-1 (RoPE and mask go by position,
+    not slot), so a row computes what it computes alone, and padding is masked out by its PAD position."""
+    lengths = [e.shape[0] for e in embeds]
+    t, device = max(lengths), embeds[0].device
+    if min(lengths) == t:
+        return torch.stack(embeds), torch.arange(t, device=device)
+    padded = torch.stack([torch.cat([e.new_zeros(t - e.shape[0], e.shape[1]), e]) for e in embeds])
+    pos = torch.stack([torch.arange(t, device=device) - (t - n) for n in lengths])
+    return padded, pos.clamp(min=PAD)
+
+
+def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], temperature: float, top_p: float,
+                 seed: int, on_text, steps: Steps, timings: dict) -> list[list[int] | NumericsError]:
+    """Prefill the rows as one left-padded batch, then decode them together through one static KV
+    cache until every row has stopped (EOS or its own limit); each row's ids, or the NumericsError of a
+    row whose logits became NaN or infinite (the other rows go on). Adds to timings' prefill, decode."""
+    device, context = model.device, model.cfg.text.max_position_embeddings
+    b, layers = len(rows), model.cfg.text.num_hidden_layers
+    embeds, input_pos = pad_left([r.embeds for r in rows])
+    t, n = embeds.shape[1], max(r.limit for r in rows)
+    # rounded up so a compiled step is reused; past the context only when rows' lengths differ so much
+    # that the longest prompt plus the longest answer exceeds it (slots, not positions)
+    bucket = lambda k: max(k, min(context, -(-k // CACHE_BUCKET) * CACHE_BUCKET))  # noqa: E731
+    slots = [bucket(t + n)] * layers
+    fastv = rows[0].fastv if b == 1 else None
+    if fastv is not None:  # the layers from K on never hold the dropped image tokens
+        slots[fastv.layer :] = [bucket(t + n - fastv.dropped)] * (layers - fastv.layer)
+    model.llm.setup_cache(b, slots[0], layer_lengths=slots)
+    generators = [torch.Generator(device).manual_seed(seed) for _ in rows] if temperature > 0 else None
+    lengths = torch.tensor([r.embeds.shape[0] for r in rows], device=device)
+    # (n, B, 1): row b's answer token s at [s, b]; each step's (B, 1) is a contiguous tensor, as the
+    # compiled (CUDA graph) step was recorded with
+    positions = (lengths[None, :] + torch.arange(n, device=device)[:, None])[..., None]
+    reader = TokenReader(device, n, b)
+
+    t0 = time.perf_counter()
+    logits = steps.prefill(model, embeds, fastv) if input_pos.dim() == 1 else steps.prefill(model, embeds, None, input_pos)
+    next_id = sample_rows(logits, temperature, top_p, generators)
     reader.start(0, next_id)
     _sync(device)
-    t3 = time.perf_counter()
-    timings["prefill"] = t3 - t2
+    t1 = time.perf_counter()
 
-    ids, stream = [], StreamDecoder(tokenizer)
-    for step in range(max_new_tokens):
-        if step + 1 < max_new_tokens:  # queue the next step before waiting for this id
-            # A BAD_TOKEN is fed as id 0: that step is thrown away, since reading the id raises first.
-            logits = steps.decode(model, next_id.clamp(min=0).view(1, 1), positions[step : step + 1])
-            next_id = sample(logits, temperature, top_p, generator)
+    ids: list[list[int] | NumericsError] = [[] for _ in rows]
+    streams = [StreamDecoder(tokenizer) for _ in rows] if on_text is not None else None
+    active = set(range(b))
+    for step in range(n):
+        if step + 1 < n:  # queue the next step before waiting for these ids
+            # A BAD_TOKEN is fed as id 0, and a stopped row goes on with whatever it sampled: its
+            # later ids are never read, and rows do not see each other.
+            logits = steps.decode(model, next_id.clamp(min=0).view(b, 1), positions[step])
+            next_id = sample_rows(logits, temperature, top_p, generators)
             reader.start(step + 1, next_id)
-        token = check_token(reader.read(step), step)
-        ids.append(token)
-        if token == tokenizer.eos_id:
+        tokens = reader.read(step)
+        for i in sorted(active):
+            try:
+                token = check_token(tokens[i], step)
+            except NumericsError as e:
+                ids[i] = e
+                active.discard(i)
+                continue
+            ids[i].append(token)
+            if token == tokenizer.eos_id or len(ids[i]) >= rows[i].limit:
+                active.discard(i)
+            if token != tokenizer.eos_id and streams is not None:
+                on_text(rows[i].index, streams[i].push(token))
+        if not active:
             break
-        if on_text is not None:
-            on_text(stream.push(token))
     _sync(device)
-    timings["decode"] = time.perf_counter() - t3
-    n_steps = max(len(ids) - 1, 0)  # the first id came out of the prefill
-    return Result(
-        text=tokenizer.decode(ids),
-        token_ids=ids,
-        # fastv: `after` is what the layers from K on see (the layers before K see all `before`)
-        visual_tokens={"before": sum(c.before for c in compressed),
-                       "after": fastv.keep if fastv else sum(c.tokens.shape[0] for c in compressed)},
-        timings_s=timings,
-        decode_tokens_per_s=n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0,
-    )
+    timings["prefill"] += t1 - t0
+    timings["decode"] += time.perf_counter() - t1
+    return ids
 
 
 def ratio_arg(text: str) -> float:

@@ -43,15 +43,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 EMPTY = torch.iinfo(torch.long).max  # position of a slot not written yet: after every query, so masked
+PAD = -1  # position of a left-padding token in a per-row `input_pos`: attended to by no query
 
 
 class KVCache(nn.Module):
     """Keys and values preallocated to `length` slots so shapes never change, and the position each slot
-    holds. A query attends to the slots whose position is at most its own, so the mask of a step is
-    (T, length), built from this one position table: linear in the length, never length x length.
+    holds, per batch row. A query attends to the slots whose position is at most its own, so the mask of
+    a step is (B, T, length), built from this one position table: linear in the length, never
+    length x length.
 
-    Slots fill in order: slot = position - `skipped`, where `skipped` counts the prompt positions this
-    layer does not hold (the image tokens FastV drops, in its layers from K on; 0 everywhere else).
+    Slots fill in order and are shared by the rows: slot = position - `skipped`, where `skipped` (B,)
+    counts the prompt positions this row's layer does not hold: the image tokens FastV drops, in its
+    layers from K on (0 everywhere else); negative for a left-padded row (it starts later in the slots).
+    Left padding aligns every row's last prompt token on the same slot, so a decode step writes one slot
+    for all rows.
     """
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
@@ -59,27 +64,30 @@ class KVCache(nn.Module):
         shape = (batch, heads, length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("pos", torch.full((length,), EMPTY, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("skipped", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("pos", torch.full((batch, length), EMPTY, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("skipped", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
 
     def prefill(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Start afresh with the prompt's k, v (B, H, T, hd) at its ascending positions `input_pos` (T,),
-        in slots 0 .. T-1; the prompt ends at position input_pos[-1]."""
+        """Start afresh with the prompt's k, v (B, H, T, hd) at positions `input_pos` ((T,) shared by the
+        rows, or (B, T) per row, PAD for padding), ascending, in slots 0 .. T-1; each row's prompt ends
+        at its input_pos[..., -1]."""
         t = k.shape[2]
         self.k[:, :, :t] = k
         self.v[:, :, :t] = v
         self.pos.fill_(EMPTY)
-        self.pos[:t] = input_pos
-        self.skipped.copy_(input_pos[-1] + 1 - t)
+        self.pos[:, :t] = torch.where(input_pos < 0, EMPTY, input_pos)  # padding: never attended to
+        self.skipped.copy_(input_pos[..., -1] + 1 - t)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, hd) of the positions `input_pos` (T,) that follow the prompt; return the
-        whole cache (B, H, length, hd) twice and the mask (T, length), True where a query may look."""
-        slots = input_pos - self.skipped
+        """Write k, v (B, H, T, hd) of the positions `input_pos` ((T,) or (B, T)) that follow the prompt;
+        return the whole cache (B, H, length, hd) twice and the mask (B, 1, T, length), True where a
+        query may look."""
+        input_pos = input_pos.expand(self.pos.shape[0], -1)  # (B, T)
+        slots = input_pos[0] - self.skipped[0]  # the same slots in every row (see the class docstring)
         self.k[:, :, slots] = k
         self.v[:, :, slots] = v
-        self.pos[slots] = input_pos
-        return self.k, self.v, self.pos <= input_pos[:, None]
+        self.pos[:, slots] = input_pos
+        return self.k, self.v, (self.pos[:, None, :] <= input_pos[:, :, None])[:, None]
 
 
 class Attention(nn.Module):
@@ -94,8 +102,9 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos, prefill: bool, probe: bool = False):
-        """x (B, T, D) at positions `input_pos` (T,) -> (B, T, D), and with `probe` the attention the last
-        query pays to every key, mean over heads (B, T) (FastV's score; else None).
+        """x (B, T, D) at positions `input_pos` ((T,) shared by the rows, or (B, T) per row with PAD for
+        left padding) -> (B, T, D), and with `probe` the attention the last query pays to every key,
+        mean over heads (B, T) (FastV's score; else None). cos, sin: (T, hd) or (B, 1, T, hd).
 
         `prefill`: the prompt, causal among its own tokens, which start the cache afresh. Otherwise the
         new tokens attend to the whole cache."""
@@ -105,6 +114,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all, mask = k, v, None  # a prefill: the new keys are all there is, causal order
+        if prefill and input_pos.dim() == 2:  # per-row positions: causal by position, padding masked
+            mask = prefill_mask(input_pos)
         if self.cache is None and not prefill:
             raise RuntimeError("decoding past the prompt needs a KV cache: call Decoder.setup_cache first")
         if self.cache is not None:
@@ -112,12 +123,24 @@ class Attention(nn.Module):
                 self.cache.prefill(input_pos, k, v)
             else:
                 k_all, v_all, mask = self.cache.update(input_pos, k, v)
-        if self.kv_heads != self.heads:
-            k_all = k_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v_all = v_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None)
-        scores = last_query_attention(q, k_all) if probe else None
+        # Grouped-query attention without repeating the cache's keys and values per step
+        gqa = self.kv_heads != self.heads
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        scores = None
+        if probe:
+            if input_pos.dim() == 2:
+                raise ValueError("FastV's probe reads one prompt: pass positions (T,) shared by the rows")
+            scores = last_query_attention(q, k_all.repeat_interleave(self.heads // self.kv_heads, dim=1))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), scores  # (B, T, D)
+
+
+def prefill_mask(input_pos: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) mask of a left-padded prompt at per-row positions (B, T), PAD where padding: a query
+    sees the keys at or before its position; padding keys are seen by no query; a padding query sits at
+    position 0 and sees its row's first token, so no softmax row is empty (an empty one is NaN, and
+    NaN times a zero weight would reach the real rows through the padding's values)."""
+    keys = torch.where(input_pos < 0, EMPTY, input_pos)
+    return (keys[:, None, :] <= input_pos.clamp(min=0)[:, :, None])[:, None]
 
 
 def last_query_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -232,7 +255,8 @@ class Decoder(nn.Module):
     def forward(
         self, embeds: torch.Tensor, input_pos: torch.Tensor, prefill: bool = False, fastv: FastV | None = None
     ) -> torch.Tensor:
-        """Hidden states after the final norm, (B, T, D), for `embeds` (B, T, D) at positions `input_pos` (T,).
+        """Hidden states after the final norm, (B, T, D), for `embeds` (B, T, D) at positions `input_pos`:
+        (T,) shared by every row, or (B, T) per row, PAD (-1) for a left-padding token (prefill only).
 
         `prefill`: the positions are 0 .. T-1, so attention is plain causal over the new tokens (no
         mask over the whole cache). Otherwise each query sees the cache up to its own position.
@@ -241,7 +265,9 @@ class Decoder(nn.Module):
         """
         if fastv is not None and not (prefill and 0 < fastv.layer < len(self.layers)):
             raise ValueError(f"FastV prunes in a prefill, before one of layers 1 .. {len(self.layers) - 1}")
-        cos, sin = self.rope[:, input_pos]  # (T, hd) each
+        cos, sin = self.rope[:, input_pos.clamp(min=0)]  # (T, hd) each, or (B, T, hd) for per-row positions
+        if input_pos.dim() == 2:  # broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
         x, scores = embeds, None
         for i, layer in enumerate(self.layers):
             if fastv is not None and i == fastv.layer:  # FastV: from here on only the kept tokens

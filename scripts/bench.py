@@ -40,7 +40,7 @@ import globalcom2  # noqa: E402
 from minillava.anyres import tile_image  # noqa: E402
 from minillava.clip import VisionTower  # noqa: E402
 from minillava.config import KNOWN_TOWERS, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
-from minillava.generate import CACHE_BUCKET, Steps, TokenReader, compile_steps, prefill, sample  # noqa: E402
+from minillava.generate import CACHE_BUCKET, Steps, TokenReader, compile_steps, decode_one_token, prefill, sample  # noqa: E402
 from minillava.model import LlavaNext  # noqa: E402
 
 CLIP_L336 = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]
@@ -81,6 +81,8 @@ class Plan:
     load_float32: bool = True  # also load the checkpoint into float32 (reported apart, no target)
     compile: bool = True  # torch.compile the decode step (row 4) and, as extra information, the prefill (row 3)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    batch_questions: int = 64  # synthetic questions answered per side of row 10
+    batch_sizes: tuple[int, ...] = (1, 8, 32)  # --batch-size of the sides of row 10 (row 11: 1 and 8)
 
 
 def decoder_1b() -> TextConfig:
@@ -94,7 +96,8 @@ def make_plan(name: str) -> Plan:
         return Plan(
             name="full", representative=True, vision=CLIP_L336, tiles=5, text=decoder_1b(),
             prefill_lengths=(700, 2900), decode_prompt=128, new_tokens=32,
-            repeats={"vision": 3, "prefill": 3, "compressed": 3, "decode": 5, "matmul": 10, "copy": 10, "compress": 20},
+            repeats={"vision": 3, "prefill": 3, "compressed": 3, "decode": 5, "matmul": 10, "copy": 10, "compress": 20,
+                     "batch": 3},
             matmul_n=2048, copy_bytes=1 << 30, ckpt_vision=CLIP_L336, ckpt_text=decoder_1b(),
         )
     if name == "quick":
@@ -103,9 +106,11 @@ def make_plan(name: str) -> Plan:
         return Plan(
             name="quick", representative=False, vision=dataclasses.replace(CLIP_L336, num_hidden_layers=2), tiles=2,
             text=small, prefill_lengths=(64, 256), decode_prompt=32, new_tokens=8,
-            repeats={"vision": 2, "prefill": 2, "compressed": 2, "decode": 2, "matmul": 5, "copy": 5, "compress": 5},
+            repeats={"vision": 2, "prefill": 2, "compressed": 2, "decode": 2, "matmul": 5, "copy": 5, "compress": 5,
+                     "batch": 1},
             matmul_n=1024, copy_bytes=1 << 26,
             ckpt_vision=dataclasses.replace(CLIP_L336, num_hidden_layers=2), ckpt_text=small, ckpt_shards=2,
+            batch_questions=16, batch_sizes=(1, 8, 16),
         )
     raise ValueError(f"unknown plan {name!r}")
 
@@ -721,6 +726,83 @@ def bench_decode(plan: Plan, ours: LlavaNext, hf, log) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Rows 10 and 11: batching
+
+
+def bench_batch_eval(plan: Plan, log, model_name: str = "llava-next-tiny-scenes") -> dict:
+    """Row 10: questions/s of `minillava.eval synthetic` (the shipped tiny model, globalcom2 r = 0.25, the
+    task's own max_new_tokens) at each of plan.batch_sizes. Each side answers the same first
+    `batch_questions` held-out questions through the eval's own loop (runner.answered: the scenes of the
+    next batch are made in a thread while this batch is tiled, encoded, compressed and answered), the
+    model loaded once, no file written."""
+    from minillava.eval import runner
+    from minillava.eval.tasks import TASKS
+    from minillava.generate import load
+
+    task = TASKS["synthetic"]
+    questions = task.load(None, None, None)[: plan.batch_questions]
+    model, tokenizer = load(model_name)
+    settings = {"max_new_tokens": task.max_new_tokens}
+    answers: dict[int, list[str]] = {}
+
+    def side(size: int) -> Callable[[], float]:
+        args = argparse.Namespace(compressor="globalcom2", retention_ratio=0.25, seed=0, batch_size=size)
+
+        def run() -> float:
+            t0 = time.perf_counter()
+            done = runner.answered(args, task, questions, settings, model, tokenizer, Steps())
+            answers[size] = [getattr(r, "text", repr(r)) for _, r in done]
+            return time.perf_counter() - t0
+
+        return run
+
+    samples = alternate({f"batch{b}": side(b) for b in plan.batch_sizes}, plan.repeats["batch"], label="batch_eval")
+    log(f"synthetic eval samples (s for {len(questions)} questions): {_fmt_dict(samples)}")
+    first = answers[plan.batch_sizes[0]]
+    return {"samples": samples, "questions": len(questions), "same_answers": all(a == first for a in answers.values())}
+
+
+@torch.inference_mode()
+def bench_batch_decode(plan: Plan, ours: LlavaNext, hf, log, sizes=(1, 8)) -> dict:
+    """Row 11: greedy decode tokens/s (all rows' tokens) at batch 1 and 8, eager steps (a compiled step
+    would compile once per batch size): every row the same prompt, so every row's ids must equal batch
+    1's. The prefill is not timed; the n - 1 decode steps are."""
+    prompt, n = plan.decode_prompt, plan.new_tokens
+    cache = -(-(prompt + n) // CACHE_BUCKET) * CACHE_BUCKET
+    embeds = random_embeds(hf, prompt, seed=1)
+    ids: dict[int, list[list[int]]] = {}
+    prefilled = {}  # batch size: (each layer's cache, first ids). A prefill costs b x a long decode: done
+    # once per size; rerunning the steps rewrites the same slots, and the mask hides the later ones
+
+    def side(b: int) -> Callable[[], float]:
+        def run() -> float:
+            layers = ours.llm.layers
+            if b not in prefilled:
+                ours.llm.setup_cache(b, cache)
+                first = sample(prefill(ours, embeds.expand(b, -1, -1)), 0.0, 1.0, None)
+                prefilled[b] = [layer.self_attn.cache for layer in layers], first
+            caches, next_id = prefilled[b]
+            for layer, kv in zip(layers, caches):
+                layer.self_attn.cache = kv
+            positions = torch.arange(prompt, prompt + n).expand(b, -1)
+            out = [next_id.tolist()]
+            t0 = time.perf_counter()
+            for step in range(n - 1):
+                next_id = sample(decode_one_token(ours, next_id.view(b, 1), positions[:, step : step + 1]), 0.0, 1.0, None)
+                out.append(next_id.tolist())
+            elapsed = time.perf_counter() - t0
+            ids[b] = [list(row) for row in zip(*out)]
+            return elapsed
+
+        return run
+
+    samples = alternate({f"batch{b}": side(b) for b in sizes}, plan.repeats["decode"], label="batch_decode")
+    log(f"batched decode samples (s for {n - 1} steps): {_fmt_dict(samples)}")
+    same = all(row == ids[sizes[0]][0] for b in sizes for row in ids[b])
+    return {"samples": samples, "steps_timed": n - 1, "sizes": list(sizes), "same_ids": same, "cache_length": cache}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Row 8: the compressor
 
 
@@ -1016,6 +1098,30 @@ def build_rows(r: dict) -> list[Row]:
                          f"checkpoint, {p32 / f32['model_bytes']:.2f} x the float32 model, load {f32['load_s']:.1f} s")
             rows.append(make_row("9", "peak RSS while loading / checkpoint bytes", "itself", f"{peak / GB:.2f} GB",
                                  f"{ld['ckpt_bytes'] / GB:.2f} GB", peak / ld["ckpt_bytes"], "<= 1.25", note))
+    be = r.get("batch_eval")
+    if be:
+        sizes = r["plan"]["batch_sizes"]
+        qps = {b: be["questions"] / median(be["samples"][f"batch{b}"]) for b in sizes}
+        rows.append(make_row("10", f"questions/s, minillava.eval synthetic, --batch-size {sizes[1]} / 1",
+                             "itself at --batch-size 1", f"{qps[sizes[1]]:.1f} q/s", f"{qps[sizes[0]]:.1f} q/s",
+                             qps[sizes[1]] / qps[sizes[0]], ">= 4",
+                             _join(f"shipped tiny model, globalcom2 r = 0.25, {be['questions']} questions per side; "
+                                   + ", ".join(f"batch {b}: {q:.1f} q/s" for b, q in qps.items())
+                                   + f"; same answers at every batch size: {'yes' if be['same_answers'] else 'NO'}",
+                                   paired(be["samples"][f"batch{sizes[0]}"], be["samples"][f"batch{sizes[1]}"]),
+                                   noise(r, "batch_eval"))))
+    bd = r.get("batch_decode")
+    if bd:
+        one, many = bd["sizes"]
+        tps = {b: b * bd["steps_timed"] / median(bd["samples"][f"batch{b}"]) for b in bd["sizes"]}
+        rows.append(make_row("11", f"decode tokens/s, batch {many} / batch 1 (all rows' tokens), eager",
+                             "itself at batch 1", f"{tps[many]:.2f} tok/s", f"{tps[one]:.2f} tok/s",
+                             tps[many] / tps[one], ">= 5",
+                             _join(f"prompt {r['plan']['decode_prompt']}, {bd['steps_timed']} decode steps timed, "
+                                   f"the same prompt in every row; every row's ids equal batch 1's: "
+                                   f"{'yes' if bd['same_ids'] else 'NO'}",
+                                   paired(bd["samples"][f"batch{one}"], bd["samples"][f"batch{many}"]),
+                                   noise(r, "batch_decode"))))
     return rows
 
 
@@ -1174,7 +1280,7 @@ def to_json(obj):
 # The run
 
 
-SECTIONS = ("loading", "vision", "compression", "prefill", "decode")
+SECTIONS = ("loading", "vision", "compression", "prefill", "decode", "batch")
 
 
 def run_sections(plan: Plan, r: dict, sections, log) -> None:
@@ -1208,7 +1314,10 @@ def run_sections(plan: Plan, r: dict, sections, log) -> None:
                            "scores_note": scores_note}
     r["theory"] = theory(counts, PROMPT_TOKENS, scores_note)
 
-    if "prefill" in sections or "decode" in sections:
+    if "batch" in sections:
+        r["batch_eval"] = bench_batch_eval(plan, log)
+        gc.collect()
+    if "prefill" in sections or "decode" in sections or "batch" in sections:
         t0 = time.perf_counter()
         ours, hf = build_decoders(plan.text)
         n_params = decoder_params(ours)
@@ -1219,6 +1328,8 @@ def run_sections(plan: Plan, r: dict, sections, log) -> None:
             r["prefill"] = bench_prefill(plan, ours, hf, lengths, log)
         if "decode" in sections:
             r["decode"] = bench_decode(plan, ours, hf, log)
+        if "batch" in sections:
+            r["batch_decode"] = bench_batch_decode(plan, ours, hf, log)
         del ours, hf
         gc.collect()
 

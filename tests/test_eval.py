@@ -423,8 +423,8 @@ def test_resume_after_kill(tmp_path, capsys, checkpoints, pope_images, monkeypat
     out.write_bytes(b"\n".join(lines[:4]) + b"\n" + lines[4][:25])  # killed while writing the 5th answer
 
     calls = []
-    real = runner.generate
-    monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = runner.generate_batch
+    monkeypatch.setattr(runner, "generate_batch", lambda *a, **k: calls.extend(q for _, q in a[2]) or real(*a, **k))
     line, err = run_pope(capsys, pope_images, out, checkpoints["tf5"], "--limit", 6)
     assert len(calls) == 2 and "4 already in" in err  # questions 5 and 6 only
     assert out.read_bytes() == complete  # nothing lost, nothing twice, same order
@@ -439,6 +439,21 @@ def test_resume_after_kill(tmp_path, capsys, checkpoints, pope_images, monkeypat
     code = runner.main(["pope", "--data", str(pope_images), "--output", str(out), "--model", str(checkpoints["tf5"]),
                         "--max-new-tokens", "3", "--compressor", "none"])
     one_error_line(code, capsys.readouterr().err, "other settings", "compressor globalcom2 -> none")
+
+
+def test_batch_size_4_writes_the_answers_of_batch_size_1(tmp_path, capsys, checkpoints, pope_images):
+    """--batch-size 4 (two unreadable images inside the first batch, a last batch of 3) and 1: the same
+    answers file byte for byte; a file begun at one batch size is resumed at another."""
+    one, four = tmp_path / "one.jsonl", tmp_path / "four.jsonl"
+    line1, _ = run_pope(capsys, pope_images, one, checkpoints["hub"], "--batch-size", 1, "--max-new-tokens", 8)
+    line4, _ = run_pope(capsys, pope_images, four, checkpoints["hub"], "--batch-size", 4, "--max-new-tokens", 8)
+    assert four.read_bytes() == one.read_bytes() and line4 == line1 and line1["failed"] == 2
+    texts = [json.loads(x)["text"] for x in one.read_text().splitlines()]
+    assert len({len(t) for t in texts}) > 1  # answers of different lengths
+    lines = four.read_bytes().split(b"\n")
+    four.write_bytes(b"\n".join(lines[:2]) + b"\n")
+    run_pope(capsys, pope_images, four, checkpoints["hub"], "--batch-size", 3, "--max-new-tokens", 8)
+    assert four.read_bytes() == one.read_bytes()
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, capsys, checkpoints, pope_images):

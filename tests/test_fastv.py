@@ -148,9 +148,9 @@ def test_cache_holds_what_fastv_keeps(monkeypatch, deep_checkpoint, image_path):
     for i, layer in enumerate(model.llm.layers):
         cache = layer.self_attn.cache
         held = list(range(t)) + answer if i < K else kept + answer
-        assert cache.pos[: len(held)].tolist() == held
-        assert (cache.pos[len(held) :] == EMPTY).all()
-        assert cache.skipped == (0 if i < K else dropped)
+        assert cache.pos[0, : len(held)].tolist() == held
+        assert (cache.pos[0, len(held) :] == EMPTY).all()
+        assert cache.skipped.tolist() == [0 if i < K else dropped]
         assert cache.k.shape[2] == -(-(t + 4 - (0 if i < K else dropped)) // 16) * 16
 
 
@@ -185,7 +185,7 @@ def test_grouped_query_attention_decoder_equals_the_naive_reference(tmp_path, to
             token = torch.tensor([[got[-1]]])
             got.append(int(gen.decode_one_token(model, token, torch.tensor([40 + step])).argmax()))
     assert got == ids
-    assert model.llm.layers[K].self_attn.cache.pos[: len(kept)].tolist() == kept
+    assert model.llm.layers[K].self_attn.cache.pos[0, : len(kept)].tolist() == kept
 
 
 @pytest.mark.parametrize("length", [1, 7, 52, 576, 2928])

@@ -35,15 +35,15 @@ def test_a_million_position_cache_allocates_no_square_mask():
         # bytes per position, all buffers: per layer k and v (2 heads x 4 dims, float32) and the
         # position (int64), and the RoPE table's cos and sin (4 dims, float32)
         per_position = sum(b.numel() * b.element_size() for b in buffers.values()) / length
-        assert per_position == pytest.approx(2 * (2 * 2 * 4 * 4 + 8) + 2 * 4 * 4)  # + a scalar per layer
+        assert per_position == pytest.approx(2 * (2 * 2 * 4 * 4 + 8) + 2 * 4 * 4)  # + a counter per row and layer
 
         embeds = torch.randn(1, 5, 8)
         dec(embeds, torch.arange(5), prefill=True)
         far = dec(torch.randn(1, 1, 8), torch.tensor([length - 1]))  # positions 5 .. L-2 never written
     assert torch.isfinite(far).all()
     cache = dec.layers[0].self_attn.cache
-    assert cache.pos[:5].tolist() == list(range(5)) and cache.pos[length - 1] == length - 1
-    assert (cache.pos[5 : length - 1] == EMPTY).all()  # masked: never attended to
+    assert cache.pos[0, :5].tolist() == list(range(5)) and cache.pos[0, length - 1] == length - 1
+    assert (cache.pos[0, 5 : length - 1] == EMPTY).all()  # masked: never attended to
     assert peak_rss_mb() - rss0 < 1024  # the square mask alone would be 1 TiB
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,14 +20,18 @@ from tqdm import tqdm
 from .. import generate as gen
 from ..anyres import check_regular
 from ..config import load_config
-from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, generate, load, ratio_arg, \
-    seed_arg, warm_up
+from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, generate_batch, load, \
+    ratio_arg, seed_arg, warm_up
 from ..weights import resolve_model
 from . import distributed
 from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, part_file, part_files, read_records
 from .files import DataError, read_text, write_atomic
 from .tasks import TASKS, Question, Task
 
+# 8: a GPU's decode step reads the weights once for 8 rows; for 7B in float16 eight prompts of
+# LLaVA-NeXT's ~2900 uncompressed tokens need ~12 GB of KV cache. On a CPU the tiny model gains little
+# (its tower and prefill are compute-bound per question; bench.py row 10), and loses nothing.
+DEFAULT_BATCH_SIZE = 8
 SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed", "conv_template")  # what an answers file must not mix
 def parse_args(argv=None) -> argparse.Namespace:
     tasks = "\n".join(f"  {name:<10} {', '.join(task.layout())}" for name, task in TASKS.items())
@@ -67,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: float16 on cuda; float32 on cpu, or bfloat16 when float32 would not fit")
     conv_template_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the tower, prefill and decode step")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                   help=f"questions answered together (default {DEFAULT_BATCH_SIZE}): one tower batch, one decoder "
+                   "batch of unequal lengths; the answers are those of --batch-size 1. A batch that runs out of "
+                   "GPU memory is answered again one by one; lower N if that happens often")
     args = p.parse_args(argv)
     if args.data is None and TASKS[args.task].needs_data:
         p.error(f"--data DIR is required: the folder of {args.task}'s question file, images and annotations")
@@ -80,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--answers goes with --score-only; to answer questions, give --output")
     if args.limit is not None and args.limit < 0:
         p.error("--limit must be >= 0")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     return args
@@ -181,37 +192,88 @@ def fetch_model(model: str, world: distributed.World) -> Path:
 
 
 def answer(args, task: Task, questions: list[Question], settings: dict, model_dir: Path, device, world):
-    """Answer `questions` with one model, appending each record as soon as it exists."""
+    """Answer `questions` with one model, --batch-size at a time, appending each record as soon as its
+    batch is done. A question that fails is recorded as failed; the others of its batch are answered."""
     model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), args.conv_template)
     steps = Steps()
     if args.compile:
         steps = compile_steps(model)
-        warm_up(model, steps)
+        warm_up(model, steps, batch=min(args.batch_size, len(questions)))
     writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
     share = f" (rank 0 of {world.size})" if world.size > 1 else ""
     bar = tqdm(total=len(questions), desc=task.name + share, unit="q", file=sys.stderr, disable=not world.main,
                dynamic_ncols=True)
     try:
-        for q in questions:
+        for q, result in answered(args, task, questions, settings, model, tokenizer, steps):
             record = {"key": q.key, "question_id": q.question_id, "prompt": q.text}
-            try:
-                result = generate(model, tokenizer, task.open_image(q), q.prompt, args.compressor,
-                                  args.retention_ratio, settings["max_new_tokens"], temperature=0.0, seed=args.seed,
-                                  steps=steps)
-                record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
-            except (*USER_ERRORS, torch.cuda.OutOfMemoryError) as e:  # this question's fault: record it, go on
-                if isinstance(e, torch.cuda.OutOfMemoryError):  # e.g. one huge image: free and go on
-                    torch.cuda.empty_cache()
-                message = " ".join(str(e).split()) or type(e).__name__
+            if isinstance(result, BaseException):  # this question's fault: record it, go on
+                message = " ".join(str(result).split()) or type(result).__name__
                 record.update(text="", error=message)
                 prefix = f"[rank {world.rank}] " if world.size > 1 else ""
                 tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
+            else:
+                record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
             record.update(model_id=args.model, metadata=settings)
             writer.write(record)
             bar.update(1)
     finally:
         bar.close()
         writer.close()
+
+
+def answered(args, task: Task, questions: list[Question], settings: dict, model, tokenizer, steps):
+    """(question, Result or exception) for each question, in order, --batch-size at a time. The next
+    batch's images are opened (read, decoded, or made) in a thread while this batch is answered."""
+    batches = [questions[s : s + args.batch_size] for s in range(0, len(questions), args.batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(open_images, task, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            opened = pending.result()  # a bug raised while opening is raised here
+            if k + 1 < len(batches):
+                pending = pool.submit(open_images, task, batches[k + 1])
+            yield from zip(batch, answer_batch(args, task, batch, settings, model, tokenizer, steps, opened))
+
+
+def open_images(task: Task, batch: list[Question]) -> list:
+    """Each question's PIL image, or the exception (one of USER_ERRORS) that opening it raised."""
+    out = []
+    for q in batch:
+        try:
+            out.append(task.open_image(q))
+        except USER_ERRORS as e:
+            out.append(e)
+    return out
+
+
+def answer_batch(args, task: Task, batch: list[Question], settings: dict, model, tokenizer, steps,
+                 opened: list | None = None) -> list:
+    """One Result or exception per question of `batch` (`opened`: its images from `open_images`, opened
+    here if None). A batch that runs out of GPU memory is answered again one question at a time, so
+    only a question too large alone fails (e.g. one huge image)."""
+    opened = open_images(task, batch) if opened is None else opened
+    images = {i: x for i, x in enumerate(opened) if not isinstance(x, BaseException)}
+    results = [x if isinstance(x, BaseException) else None for x in opened]
+
+    def run(keys: list[int]) -> list:
+        return generate_batch(model, tokenizer, [(images[i], batch[i].prompt) for i in keys], args.compressor,
+                              args.retention_ratio, settings["max_new_tokens"], temperature=0.0, seed=args.seed,
+                              steps=steps, return_exceptions=True)
+
+    keys = list(images)
+    try:
+        done = run(keys) if keys else []
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        done = [e] if len(keys) == 1 else []
+        for i in keys if len(keys) > 1 else []:
+            try:
+                done += run([i])
+            except torch.cuda.OutOfMemoryError as alone:
+                torch.cuda.empty_cache()
+                done.append(alone)
+    for i, r in zip(keys, done, strict=True):
+        results[i] = r
+    return results
 
 
 def check_settings(output: Path, records, settings: dict):
