@@ -33,6 +33,8 @@ from .tasks import TASKS, Question, Task
 # (its tower and prefill are compute-bound per question; bench.py row 10), and loses nothing.
 DEFAULT_BATCH_SIZE = 8
 SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed", "conv_template")  # what an answers file must not mix
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     tasks = "\n".join(f"  {name:<10} {', '.join(task.layout())}" for name, task in TASKS.items())
     p = argparse.ArgumentParser(
