@@ -61,7 +61,7 @@ def test_whole_script_on_cpu():
     assert list(table) == ["gpu-tests", "greedy", "compile", "batch", "prefill", "decode"]
     assert "skipped" in table["gpu-tests"][0]  # no accelerator here
     assert all(cells[1] == "pass" for cells in table.values()), proc.stdout
-    assert table["compile"][0] == "0 compiles after warm-up"
+    assert table["compile"][0] == "0 compiles, 0 recordings after warm-up"
     assert "ids equal to eager 20/20" in table["compile"][2] and "cache lengths [256]" in table["compile"][2]
     assert "answers identical" in table["batch"][2]
     assert "ids equal" in table["decode"][2]
