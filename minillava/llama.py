@@ -46,6 +46,16 @@ EMPTY = torch.iinfo(torch.long).max  # position of a slot not written yet: after
 PAD = -1  # position of a left-padding token in a per-row `input_pos`: attended to by no query
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """a == b, where a device without an index (`cuda`) stands for the current one."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else None
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
 class KVCache(nn.Module):
     """Keys and values preallocated to `length` slots so shapes never change, and the position each slot
     holds, per batch row. A query attends to the slots whose position is at most its own, so the mask of
@@ -233,11 +243,17 @@ class Decoder(nn.Module):
         `layer_lengths`: slots per layer, `length` each by default (FastV's layers from K on hold fewer).
         Memory is linear in the length: no length x length mask."""
         param = self.embed_tokens.weight
-        device, dtype = device or param.device, dtype or param.dtype
-        self.setup_rope(length, device)
+        device, dtype = torch.device(device or param.device), dtype or param.dtype
+        # Buffers of the same shape are kept, not reallocated: a compiled decode step's CUDA graph reads
+        # them at fixed addresses, so new ones every question would re-record it. KVCache.prefill starts
+        # a kept cache afresh (every slot's position reset), so nothing of the last question is seen.
+        if self.rope.shape[1:2] != (length,) or not same_device(self.rope.device, device):
+            self.rope = rope_table(self.cfg.head_dim, length, self.cfg.rope_theta, device)
         for layer, slots in zip(self.layers, layer_lengths or [length] * len(self.layers), strict=True):
-            attn = layer.self_attn
-            attn.cache = KVCache(batch, attn.kv_heads, slots, attn.head_dim, dtype, device)
+            attn, shape = layer.self_attn, (batch, layer.self_attn.kv_heads, slots, layer.self_attn.head_dim)
+            old = attn.cache
+            if old is None or old.k.shape != shape or old.k.dtype != dtype or not same_device(old.k.device, device):
+                attn.cache = KVCache(batch, attn.kv_heads, slots, attn.head_dim, dtype, device)
 
     def setup_rope(self, length: int, device=None):
         """RoPE table for `length` positions and no cache: enough for full-sequence (`prefill=True`)

@@ -74,3 +74,29 @@ def test_a_new_prefill_forgets_the_previous_question():
         dec(short, torch.arange(4), prefill=True)
         fresh = dec(torch.ones(1, 1, 8), torch.tensor([4]))
     assert torch.equal(reused, fresh)
+
+
+def test_a_cache_of_the_same_shape_is_kept_not_reallocated():
+    """setup_cache for the next question keeps buffers of the same shape (a compiled decode step's CUDA
+    graph reads them at fixed addresses); another shape, dtype or slot count gets new ones. A kept cache
+    is started afresh by the prefill, so the next question's logits are those of a fresh cache."""
+    dec = small_decoder()
+    with torch.no_grad():
+        dec.setup_cache(2, 32)
+        first = [layer.self_attn.cache for layer in dec.layers]
+        rope = dec.rope
+        dec(torch.randn(2, 9, 8), torch.arange(9), prefill=True)  # a longer question leaves slots behind
+        dec.setup_cache(2, 32)
+        assert all(layer.self_attn.cache is c for layer, c in zip(dec.layers, first)) and dec.rope is rope
+        embeds, pos, step = torch.randn(2, 4, 8), torch.arange(4), torch.randn(2, 1, 8)
+        kept = dec(embeds, pos, prefill=True)
+        kept_step = dec(step, torch.tensor([4]))  # sees the 4 new slots only, not the 9 of before
+        for batch, length, dtype, slots in ((1, 32, None, None), (2, 64, None, None), (2, 32, torch.float64, None),
+                                            (2, 32, None, [32, 16])):
+            dec.setup_cache(batch, length, dtype=dtype, layer_lengths=slots)
+            assert dec.layers[-1].self_attn.cache is not first[-1]
+        dec.setup_rope(32)  # no caches at all
+        dec.setup_cache(2, 32)
+        fresh = dec(embeds, pos, prefill=True)
+        fresh_step = dec(step, torch.tensor([4]))
+    assert torch.equal(kept, fresh) and torch.equal(kept_step, fresh_step)
