@@ -540,6 +540,8 @@ def test_a_hub_id_is_stored_under_owner_and_name(checkpoints, tmp_path, monkeypa
                                   "~no-such-user-here/x", "a" * 5000, "\0", "x/\ud800"])
 def test_malformed_hub_ids(name, tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # "../x" is a directory if the cwd's parent has an x: make sure not
     with pytest.raises(WeightsError) as e:
         resolve_model(name)
     one_line(e.value, "not a hub id")
