@@ -11,7 +11,6 @@ match theirs exactly.
 import io
 import math
 import os
-import stat
 import threading
 import urllib.error
 import urllib.parse
@@ -23,6 +22,8 @@ from http.client import HTTPException
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .config import open_regular
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -126,47 +127,6 @@ def _fetch(url: str) -> bytes:
     if error is not None:
         raise error
     return result["data"]
-
-
-def check_regular(path, error: type[Exception], what: str):
-    """Raise `error` unless `path` is a regular file (symlinks followed), from its stat alone: a FIFO,
-    device or socket would block a reader or never end, so it is refused without being opened."""
-    try:
-        kind = _kind(os.stat(path).st_mode)
-    except FileNotFoundError:
-        raise error(f"{what} not found: {path}; check the path") from None
-    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        raise error(f"cannot open {what} {path}: {getattr(e, 'strerror', None) or e}") from None
-    if kind is not None:
-        raise error(f"{what} {path} is {kind}, not a regular file; give a file")
-
-
-def open_regular(path, error: type[Exception], what: str):
-    """`path` opened for binary reading if it is a regular file, else `error` (see check_regular).
-
-    The file opened is checked again, and opened with O_NONBLOCK so that a FIFO swapped in after the
-    first check cannot block the open."""
-    path = os.fspath(path)
-    check_regular(path, error, what)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        raise error(f"cannot open {what} {path}: {e.strerror or e}") from None
-    kind = _kind(os.fstat(fd).st_mode)
-    if kind is not None:
-        os.close(fd)
-        raise error(f"{what} {path} is {kind}, not a regular file; give a file")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-def _kind(mode: int) -> str | None:
-    """None for a regular file, else what it is, for the message."""
-    if stat.S_ISREG(mode):
-        return None
-    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a special file")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

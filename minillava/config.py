@@ -142,20 +142,45 @@ KNOWN_TOWERS = {
 # --- reading untrusted files -------------------------------------------------------------------
 
 
-def open_regular(path: Path, error: type[Exception] = ConfigError):
-    """`path` opened for binary reading, refused unless it is a regular file (after symlinks).
-
-    The open does not block (O_NONBLOCK): a FIFO would otherwise wait forever for a writer, and the
-    check is on the opened descriptor, so the file cannot be swapped between check and read."""
+def check_regular(path, error: type[Exception] = ConfigError, what: str = "file"):
+    """Raise `error` unless `path` is a regular file (symlinks followed), from its stat alone: a FIFO,
+    device or socket would block a reader or never end, so it is refused without being opened."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        kind = _kind(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}; check the path") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise error(f"cannot open {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if kind is not None:
+        raise error(f"{what} {path}: not a regular file but {kind}")
+
+
+def open_regular(path, error: type[Exception] = ConfigError, what: str = "file"):
+    """`path` opened for binary reading if it is a regular file, else `error` (see check_regular).
+
+    The descriptor is checked again and opened with O_NONBLOCK, so a FIFO swapped in after the first
+    check can neither block the open nor be read."""
+    path = os.fspath(path)
+    check_regular(path, error, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as e:
-        raise error(f"{path}: cannot open it ({e.strerror})") from None
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise error(f"{path}: not a regular file")
-    return f
+        raise error(f"cannot open {what} {path}: {e.strerror or e}") from None
+    kind = _kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise error(f"{what} {path}: not a regular file but {kind}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file, else what it is, for the message."""
+    if stat.S_ISREG(mode):
+        return None
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a special file")
 
 
 def read_regular(path: Path, max_bytes: int, error: type[Exception] = ConfigError) -> bytes:

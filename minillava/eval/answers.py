@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from ..anyres import open_regular
+from ..config import open_regular
 from .files import DataError, write_atomic
 
 
