@@ -295,10 +295,11 @@ def generate_batch(
             tiles[i] = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
         except USER_ERRORS as e:
             out[i] = e
-    features = model.encode_images(list(tiles.values())) if tiles else []
+    method = "none" if compressor == "fastv" else compressor  # FastV prunes in the decoder's prefill
+    # the tower computes the probes of this method only (none for GlobalCom2's own)
+    features = model.encode_images(list(tiles.values()), globalcom2.needs(method)) if tiles else []
     _sync(device)
     t1 = time.perf_counter()
-    method = "none" if compressor == "fastv" else compressor  # FastV prunes in the decoder's prefill
     compressed = dict(zip(tiles, globalcom2.compress(features, method, retention_ratio, seed=seed) if tiles else []))
     _sync(device)
     t2 = time.perf_counter()
