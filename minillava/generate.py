@@ -439,12 +439,17 @@ def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], tempe
     return ids
 
 
-def ratio_arg(text: str) -> float:
+def _number(text: str, kind: type):
+    """`text` as an int or float, or argparse's error naming what it should have been."""
     try:
-        value = float(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def ratio_arg(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 < value <= 1.0:  # NaN fails too
         raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]: it is the fraction of visual tokens kept")
     return value
 
@@ -453,20 +458,14 @@ SEED_MAX = 2**63 - 1  # torch.Generator takes a 64-bit seed; 2**64 and up overfl
 
 
 def seed_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _number(text, int)
     if not 0 <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"{text} is outside [0, 2**63 - 1]")
     return value
 
 
 def temperature_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text, float)
     if not (math.isfinite(value) and value >= 0):  # NaN fails every comparison: test finiteness first
         raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 is greedy)")
     return value
