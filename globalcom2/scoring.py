@@ -26,12 +26,9 @@ def top_order(scores: Tensor, k: int) -> Tensor:
     return torch.sort(scores.float(), descending=True, stable=True).indices[:k]
 
 
-def crop_scales(thumb_scores: Tensor, grid: tuple[int, int], ratio: float) -> np.ndarray:
-    """Each crop's retention ratio scale_c (gw*gh,) float64, from the thumbnail's [CLS] scores (step 2).
-
-    The thumbnail map is cut into gh x gw regions (the last row/column of regions takes the
-    remainder), each region's scores summed, and the sums turned into ratios around `ratio`.
-    """
+def region_sums(thumb_scores: Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """The thumbnail's [CLS] scores summed over the region each crop covers, s_c (gw*gh,) float64
+    (step 2.1): the map cut into gh x gw regions, the last row/column of regions taking the remainder."""
     gw, gh = grid
     s = thumb_scores.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(s).all():
@@ -43,6 +40,13 @@ def crop_scales(thumb_scores: Tensor, grid: tuple[int, int], ratio: float) -> np
     owner = (region_row[:, None] * gw + region_col[None, :]).ravel()  # (P,) crop of each map position
     sums = np.zeros(gw * gh)
     np.add.at(sums, owner, s)  # in raster order, like the published loop
+    return sums
+
+
+def crop_scales(thumb_scores: Tensor, grid: tuple[int, int], ratio: float) -> np.ndarray:
+    """Each crop's retention ratio scale_c (gw*gh,) float64, from the thumbnail's [CLS] scores (step 2):
+    the region sums (`region_sums`) turned into ratios around `ratio`."""
+    sums = region_sums(thumb_scores, grid)
     e = np.exp((sums - sums.max()) / TEMPERATURE)
     p = e / (e.sum() + SOFTMAX_EPS)
     return np.minimum(ratio * (1 + p - p.mean()), 1.0)  # no lower clip

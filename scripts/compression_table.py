@@ -1,16 +1,25 @@
 """GlobalCom2 against its ablations and its peers on the synthetic scenes: the paper's table, in miniature.
 
-    python scripts/compression_table.py [--model weights/llava-next-tiny-scenes] [--n 500] [--plot examples/compression.png]
+    python scripts/compression_table.py [--model weights/llava-next-tiny-scenes] [--n 500] [--family both]
+                                        [--plot examples/compression.png]
 
-Answers the held-out split of the `synthetic` task (the one `python -m minillava.eval synthetic`
-scores without --data) greedily, uncompressed, with the thumbnail alone (crops removed), and with
-every compressor at r = 0.5, 0.25, 0.1 (the peers included; FastV prunes the uncompressed image in the
-decoder's prefill), and how often each kept the card's token (the one crop token that shows the digit),
-and how often that token was kept or merged into a kept token (VisionZip's contextual tokens, PruMerge+'s
-clusters). Each image goes through the tower and projector once; its features are then compressed by
-each method and answered as `minillava.generate.generate` does (same prompt, same prefill and decode
-step). Prints a markdown table of accuracy and its ratio to uncompressed and the card-token columns,
-and saves a PNG plot of accuracy against r (drawn with PIL). `--n 5` is a quick smoke run.
+Answers held-out questions of both scene families (`minillava.eval.synthetic`): the card family (the
+`synthetic` task: one card, "What digit is on the red card?") and the dense family (the `synthetic-dense`
+task: 3 to 8 cards in one region, "What is the largest digit?"), greedily, uncompressed, with the
+thumbnail alone (crops removed), with every compressor at r = 0.5, 0.25, 0.1 (the peers included;
+FastV prunes the uncompressed image in the decoder's prefill), and with an oracle: uniform's total crop
+budget given to the crops that hold the cards, tokens chosen by each crop's own [CLS] scores (the
+`local-only` selection), the ceiling of what budget allocation alone can buy.
+
+Diagnostics per setting: how often the deciding card's token (the crop token at the centre of the card
+the answer needs) was kept, how often it was kept or merged into a kept token (VisionZip's contextual
+tokens, PruMerge+'s clusters), and the share of the kept crop tokens that lie in the crops holding the
+cards. Per family, the spread of GlobalCom2's crop ratios (max_c scale_c / r) and of the thumbnail's
+[CLS] region sums that produce them. Each image goes through the tower and projector once; its features
+are then compressed by each method and answered as `minillava.generate.generate` does (same prompt, same
+prefill and decode step). Prints markdown tables and saves PNG plots of accuracy against r (drawn with
+PIL): the card family's to --plot, the dense family's next to it with `_dense` added. `--n 5` is a
+quick smoke run.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -26,6 +37,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import globalcom2  # noqa: E402
+from globalcom2.layout import to_crops  # noqa: E402
+from globalcom2.scoring import TEMPERATURE, crop_scales, kept_counts, region_sums  # noqa: E402
 from globalcom2.visualize import fastv_kept  # noqa: E402
 from minillava.anyres import tile_image  # noqa: E402
 from minillava.eval import synthetic as S  # noqa: E402
@@ -36,6 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "weights" / "llava-next-tiny-scenes"
 RATIOS = (0.5, 0.25, 0.1)
 METHODS = (*(m for m in globalcom2.METHODS if m != "none"), "fastv")  # every compressor, the peers included
+ROWS = (*METHODS, "oracle")  # the table's rows after none and the thumbnail alone
+TITLES = {"card": "card family (synthetic): one card, 'What digit is on the red card?'",
+          "dense": "dense family (synthetic-dense): 3-8 cards in one region, 'What is the largest digit?'"}
 FASTV_NOTE = ("FastV prunes before decoder layer K = 2; the tiny model's decoder has 4 layers, so layers 0-1 "
               "(half the decoder) see every image token and only layers 2-3 the kept ones")
 
@@ -61,49 +77,105 @@ def greedy(model, tokenizer, tokens: torch.Tensor, question: str, max_new_tokens
     return tokenizer.decode(ids), kept
 
 
+def oracle_scales(n_valid: np.ndarray, cards: np.ndarray, ratio: float) -> np.ndarray:
+    """The oracle's crop ratios (C,): uniform's total crop budget, sum_c int(N_c r), all of it to the
+    crops holding cards, in proportion to their cards (at most N_c each); what they cannot hold goes to
+    the other crops in proportion to their size. `n_valid` (C,) valid tokens per crop, `cards` (C,)
+    cards per crop. Ratios are (k_c + 0.5) / N_c, so that GlobalCom2's int(N_c * scale_c) is k_c."""
+    n_valid = n_valid.astype(np.int64)
+    k, left = np.zeros_like(n_valid), int(kept_counts(n_valid, np.full(len(n_valid), ratio)).sum())
+    for group, weight in ((cards > 0, cards), (cards == 0, n_valid)):
+        while left > 0 and (room := group & (k < n_valid)).any():
+            share = np.where(room, weight, 0).astype(np.float64)
+            add = np.minimum(np.floor(left * share / share.sum()).astype(np.int64), n_valid - k)
+            if add.sum() == 0:  # fewer tokens left than crops with room: one to the largest share
+                add[np.argmax(share)] = 1
+            k, left = k + add, left - int(add.sum())
+    return np.where(n_valid > 0, (k + 0.5) / np.maximum(n_valid, 1), 0.0)
+
+
 def answer(model, tokenizer, features: globalcom2.ImageFeatures, full: globalcom2.Compressed, question: str,
-           method: str, ratio: float, seed: int = 0):
+           method: str, ratio: float, seed: int = 0, cards=None):
     """The answer with one compressor, and what it kept (a `Compressed`; None for the thumbnail alone).
-    `full` is the uncompressed packing (`none`), which FastV prunes in the decoder."""
+    `full` is the uncompressed packing (`none`), which FastV prunes in the decoder; `cards` (C,) the
+    number of cards in each crop, which only the oracle reads."""
     if method == "thumbnail":
         return greedy(model, tokenizer, features.thumb, question)[0], None
     if method == "fastv":
         text, kept = greedy(model, tokenizer, full.tokens, question, fastv_ratio=ratio)
         return text, globalcom2.keep_sequence(full, kept)
+    if method == "oracle":
+        n_valid = to_crops(full.valid, features.grid, full.valid.shape[0] // features.grid[1]).sum(1).numpy()
+        out = globalcom2.compress_image(features, "local-only", ratio, scales=oracle_scales(n_valid, cards, ratio))
+        return greedy(model, tokenizer, out.tokens, question)[0], out
     out = globalcom2.compress([features], method, ratio, seed=seed)[0]
     return greedy(model, tokenizer, out.tokens, question)[0], out
 
 
+class Results(NamedTuple):
+    """Per (method, ratio), in percent of the held-out questions: accuracy, deciding card's token kept,
+    kept or merged, and the mean share of kept crop tokens in the crops holding cards. Per scene,
+    GlobalCom2's guidance: max_c scale_c / r, the card crops' scale_c / r (their mean), whether a card
+    crop has the largest ratio, and the spread of the thumbnail's region sums (max - min)."""
+
+    accuracy: dict
+    kept: dict
+    merged: dict
+    share: dict
+    guidance: list  # (max ratio / r, card crops' ratio / r, card crop has the largest, sums max - min) per scene
+
+
 @torch.inference_mode()
-def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: int = 0):
-    """On held-out questions 0 .. n-1, per (method, ratio): accuracy in percent (exact match after
-    lower-casing and stripping, as the `synthetic` task scores), the percentage of scenes whose card
-    token (the crop token at the card's centre, the one that shows the digit) was kept, and the
-    percentage where it was kept or merged into a token that was (`Compressed.crop_merge`)."""
+def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: int = 0, family: str = "card") -> Results:
+    """On held-out questions 0 .. n-1 of a family, per (method, ratio): accuracy in percent (exact match
+    after lower-casing and stripping, as the `synthetic` tasks score) and the diagnostics of `Results`."""
     model, tokenizer = load(str(model_dir))
     cfg = model.cfg
-    correct, kept, merged = ({c: 0 for c in configs} for _ in range(3))
-    for i in tqdm(range(n), desc="held-out", dynamic_ncols=True, file=sys.stderr):
-        s = S.sample(S.DEFAULT_SEED, "test", i)
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    correct, kept, merged, share = ({c: 0.0 for c in configs} for _ in range(4))
+    guidance = []
+    for i in tqdm(range(n), desc=f"held-out, {family}", dynamic_ncols=True, file=sys.stderr):
+        s = S.sample(S.DEFAULT_SEED, "test", i, family=family)
         tiles = tile_image(s.scene.image, cfg.grid_pinpoints, cfg.vision.image_size)
         features = model.encode_images([tiles], globalcom2.ALL_NEEDS)[0]  # the probes of every method
         full = globalcom2.compress([features], "none")[0]
-        _, cell = S.card_cells(s.scene.cards[0], s.scene.image.size, cfg.grid_pinpoints, cfg.vision.image_size,
+        gw, gh = features.grid
+        cells = [S.card_cells(card, s.scene.image.size, cfg.grid_pinpoints, cfg.vision.image_size,
+                              cfg.vision.patch_size)[1] for card in s.scene.cards]
+        cards = np.bincount([r // side * gw + c // side for r, c in cells], minlength=gw * gh)  # (C,) per crop
+        _, cell = S.card_cells(S.deciding_card(s), s.scene.image.size, cfg.grid_pinpoints, cfg.vision.image_size,
                                cfg.vision.patch_size)
+        scale = crop_scales(features.thumb_scores, features.grid, min(RATIOS)) / min(RATIOS)  # unclipped there
+        sums = region_sums(features.thumb_scores, features.grid)
+        guidance.append((scale.max(), scale[cards > 0].mean(), bool(cards[np.argmax(scale)] > 0), np.ptp(sums)))
         for method, ratio in configs:
-            text, out = answer(model, tokenizer, features, full, S.prompt(s.question), method, ratio, seed)
+            text, out = answer(model, tokenizer, features, full, S.prompt(s.question), method, ratio, seed, cards)
             correct[(method, ratio)] += text.strip().lower() == s.answer
             if out is not None:
                 into = out.crop_merge is not None and bool(out.crop_merge[cell] >= 0)
                 kept[(method, ratio)] += bool(out.crop_keep[cell])
                 merged[(method, ratio)] += bool(out.crop_keep[cell]) or into
+                per_crop = to_crops(out.crop_keep & out.valid, features.grid, side).sum(1).numpy()  # (C,)
+                share[(method, ratio)] += per_crop[cards > 0].sum() / max(per_crop.sum(), 1)
     percent = lambda counts: {c: 100.0 * k / n for c, k in counts.items()}  # noqa: E731
-    return percent(correct), percent(kept), percent(merged)
+    return Results(percent(correct), percent(kept), percent(merged), percent(share), guidance)
 
 
-def plot(accuracy: dict, path: Path):
-    """Accuracy against r, one line per method, with the uncompressed and thumbnail-only levels."""
-    width, height, left, right, top, bottom = 760, 480, 70, 190, 40, 60
+def guidance_summary(guidance: list) -> str:
+    """One paragraph on how far GlobalCom2's thumbnail guidance moved the budget over the scenes."""
+    g = np.array(guidance, dtype=np.float64)  # (scenes, 4)
+    q = lambda x: f"min {x.min():.3f}, median {np.median(x):.3f}, max {x.max():.3f}"  # noqa: E731
+    return (f"GlobalCom2's crop ratios over {len(g)} scenes, max_c scale_c / r (1 is uniform; the most the "
+            f"softmax can give is 2 - 1/C, 1.5 for 2 crops, 1.75 for 4): {q(g[:, 0])}. The crops holding the "
+            f"cards: scale_c / r {q(g[:, 1])}; they get the largest ratio in {100 * g[:, 2].mean():.1f}% of "
+            f"scenes. The thumbnail's [CLS] region sums s_c differ by (max - min over crops) {q(g[:, 3])}: "
+            f"softmax(s / {TEMPERATURE:g}) turns a difference d into a factor e^(d / {TEMPERATURE:g}) "
+            f"(median {np.exp(np.median(g[:, 3]) / TEMPERATURE):.2f}).")
+
+
+def plot(accuracy: dict, path: Path, title: str = "synthetic scenes"):
+    """Accuracy against r, one line per method (the oracle too), with the uncompressed and thumbnail-only levels."""
+    width, height, left, right, top, bottom = 760, 500, 70, 190, 40, 60
     fig = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(fig)
     font = ImageFont.load_default(size=14)
@@ -115,7 +187,7 @@ def plot(accuracy: dict, path: Path):
     for r in RATIOS:
         d.text((x_of(r), height - bottom + 8), f"{r}", fill="black", font=font, anchor="mt")
     d.text(((left + width - right) / 2, height - 22), "retention ratio r", fill="black", font=font, anchor="mm")
-    d.text((left, 14), "synthetic scenes: held-out accuracy vs kept visual tokens", fill="black", font=font)
+    d.text((left, 14), f"{title}: held-out accuracy vs kept visual tokens", fill="black", font=font)
     d.rectangle((left, top, width - right, height - bottom), outline="black")
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127), (0, 0, 128), (128, 128, 0),
@@ -129,7 +201,7 @@ def plot(accuracy: dict, path: Path):
         d.line((width - right + 12, legend_y + 7, width - right + 36, legend_y + 7), fill=colour, width=2)
         d.text((width - right + 42, legend_y), label, fill="black", font=font)
         legend_y += 22
-    for i, method in enumerate(METHODS):
+    for i, method in enumerate(ROWS):
         colour = colours[i % len(colours)]
         points = [(x_of(r), y_of(accuracy[(method, r)])) for r in RATIOS]
         d.line(points, fill=colour, width=3)
@@ -142,36 +214,51 @@ def plot(accuracy: dict, path: Path):
     fig.save(path)
 
 
-def table(accuracy: dict, kept: dict, merged: dict) -> str:
+def table(results: Results) -> str:
+    accuracy, kept, merged, share = results.accuracy, results.kept, results.merged, results.share
     base = accuracy[("none", 1.0)]
-    rows = ["| method | r | accuracy | vs uncompressed | card token kept | kept or merged |", "|---|---|---|---|---|---|",
-            f"| none | 1.0 | {base:.1f}% | 100.0% | {kept[('none', 1.0)]:.1f}% | {merged[('none', 1.0)]:.1f}% |",
-            f"| thumbnail only | - | {accuracy[('thumbnail', 1.0)]:.1f}% | {100 * accuracy[('thumbnail', 1.0)] / base:.1f}% | - | - |"]
-    for method in METHODS:
+    vs = lambda a: f"{100 * a / base:.1f}%" if base else "-"  # noqa: E731  (an untrained model answers nothing)
+    rows = ["| method | r | accuracy | vs uncompressed | deciding card's token kept | kept or merged "
+            "| card crops' share of kept crop tokens |", "|---|---|---|---|---|---|---|",
+            f"| none | 1.0 | {base:.1f}% | {vs(base)} | {kept[('none', 1.0)]:.1f}% | {merged[('none', 1.0)]:.1f}% "
+            f"| {share[('none', 1.0)]:.1f}% |",
+            f"| thumbnail only | - | {accuracy[('thumbnail', 1.0)]:.1f}% | {vs(accuracy[('thumbnail', 1.0)])} "
+            "| - | - | - |"]
+    for method in ROWS:
         for r in RATIOS:
             a = accuracy[(method, r)]
-            rows.append(f"| {method} | {r} | {a:.1f}% | {100 * a / base:.1f}% | {kept[(method, r)]:.1f}% "
-                        f"| {merged[(method, r)]:.1f}% |")
+            rows.append(f"| {method} | {r} | {a:.1f}% | {vs(a)} | {kept[(method, r)]:.1f}% "
+                        f"| {merged[(method, r)]:.1f}% | {share[(method, r)]:.1f}% |")
     return "\n".join(rows)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default weights/llava-next-tiny-scenes)")
-    p.add_argument("--n", type=int, default=500, help="held-out questions (default 500, the synthetic task's default split; "
-                   "a handful for a smoke run)")
-    p.add_argument("--plot", type=Path, default=ROOT / "examples" / "compression.png", help="PNG to write (default examples/compression.png)")
+    p.add_argument("--n", type=int, default=500, help="held-out questions per family (default 500, the synthetic tasks' "
+                   "default split; a handful for a smoke run)")
+    p.add_argument("--family", choices=(*S.FAMILIES, "both"), default="both",
+                   help="card (one card), dense (several cards in one region) or both (default)")
+    p.add_argument("--plot", type=Path, default=ROOT / "examples" / "compression.png",
+                   help="PNG of the card family (default examples/compression.png); the dense family's gets _dense "
+                   "before the suffix")
     p.add_argument("--seed", type=int, default=0, help="seed of the random compressor (default 0)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")
-    configs = [("none", 1.0), ("thumbnail", 1.0)] + [(m, r) for m in METHODS for r in RATIOS]
-    accuracy, kept, merged = evaluate(args.model, args.n, configs, args.seed)
-    print(f"{args.n} held-out questions of the synthetic task, model {args.model}\n")
-    print(table(accuracy, kept, merged))
-    print(f"\n{FASTV_NOTE}. PruMerge+ ignores r (it chooses its own count).")
-    plot(accuracy, args.plot)
-    print(f"\nwrote {args.plot}")
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model {args.model}: no config.json there; pass a checkpoint folder")
+    configs = [("none", 1.0), ("thumbnail", 1.0)] + [(m, r) for m in ROWS for r in RATIOS]
+    for family in S.FAMILIES if args.family == "both" else (args.family,):
+        results = evaluate(args.model, args.n, configs, args.seed, family)
+        print(f"{args.n} held-out questions of the {TITLES[family]}, model {args.model}\n")
+        print(table(results))
+        print(f"\n{FASTV_NOTE}. PruMerge+ ignores r (it chooses its own count). The oracle keeps uniform's "
+              "crop-token total, all of it in the crops holding cards.\n")
+        print(guidance_summary(results.guidance))
+        path = args.plot if family == "card" else args.plot.with_name(f"{args.plot.stem}_dense{args.plot.suffix}")
+        plot(results.accuracy, path, TITLES[family].split(":")[0])
+        print(f"\nwrote {path}\n")
 
 
 if __name__ == "__main__":

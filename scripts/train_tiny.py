@@ -1,6 +1,6 @@
 """Train a tiny LLaVA-NeXT on the synthetic scenes, from a seed, with this project's modules.
 
-    python scripts/train_tiny.py                       # about 45 min on 2 CPU cores -> weights/llava-next-tiny-scenes
+    python scripts/train_tiny.py                       # about an hour on 2 CPU cores -> weights/llava-next-tiny-scenes
     python scripts/train_tiny.py --quick --out /tmp/t  # a minute or two: the whole pipeline, a weak model
 
 Same code paths as the 7B model, only the config is small: a CLIP ViT (width 128, 4 layers, 112 px
@@ -14,7 +14,9 @@ penultimate layer and never trains the last one, but GlobalCom2 scores tokens by
 attention, so that layer has to learn to look at the objects here.
 Stage 2, LLaVA-1.5-style: the tower frozen (each scene's features computed once), projector, image
 newline, decoder and head trained on the questions, loss on the answer tokens only; the prompt is
-token for token what `generate` feeds the model, with the uncompressed image. (Showing one sample in
+token for token what `generate` feeds the model, with the uncompressed image. Half of each batch is the
+card family ("What digit is on the red card?", one card), half the dense family ("What is the largest
+digit?", 3 to 8 cards in one region; `synthetic.py`), so one model answers both. (Showing one sample in
 ten its thumbnail alone, to make thumbnail-only accuracy a fair measure, backfired: the decoder learnt
 "a short image means guess", and answered compressed images, r <= 0.25, at chance even when the card's
 token was kept.)
@@ -58,9 +60,9 @@ from minillava.model import LlavaNext  # noqa: E402
 from minillava.tokenizer import Tokenizer, build_prompt  # noqa: E402
 
 NAME = "llava-next-tiny-scenes"
-TILE = 112  # 8 x 8 patches of 14 px
+TILE = S.TILE  # 8 x 8 patches of 14 px
 PATCH = 14
-PINPOINTS = [(112, 224), (224, 112), (224, 224), (336, 112), (112, 336)]  # (w, h): LLaVA-1.6's / 3
+PINPOINTS = S.PINPOINTS  # (w, h): LLaVA-1.6's / 3, what the scenes are drawn for
 SP_VOCAB = 500  # sentencepiece pieces: 3 special + 256 byte-fallback + characters + merges (every answer one piece)
 N_LABELS = len(S.COLOURS) + len(S.DIGITS) + len(S.COLOURS) * len(S.DIGITS)  # colours, digits, pairs
 TOWER_CARDS = (3, 5)  # stage 1 scenes: several cards, more to learn per tile
@@ -156,7 +158,7 @@ def card_losses(heads: nn.ModuleDict, features: torch.Tensor, cls: torch.Tensor,
     digits, (colour, digit) pairs in the tile). Patch features of layer -2 (what the projector reads):
     cross-entropy of the colour and digit of the card centred in each patch (or none). Thumbnails are
     asked only for colours: their digits are a blur by design. Also returns "acc", the digit accuracy
-    on the crops' card patches (a measure, not a loss)."""
+    on the crops' card patches (a measure, not a loss): (losses, measures)."""
     cards = torch.cat([y for y, _ in labels])  # (N, N_LABELS)
     patch = torch.cat([z for _, z in labels])  # (N, P, 2)
     crop = torch.cat([torch.arange(len(y)) > 0 for y, _ in labels])  # (N,) False for thumbnails
@@ -167,11 +169,11 @@ def card_losses(heads: nn.ModuleDict, features: torch.Tensor, cls: torch.Tensor,
     digit = heads["patch_digit"](features)[crop]  # (crops, P, digits + 1)
     digit_truth = patch[crop][..., 1]  # (crops, P)
     on_card = digit_truth < len(S.DIGITS)
-    return {"colour": bce(logits[:, :a], cards[:, :a]), "digit": bce(logits[crop, a:b], cards[crop, a:b]),
-            "pair": bce(logits[crop, b:], cards[crop, b:]),
-            "patch": F.cross_entropy(colour.flatten(0, 1), patch[..., 0].flatten())
-            + F.cross_entropy(digit.flatten(0, 1), digit_truth.flatten()),
-            "acc": (digit.argmax(-1)[on_card] == digit_truth[on_card]).float().mean().detach()}
+    losses = {"colour": bce(logits[:, :a], cards[:, :a]), "digit": bce(logits[crop, a:b], cards[crop, a:b]),
+              "pair": bce(logits[crop, b:], cards[crop, b:]),
+              "patch": F.cross_entropy(colour.flatten(0, 1), patch[..., 0].flatten())
+              + F.cross_entropy(digit.flatten(0, 1), digit_truth.flatten())}
+    return losses, {"acc": (digit.argmax(-1)[on_card] == digit_truth[on_card]).float().mean().detach()}
 
 
 def make_heads(width: int) -> nn.ModuleDict:
@@ -193,12 +195,12 @@ def tower_forward(model: LlavaNext, pixels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def tower_features(model: LlavaNext, seed: int, start: int, n: int) -> list[tuple[S.Sample, tuple, tuple, torch.Tensor]]:
-    """Stage-2 scenes start .. start+n-1 (one card each, as held out) through the frozen tower once:
-    (sample, crop grid, image size, layer -2 features (tiles, P, Dv) in float16)."""
+def tower_features(model: LlavaNext, seed: int, start: int, n: int, family: str = "card") -> list[tuple[S.Sample, tuple, tuple, torch.Tensor]]:
+    """Stage-2 scenes start .. start+n-1 of a family (as held out: one card, or a dense region) through
+    the frozen tower once: (sample, crop grid, image size, layer -2 features (tiles, P, Dv) in float16)."""
     out = []
-    for i in tqdm(range(start, start + n), desc="tower features", dynamic_ncols=True, file=sys.stderr):
-        s = S.sample(seed, "train", i)
+    for i in tqdm(range(start, start + n), desc=f"tower features, {family}", dynamic_ncols=True, file=sys.stderr):
+        s = S.sample(seed, "train", i, family=family)
         tiles = tile_image(s.scene.image, PINPOINTS, TILE)
         features, _ = model.vision(tiles.pixels, model.cfg.vision_feature_layer)
         out.append((s, tiles.grid, tiles.size, features.half()))
@@ -207,7 +209,8 @@ def tower_features(model: LlavaNext, seed: int, start: int, n: int) -> list[tupl
 
 def answer_loss(model: LlavaNext, tok: Tokenizer, batch, rng: np.random.Generator):
     """Answer cross-entropy of a batch of (sample, grid, size, tower features): each prompt token for
-    token what generate() feeds the model with the uncompressed image, then the answer and </s>."""
+    token what generate() feeds the model with the uncompressed image, then the answer and </s>. Also
+    the loss of each family's tokens alone, as measures: (loss, {"card": ..., "dense": ...})."""
     sequences, targets = [], []
     for s, grid, size, features in batch:
         x = model.projector(features.float())  # (tiles, P, D)
@@ -228,7 +231,10 @@ def answer_loss(model: LlavaNext, tok: Tokenizer, batch, rng: np.random.Generato
         cols += range(first, first + len(answer))
         ids += answer
     logits = model.logits(hidden[rows, cols])  # only the answer positions: (n, V)
-    return F.cross_entropy(logits, torch.tensor(ids))
+    loss = F.cross_entropy(logits, torch.tensor(ids), reduction="none")  # (n,)
+    family = torch.tensor([batch[b][0].category == "largest" for b in rows])  # (n,) the dense family's tokens
+    measures = {name: loss[mask].mean().detach() for name, mask in (("card", ~family), ("dense", family)) if mask.any()}
+    return loss.mean(), measures
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -243,24 +249,26 @@ def schedule(step: int, total: int, warmup: int) -> float:
 
 
 def run_stage(name, steps, make_batch, loss_fn, optimizer, log, every=25):
-    """The loop both stages share: scheduled learning rates, a progress bar, a loss line every `every` steps."""
+    """The loop both stages share: scheduled learning rates, a progress bar, a line of the mean losses
+    and measures every `every` steps. `loss_fn(batch)` returns (losses, measures): their sum is minimised,
+    the measures (an accuracy, one family's loss) are only logged."""
     base = [g["lr"] for g in optimizer.param_groups]
     bar = tqdm(range(steps), desc=name, dynamic_ncols=True, file=sys.stderr)
     running, t0 = {}, time.perf_counter()
     for step in bar:
         for g, lr in zip(optimizer.param_groups, base):
             g["lr"] = lr * schedule(step, steps, max(steps // 20, 1))
-        losses = loss_fn(make_batch(step))
-        total = sum(v for k, v in losses.items() if k != "acc")  # "acc" is a measure
+        losses, measures = loss_fn(make_batch(step))
+        total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
-        for k, v in losses.items():
-            running[k] = running.get(k, 0.0) + v.item()
+        for k, v in {**losses, **measures}.items():
+            running[k] = running.get(k, (0.0, 0))
+            running[k] = (running[k][0] + v.item(), running[k][1] + 1)
         if (step + 1) % every == 0 or step + 1 == steps:
-            n = (step % every) + 1
-            means = {k: v / n for k, v in running.items()}
+            means = {k: total / n for k, (total, n) in running.items()}
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
             log(f"{name}\tstep {step + 1}\t{time.perf_counter() - t0:.0f}s\t"
                 + "\t".join(f"{k} {v:.4f}" for k, v in means.items()))
@@ -320,9 +328,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the training scenes (default 0)")
     p.add_argument("--stage1-steps", type=int, default=1500, help="tower pretraining steps (default 1500)")
     p.add_argument("--stage1-batch", type=int, default=8, help="scenes per tower step (default 8)")
-    p.add_argument("--stage2-scenes", type=int, default=10000, help="question-answering scenes (default 10000)")
-    p.add_argument("--stage2-steps", type=int, default=5000, help="question-answering steps (default 5000)")
-    p.add_argument("--stage2-batch", type=int, default=8, help="scenes per step (default 8)")
+    p.add_argument("--stage2-scenes", type=int, default=8000, help="question-answering scenes of each family (default 8000)")
+    p.add_argument("--stage2-steps", type=int, default=7000, help="question-answering steps (default 7000)")
+    p.add_argument("--stage2-batch", type=int, default=8, help="scenes per step, half of each family (default 8)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of stage 1 (default 2e-3)")
     p.add_argument("--lr2", type=float, default=1e-3, help="peak learning rate of stage 2 (default 1e-3)")
     p.add_argument("--stage1-cache", type=Path, metavar="FILE.pt",
@@ -383,17 +391,21 @@ def main(argv=None):
     # projector, newline, decoder and head trained on the answers.
     model.vision.requires_grad_(False)
     model.vision.eval()
-    scenes = tower_features(model, args.seed, args.stage1_steps * b1, args.stage2_scenes)  # fresh scenes
+    scenes = {family: tower_features(model, args.seed, args.stage1_steps * b1, args.stage2_scenes, family)
+              for family in S.FAMILIES}  # fresh scenes (the dense family's are another stream anyway)
     rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
     opt = torch.optim.AdamW(rest, lr=args.lr2, weight_decay=0.05, betas=(0.9, 0.98))
     rng = np.random.default_rng([args.seed, 2])
     b2 = args.stage2_batch
 
     def stage2_batch(step):
-        return [scenes[i] for i in rng.integers(len(scenes), size=b2)]
+        half = b2 // 2 + (step % 2) * (b2 % 2)  # an odd batch alternates which family gets the extra scene
+        return [family[i] for family, k in ((scenes["card"], half), (scenes["dense"], b2 - half))
+                for i in rng.integers(len(family), size=k)]
 
     def stage2_loss(batch):
-        return {"answer": answer_loss(model, tok, batch, rng)}
+        loss, measures = answer_loss(model, tok, batch, rng)
+        return {"answer": loss}, measures
 
     run_stage("stage 2", args.stage2_steps, stage2_batch, stage2_loss, opt, log)
     minutes = (time.perf_counter() - t_start) / 60
@@ -406,9 +418,10 @@ def main(argv=None):
     if args.eval:
         from compression_table import evaluate  # scripts/ is on sys.path when run as a script
 
-        accuracy, _ = evaluate(args.out, args.eval, [("none", 1.0), ("thumbnail", 1.0)])
-        log(f"# held-out accuracy ({args.eval} questions): uncompressed {accuracy[('none', 1.0)]:.1f}%, "
-            f"thumbnail only {accuracy[('thumbnail', 1.0)]:.1f}%")
+        for family in S.FAMILIES:
+            accuracy = evaluate(args.out, args.eval, [("none", 1.0), ("thumbnail", 1.0)], family=family)[0]
+            log(f"# held-out accuracy, {family} family ({args.eval} questions): uncompressed "
+                f"{accuracy[('none', 1.0)]:.1f}%, thumbnail only {accuracy[('thumbnail', 1.0)]:.1f}%")
     log_file.close()
 
 

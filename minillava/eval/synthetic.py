@@ -12,6 +12,14 @@ So the answer sits in one visual token of the crops out of about 350: the needle
 keep. (Scenes with several cards, `cards=(3, 5)`, train the tower; the tiny decoder trained here does
 not learn to pick a card by its colour in the hour it gets, so the held-out questions have one card.)
 The card sits in a 14 px patch cell of the canvas (give or take a pixel), never across a crop border.
+
+A second family, "dense" (`sample(..., family="dense")`), is where the per-crop budget matters: 3 to 8
+cards gathered in a window of 6 x 6 patch cells that falls in one crop or straddles the border of two,
+clutter elsewhere, and the question "What is the largest digit?". One card decides (its digit is the
+only largest; the others are smaller, repeats allowed, so the answer is uniform over 1-9 and cannot be
+guessed from the count), and it can be any of the cards. At r = 0.1 a crop keeps int(64 x 0.1) = 6 of
+its 64 tokens under a uniform budget: not every card of the dense crop, while a budget that follows the
+thumbnail can give that crop up to 1.75 r (4 crops) of them.
 Everything is drawn with PIL from a numpy generator seeded by (seed, split, index), so a split is the
 same on every run: `sample(seed, split, index)`. `write_split` writes one in LLaVA's evaluation layout
 (question file, image folder, answers), which the `synthetic` task of the evaluation harness scores.
@@ -47,12 +55,18 @@ CELL = 14 * SCALE  # one patch of the canvas, in original pixels
 # Original sizes (w, h): 2 x a pinpoint, or 2 x a padded fit (448 x 336 -> 224 x 168 on a 224 x 224 canvas).
 SIZES = [(448, 448), (448, 224), (224, 448), (672, 224), (224, 672), (448, 336), (336, 448)]
 SPLITS = {"train": 0, "test": 1, "val": 2}
+FAMILIES = ("card", "dense")  # one card and its colour; several cards in one region and their largest digit
+TILE = 112  # the tile and pinpoints (w, h) the scenes are drawn for: LLaVA-1.6's divided by 3 (train_tiny.py)
+PINPOINTS = [(112, 224), (224, 112), (224, 224), (336, 112), (112, 336)]
+DENSE_CARDS = (3, 8)  # fewest and most cards of a dense scene (at most one per colour)
+DENSE_WINDOW = 6  # side of the dense region, in patch cells; cards on every other cell of it (<= 9 places)
 DEFAULT_SEED = 0
 TEMPLATES = {
     "digit": "What digit is on the {colour} card?",
     # Asked of multi-card scenes in earlier experiments (see train_tiny.py); still in the tokenizer's
     # corpus, so that the shipped tokenizer is the one train_tiny.py trains.
     "colour": "What colour is the card with the digit {digit}?",
+    "largest": "What is the largest digit?",  # the dense family's question
 }
 CARDS = (1, 1)  # fewest and most cards in a scene
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -119,27 +133,78 @@ def _free_cells(rng: np.random.Generator, columns: int, rows: int, n: int) -> li
     return chosen
 
 
+def _draw_card(draw: ImageDraw.ImageDraw, rng: np.random.Generator, cell: tuple[int, int], colour: str,
+               digit: str) -> Card:
+    """A card of `colour` showing `digit`, centred in patch cell (column, row) of the original image."""
+    c, r = cell
+    side = int(rng.integers(23, 27))  # card side in original pixels, centred in its 28 px cell ...
+    x0 = c * CELL + (CELL - side) // 2 + int(rng.integers(-1, 2))  # ... give or take a pixel
+    y0 = r * CELL + (CELL - side) // 2 + int(rng.integers(-1, 2))
+    box = (x0, y0, x0 + side - 1, y0 + side - 1)
+    draw.rectangle(box, fill=COLOURS[colour])
+    ink = (0, 0, 0) if colour in DARK_INK else (255, 255, 255)
+    font = ImageFont.load_default(size=24)
+    draw.text(((box[0] + box[2] + 1) / 2, (box[1] + box[3] + 1) / 2), digit, fill=ink, font=font, anchor="mm")
+    return Card(colour, digit, box)
+
+
 def make_scene(rng: np.random.Generator, cards: tuple[int, int] = CARDS) -> Scene:
     """One scene: a size from SIZES, background clutter and cards[0] to cards[1] cards of distinct
     colours and digits."""
     w, h = SIZES[rng.integers(len(SIZES))]
     image = _background(rng, (w, h))
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=24)
     n = int(rng.integers(cards[0], cards[1] + 1))
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:n]]
     digits = [DIGITS[i] for i in rng.permutation(len(DIGITS))[:n]]
-    cards = []
-    for (c, r), colour, digit in zip(_free_cells(rng, w // CELL, h // CELL, n), colours, digits):
-        side = int(rng.integers(23, 27))  # card side in original pixels, centred in its 28 px cell ...
-        x0 = c * CELL + (CELL - side) // 2 + int(rng.integers(-1, 2))  # ... give or take a pixel
-        y0 = r * CELL + (CELL - side) // 2 + int(rng.integers(-1, 2))
-        box = (x0, y0, x0 + side - 1, y0 + side - 1)
-        draw.rectangle(box, fill=COLOURS[colour])
-        ink = (0, 0, 0) if colour in DARK_INK else (255, 255, 255)
-        draw.text(((box[0] + box[2] + 1) / 2, (box[1] + box[3] + 1) / 2), digit, fill=ink, font=font, anchor="mm")
-        cards.append(Card(colour, digit, box))
-    return Scene(image, cards)
+    cells = _free_cells(rng, w // CELL, h // CELL, n)
+    return Scene(image, [_draw_card(draw, rng, cell, c, d) for cell, c, d in zip(cells, colours, digits)])
+
+
+def cell_crops(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Which crop each patch cell of an image of `size` (w, h) falls in, under AnyRes with PINPOINTS
+    and TILE: (crop column of each cell column, crop row of each cell row, gw). Cell (c, r) is in crop
+    rows[r] * gw + columns[c]."""
+    from ..anyres import canvas_placement
+
+    w, h = size
+    (width, _), (left, top, new_w, _) = canvas_placement(size, PINPOINTS)
+    scale = new_w / w
+    centres = lambda n, offset: ((offset + scale * (np.arange(n) + 0.5) * CELL) // TILE).astype(int)  # noqa: E731
+    return centres(w // CELL, left), centres(h // CELL, top), width // TILE
+
+
+def _dense_window(rng: np.random.Generator, size: tuple[int, int]) -> tuple[int, int]:
+    """Top-left cell (column, row) of a DENSE_WINDOW-square window of cells inside one crop or, half the
+    time, straddling the border between two neighbouring crops (never a corner of four)."""
+    columns, rows, _ = cell_crops(size)
+    starts = []  # per axis: the window starts that keep it inside one crop, or across one border
+    straddle = rng.random() < 0.5
+    axis = int(rng.integers(2)) if len(set(columns)) > 1 and len(set(rows)) > 1 else int(len(set(rows)) > 1)
+    for a, crops in enumerate((columns, rows)):
+        inside = [s for s in range(len(crops) - DENSE_WINDOW + 1) if crops[s] == crops[s + DENSE_WINDOW - 1]]
+        across = [s for s in range(len(crops) - DENSE_WINDOW + 1) if crops[s] != crops[s + DENSE_WINDOW - 1]]
+        starts.append(across if straddle and a == axis else inside)
+    return int(rng.choice(starts[0])), int(rng.choice(starts[1]))
+
+
+def make_dense_scene(rng: np.random.Generator) -> Scene:
+    """A dense scene: DENSE_CARDS cards of distinct colours on every other cell of a DENSE_WINDOW window
+    (`_dense_window`), background clutter elsewhere. One card has the largest digit, uniform over 1-9;
+    the others show smaller digits, uniform and possibly repeated."""
+    w, h = SIZES[rng.integers(len(SIZES))]
+    image = _background(rng, (w, h))
+    draw = ImageDraw.Draw(image)
+    x, y = _dense_window(rng, (w, h))
+    dx, dy = rng.integers(2, size=2)  # which parity of the window's cells the cards sit on
+    places = [(c, r) for r in range(y + dy, y + DENSE_WINDOW, 2) for c in range(x + dx, x + DENSE_WINDOW, 2)]
+    n = int(rng.integers(DENSE_CARDS[0], DENSE_CARDS[1] + 1))
+    cells = [places[i] for i in rng.permutation(len(places))[:n]]
+    colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:n]]
+    largest = int(rng.integers(1, 10))
+    digits = [largest] + [int(d) for d in rng.integers(largest, size=n - 1)]
+    digits = [str(digits[i]) for i in rng.permutation(n)]  # the largest on any card
+    return Scene(image, [_draw_card(draw, rng, cell, c, d) for cell, c, d in zip(cells, colours, digits)])
 
 
 def card_cells(card: Card, size: tuple[int, int], pinpoints, tile: int, patch: int = 14):
@@ -163,9 +228,20 @@ def make_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str
     return TEMPLATES["digit"].format(colour=card.colour), card.digit, "digit"
 
 
-def sample(seed: int, split: str, index: int, cards: tuple[int, int] = CARDS) -> Sample:
-    """Scene and question number `index` of a split: the same on every call. `cards` is the range of
-    the number of cards: one for the task, (3, 5) for the tower's pretraining in train_tiny.py."""
+def deciding_card(s: Sample) -> Card:
+    """The card whose token the answer needs: the one card of a card scene, the largest digit of a dense one."""
+    return max(s.scene.cards, key=lambda card: card.digit) if s.category == "largest" else s.scene.cards[0]
+
+
+def sample(seed: int, split: str, index: int, cards: tuple[int, int] = CARDS, family: str = "card") -> Sample:
+    """Scene and question number `index` of a split and family: the same on every call. For the card
+    family, `cards` is the range of the number of cards: one for the task, (3, 5) for the tower's
+    pretraining in train_tiny.py. The dense family draws from its own stream of the same seed."""
+    if family == "dense":
+        scene = make_dense_scene(np.random.default_rng([seed, SPLITS[split], index, 1]))
+        return Sample(scene, TEMPLATES["largest"], max(card.digit for card in scene.cards), "largest")
+    if family != "card":
+        raise ValueError(f"unknown scene family {family!r}; expected one of {', '.join(FAMILIES)}")
     rng = rng_for(seed, split, index)
     scene = make_scene(rng, cards)
     return Sample(scene, *make_question(scene, rng))
@@ -182,12 +258,17 @@ def tokenizer_corpus() -> list[str]:
 
     lines = [build_prompt(prompt(TEMPLATES["digit"].format(colour=c, digit=""))) for c in COLOURS]
     lines += [build_prompt(prompt(TEMPLATES["colour"].format(colour="", digit=d))) for d in DIGITS]
+    lines += [build_prompt(prompt(TEMPLATES["largest"]))]
     lines += [f"{a}" for a in [*COLOURS, *DIGITS]]
     return lines
 
 
-def write_split(out: Path, n: int, split: str = "test", seed: int = DEFAULT_SEED) -> Path:
-    """Write samples 0..n-1 of a split in LLaVA's evaluation layout:
+def question_id(split: str, index: int, family: str = "card") -> str:
+    return f"{split}-{index:05d}" if family == "card" else f"{family}-{split}-{index:05d}"
+
+
+def write_split(out: Path, n: int, split: str = "test", seed: int = DEFAULT_SEED, family: str = "card") -> Path:
+    """Write samples 0..n-1 of a split of a family in LLaVA's evaluation layout:
 
         out/questions.jsonl   {"question_id", "image", "text", "category"} per line
         out/images/<id>.png
@@ -198,8 +279,8 @@ def write_split(out: Path, n: int, split: str = "test", seed: int = DEFAULT_SEED
     (out / "images").mkdir(parents=True, exist_ok=True)
     answers, rows = {}, []
     for i in range(n):
-        s = sample(seed, split, i)
-        qid = f"{split}-{i:05d}"
+        s = sample(seed, split, i, family=family)
+        qid = question_id(split, i, family)
         png = io.BytesIO()
         s.scene.image.save(png, format="PNG")
         write_atomic(out / "images" / f"{qid}.png", png.getvalue())
@@ -217,9 +298,14 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=500, help="number of questions (default 500)")
     p.add_argument("--split", choices=list(SPLITS), default="test", help="which split (default test; train is what training sees)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"base seed (default {DEFAULT_SEED})")
+    p.add_argument("--family", choices=FAMILIES, default="card",
+                   help="card: one card, 'What digit is on the red card?' (default); dense: 3 to 8 cards in one "
+                   "region, 'What is the largest digit?' (the synthetic-dense task)")
     args = p.parse_args(argv)
-    write_split(args.out, args.n, args.split, args.seed)
-    print(f"wrote {args.n} {args.split} questions to {args.out}")
+    if args.n < 1:
+        p.error("--n must be at least 1")
+    write_split(args.out, args.n, args.split, args.seed, args.family)
+    print(f"wrote {args.n} {args.split} questions of the {args.family} family to {args.out}")
 
 
 if __name__ == "__main__":

@@ -494,6 +494,7 @@ class Synthetic(Task):
     (DEFAULT_QUESTIONS test questions of the default seed) is made in memory."""
 
     name = "synthetic"
+    family = "card"  # which scene family of synthetic.py
     questions_file = "questions.jsonl"
     images_dir = "images"
     max_new_tokens = 8
@@ -508,8 +509,9 @@ class Synthetic(Task):
         if data is None and questions_file is None:
             questions = []
             for i in range(self.DEFAULT_QUESTIONS):
-                s = S.sample(S.DEFAULT_SEED, "test", i)
-                questions.append(Question("", f"test-{i:05d}", S.prompt(s.question), S.prompt(s.question), None,
+                s = S.sample(S.DEFAULT_SEED, "test", i, family=self.family)
+                questions.append(Question("", S.question_id("test", i, self.family), S.prompt(s.question),
+                                          S.prompt(s.question), None,
                                           {"index": i, "answer": s.answer, "category": s.category}))
             return key_questions(questions)
         if data is None:
@@ -533,9 +535,19 @@ class Synthetic(Task):
         if q.image is None:
             from . import synthetic as S
 
-            return S.sample(S.DEFAULT_SEED, "test", q.extra["index"]).scene.image
+            return S.sample(S.DEFAULT_SEED, "test", q.extra["index"], family=self.family).scene.image
         return super().open_image(q)
 
     def score(self, data, answered):
         correct = [text.strip().lower() == str(q.extra["answer"]).strip().lower() for q, text in answered]
         return {"accuracy": _percent(M.mean(correct))}
+
+
+@register
+class SyntheticDense(Synthetic):
+    """The dense synthetic scenes (`synthetic.py`): 3 to 8 cards gathered in one region of one or two crops,
+    "What is the largest digit?", where the per-crop budget decides what survives compression. Scored and
+    loaded as `synthetic`; `--data` is a split written by `python -m minillava.eval.synthetic --family dense`."""
+
+    name = "synthetic-dense"
+    family = "dense"
