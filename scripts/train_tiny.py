@@ -1,6 +1,6 @@
 """Train a tiny LLaVA-NeXT on the synthetic scenes, from a seed, with this project's modules.
 
-    python scripts/train_tiny.py                       # about an hour on 2 CPU cores -> weights/llava-next-tiny-scenes
+    python scripts/train_tiny.py                       # 100 min on 2 busy CPU cores -> weights/llava-next-tiny-scenes
     python scripts/train_tiny.py --quick --out /tmp/t  # a minute or two: the whole pipeline, a weak model
 
 Same code paths as the 7B model, only the config is small: a CLIP ViT (width 128, 4 layers, 112 px
