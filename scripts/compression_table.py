@@ -143,8 +143,7 @@ def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: in
         cells = [S.card_cells(card, s.scene.image.size, cfg.grid_pinpoints, cfg.vision.image_size,
                               cfg.vision.patch_size)[1] for card in s.scene.cards]
         cards = np.bincount([r // side * gw + c // side for r, c in cells], minlength=gw * gh)  # (C,) per crop
-        _, cell = S.card_cells(S.deciding_card(s), s.scene.image.size, cfg.grid_pinpoints, cfg.vision.image_size,
-                               cfg.vision.patch_size)
+        cell = cells[s.scene.cards.index(S.deciding_card(s))]
         scale = crop_scales(features.thumb_scores, features.grid, min(RATIOS)) / min(RATIOS)  # unclipped there
         sums = region_sums(features.thumb_scores, features.grid)
         guidance.append((scale.max(), scale[cards > 0].mean(), bool(cards[np.argmax(scale)] > 0), np.ptp(sums)))

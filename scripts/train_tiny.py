@@ -264,11 +264,11 @@ def run_stage(name, steps, make_batch, loss_fn, optimizer, log, every=25):
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
-        for k, v in {**losses, **measures}.items():
-            running[k] = running.get(k, (0.0, 0))
-            running[k] = (running[k][0] + v.item(), running[k][1] + 1)
+        for k, v in {**losses, **measures}.items():  # (sum, count): a family's measure is absent from some steps
+            sum_, n = running.get(k, (0.0, 0))
+            running[k] = (sum_ + v.item(), n + 1)
         if (step + 1) % every == 0 or step + 1 == steps:
-            means = {k: total / n for k, (total, n) in running.items()}
+            means = {k: sum_ / n for k, (sum_, n) in running.items()}
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
             log(f"{name}\tstep {step + 1}\t{time.perf_counter() - t0:.0f}s\t"
                 + "\t".join(f"{k} {v:.4f}" for k, v in means.items()))

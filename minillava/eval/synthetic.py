@@ -165,13 +165,10 @@ def cell_crops(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
     """Which crop each patch cell of an image of `size` (w, h) falls in, under AnyRes with PINPOINTS
     and TILE: (crop column of each cell column, crop row of each cell row, gw). Cell (c, r) is in crop
     rows[r] * gw + columns[c]."""
-    from ..anyres import canvas_placement
-
     w, h = size
-    (width, _), (left, top, new_w, _) = canvas_placement(size, PINPOINTS)
-    scale = new_w / w
-    centres = lambda n, offset: ((offset + scale * (np.arange(n) + 0.5) * CELL) // TILE).astype(int)  # noqa: E731
-    return centres(w // CELL, left), centres(h // CELL, top), width // TILE
+    centre = lambda n: (np.arange(n) + 0.5) * CELL  # noqa: E731  cell centres, in original pixels
+    x, y, width = to_canvas(size, PINPOINTS, centre(w // CELL), centre(h // CELL))
+    return (x // TILE).astype(int), (y // TILE).astype(int), width // TILE
 
 
 def _dense_window(rng: np.random.Generator, size: tuple[int, int]) -> tuple[int, int]:
@@ -180,7 +177,8 @@ def _dense_window(rng: np.random.Generator, size: tuple[int, int]) -> tuple[int,
     columns, rows, _ = cell_crops(size)
     starts = []  # per axis: the window starts that keep it inside one crop, or across one border
     straddle = rng.random() < 0.5
-    axis = int(rng.integers(2)) if len(set(columns)) > 1 and len(set(rows)) > 1 else int(len(set(rows)) > 1)
+    split = [a for a, crops in enumerate((columns, rows)) if len(set(crops)) > 1]  # axes with a crop border
+    axis = split[rng.integers(2)] if len(split) == 2 else split[0]
     for a, crops in enumerate((columns, rows)):
         inside = [s for s in range(len(crops) - DENSE_WINDOW + 1) if crops[s] == crops[s + DENSE_WINDOW - 1]]
         across = [s for s in range(len(crops) - DENSE_WINDOW + 1) if crops[s] != crops[s + DENSE_WINDOW - 1]]
@@ -211,15 +209,21 @@ def card_cells(card: Card, size: tuple[int, int], pinpoints, tile: int, patch: i
     """Where the centre of a card of an image of `size` (w, h) lands in the model's tokens:
     ((row, col) on the thumbnail's patch grid, (row, col) on the crops' token grid H x W, the layout
     of `globalcom2.Compressed.crop_keep`), for AnyRes with these pinpoints and tile size."""
-    from ..anyres import canvas_placement
-
     w0, h0 = size
-    _, (left, top, new_w, _) = canvas_placement(size, pinpoints)
-    scale = new_w / w0
     x, y = (card.box[0] + card.box[2] + 1) / 2, (card.box[1] + card.box[3] + 1) / 2  # original pixels
-    canvas_x, canvas_y = left + scale * x, top + scale * y
+    canvas_x, canvas_y, _ = to_canvas(size, pinpoints, x, y)
     thumb_x, thumb_y = x / w0 * tile, y / h0 * tile
     return (int(thumb_y // patch), int(thumb_x // patch)), (int(canvas_y // patch), int(canvas_x // patch))
+
+
+def to_canvas(size: tuple[int, int], pinpoints, x, y):
+    """Original-image pixel coordinates x, y (numbers or arrays) of an image of `size` (w, h) -> their
+    place on the AnyRes canvas of these pinpoints: (canvas x, canvas y, canvas width)."""
+    from ..anyres import canvas_placement
+
+    (width, _), (left, top, new_w, _) = canvas_placement(size, pinpoints)
+    scale = new_w / size[0]
+    return left + scale * x, top + scale * y, width
 
 
 def make_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
