@@ -1,11 +1,13 @@
 """GlobalCom2: training-free visual-token compression for LLaVA-NeXT, guided by the thumbnail.
 
 Tensors in, tensors out; nothing here imports the model. See `globalcom2.compress` for the inputs,
-the outputs and the methods, and GLOBALCOM2.md (the project's specification) for the algorithm.
+the outputs and the methods, `globalcom2.probes` for what a method reads from the vision tower, and
+docs/globalcom2.md for the algorithm.
 """
 
-from .compress import ALL_NEEDS, METHODS, Compressed, ImageFeatures, compress, compress_image, keep_sequence, needs
-from .layout import unpad_area
+from .compress import METHODS, SCORES, compress, compress_image, needs
+from .probes import hidden_states_needed, tower_probes
+from .stage import Compressed, ImageFeatures
 
-__all__ = ["ALL_NEEDS", "METHODS", "needs", "Compressed", "ImageFeatures", "compress", "compress_image", "keep_sequence",
-           "unpad_area"]
+__all__ = ["METHODS", "SCORES", "needs", "Compressed", "ImageFeatures", "compress", "compress_image",
+           "hidden_states_needed", "tower_probes"]

@@ -1,4 +1,4 @@
-"""GlobalCom2 visual-token compression for LLaVA-NeXT: one image's features in, its token sequence out.
+"""GlobalCom2 visual-token compression for LLaVA-NeXT: one image's features in, what to keep out.
 
 The stage sits between the projector and the decoder. Per image it receives (`ImageFeatures`):
 
@@ -6,23 +6,27 @@ The stage sits between the projector and the decoder. Per image it receives (`Im
     crops         (C, P, D)    projected crop tokens, C = gw * gh crops in row-major order: crop c sits
                                at row c // gw, column c % gw of the crop grid; each crop in raster order
     thumb_scores  (P,)         [CLS] score of each thumbnail token: last CLIP layer, pre-softmax
-                               q_cls . k_j / sqrt(head_dim), mean over heads (GLOBALCOM2.md "Inputs")
+                               q_cls . k_j / sqrt(head_dim), mean over heads (docs/globalcom2.md "Inputs";
+                               the probe `SCORES`); None for methods that do not read it (`needs`)
     crop_scores   (C, P)       the same for every crop
     grid          (gw, gh)     columns and rows of crops (AnyRes best resolution / tile size)
-    size          (w0, h0)     original image size in pixels (decides the unpadded area)
-    newline       (D,)         the learned image_newline vector
+    size          (w0, h0)     original image size in pixels
+    area          (top, bottom, left, right)  the unpadded rectangle of the crop grid, the model's
+                               (minillava/layout.py `unpad_area`)
+    newline       (D,)         the learned image_newline vector (for the published sequences)
     probes        {(kind, layer): (1 + C, ...)}  what the tower gave for the method's `needs(method)`
-                               (minillava/clip.py), tile 0 the thumbnail; empty for GlobalCom2's methods
+                               (globalcom2/probes.py), tile 0 the thumbnail
     project       the projector (vision width -> D), for methods that merge before it (VisionZip)
 
 Together the crops form one H x W token grid, H = gh * side, W = gw * side, of which the rows
-[top, bottom) and columns [left, right) show the image (`unpad_area`); the rest is padding.
+[top, bottom) and columns [left, right) show the image; the rest is padding.
 
-It returns (`Compressed`) the image's tokens for the decoder, (T, D) in the features' dtype and
-device, and what was kept. Methods (`METHODS`):
+It returns (`Compressed`) what was kept: the tokens before the crop grid (`head`), the kept grid
+positions (`crop_keep`), merged tokens where a method merges; the model lays them out as LLaVA-NeXT
+does (minillava/layout.py `pack`). Only a `-paper` method emits its own `sequence`. Methods (`METHODS`):
 
-    none              the uncompressed LLaVA-NeXT packing: thumbnail (P tokens, raster order), then
-                      the unpadded crop grid row by row, a newline closing each row
+    none              everything: the thumbnail in raster order and every unpadded crop token; packed,
+                      the uncompressed LLaVA-NeXT sequence
     globalcom2        GlobalCom2 with every kept crop token at its true grid position and a newline
                       closing each unpadded row; with all crop ratios forced to 1 the crop part
                       equals `none`
@@ -78,8 +82,7 @@ default layout (unpadding), so the default emits at most, the `-paper` exactly, 
 VisionZip's and PruMerge+'s merges (`Compressed.thumb_merge` / `crop_merge`) say which positions each
 merged token stands for (PruMerge+ merges into kept tokens; a position in several clusters shows the
 first, and every non-kept position also goes into its tile's extra token, not recorded there).
-FastV (`minillava.llama.FastV`) is no method here: it prunes the `none` sequence inside the decoder;
-`keep_sequence` maps what it kept back onto the grid.
+FastV (minillava/fastv.py) is no method here: it prunes the uncompressed sequence inside the decoder.
 
 All but `none`, `globalcom2-paper` and the peers emit in the `globalcom2` layout. The thumbnail keeps
 int(P * r) tokens in descending score order, without newlines; crop c keeps int(N_c * scale_c) of
@@ -93,15 +96,13 @@ deterministic, and each image is compressed on its own: a batch gives what one-a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from .peers import PEERS
-from .layout import area_mask, crop_extents, emit_rows, gather_tokens, paper_slots, to_crops, to_grid, unpad_area
+from .stage import Compressed, ImageFeatures
+from .layout import area_mask, crop_extents, emit_rows, gather_tokens, paper_slots, to_crops, to_grid
 from .scoring import (
     crop_scales,
     global_scores,
@@ -115,42 +116,16 @@ from .scoring import (
 METHODS = ("none", "globalcom2", "globalcom2-paper", "uniform", "local-only", "global-only", "random", *PEERS)
 
 
+SCORES = ("cls_logits", -1)  # GlobalCom2's token score: the last layer's [CLS] logits (globalcom2/probes.py)
+
+
 def needs(method: str) -> tuple[tuple[str, int], ...]:
-    """The tower probes a method needs, (kind, layer) pairs (minillava/clip.py); () for GlobalCom2's own."""
-    return PEERS[method].needs if method in PEERS else ()
-
-
-ALL_NEEDS = tuple(dict.fromkeys(need for peer in PEERS.values() for need in peer.needs))  # every method's
-
-
-@dataclass
-class ImageFeatures:
-    """One image's projected features and [CLS] scores, as the compression stage receives them."""
-
-    thumb: Tensor  # (P, D) projected thumbnail tokens, P = side * side
-    crops: Tensor  # (gw*gh, P, D) projected crop tokens, crops row-major
-    thumb_scores: Tensor  # (P,) [CLS] scores of the thumbnail
-    crop_scores: Tensor  # (gw*gh, P) [CLS] scores of the crops
-    grid: tuple[int, int]  # (gw, gh) columns, rows of crops
-    size: tuple[int, int]  # (w0, h0) original image size in pixels
-    newline: Tensor  # (D,) image_newline
-    probes: dict = field(default_factory=dict)  # {(kind, layer): (1 + gw*gh, ...)} tower probes, tile 0 = thumbnail
-    project: Callable[[Tensor], Tensor] | None = None  # the projector, for methods that merge before it
-
-
-@dataclass
-class Compressed:
-    """One image's token sequence for the decoder, and what was kept to make it."""
-
-    tokens: Tensor  # (T, D) the sequence, dtype/device of the features
-    thumb_keep: Tensor  # (k0,) long: thumbnail positions kept, in emission order
-    crop_keep: Tensor  # (H, W) bool: kept crop tokens at their true grid positions
-    valid: Tensor  # (H, W) bool: the unpadded area
-    crop_ratio: Tensor  # (gw*gh,) float64 on the CPU: each crop's retention ratio (1 for none)
-    before: int  # token count of the uncompressed packing (what `none` returns)
-    thumb_merge: Tensor | None = None  # (P,) long: index in `tokens` of the merged token each thumbnail
-    # position went into (a kept position that others went into: its own), -1 if none; None: no merging
-    crop_merge: Tensor | None = None  # (H, W) long: the same over the crop grid
+    """The tower probes a method needs, (kind, layer) pairs (globalcom2/probes.py)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}; expected one of {', '.join(METHODS)}")
+    if method in PEERS:
+        return PEERS[method].needs
+    return () if method in ("none", "random") else (SCORES,)
 
 
 def compress(images: list[ImageFeatures], method: str = "none", ratio: float = 1.0, seed: int = 0) -> list[Compressed]:
@@ -165,19 +140,17 @@ def compress_image(
     """Compress one image.
 
     `scales` (gw*gh,), if given, replaces the crop ratios scale_c of step 2 (e.g. all 1 to check that
-    `globalcom2` then packs the crops exactly as `none` does).
+    `globalcom2` then keeps the crops exactly as `none` does).
     """
     ratio = check_arguments(method, ratio, seed)
-    side = check_image(image)
+    side = check_image(image, method)
     gw, gh = image.grid
     P, C = side * side, gw * gh
-    dtype, device = image.thumb.dtype, image.thumb.device
-    area = unpad_area(image.grid, image.size, side)
-    top, bottom, left, right = area  # valid rows [top, bottom), columns [left, right)
+    device = image.thumb.device
+    area = image.area
     valid = area_mask(area, (gh * side, gw * side), device)  # (H, W)
     rows, cols = crop_extents(area, image.grid, side)
     n_valid = np.outer(rows, cols).ravel()  # (C,) N_c, crops row-major
-    before = P + (bottom - top) * (right - left + 1)
 
     if method in PEERS:
         if scales is not None:
@@ -190,9 +163,7 @@ def compress_image(
                if p.shape[0] != 1 + C or p.shape[token_dim.get(need[0], 1)] != 1 + P}
         if bad:
             raise ValueError(f"probes must be (1 + {C} tiles, ..., 1 + {P} tokens, ...) for grid {image.grid}, got {bad}")
-        packed = PEERS[method].run(image, ratio, PEERS[method].paper)
-        return Compressed(packed.tokens, packed.thumb_keep, packed.crop_keep, valid, packed.crop_ratio, before,
-                          packed.thumb_merge, packed.crop_merge)
+        return PEERS[method].run(image, ratio, PEERS[method].paper)
     if method == "none":
         if scales is not None:
             raise ValueError("scales do not apply to method 'none'")
@@ -203,47 +174,16 @@ def compress_image(
         thumb_keep = _keep_thumbnail(image, method, ratio, seed, P)
         ratios = _crop_ratios(image, method, ratio, scales)
         crop_keep = _keep_crops(image, method, seed, ratios, area, valid, n_valid, side)
-
-    order = _crop_order(method, crop_keep, valid, area, image.grid, side)
-    crops = image.crops.reshape(C * P, -1).to(dtype)  # (C*P, D)
-    tokens = torch.cat([image.thumb[thumb_keep], gather_tokens(crops, image.newline.to(dtype), order)])
-    return Compressed(tokens, thumb_keep, crop_keep, valid, torch.from_numpy(ratios), before)
-
-
-def keep_sequence(full: Compressed, kept: Tensor) -> Compressed:
-    """`full` (what `none` returns) restricted to its sequence positions `kept` (k,) long, ascending: what a
-    method that prunes the uncompressed sequence keeps (FastV, in the decoder), on the true token grid.
-
-    Positions 0 .. P-1 are the thumbnail's tokens; after them the unpadded crop grid row by row, a newline
-    closing each row (kept newlines stay in `tokens` and have no grid position)."""
-    P = full.thumb_keep.shape[0]
-    side = math.isqrt(P)
-    H, W = full.valid.shape
-    grid = (W // side, H // side)
-    rows, cols = full.valid.any(dim=1), full.valid.any(dim=0)  # the unpadded area is a rectangle
-    flat = torch.arange(H * W, device=kept.device).view(H, W)
-    order = emit_rows(flat[rows][:, cols], full.valid[rows][:, cols])  # crop part: grid cell or NEWLINE
-    crop = order[kept[kept >= P] - P]
-    crop_keep = torch.zeros(H * W, dtype=torch.bool, device=kept.device)
-    crop_keep[crop[crop >= 0]] = True
-    crop_keep = crop_keep.view(H, W)
-    n_valid = to_crops(full.valid, grid, side).sum(dim=1).double().cpu()
-    ratios = to_crops(crop_keep, grid, side).sum(dim=1).double().cpu() / n_valid.clamp(min=1)
-    return Compressed(full.tokens[kept], kept[kept < P], crop_keep, full.valid, ratios, full.before)
-
-
-def _crop_order(
-    method: str, crop_keep: Tensor, valid: Tensor, area: tuple[int, int, int, int], grid: tuple[int, int], side: int
-) -> Tensor:
-    """Emission order of the crop part, (n,) long: crop token c * P + p, or NEWLINE (-1)."""
-    if method == "globalcom2-paper":
-        slots = paper_slots(to_crops(crop_keep, grid, side), to_crops(valid, grid, side))  # (C, P)
-        slots = to_grid(slots, grid, side)  # (H, W)
-        return emit_rows(slots, slots >= 0)  # a newline after each of the H rows
-    top, bottom, left, right = area
-    C, P = grid[0] * grid[1], side * side
-    index = to_grid(torch.arange(C * P, device=valid.device).view(C, P), grid, side)  # (H, W)
-    return emit_rows(index[top:bottom, left:right], crop_keep[top:bottom, left:right])  # unpadded rows
+    head = image.thumb[thumb_keep]
+    sequence = None
+    if method == "globalcom2-paper":  # the published emission: kept tokens at their index among the valid ones
+        slots = paper_slots(to_crops(crop_keep, image.grid, side), to_crops(valid, image.grid, side))  # (C, P)
+        slots = to_grid(slots, image.grid, side)  # (H, W)
+        order = emit_rows(slots, slots >= 0)  # a newline after each of the H rows
+        crops = image.crops.reshape(C * P, -1).to(head.dtype)  # (C*P, D)
+        sequence = torch.cat([head, gather_tokens(crops, image.newline.to(head.dtype), order)])
+    return Compressed(thumb_keep, crop_keep, torch.from_numpy(ratios), head=None if sequence is not None else head,
+                      sequence=sequence)
 
 
 def _keep_thumbnail(image: ImageFeatures, method: str, ratio: float, seed: int, P: int) -> Tensor:
@@ -309,8 +249,8 @@ def check_arguments(method: str, ratio: float, seed: int = 0) -> float:
     return value
 
 
-def check_image(image: ImageFeatures) -> int:
-    """Check the shapes of one image's inputs against each other; return the tile side."""
+def check_image(image: ImageFeatures, method: str = "none") -> int:
+    """Check the shapes of one image's inputs against each other and the method; return the tile side."""
     gw, gh = image.grid
     w0, h0 = image.size
     if gw < 1 or gh < 1 or w0 <= 0 or h0 <= 0:
@@ -321,13 +261,15 @@ def check_image(image: ImageFeatures) -> int:
     side = math.isqrt(P)
     if side * side != P:
         raise ValueError(f"thumbnail token count {P} is not a square")
-    expected = {
-        "crops": (gw * gh, P, D),
-        "thumb_scores": (P,),
-        "crop_scores": (gw * gh, P),
-        "newline": (D,),
-    }
+    expected = {"crops": (gw * gh, P, D), "newline": (D,)}
+    if SCORES in needs(method):
+        expected.update(thumb_scores=(P,), crop_scores=(gw * gh, P))
     for name, shape in expected.items():
-        if tuple(getattr(image, name).shape) != shape:
-            raise ValueError(f"{name} must be {shape} for grid {image.grid} and P = {P}, got {tuple(getattr(image, name).shape)}")
+        value = getattr(image, name)
+        if value is None or tuple(value.shape) != shape:
+            got = None if value is None else tuple(value.shape)
+            raise ValueError(f"{name} must be {shape} for grid {image.grid} and P = {P}, got {got}")
+    top, bottom, left, right = image.area
+    if not (0 <= top <= bottom <= gh * side and 0 <= left <= right <= gw * side):
+        raise ValueError(f"unpadded area {image.area} is not a rectangle inside the {gh * side} x {gw * side} crop grid")
     return side

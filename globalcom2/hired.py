@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from .layout import area_mask, to_crops, to_grid, unpad_area
+from .layout import area_mask, to_crops, to_grid
 from .scoring import keep_top_per_crop, top_order
 
 NEEDS = (("cls_attn", 0), ("cls_attn", -2))  # early layer (budgets), final layer (tokens)
@@ -79,16 +79,16 @@ def crop_budgets(early_thumb: Tensor, C: int, share: int, alpha: float = ALPHA) 
     return (counts / counts.sum() * share).int().clamp(max=P).long()
 
 
-def hired_on_grid(keep: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def hired_on_grid(keep: Tensor, grid: tuple[int, int], area: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
     """What reaches the LLM, on the true token grid.
 
     keep (1 + C, P) bool -> thumbnail positions (k0,) long in raster order (the published packing
     masks the thumbnail, so it emits its kept tokens in raster order), and the crops' kept tokens
-    (H, W) bool, H = gh * side, W = gw * side, restricted to the unpadded area.
+    (H, W) bool, H = gh * side, W = gw * side, restricted to the unpadded `area` (top, bottom, left, right).
     """
     side = math.isqrt(keep.shape[1])
     crop_keep = to_grid(keep[1:], grid, side)  # (H, W)
-    valid = area_mask(unpad_area(grid, size, side), crop_keep.shape, keep.device)
+    valid = area_mask(area, crop_keep.shape, keep.device)
     return keep[0].nonzero().flatten(), crop_keep & valid
 
 
@@ -120,8 +120,23 @@ def hired_crop_order(index: Tensor, keep: Tensor, grid: tuple[int, int], size: t
     swapped = (gh, gw)  # (columns, rows) as the published view has them
     index = to_grid(to_crops(index, grid, side), swapped, side)  # (gw * side, gh * side)
     keep = to_grid(to_crops(keep, grid, side), swapped, side)
-    top, bottom, left, right = unpad_area(swapped, size, side)  # `unpad_image` on the swapped grid
+    top, bottom, left, right = published_unpad(swapped, size, side)  # `unpad_image` on the swapped grid
     return index[top:bottom, left:right][keep[top:bottom, left:right]]  # raster order
+
+
+def published_unpad(grid: tuple[int, int], size: tuple[int, int], side: int) -> tuple[int, int, int, int]:
+    """LLaVA's `unpad_image` (llava/model/llava_arch.py), which HiRED's packing calls on its transposed
+    view of the grid: the rows [top, bottom) and columns [left, right) of a (gh side) x (gw side) grid
+    that an image of `size` (w0, h0) fills, float arithmetic and int() truncation. The model's own
+    unpadding (minillava/layout.py `unpad_area`) is the same rule on the true grid; HiRED's published
+    order needs it on another grid, so it keeps this copy of the rule."""
+    (gw, gh), (w0, h0) = grid, size
+    H, W = gh * side, gw * side
+    if w0 / h0 > W / H:
+        pad = (H - int(h0 * (W / w0))) // 2
+        return pad, H - pad, 0, W
+    pad = (W - int(w0 * (H / h0))) // 2
+    return 0, H, pad, W - pad
 
 
 def hired_paper_sequence(features: Tensor, keep: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:

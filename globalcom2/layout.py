@@ -1,8 +1,10 @@
-"""Geometry of the LLaVA-NeXT crop grid: the unpadded area, crop <-> grid views, emission order.
+"""Geometry of the LLaVA-NeXT crop grid: crop <-> grid views, and the published emission orders.
 
-The crops of one image form a single H x W token grid (H = gh * side, W = gw * side). Everything here
-is about where tokens sit in that grid and in which order they are emitted; nothing here scores.
-Emission works on token indices (c * P + p, NEWLINE for a newline); the features are gathered once.
+The crops of one image form a single H x W token grid (H = gh * side, W = gw * side), of which the
+model's unpadded area (minillava/layout.py `unpad_area`) shows the image. Everything here is about
+where tokens sit in that grid; nothing here scores. LLaVA-NeXT's own layout is the model's
+(minillava/layout.py `pack`); the `-paper` methods emit the published orders with `emit_rows` on
+token indices (c * P + p, NEWLINE for a newline), the features gathered once.
 """
 
 from __future__ import annotations
@@ -10,25 +12,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-
-
-def unpad_area(grid: tuple[int, int], size: tuple[int, int], side: int) -> tuple[int, int, int, int]:
-    """The rectangle of the H x W crop grid that shows the image rather than its padding.
-
-    Returns (top, bottom, left, right): rows [top, bottom) and columns [left, right) are valid.
-    Python float arithmetic and int() truncation, as the original LLaVA `unpad_image`
-    (GLOBALCOM2.md step 3.2); transformers rounds to 7 decimals first, we do not.
-    """
-    gw, gh = grid
-    w0, h0 = size
-    H, W = gh * side, gw * side
-    if w0 / h0 > W / H:
-        new_h = int(h0 * (W / w0))
-        pad = (H - new_h) // 2
-        return pad, H - pad, 0, W
-    new_w = int(w0 * (H / h0))
-    pad = (W - new_w) // 2
-    return 0, H, pad, W - pad
 
 
 def area_mask(area: tuple[int, int, int, int], shape: tuple[int, int], device) -> Tensor:

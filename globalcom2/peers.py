@@ -2,24 +2,24 @@
 
 Each peer has a pure selection function over tensors (`fastervlm.py`, `visionzip.py`, `hired.py`,
 `prumerge.py`) and two
-emissions of its choice (`emit`): the default name packs it in LLaVA-NeXT's true layout (kept crop
-tokens at their true grid positions, unpadded, a newline closing each unpadded row), the `-paper`
-name packs it token for token as the authors' code does. Tokens with no grid position ([CLS],
-merged summaries) go where the published code puts them, in both.
+results (`emit`): the default name returns what it keeps for LLaVA-NeXT's own layout (kept crop tokens
+at their true grid positions, which the model packs unpadded, a newline closing each row), the `-paper`
+name emits its sequence token for token as the authors' code does. Tokens with no grid position
+([CLS], merged summaries) go where the published code puts them, in both.
 
-A peer is one entry of `PEERS`: name -> Peer(needs, run, paper), `run(image, ratio, paper)` -> `Packed`.
+A peer is one entry of `PEERS`: name -> Peer(needs, run, paper), `run(image, ratio, paper)` -> `Compressed`.
 A new selection-only method needs a `run` of a few lines: its keep mask (1 + C, P) from its pure
 function, then `emit` with the tiles' features as the table (see `_fastervlm`, `_hired`); a merging one
 also passes its merged tokens as table rows and `merge_rows` (see `_visionzip`, `_prumerge`).
 A sequence that is no crop-grid order at all (PruMerge+'s published one, tile by tile) goes straight
-to `pack`.
+to `sequence`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -28,9 +28,10 @@ from .fastervlm import NEEDS as FASTERVLM_NEEDS
 from .fastervlm import fastervlm_keep
 from .hired import NEEDS as HIRED_NEEDS
 from .hired import hired_crop_order, hired_keep
-from .layout import emit_rows, gather_tokens, to_grid, unpad_area
+from .layout import area_mask, gather_tokens, to_grid
 from .prumerge import NEEDS as PRUMERGE_NEEDS
 from .prumerge import prumerge_merge, prumerge_plus
+from .stage import Compressed
 from .visionzip import NEEDS as VISIONZIP_NEEDS
 from .visionzip import visionzip_split, visionzip_tokens
 
@@ -40,18 +41,6 @@ def tokens_per_tile(P: int, ratio: float) -> int:
     return max(1, int(P * ratio + 0.5))
 
 
-class Packed(NamedTuple):
-    """A peer's result for one image (what `Compressed` adds to it: the valid area and `before`)."""
-
-    tokens: Tensor  # (n, D) the sequence
-    thumb_keep: Tensor  # (k0,) long: thumbnail positions kept, in emission order
-    crop_keep: Tensor  # (H, W) bool: crop tokens emitted at their true grid positions
-    crop_ratio: Tensor  # (C,) float64 CPU: each crop's share of tokens kept, T / P
-    thumb_merge: Tensor | None  # (P,) long: index in `tokens` of the merged token a position went into
-    # (a kept position that others were merged into: its own token), -1 if none
-    crop_merge: Tensor | None  # (H, W) long: the same over the crop grid
-
-
 def full_raster(index: Tensor, keep: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
     """The published crop order of FasterVLM and VisionZip: the kept entries of the whole H x W grid in
     raster order, padding included, no newline. index, keep (H, W) -> (n,) long; grid and size unused."""
@@ -59,38 +48,44 @@ def full_raster(index: Tensor, keep: Tensor, grid: tuple[int, int], size: tuple[
 
 
 def emit(image, table: Tensor, thumb_rows: Tensor, grid_rows: Tensor, crop_keep: Tensor, tail_rows: Tensor,
-         merge_rows: Tensor | None, T: int, paper: Callable | None) -> Packed:
-    """Gather one image's sequence from `table` (R, D) of token rows.
+         merge_rows: Tensor | None, T: int, paper: Callable | None) -> Compressed:
+    """What a peer keeps of one image, from `table` (R, D) of token rows.
 
-    thumb_rows (k,) long: the thumbnail part, rows in emission order. grid_rows (C, P) long: the row of
-    each crop position's token; crop_keep (C, P) bool which of them are kept. tail_rows (t,) long: rows
-    emitted after the crop grid. merge_rows (1 + C, P) long or None: the row of the merged token each
-    position went into, -1 if none. T: tokens kept per tile. `paper`: None for LLaVA-NeXT's true layout
-    of the crop grid (the unpadded rows, each closed by a newline, as `spatial_unpad`), else the
-    published order, a function (index (H, W) long, keep (H, W) bool, grid, size) -> (n,) long, e.g.
-    `full_raster`, `hired_crop_order`; the returned `crop_keep` is what that order emits.
+    thumb_rows (k,) long: the rows before the crop grid, in emission order. grid_rows (C, P) long: the
+    row of each crop position's token; crop_keep (C, P) bool which of them are kept. tail_rows (t,) long:
+    rows after the crop grid. merge_rows (1 + C, P) long or None: the row of the merged token each
+    position went into, -1 if none. T: tokens kept per tile. `paper`: None for LLaVA-NeXT's own layout
+    (the model packs it: kept tokens of the unpadded area, a newline closing each row), else the published
+    order, a function (index (H, W) long, keep (H, W) bool, grid, size) -> (n,) long, e.g. `full_raster`,
+    `hired_crop_order`, and the sequence is emitted here; `crop_keep` is then what that order emits.
     """
     side = math.isqrt(image.thumb.shape[0])
     index, keep = to_grid(grid_rows, image.grid, side), to_grid(crop_keep, image.grid, side)  # (H, W)
+    ratios = torch.full((image.grid[0] * image.grid[1],), T / side**2, dtype=torch.float64)  # T of P per crop
+    empty = thumb_rows.new_empty(0)
     if paper is not None:
         crop_order = paper(index, keep, image.grid, image.size)
         keep = keep & torch.isin(index, crop_order)  # what the order emits (HiRED's unpadding drops some)
-    else:
-        top, bottom, left, right = unpad_area(image.grid, image.size, side)
-        crop_order = emit_rows(index[top:bottom, left:right], keep[top:bottom, left:right])
-        emitted = torch.zeros_like(keep)
-        emitted[top:bottom, left:right] = keep[top:bottom, left:right]
-        keep = emitted
-    order = torch.cat([thumb_rows, crop_order, tail_rows])
-    P = side * side
-    ratios = torch.full((image.grid[0] * image.grid[1],), T / P, dtype=torch.float64)  # T of P per crop
-    return pack(image, table, order, thumb_rows.new_empty(0), keep, merge_rows, ratios)
+        return sequence(image, table, torch.cat([thumb_rows, crop_order, tail_rows]), empty, keep, merge_rows, ratios)
+    keep = keep & area_mask(image.area, keep.shape, keep.device)  # the padding never reaches the decoder
+    merged = None
+    if merge_rows is not None:  # rows -> token ids: head, grid cells (y * W + x), tail one after the other
+        k, cells = len(thumb_rows), keep.numel()
+        ids = torch.full((table.shape[0] + 1,), -1, dtype=torch.long, device=table.device)  # last: "none"
+        ids[thumb_rows] = torch.arange(k, device=table.device)
+        ids[index[keep]] = k + keep.flatten().nonzero()[:, 0]
+        ids[tail_rows] = k + cells + torch.arange(len(tail_rows), device=table.device)
+        merged = ids[torch.where(merge_rows >= 0, merge_rows, table.shape[0])]  # (1 + C, P)
+        merged = merged[0], to_grid(merged[1:], image.grid, side)
+    thumb_merge, crop_merge = merged if merged is not None else (None, None)
+    return Compressed(empty, keep, ratios, head=table[thumb_rows], grid=table[index], tail=table[tail_rows],
+                      thumb_merge=thumb_merge, crop_merge=crop_merge)
 
 
-def pack(image, table: Tensor, order: Tensor, thumb_keep: Tensor, crop_keep: Tensor, merge_rows: Tensor | None,
-         ratios: Tensor) -> Packed:
-    """The sequence of an emission `order` (n,) long over `table` (R, D) rows (NEWLINE for a newline),
-    and where each row of `merge_rows` (1 + C, P) (see `emit`) landed in it."""
+def sequence(image, table: Tensor, order: Tensor, thumb_keep: Tensor, crop_keep: Tensor, merge_rows: Tensor | None,
+             ratios: Tensor) -> Compressed:
+    """A published sequence: the rows of an emission `order` (n,) long over `table` (R, D) (NEWLINE for a
+    newline), and where each row of `merge_rows` (1 + C, P) (see `emit`) landed in it."""
     side = math.isqrt(image.thumb.shape[0])
     tokens = gather_tokens(table, image.newline.to(table.dtype), order)
     thumb_merge = crop_merge = None
@@ -100,10 +95,10 @@ def pack(image, table: Tensor, order: Tensor, thumb_keep: Tensor, crop_keep: Ten
         place[order[real]] = torch.arange(len(order), device=table.device)[real]
         merged = place[torch.where(merge_rows >= 0, merge_rows, table.shape[0])]  # (1 + C, P)
         thumb_merge, crop_merge = merged[0], to_grid(merged[1:], image.grid, side)
-    return Packed(tokens, thumb_keep, crop_keep, ratios, thumb_merge, crop_merge)
+    return Compressed(thumb_keep, crop_keep, ratios, sequence=tokens, thumb_merge=thumb_merge, crop_merge=crop_merge)
 
 
-def _fastervlm(image, ratio: float, paper: Callable | None) -> Packed:
+def _fastervlm(image, ratio: float, paper: Callable | None) -> Compressed:
     """FasterVLM: each tile's T best by [CLS] attention; thumbnail then crops, kept tokens in raster order
     (llava_arch.py prepare_inputs_labels_for_multimodal: `base_image_feature[base_index_mask]`, then the
     crop grid through the same index mask)."""
@@ -115,10 +110,10 @@ def _fastervlm(image, ratio: float, paper: Callable | None) -> Packed:
     thumb_rows = keep[0].nonzero()[:, 0]
     grid_rows = P + torch.arange(C * P, device=table.device).view(C, P)
     packed = emit(image, table, thumb_rows, grid_rows, keep[1:], thumb_rows[:0], None, T, paper)
-    return packed._replace(thumb_keep=thumb_rows)
+    return replace(packed, thumb_keep=thumb_rows)
 
 
-def _visionzip(image, ratio: float, paper: Callable | None) -> Packed:
+def _visionzip(image, ratio: float, paper: Callable | None) -> Compressed:
     """VisionZip: per tile [CLS], the dominant patches and the contextual tokens, projected together.
 
     Order (visionzip/llava_arch.py prepare_inputs_labels_for_multimodal_visionzip and
@@ -144,10 +139,10 @@ def _visionzip(image, ratio: float, paper: Callable | None) -> Packed:
     crop_tail = torch.cat([start[1:, 0], (start[1:] + torch.arange(dominant, T, device=device)).flatten()])
     merge_rows = torch.where(merge >= 0, start + dominant + merge, -1)
     packed = emit(image, table, torch.arange(T, device=device), rows[1:], keep[1:], crop_tail, merge_rows, T, paper)
-    return packed._replace(thumb_keep=keep[0].nonzero()[:, 0])
+    return replace(packed, thumb_keep=keep[0].nonzero()[:, 0])
 
 
-def _hired(image, ratio: float, paper: Callable | None) -> Packed:
+def _hired(image, ratio: float, paper: Callable | None) -> Compressed:
     """HiRED: a total budget int((1 + C) P r), half of it (alpha 0.5) for the thumbnail, the crops' share
     split by the thumbnail's layer-0 [CLS] attention; tokens by layer -2 [CLS] attention (`hired.py`).
     The thumbnail's kept tokens in raster order (`pack_HiRED_image_features` masks it), then the crops."""
@@ -159,7 +154,7 @@ def _hired(image, ratio: float, paper: Callable | None) -> Packed:
     grid_rows = P + torch.arange(C * P, device=table.device).view(C, P)
     packed = emit(image, table, thumb_rows, grid_rows, keep[1:], thumb_rows[:0], None, P, paper)
     budgets = keep[1:].sum(dim=1).cpu().double() / P  # each crop's budget over P (padding included)
-    return packed._replace(thumb_keep=thumb_rows, crop_ratio=budgets)
+    return replace(packed, thumb_keep=thumb_rows, crop_ratio=budgets)
 
 
 def tile_by_tile(used: Tensor) -> Tensor:
@@ -169,7 +164,7 @@ def tile_by_tile(used: Tensor) -> Tensor:
     return torch.arange(used.numel(), device=used.device).view(used.shape)[used]
 
 
-def _prumerge(image, ratio: float, paper: Callable | None) -> Packed:
+def _prumerge(image, ratio: float, paper: Callable | None) -> Compressed:
     """PruMerge+: per tile the [CLS] attention outliers plus spatially sampled extras, each merged with
     its 32 most key-similar positions, and one extra token of the rest; merged in the tower's width (layer
     -2, before the projector), then projected. `ratio` is not used: PruMerge+ chooses its own count.
@@ -204,17 +199,17 @@ def _prumerge(image, ratio: float, paper: Callable | None) -> Packed:
         used = torch.cat([filled, torch.ones(N, 1, dtype=torch.bool, device=device)], dim=1)  # (N, L + 1)
         thumb_keep = sel.order[0, : int(sel.count[0])]
         crop_keep = to_grid(sel.kept[1:], image.grid, math.isqrt(P))  # no unpadding: padding tokens too
-        return pack(image, table, paper(used), thumb_keep, crop_keep, merge_rows, crop_ratio)
+        return sequence(image, table, paper(used), thumb_keep, crop_keep, merge_rows, crop_ratio)
     thumb_keep = sel.kept[0].nonzero()[:, 0]
     thumb_rows = torch.cat([rows[0, thumb_keep], start[0] + L])
     packed = emit(image, table, thumb_rows, rows[1:], sel.kept[1:], start[1:, 0] + L, merge_rows, P, None)
-    return packed._replace(thumb_keep=thumb_keep, crop_ratio=crop_ratio)
+    return replace(packed, thumb_keep=thumb_keep, crop_ratio=crop_ratio)
 
 
 @dataclass(frozen=True)
 class Peer:
     needs: tuple[tuple[str, int], ...]  # tower probes, see minillava/clip.py
-    run: Callable  # (image, ratio, paper) -> Packed
+    run: Callable  # (image, ratio, paper) -> Compressed
     paper: Callable | None = None  # the published order, None: LLaVA-NeXT's true layout. A crop order
     # for `emit` (index, keep, grid, size) -> (n,); PruMerge+'s is `tile_by_tile` (it has no crop grid)
 

@@ -35,7 +35,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .compress import Compressed, compress, keep_sequence, needs
+from .compress import SCORES, compress
+from .layout import area_mask, to_crops
+from .stage import Compressed
 
 GUIDED = ("globalcom2", "globalcom2-paper", "local-only", "global-only")  # budgets set by the thumbnail map
 
@@ -202,6 +204,8 @@ def draw(
     method: str,
     ratio: float,
     *,
+    area: tuple[int, int, int, int],
+    after: int,
     seed: int | None = None,
     note: str = "",
 ) -> Image.Image:
@@ -209,17 +213,19 @@ def draw(
 
     image: the original PIL image; grid (gw, gh) and size (w0, h0) as AnyRes gave them; tile: the
     tile side in pixels; thumb_scores (P,): the thumbnail's [CLS] scores; result: what
-    `globalcom2.compress` returned for this image with `method` and `ratio`. `seed` is shown for the
+    `globalcom2.compress` returned for this image with `method` and `ratio`; area: the unpadded
+    rectangle of the crop grid (top, bottom, left, right); after: the image's token count as the
+    decoder gets it. `seed` is shown for the
     random method, `note` (e.g. "scores are synthetic") is added under the title.
     The returned image's `info["panels"]` gives the box of each picture in it (thumbnail, scores, canvas).
     """
     gw, gh = grid
     keep = result.crop_keep.detach().cpu().numpy().astype(bool)  # (H, W)
-    valid = result.valid.detach().cpu().numpy().astype(bool)  # (H, W)
     side = keep.shape[0] // gh
     P = side * side
-    if keep.shape != (gh * side, gw * side) or valid.shape != keep.shape:
+    if keep.shape != (gh * side, gw * side):
         raise ValueError(f"crop masks of shape {keep.shape} do not fit grid {grid}")
+    valid = area_mask(area, keep.shape, "cpu").numpy()  # (H, W)
     scores = torch.as_tensor(thumb_scores).detach().float().cpu().numpy().reshape(-1)
     if scores.size != P:
         raise ValueError(f"{scores.size} thumbnail scores for {P} tokens per tile")
@@ -243,13 +249,13 @@ def draw(
     # Texts.
     k_thumb, k_crops, n_valid = int(thumb_keep.sum()), int((keep & valid).sum()), int(valid.sum())
     k_pad = int((keep & ~valid).sum())  # padding tokens kept: only the -paper peers emit them
+    before = P + int(valid.any(1).sum()) * (int(valid.any(0).sum()) + 1)  # uncompressed: thumbnail, rows + newlines
     n_merged = n_absorbing = 0
     if merges:  # merged tokens of their own (VisionZip's contextual), and kept tokens others went into (PruMerge+)
         into = np.union1d(thumb_merge[thumb_merge >= 0], crop_merge[crop_merge >= 0])
         own = np.union1d(thumb_merge[thumb_keep.reshape(side, side)], crop_merge[keep])  # a kept token's place
         n_absorbing = len(np.intersect1d(into, own[own >= 0]))
         n_merged = len(into) - n_absorbing
-    after = int(result.tokens.shape[0])
     name = {"none": "none (uncompressed LLaVA-NeXT)", "globalcom2": "GlobalCom2"}.get(method, method)
     if method == "random" and seed is not None:
         name += f" (seed {seed})"
@@ -262,7 +268,7 @@ def draw(
            *([f"{n_absorbing} kept tokens with merges"] if n_absorbing else []),
            f"{after - k_thumb - k_crops - k_pad - n_merged} newlines, [CLS] and extra tokens"]
           if merges else [f"{after - k_thumb - k_crops - k_pad} newlines"]),
-        f"visual tokens {result.before} -> {after} ({100 * after / result.before:.0f}%)",
+        f"visual tokens {before} -> {after} ({100 * after / before:.0f}%)",
     ]
     canvas_label = [f"high-resolution canvas {gw * tile}x{gh * tile} px", f"{gw}x{gh} crops of {tile} px",
                     f"{side}x{side} tokens each"]
@@ -404,7 +410,8 @@ def _crop_marks(fig: Image.Image, xy: tuple[int, int], keep, valid, ratios, grid
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from minillava.generate import COMPRESSORS, DTYPES, ratio_arg, seed_arg
+    from minillava.compression import compressors
+    from minillava.generate import DTYPES, ratio_arg, seed_arg
     from minillava.weights import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(
@@ -415,7 +422,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--out", required=True, type=Path, metavar="FILE.png", help="the PNG to write")
-    p.add_argument("--compressor", default="globalcom2", choices=COMPRESSORS,
+    p.add_argument("--compressor", default="globalcom2", choices=compressors(),
                    help="compression method to picture (default globalcom2; none keeps everything). Peers: "
                    "fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is ignored: "
                    "PruMerge+ chooses its own count), each also as NAME-paper (the published sequence); "
@@ -432,14 +439,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compressor == "fastv" and args.prompt is None:
         p.error("--compressor fastv needs --prompt: FastV keeps the image tokens the question attends to")
     return args
-
-
-def fastv_kept(llm, fastv, length: int) -> torch.Tensor:
-    """Indices into the uncompressed image sequence (ascending) of the image tokens FastV kept, read from
-    the KV cache of decoder layer K after the prefill of a `length`-token prompt: its first slots hold
-    the positions the layers from K on see (minillava/llama.py KVCache, Decoder.forward)."""
-    pos = llm.layers[fastv.layer].self_attn.cache.pos[: length - fastv.dropped]
-    return pos[(pos >= fastv.start) & (pos < fastv.start + fastv.length)] - fastv.start
 
 
 def out_problem(out: Path) -> str | None:
@@ -460,9 +459,12 @@ def out_problem(out: Path) -> str | None:
 
 def main(argv=None) -> int:
     from minillava.anyres import load_image, tile_image
+    from minillava.compression import encode, stage_inputs
     from minillava.config import ConfigError
     from minillava.eval.files import write_atomic
-    from minillava.generate import DTYPES, USER_ERRORS, FastV, fail, load, prefill
+    from minillava.fastv import FastV, kept_positions, on_grid
+    from minillava.generate import DTYPES, USER_ERRORS, fail, load, prefill
+    from minillava.layout import uncompressed_length
     from minillava.tokenizer import build_prompt
     from minillava.weights import load_model, resolve_model
 
@@ -482,38 +484,45 @@ def main(argv=None) -> int:
             model, tokenizer = load(args.model, device, dtype)
         else:
             model = load_model(resolve_model(args.model), device, dtype)  # no tokenizer needed
-        tile = model.cfg.vision.image_size
+        tile, side = model.cfg.vision.image_size, model.cfg.vision.patches_per_side
         tiles = tile_image(image, model.cfg.grid_pinpoints, tile)
         with torch.inference_mode():
-            features = model.encode_images([tiles], () if fastv else needs(args.compressor))
+            # the score map shows GlobalCom2's [CLS] scores, whatever the method
+            encoded = encode(model, [tiles], args.compressor, extra=(SCORES,))
+            features = stage_inputs(model, encoded)[0]
+            area = encoded[0].area
             if fastv:
-                full = compress(features, "none")[0]
+                full = model.image_tokens(encoded[0])
                 chunks = tokenizer.encode_prompt(build_prompt(args.prompt))
-                embeds = model.prompt_embeds(chunks, [full.tokens])
-                fv = FastV.from_ratio(len(chunks[0]), full.tokens.shape[0], args.retention_ratio)
+                embeds = model.prompt_embeds(chunks, [full])
+                fv = FastV.from_ratio(len(chunks[0]), full.shape[0], args.retention_ratio)
                 layers = model.cfg.text.num_hidden_layers
                 if fv.layer >= layers:
                     raise ConfigError(f"FastV prunes after decoder layer {fv.layer}, but this model has only "
                                       f"{layers} decoder layers; use another --compressor")
                 model.llm.setup_cache(1, embeds.shape[1])
                 prefill(model, embeds, fv)
-                result = keep_sequence(full, fastv_kept(model.llm, fv, embeds.shape[1]))
+                thumb_keep, crop_keep = on_grid(kept_positions(model.llm, fv, embeds.shape[1]), tiles.grid, area, side)
+                valid = area_mask(area, crop_keep.shape, crop_keep.device)
+                ratios = to_crops(crop_keep, tiles.grid, side).sum(1).double().cpu() / \
+                    to_crops(valid, tiles.grid, side).sum(1).double().cpu().clamp(min=1)
+                result, after = Compressed(thumb_keep, crop_keep, ratios), fv.keep_count
                 note = f"kept for decoder layers {fv.layer}+ (layers 0-{fv.layer - 1} see all) for: {args.prompt}"
             else:
-                result = compress(features, args.compressor, args.retention_ratio, seed=args.seed)[0]
+                result = compress([features], args.compressor, args.retention_ratio, seed=args.seed)[0]
+                after = model.image_tokens(encoded[0], result).shape[0]
     except USER_ERRORS as e:
         return fail(str(e))
-    picture = draw(image, tiles.grid, tiles.size, tile, features[0].thumb_scores, result,
-                   args.compressor, args.retention_ratio, seed=args.seed, note=note)
+    picture = draw(image, tiles.grid, tiles.size, tile, features.thumb_scores, result, args.compressor,
+                   args.retention_ratio, area=area, after=after, seed=args.seed, note=note)
     try:
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
         write_atomic(args.out, buffer.getvalue())  # a failed write leaves the old file, not half a PNG
     except OSError as e:
         return fail(f"cannot write {args.out}: {e.strerror or e}")
-    after = result.tokens.shape[0]
     print(f"wrote {args.out} ({picture.width}x{picture.height}): {args.compressor}, "
-          f"visual tokens {result.before} -> {after}")
+          f"visual tokens {uncompressed_length(area, side)} -> {after}")
     return 0
 
 

@@ -1,24 +1,13 @@
-"""CLIP vision tower: image tiles -> patch features of one layer, plus GlobalCom2's [CLS] scores.
+"""CLIP vision tower: image tiles -> hidden states, [CLS] token first.
 
 Parameter names follow transformers' `CLIPVisionModel.vision_model` so the key table in weights.py
-stays a list of prefixes.
-
-Probes: a compressor declares what else it needs from the tower as data, a tuple of (kind, layer)
-pairs, `layer` a python index into the encoder layers (-2: the penultimate layer, whose output is
-LLaVA's feature layer; -1: the last). The tower computes them in its one pass, only those asked:
-
-    ("cls_attn", l)  (N, heads, 1 + P) float32: the post-softmax attention row of the [CLS] query in
-                     layer l, every key including [CLS] (column 0); transformers' eager
-                     `attentions[l][:, :, 0, :]`. One query row, never the T x T matrix.
-    ("keys", l)      (N, 1 + P, D) tower dtype: layer l's k_proj output (input layer_norm1 of the
-                     layer's input), before the head split, [CLS] row included.
-    ("hidden", l)    (N, 1 + P, D) tower dtype: layer l's output, [CLS] row included (transformers'
-                     `hidden_states[l + 1]`; l = -2 is LLaVA's feature layer `hidden_states[-2]`).
+stays a list of prefixes. LLaVA-NeXT reads one hidden state (the penultimate layer's output, without
+[CLS]); a compressor that reads attention gets a layer's [CLS] query and keys from `query_key` and
+computes its scores itself (globalcom2/probes.py).
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +37,6 @@ class Embeddings(nn.Module):
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (N, 1 + P, D)
 
 
-PROBE_KINDS = ("cls_attn", "keys", "hidden")
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -64,42 +50,10 @@ class Attention(nn.Module):
         return x.view(n, t, self.heads, self.head_dim).transpose(1, 2)  # (N, heads, T, hd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.probed(x, ())[0]
-
-    def probed(self, x: torch.Tensor, kinds) -> tuple[torch.Tensor, dict]:
-        """(N, T, D) -> (N, T, D), and the probes of `kinds` ("cls_attn", "keys") from this pass."""
-        keys = self.k_proj(x)  # (N, T, D)
-        q, k, v = self.split(self.q_proj(x)), self.split(keys), self.split(self.v_proj(x))
+        """(N, T, D) -> (N, T, D): every token attends to every token of its tile."""
+        q, k, v = self.split(self.q_proj(x)), self.split(self.k_proj(x)), self.split(self.v_proj(x))
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, hd)
-        probes = self.probes(q[:, :, :1], k, keys, kinds) if kinds else {}
-        return self.out_proj(out.transpose(1, 2).flatten(2)), probes
-
-    def cls_logits(self, q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax logits of the [CLS] query against every key: (N, heads, 1, hd), (N, heads, T, hd)
-        -> (N, heads, T) float32. Only the [CLS] row: one query against T keys."""
-        return (q_cls.float() @ k.float().transpose(-1, -2)).squeeze(2) / math.sqrt(self.head_dim)
-
-    def probes(self, q_cls: torch.Tensor, k: torch.Tensor, keys: torch.Tensor, kinds) -> dict:
-        """{kind: tensor} for "cls_attn" (softmax of the [CLS] logits, float32) and "keys" (k_proj output)."""
-        out = {}
-        if "keys" in kinds:
-            out["keys"] = keys
-        if "cls_attn" in kinds:
-            out["cls_attn"] = self.cls_logits(q_cls, k).softmax(dim=-1)  # (N, heads, T)
-        return out
-
-    def probe_only(self, x: torch.Tensor, kinds) -> dict:
-        """The probes of a layer that need not run: only its [CLS] query and keys are computed."""
-        keys = self.k_proj(x)
-        return self.probes(self.split(self.q_proj(x[:, :1])), self.split(keys), keys, kinds)
-
-    def cls_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Head-mean pre-softmax attention logits of the [CLS] query against every key, (N, T).
-
-        Only the [CLS] row: one query against T keys, never the T x T matrix. Computed in float32.
-        """
-        return self.cls_logits(self.split(self.q_proj(x[:, :1])), self.split(self.k_proj(x))).mean(dim=1)
-
+        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 class MLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
@@ -121,13 +75,8 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.probed(x, ())[0]
-
-    def probed(self, x: torch.Tensor, kinds) -> tuple[torch.Tensor, dict]:
-        """(N, T, D) -> (N, T, D), and this layer's attention probes of `kinds`."""
-        h, probes = self.self_attn.probed(self.layer_norm1(x), kinds)
-        x = x + h
-        return x + self.mlp(self.layer_norm2(x)), probes
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
 
 
 class Encoder(nn.Module):
@@ -150,54 +99,29 @@ class VisionTower(nn.Module):
         # Loaded so that checkpoints load strictly; LLaVA never uses the pooled output.
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, pixels: torch.Tensor, feature_layer: int = -2, needs=None):
-        """Tiles (N, 3, S, S) -> (features, scores), and (features, scores, probes) when `needs` is given.
+    def forward(self, pixels: torch.Tensor, layers=(-2,)) -> dict[int, torch.Tensor]:
+        """Tiles (N, 3, S, S) -> {i: hidden state i, (N, 1 + P, D), [CLS] first} for each i of `layers`.
 
-        features: (N, P, D) hidden state `feature_layer` (transformers' `hidden_states` indexing:
-            0 is the embeddings after pre_layrnorm, i the output of layer i, -2 the penultimate layer's
-            output), without the [CLS] token.
-        scores: (N, P) float32 [CLS] scores of GlobalCom2: in the LAST layer, the head-mean pre-softmax
-            logits of the [CLS] query against each patch key (the [CLS] column dropped).
-        probes: {(kind, layer): tensor} for each pair of `needs` (see the module docstring), keyed as asked.
+        Transformers' `hidden_states` indexing: 0 is the embeddings after pre_layrnorm, i the output of
+        layer i, negative from the end (-1 the last layer's output, -2 the penultimate one's: LLaVA's
+        feature layer). Keys are as asked. Layers past the deepest state asked are not run.
         """
-        layers = self.encoder.layers
-        n_layers = len(layers)
-        select = feature_layer % (n_layers + 1)
-        wanted = probe_plan(needs or (), n_layers)  # {layer index: kinds asked there}
-        found = {}  # {(kind, layer index): tensor}
+        n_layers = len(self.encoder.layers)
+        if not all(-n_layers - 1 <= i <= n_layers for i in layers):
+            raise ValueError(f"hidden states {tuple(layers)} asked of a tower with {n_layers} layers (0 .. {n_layers})")
+        wanted = {i % (n_layers + 1) for i in layers}
         x = self.pre_layrnorm(self.embeddings(pixels))  # (N, 1 + P, D)
-        features = x if select == 0 else None
-        for i, layer in enumerate(layers[:-1]):
-            kinds = wanted.get(i, ())
-            x, got = layer.probed(x, kinds)
-            found.update({(kind, i): t for kind, t in got.items()})
-            if "hidden" in kinds:
-                found["hidden", i] = x
-            if i + 1 == select:
-                features = x
-        last, i = layers[-1], n_layers - 1
-        kinds = wanted.get(i, set())
-        h = last.layer_norm1(x)  # input of the last layer
-        scores = last.self_attn.cls_scores(h)[:, 1:]
-        if select == n_layers or "hidden" in kinds:  # the last layer's output is needed after all
-            x, got = last.probed(x, kinds)
-            features = x if select == n_layers else features
-            found["hidden", i] = x
-        else:  # its probes need only its input: the [CLS] query and the keys
-            got = last.self_attn.probe_only(h, kinds) if kinds else {}
-        found.update({(kind, i): t for kind, t in got.items()})
-        if needs is None:
-            return features[:, 1:], scores
-        return features[:, 1:], scores, {(kind, layer): found[kind, layer % n_layers] for kind, layer in needs}
+        states = {0: x}
+        for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
+            x = layer(x)
+            states[i] = x
+        return {i: states[i % (n_layers + 1)] for i in layers}
 
-
-def probe_plan(needs, n_layers: int) -> dict[int, set]:
-    """{layer index: kinds asked there} from (kind, layer) pairs; refuses unknown kinds and layers."""
-    plan = {}
-    for kind, layer in needs:
-        if kind not in PROBE_KINDS:
-            raise ValueError(f"unknown tower probe {kind!r}; expected one of {', '.join(PROBE_KINDS)}")
-        if not -n_layers <= layer < n_layers:
-            raise ValueError(f"probe layer {layer} is outside the tower's {n_layers} layers")
-        plan.setdefault(layer % n_layers, set()).add(kind)
-    return plan
+    def query_key(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [CLS] query (N, heads, 1, hd) and every key (N, heads, T, hd) of encoder layer `layer`
+        (python index: -1 the last) for its input x (N, T, D), hidden state `layer % n_layers`: what an
+        attention probe reads (globalcom2/probes.py), without running the layer. One query row: never
+        the T x T matrix."""
+        block = self.encoder.layers[layer]
+        attn, h = block.self_attn, block.layer_norm1(x)
+        return attn.split(attn.q_proj(h[:, :1])), attn.split(attn.k_proj(h))

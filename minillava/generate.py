@@ -1,4 +1,5 @@
-"""Answer a question about an image: prefill, decode loop, sampling, and the command line.
+"""Answer a question about an image: the steps (prefill, decode, sampling), one question's way from
+PIL to answer (`generate`), and the command line.
 
     python -m minillava.generate --model DIR_OR_HUB_ID --image PATH_OR_URL --prompt "What is this?"
 """
@@ -17,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-import globalcom2
-
 from .anyres import ImageError, load_image, tile_image
+from .compression import compressors, encode, image_tokens
 from .config import ConfigError, load_config
-from .llama import PAD, FastV
+from .fastv import FastV
 from .model import LlavaNext
 from .conversation import FLAG as CONV_FLAG, TEMPLATES, choose_template
 from .tokenizer import PromptError, StreamDecoder, Tokenizer, read_added_tokens
@@ -29,8 +29,6 @@ from .weights import DEFAULT_MODEL, WeightsError, checkpoint_files, load_model, 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_COMPRESSOR = "globalcom2"
-# globalcom2's methods act between projector and decoder; "fastv" prunes inside the decoder's prefill
-COMPRESSORS = (*globalcom2.METHODS, "fastv")
 COMPRESSOR_HELP = (
     "visual-token compression: globalcom2 (default) and globalcom2-paper (token for token the published "
     "code); the paper's ablations uniform, local-only, global-only; a seeded random floor; none (plain "
@@ -86,9 +84,9 @@ def prefill(model: LlavaNext, embeds: torch.Tensor, fastv: FastV | None = None,
             input_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompts (B, T, D) from position 0, filling the cache (with `fastv`: pruning the image
     tokens before layer K); logits of the last position (B, V). `input_pos` (B, T): per-row positions
-    of left-padded prompts, PAD (-1) on the padding (see `pad_left`); default 0 .. T-1 for every row."""
+    of left-padded prompts, PAD (-1) on the padding (minillava/batch.py `pad_left`); default 0 .. T-1."""
     pos = torch.arange(embeds.shape[1], device=embeds.device) if input_pos is None else input_pos
-    hidden = model.llm(embeds, pos, prefill=True, fastv=fastv)
+    hidden = model.llm(embeds, pos, prefill=True, prune=fastv)
     return model.logits(hidden[:, -1])
 
 
@@ -124,16 +122,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return torch.where(bad, BAD_TOKEN, ids)
-
-
-def sample_rows(logits: torch.Tensor, temperature: float, top_p: float,
-                generators: list[torch.Generator] | None) -> torch.Tensor:
-    """`sample` for a batch (B, V) -> (B,). Greedy is one call. With a temperature each row draws from
-    its own generator, one (1, V) draw per step exactly as a question answered alone does, so a row's
-    random numbers do not depend on the other rows of its batch."""
-    if temperature <= 0 or generators is None:
-        return sample(logits, temperature, top_p, None)
-    return torch.cat([sample(logits[i : i + 1], temperature, top_p, g) for i, g in enumerate(generators)])
 
 
 def check_token(token: int, step: int) -> int:
@@ -215,6 +203,51 @@ class TokenReader:
         return self.host[step].tolist()
 
 
+@dataclass
+class Prompt:
+    """One question's decoder input: its prompt with the image's tokens spliced in."""
+
+    embeds: torch.Tensor  # (T, D)
+    limit: int  # answer tokens at most: max_new_tokens, cut to the context
+    fastv: FastV | None  # where FastV prunes it, for the fastv compressor
+    visual_tokens: dict[str, int]  # "before" and "after" compression
+
+
+def prepare(model: LlavaNext, tokenizer: Tokenizer, question: str, image: torch.Tensor, before: int,
+            compressor: str, retention_ratio: float, max_new_tokens: int) -> Prompt:
+    """The decoder input of one question about its image's tokens (T_img, D) (`before` of them
+    uncompressed); PromptError if it does not fit the context, ConfigError if FastV cannot prune this model."""
+    chunks = tokenizer.encode_question(question)  # the checkpoint's conversation template (`load`)
+    embeds = model.prompt_embeds(chunks, [image])[0]
+    length, context = embeds.shape[0], model.cfg.text.max_position_embeddings
+    if length >= context:
+        raise PromptError(
+            f"the prompt and image take {length} tokens but the model's context is {context}; "
+            "shorten the prompt or compress the image (--compressor globalcom2 --retention-ratio 0.25)"
+        )
+    layers, fastv = model.cfg.text.num_hidden_layers, None
+    if compressor == "fastv":  # the uncompressed image, pruned by the decoder in its prefill
+        fastv = FastV.from_ratio(len(chunks[0]), image.shape[0], retention_ratio)
+        if fastv.layer >= layers:
+            raise ConfigError(f"FastV prunes after decoder layer {fastv.layer}, but this model has only {layers} "
+                              "decoder layers; use another --compressor")
+    # fastv: `after` is what the layers from K on see (the layers before K see all `before`)
+    visual = {"before": before, "after": fastv.keep_count if fastv else image.shape[0]}
+    return Prompt(embeds, min(max_new_tokens, context - length), fastv, visual)
+
+
+def cache_slots(model: LlavaNext, length: int, fastv: FastV | None = None) -> list[int]:
+    """KV cache slots of each decoder layer for `length` positions (prompt and answer), rounded up to
+    CACHE_BUCKET so that a compiled decode step is reused, never past the context unless `length` is;
+    FastV's layers from K on never hold the image tokens it drops."""
+    context, layers = model.cfg.text.max_position_embeddings, model.cfg.text.num_hidden_layers
+    bucket = lambda k: max(k, min(context, -(-k // CACHE_BUCKET) * CACHE_BUCKET))  # noqa: E731
+    slots = [bucket(length)] * layers
+    if fastv is not None:
+        slots[fastv.layer :] = [bucket(length - fastv.dropped)] * (layers - fastv.layer)
+    return slots
+
+
 @torch.inference_mode()
 def generate(
     model: LlavaNext,
@@ -231,213 +264,49 @@ def generate(
     steps: Steps | None = None,
 ) -> Result:
     """Answer `question` about the PIL `image`; `on_text(str)` receives the answer as it is produced.
-    A batch of one of `generate_batch`; its errors are raised."""
-    stream = None if on_text is None else (lambda _row, text: on_text(text))
-    return generate_batch(model, tokenizer, [(image, question)], compressor, retention_ratio, max_new_tokens,
-                          temperature, top_p, seed, stream, steps)[0]
 
-
-@dataclass
-class _Row:
-    """One question of a batch between compression and decoding."""
-
-    index: int  # in the caller's list
-    embeds: torch.Tensor  # (T, D) the prompt with its image
-    limit: int  # answer tokens at most: max_new_tokens, cut to the context
-    fastv: FastV | None
-    visual_tokens: dict[str, int]
-
-
-@torch.inference_mode()
-def generate_batch(
-    model: LlavaNext,
-    tokenizer: Tokenizer,
-    items: list[tuple],
-    compressor: str = "none",
-    retention_ratio: float = 1.0,
-    max_new_tokens: int | list[int] = 512,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    on_text=None,
-    steps: Steps | None = None,
-    return_exceptions: bool = False,
-) -> list[Result | Exception]:
-    """Answer the (PIL image, question) `items` together, one Result each, in order.
-
-    Every tile of every image goes through the tower in one batch, each image is compressed alone (as
-    if answered alone: the random method is seeded per image), and the prompts run through the decoder
-    as one batch of unequal lengths (`decode_batch`). `max_new_tokens`: one limit, or one per item.
-    `on_text(i, str)` receives item i's answer as it is produced. Timings are the batch's (every
-    Result carries them); decode_tokens_per_s is the row's tokens over the batch's decode time.
-
-    Greedy (temperature 0) ids of a row are those of the question answered alone (tests/test_batch.py);
-    with a temperature each row samples from its own generator seeded with `seed`, as alone, so only
-    float rounding of batched matrix products can move a draw.
-
-    A question that fails (an image that cannot be tiled, a prompt longer than the context, NaN logits
-    in its row) fails alone: with `return_exceptions` its place holds the exception (a USER_ERRORS
-    one) and the other rows are answered; otherwise the first failure is raised.
-
-    `compressor` "fastv" prunes inside the prefill, whose kept count differs per image, so the layers
-    from K on would hold a different number of slots per row: its questions are decoded one at a time
-    (the tower still runs once for all of them)."""
+    The whole way of one question. minillava/batch.py `generate_batch` answers many together with the
+    same steps, and gives each the ids this gives it (tests/test_batch.py).
+    """
     device, steps = model.device, steps or Steps()
-    limits = [max_new_tokens] * len(items) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(limits) != len(items):
-        raise ValueError(f"{len(limits)} max_new_tokens for {len(items)} items")
-    out: list[Result | Exception | None] = [None] * len(items)
-    timings = {}
     t0 = time.perf_counter()
-    tiles = {}
-    for i, (image, _) in enumerate(items):
-        try:
-            tiles[i] = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
-        except USER_ERRORS as e:
-            out[i] = e
-    method = "none" if compressor == "fastv" else compressor  # FastV prunes in the decoder's prefill
-    # the tower computes the probes of this method only (none for GlobalCom2's own)
-    features = model.encode_images(list(tiles.values()), globalcom2.needs(method)) if tiles else []
+    tiles = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)  # thumbnail + crops
+    features = encode(model, [tiles], compressor)  # tower and projector, and what the compressor reads
     _sync(device)
     t1 = time.perf_counter()
-    compressed = dict(zip(tiles, globalcom2.compress(features, method, retention_ratio, seed=seed) if tiles else []))
+    tokens, before = image_tokens(model, features, compressor, retention_ratio, seed)[0]  # keep, then lay out
     _sync(device)
     t2 = time.perf_counter()
-    timings["vision"], timings["compress"], timings["prefill"], timings["decode"] = t1 - t0, t2 - t1, 0.0, 0.0
+    prompt = prepare(model, tokenizer, question, tokens, before, compressor, retention_ratio, max_new_tokens)
+    t, n = prompt.embeds.shape[0], prompt.limit
+    slots = cache_slots(model, t + n, prompt.fastv)
+    model.llm.setup_cache(1, slots[0], layer_lengths=slots)
+    generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
+    positions = torch.arange(t, t + n, device=device).view(n, 1, 1)  # answer token s at [s]: (1, 1) each
+    reader = TokenReader(device, n)
 
-    rows = []
-    for i, image_tokens in compressed.items():
-        try:
-            rows.append(prepare(model, tokenizer, i, items[i][1], image_tokens, compressor, retention_ratio, limits[i]))
-        except USER_ERRORS as e:
-            out[i] = e
-    # FastV rows one by one (see the docstring); all others in one batch
-    groups = [[r] for r in rows] if compressor == "fastv" else [rows] if rows else []
-    decoded = {}
-    for group in groups:
-        for row, ids in zip(group, decode_batch(model, tokenizer, group, temperature, top_p, seed, on_text, steps,
-                                                timings), strict=True):
-            decoded[row.index] = (row, ids)
-    for i, (row, ids) in decoded.items():
-        if isinstance(ids, Exception):
-            out[i] = ids
-            continue
-        n_steps = max(len(ids) - 1, 0)  # the first id came out of the prefill
-        out[i] = Result(
-            text=tokenizer.decode(ids),
-            token_ids=ids,
-            visual_tokens=row.visual_tokens,
-            timings_s=dict(timings),
-            decode_tokens_per_s=n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0,
-        )
-    if not return_exceptions:
-        for r in out:
-            if isinstance(r, Exception):
-                raise r
-    return out
-
-
-def prepare(model: LlavaNext, tokenizer: Tokenizer, index: int, question: str, image, compressor: str,
-            retention_ratio: float, max_new_tokens: int) -> _Row:
-    """The decoder input of one question about its compressed image (globalcom2.Compressed); PromptError
-    if it does not fit the context, ConfigError if FastV cannot prune this model."""
-    chunks = tokenizer.encode_question(question)  # the checkpoint's conversation template (`load`)
-    embeds = model.prompt_embeds(chunks, [image.tokens])[0]
-    length, context = embeds.shape[0], model.cfg.text.max_position_embeddings
-    if length >= context:
-        raise PromptError(
-            f"the prompt and image take {length} tokens but the model's context is {context}; "
-            "shorten the prompt or compress the image (--compressor globalcom2 --retention-ratio 0.25)"
-        )
-    layers, fastv = model.cfg.text.num_hidden_layers, None
-    if compressor == "fastv":  # the uncompressed image, pruned by the decoder in its prefill
-        fastv = FastV.from_ratio(len(chunks[0]), image.tokens.shape[0], retention_ratio)
-        if fastv.layer >= layers:
-            raise ConfigError(f"FastV prunes after decoder layer {fastv.layer}, but this model has only {layers} "
-                              "decoder layers; use another --compressor")
-    # fastv: `after` is what the layers from K on see (the layers before K see all `before`)
-    visual = {"before": image.before, "after": fastv.keep if fastv else image.tokens.shape[0]}
-    return _Row(index, embeds, min(max_new_tokens, context - length), fastv, visual)
-
-
-def pad_left(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts (T_b, D) -> (B, T, D) left-padded with zeros, and their positions: (T,) 0 .. T-1 when all
-    have one length (no padding, plain causal attention), else (B, T) per row, PAD on the padding.
-
-    Left padding rather than packing: every row's last prompt token lands on slot T-1, so each decode
-    step writes one shared cache slot for all rows and the step keeps static shapes (B, 1) for
-    `--compile` and CUDA graphs; row b's tokens keep positions 0 .. T_b-1 (RoPE and mask go by position,
-    not slot), so a row computes what it computes alone, and padding is masked out by its PAD position."""
-    lengths = [e.shape[0] for e in embeds]
-    t, device = max(lengths), embeds[0].device
-    if min(lengths) == t:
-        return torch.stack(embeds), torch.arange(t, device=device)
-    padded = torch.stack([torch.cat([e.new_zeros(t - e.shape[0], e.shape[1]), e]) for e in embeds])
-    pos = torch.stack([torch.arange(t, device=device) - (t - n) for n in lengths])
-    return padded, pos.clamp(min=PAD)
-
-
-def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], temperature: float, top_p: float,
-                 seed: int, on_text, steps: Steps, timings: dict) -> list[list[int] | NumericsError]:
-    """Prefill the rows as one left-padded batch, then decode them together through one static KV
-    cache until every row has stopped (EOS or its own limit); each row's ids, or the NumericsError of a
-    row whose logits became NaN or infinite (the other rows go on). Adds to timings' prefill, decode."""
-    device, context = model.device, model.cfg.text.max_position_embeddings
-    b, layers = len(rows), model.cfg.text.num_hidden_layers
-    embeds, input_pos = pad_left([r.embeds for r in rows])
-    t, n = embeds.shape[1], max(r.limit for r in rows)
-    # rounded up so a compiled step is reused; past the context only when rows' lengths differ so much
-    # that the longest prompt plus the longest answer exceeds it (slots, not positions)
-    bucket = lambda k: max(k, min(context, -(-k // CACHE_BUCKET) * CACHE_BUCKET))  # noqa: E731
-    slots = [bucket(t + n)] * layers
-    fastv = rows[0].fastv if b == 1 else None
-    if fastv is not None:  # the layers from K on never hold the dropped image tokens
-        slots[fastv.layer :] = [bucket(t + n - fastv.dropped)] * (layers - fastv.layer)
-    model.llm.setup_cache(b, slots[0], layer_lengths=slots)
-    generators = [torch.Generator(device).manual_seed(seed) for _ in rows] if temperature > 0 else None
-    lengths = torch.tensor([r.embeds.shape[0] for r in rows], device=device)
-    # (n, B, 1): row b's answer token s at [s, b]; each step's (B, 1) is a contiguous tensor, as the
-    # compiled (CUDA graph) step was recorded with
-    positions = (lengths[None, :] + torch.arange(n, device=device)[:, None])[..., None]
-    reader = TokenReader(device, n, b)
-
-    t0 = time.perf_counter()
-    logits = steps.prefill(model, embeds, fastv) if input_pos.dim() == 1 else steps.prefill(model, embeds, None, input_pos)
-    next_id = sample_rows(logits, temperature, top_p, generators)
+    next_id = sample(steps.prefill(model, prompt.embeds[None], prompt.fastv), temperature, top_p, generator)
     reader.start(0, next_id)
     _sync(device)
-    t1 = time.perf_counter()
-
-    ids: list[list[int] | NumericsError] = [[] for _ in rows]
-    streams = [StreamDecoder(tokenizer) for _ in rows] if on_text is not None else None
-    active = set(range(b))
+    t3 = time.perf_counter()
+    ids, stream = [], StreamDecoder(tokenizer)
     for step in range(n):
-        if step + 1 < n:  # queue the next step before waiting for these ids
-            # A BAD_TOKEN is fed as id 0, and a stopped row goes on with whatever it sampled: its
-            # later ids are never read, and rows do not see each other.
-            logits = steps.decode(model, next_id.clamp(min=0).view(b, 1), positions[step])
-            next_id = sample_rows(logits, temperature, top_p, generators)
+        if step + 1 < n:  # queue the next step before waiting for this id (a BAD_TOKEN is fed as 0)
+            logits = steps.decode(model, next_id.clamp(min=0).view(1, 1), positions[step])
+            next_id = sample(logits, temperature, top_p, generator)
             reader.start(step + 1, next_id)
-        tokens = reader.read(step)
-        for i in sorted(active):
-            try:
-                token = check_token(tokens[i], step)
-            except NumericsError as e:
-                ids[i] = e
-                active.discard(i)
-                continue
-            ids[i].append(token)
-            if token == tokenizer.eos_id or len(ids[i]) >= rows[i].limit:
-                active.discard(i)
-            if token != tokenizer.eos_id and streams is not None:
-                on_text(rows[i].index, streams[i].push(token))
-        if not active:
+        token = check_token(reader.read(step)[0], step)
+        ids.append(token)
+        if token == tokenizer.eos_id:
             break
+        if on_text is not None:
+            on_text(stream.push(token))
     _sync(device)
-    timings["prefill"] += t1 - t0
-    timings["decode"] += time.perf_counter() - t1
-    return ids
-
+    t4 = time.perf_counter()
+    timings = {"vision": t1 - t0, "compress": t2 - t1, "prefill": t3 - t2, "decode": t4 - t3}
+    n_steps = max(len(ids) - 1, 0)  # the first id came out of the prefill
+    return Result(tokenizer.decode(ids), ids, prompt.visual_tokens, timings,
+                  n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0)
 
 def _number(text: str, kind: type):
     """`text` as an int or float, or argparse's error naming what it should have been."""
@@ -488,7 +357,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "hub ids owner/name are looked up in weights/owner--name/ and downloaded there if missing")
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--prompt", required=True, help="the question about the image")
-    p.add_argument("--compressor", default=DEFAULT_COMPRESSOR, choices=COMPRESSORS,
+    p.add_argument("--compressor", default=DEFAULT_COMPRESSOR, choices=compressors(),
                    help=COMPRESSOR_HELP)
     p.add_argument("--retention-ratio", type=ratio_arg, default=DEFAULT_RETENTION_RATIO, metavar="R",
                    help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")

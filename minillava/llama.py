@@ -5,8 +5,7 @@ Parameter names follow transformers' `LlamaModel` (`embed_tokens`, `layers.N.sel
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -111,18 +110,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, prefill: bool, probe: bool = False):
+    def qk(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, hd) and keys (B, Hkv, T, hd) of x (B, T, D), rotated to their positions."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def forward(self, x, cos, sin, input_pos, prefill: bool):
         """x (B, T, D) at positions `input_pos` ((T,) shared by the rows, or (B, T) per row with PAD for
-        left padding) -> (B, T, D), and with `probe` the attention the last query pays to every key,
-        mean over heads (B, T) (FastV's score; else None). cos, sin: (T, hd) or (B, 1, T, hd).
+        left padding) -> (B, T, D). cos, sin: (T, hd) or (B, 1, T, hd).
 
         `prefill`: the prompt, causal among its own tokens, which start the cache afresh. Otherwise the
         new tokens attend to the whole cache."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.qk(x, cos, sin)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         k_all, v_all, mask = k, v, None  # a prefill: the new keys are all there is, causal order
         if prefill and input_pos.dim() == 2:  # per-row positions: causal by position, padding masked
             mask = prefill_mask(input_pos)
@@ -136,12 +139,7 @@ class Attention(nn.Module):
         # Grouped-query attention without repeating the cache's keys and values per step
         gqa = self.kv_heads != self.heads
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        scores = None
-        if probe:
-            if input_pos.dim() == 2:
-                raise ValueError("FastV's probe reads one prompt: pass positions (T,) shared by the rows")
-            scores = last_query_attention(q, k_all.repeat_interleave(self.heads // self.kv_heads, dim=1))
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), scores  # (B, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
 
 
 def prefill_mask(input_pos: torch.Tensor) -> torch.Tensor:
@@ -151,17 +149,6 @@ def prefill_mask(input_pos: torch.Tensor) -> torch.Tensor:
     NaN times a zero weight would reach the real rows through the padding's values)."""
     keys = torch.where(input_pos < 0, EMPTY, input_pos)
     return (keys[:, None, :] <= input_pos.clamp(min=0)[:, :, None])[:, None]
-
-
-def last_query_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Post-softmax attention of the last query over every key, mean over heads: (B, T) from q, k
-    (B, H, T, hd). One row, never the T x T matrix. Computed as the eager attention of FastV's
-    transformers fork (src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py,
-    LlamaAttention.forward):
-    q k^T / sqrt(hd) in the model's dtype, softmax in float32 cast back, then `torch.mean(.., dim=1)`
-    over heads (LlamaModel.fastv_forward). The last row of a causal mask masks nothing."""
-    row = torch.matmul(q[:, :, -1:], k.transpose(2, 3)) / math.sqrt(q.shape[-1])  # (B, H, 1, T)
-    return torch.softmax(row, dim=-1, dtype=torch.float32).to(q.dtype).mean(dim=1)[:, 0]
 
 
 class MLP(nn.Module):
@@ -183,48 +170,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, input_pos, prefill: bool, probe: bool = False):
-        h, scores = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, prefill, probe)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), scores
-
-
-@dataclass(frozen=True)
-class FastV:
-    """FastV (Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2") as its KV-cache code
-    prunes (pkunlp-icler/FastV: `LlamaModel.fastv_forward`, its `use_cache` branch, in
-    src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py; and
-    `FastVLlamaModel.forward` in src/FastV/lmms-eval/fastv_kvcache.py). Once, in the prefill, before
-    layer `layer` (K): of the image span [start, start + length) keep the `keep` tokens that the
-    prompt's last token attends to most in layer K-1 (mean over heads), and every text token. Layers
-    from K on see and cache only those, in prompt order, at their original positions (RoPE and mask);
-    layers before K see and cache everything."""
-
-    layer: int  # K: the first layer that sees only the kept tokens
-    start: int  # the image's first position in the prompt
-    length: int  # the image's token count
-    keep: int  # image tokens kept
-
-    @classmethod
-    def from_ratio(cls, start: int, length: int, ratio: float, layer: int = 2) -> FastV:
-        """`ratio` r of the image tokens kept: FastV's R = 1 - r dropped, and it keeps
-        round(length * (1 - R)) (fastv_forward: `topk(round(FASTV_image_token_length*(1-FASTV_r)))`).
-        K = 2, the paper's setting for its LLaVA results."""
-        dropped = 1.0 - ratio  # R, FastV's `fastv_r`
-        return cls(layer, start, length, round(length * (1 - dropped)))
-
-    @property
-    def dropped(self) -> int:
-        return self.length - self.keep
-
-    def kept(self, scores: torch.Tensor) -> torch.Tensor:
-        """Prompt positions the layers from K on keep, ascending (T - dropped,), from the scores (B, T)
-        of `last_query_attention` in layer K-1. As fastv_forward: the first batch row, the image span's
-        top `keep` by score, every text token, sorted by position."""
-        t, end, device = scores.shape[1], self.start + self.length, scores.device
-        top = scores[0, self.start : end].topk(self.keep).indices + self.start
-        text = torch.arange(self.start, device=device), torch.arange(end, t, device=device)
-        return torch.cat([text[0], top, text[1]]).sort().values
+    def forward(self, x, cos, sin, input_pos, prefill: bool):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, prefill)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -268,27 +216,40 @@ class Decoder(nn.Module):
         cache = self.layers[0].self_attn.cache
         return 0 if cache is None else cache.k.shape[2]
 
-    def forward(
-        self, embeds: torch.Tensor, input_pos: torch.Tensor, prefill: bool = False, fastv: FastV | None = None
-    ) -> torch.Tensor:
+    def positions(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of positions (T,) -> (T, hd) each, or of per-row positions (B, T) -> (B, 1, T, hd)."""
+        cos, sin = self.rope[:, input_pos.clamp(min=0)]
+        return (cos, sin) if input_pos.dim() == 1 else (cos[:, None], sin[:, None])  # broadcast over heads
+
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, prefill: bool = False,
+                prune: Prune | None = None) -> torch.Tensor:
         """Hidden states after the final norm, (B, T, D), for `embeds` (B, T, D) at positions `input_pos`:
         (T,) shared by every row, or (B, T) per row, PAD (-1) for a left-padding token (prefill only).
 
         `prefill`: the positions are 0 .. T-1, so attention is plain causal over the new tokens (no
         mask over the whole cache). Otherwise each query sees the cache up to its own position.
-        `fastv` (prefill only): prune the image tokens before layer K; the result is then (B, T', D),
-        T' = T - fastv.dropped, its last row still the prompt's last token.
+        `prune` (prefill only): a method that drops tokens between two layers (FastV, minillava/fastv.py);
+        the layers from `prune.layer` on see and cache only what it keeps, so the result is (B, T', D).
         """
-        if fastv is not None and not (prefill and 0 < fastv.layer < len(self.layers)):
-            raise ValueError(f"FastV prunes in a prefill, before one of layers 1 .. {len(self.layers) - 1}")
-        cos, sin = self.rope[:, input_pos.clamp(min=0)]  # (T, hd) each, or (B, T, hd) for per-row positions
-        if input_pos.dim() == 2:  # broadcast over heads
-            cos, sin = cos[:, None], sin[:, None]
-        x, scores = embeds, None
+        if prune is not None and not (prefill and 0 < prune.layer < len(self.layers)):
+            raise ValueError(f"tokens are pruned in a prefill, before one of layers 1 .. {len(self.layers) - 1}")
+        cos, sin = self.positions(input_pos)
+        x = before = embeds
         for i, layer in enumerate(self.layers):
-            if fastv is not None and i == fastv.layer:  # FastV: from here on only the kept tokens
-                keep = fastv.kept(scores)
-                x, input_pos, cos, sin = x[:, keep], input_pos[keep], cos[keep], sin[keep]
-            probe = fastv is not None and i == fastv.layer - 1  # the layer whose attention FastV reads
-            x, scores = layer(x, cos, sin, input_pos, prefill, probe)
+            if prune is not None and i == prune.layer:  # keep what the method keeps, at its positions
+                keep = prune.keep(self.layers[i - 1], before, cos, sin)
+                x, input_pos = x[:, keep], input_pos[keep]
+                cos, sin = self.positions(input_pos)
+            before = x  # this layer's input, for a method that reads its attention
+            x = layer(x, cos, sin, input_pos, prefill)
         return self.norm(x)
+
+
+class Prune(Protocol):
+    """A method that prunes the prompt inside the decoder (minillava/fastv.py): before decoder layer
+    `layer`, it reads the previous layer (its input `x` (B, T, D), positions' cos, sin) and returns the
+    prompt positions that the layers from `layer` on keep, ascending (T',) long."""
+
+    layer: int
+
+    def keep(self, previous: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor: ...

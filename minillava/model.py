@@ -1,24 +1,27 @@
-"""LLaVA-NeXT: vision tower -> projector -> compression stage -> packing into the prompt -> decoder.
+"""LLaVA-NeXT: vision tower -> projector -> the image's token sequence -> spliced into the prompt -> decoder.
 
-An image's way through it:
+An image's way through it (minillava/generate.py `generate` runs it for one question):
     PIL -> anyres.tile_image -> (1 + crops) tiles
-        -> VisionTower: features of layer -2 and [CLS] scores of the last layer, per tile
-        -> Projector: features into the decoder's width
-        -> globalcom2.compress: the image's token sequence (method "none" = uncompressed LLaVA-NeXT)
+        -> VisionTower: the hidden states of every tile (clip.py)
+        -> Projector: the feature layer (-2) without [CLS], into the decoder's width
+        -> layout.pack: the thumbnail's tokens, then the crop grid unpadded, a newline closing each row
+           (a compressor, minillava/compression.py, decides which of them are kept)
         -> spliced between the prompt's text embeddings -> Decoder prefill -> decode loop
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import globalcom2
-
 from .anyres import Tiles
 from .clip import VisionTower
 from .config import LlavaConfig
+from .layout import compressed_sequence, crop_grid, pack, unpad_area
 from .llama import Decoder
 
 
@@ -32,6 +35,18 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+@dataclass
+class Encoded:
+    """One image through the tower and the projector."""
+
+    thumb: torch.Tensor  # (P, D) projected thumbnail tokens, raster order, P = side * side
+    crops: torch.Tensor  # (gw*gh, P, D) projected crop tokens, crops row-major, each in raster order
+    grid: tuple[int, int]  # (gw, gh) columns, rows of crops
+    size: tuple[int, int]  # (w0, h0) original image size in pixels
+    area: tuple[int, int, int, int]  # (top, bottom, left, right) the unpadded part of the crop grid
+    probes: dict = field(default_factory=dict)  # {name: (1 + gw*gh, ...)} what a compressor asked of the tower
 
 
 class LlavaNext(nn.Module):
@@ -52,35 +67,34 @@ class LlavaNext(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def encode_images(self, tiles: list[Tiles], needs=None) -> list[globalcom2.ImageFeatures]:
+    def encode_images(self, tiles: list[Tiles], layers=(), probe: Callable | None = None) -> list[Encoded]:
         """All tiles of all images through the tower and projector in one batch, split back per image.
 
-        `needs`: the tower probes the compression method will use, `globalcom2.needs(method)`. None (what
-        callers that do not know the method pass) gives every method's, `globalcom2.ALL_NEEDS`: all of them
-        come out of the tower's one pass at the cost of one [CLS] attention row.
+        `layers`: more hidden states of the tower to compute, for `probe`, a function of all tiles'
+        hidden states ({i: (N, 1 + P, Dv)}) to {name: (N, ...)} (a compressor's scores, computed by the
+        compression stage: minillava/compression.py), split per image into `Encoded.probes`.
         """
-        needs = globalcom2.ALL_NEEDS if needs is None else tuple(needs)
         pixels = torch.cat([t.pixels for t in tiles]).to(self.device, self.dtype)  # (sum tiles, 3, S, S)
-        features, scores, probes = self.vision(pixels, self.cfg.vision_feature_layer, needs)
-        features = self.projector(features)  # (sum tiles, P, D)
+        select = self.cfg.vision_feature_layer
+        states = self.vision(pixels, (select, *layers))
+        features = self.projector(states[select][:, 1:])  # (sum tiles, P, D): [CLS] dropped
+        probes = probe(states) if probe is not None else {}
+        side = self.cfg.vision.patches_per_side
         out, start = [], 0
         for t in tiles:
             n = t.pixels.shape[0]
-            out.append(
-                globalcom2.ImageFeatures(
-                    thumb=features[start],
-                    crops=features[start + 1 : start + n],
-                    thumb_scores=scores[start],
-                    crop_scores=scores[start + 1 : start + n],
-                    grid=t.grid,
-                    size=t.size,
-                    newline=self.image_newline,
-                    probes={need: p[start : start + n] for need, p in probes.items()},
-                    project=self.projector,
-                )
-            )
+            out.append(Encoded(features[start], features[start + 1 : start + n], t.grid, t.size,
+                               unpad_area(t.grid, t.size, side), {k: p[start : start + n] for k, p in probes.items()}))
             start += n
         return out
+
+    def image_tokens(self, image: Encoded, kept=None) -> torch.Tensor:
+        """One image's token sequence for the decoder, (T, D): LLaVA-NeXT's uncompressed one, or what a
+        compressor `kept` (globalcom2.Compressed) laid out the same way; a `-paper` method's published
+        sequence as it made it."""
+        if kept is None:
+            return pack(image.thumb, crop_grid(image.crops, image.grid), image.area, self.image_newline)
+        return compressed_sequence(kept, image.crops, image.grid, image.area, self.image_newline)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -41,6 +41,7 @@ from minillava.anyres import tile_image  # noqa: E402
 from minillava.clip import VisionTower  # noqa: E402
 from minillava.config import KNOWN_TOWERS, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from minillava.generate import CACHE_BUCKET, Steps, TokenReader, compile_steps, decode_one_token, prefill, sample  # noqa: E402
+from minillava.layout import crop_grid, pack, uncompressed_length, unpad_area  # noqa: E402
 from minillava.model import LlavaNext  # noqa: E402
 
 CLIP_L336 = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]
@@ -359,15 +360,21 @@ def image_token_counts(thumb_scores: torch.Tensor, crop_scores: torch.Tensor, gr
     Only the scores matter for the counts; the features are 8-wide stand-ins."""
     g = torch.Generator().manual_seed(0)
     p = thumb_scores.shape[0]
+    side = math.isqrt(p)
     image = globalcom2.ImageFeatures(
         thumb=torch.randn(p, 8, generator=g), crops=torch.randn(len(crop_scores), p, 8, generator=g),
         thumb_scores=thumb_scores.float(), crop_scores=crop_scores.float(), grid=grid, size=size,
-        newline=torch.zeros(8),
+        area=unpad_area(grid, size, side), newline=torch.zeros(8),
     )
-    counts = {"none": globalcom2.compress_image(image, "none").tokens.shape[0]}
+    counts = {"none": uncompressed_length(image.area, side)}
     for r in RATIOS:
-        counts[f"globalcom2@{r:g}"] = globalcom2.compress_image(image, "globalcom2", r).tokens.shape[0]
+        counts[f"globalcom2@{r:g}"] = packed(image, globalcom2.compress_image(image, "globalcom2", r)).shape[0]
     return counts
+
+
+def packed(image: globalcom2.ImageFeatures, kept: globalcom2.Compressed) -> torch.Tensor:
+    """The token sequence the model feeds the decoder for what a compressor kept (minillava/layout.py)."""
+    return pack(kept.head, crop_grid(image.crops, image.grid), image.area, image.newline, kept.crop_keep)
 
 
 def theory(counts: dict[str, int], prompt_tokens: int, scores_note: str) -> dict:
@@ -496,8 +503,12 @@ def bench_vision(plan: Plan, pixels: torch.Tensor, log) -> dict:
     ours.load_state_dict(state, strict=True, assign=True)
     ours.eval()
 
-    def run_ours():
-        return ours(pixels, -2)
+    n_layers = len(ours.encoder.layers)
+
+    def run_ours():  # the feature layer and GlobalCom2's [CLS] scores, as generate computes them
+        x = ours(pixels, (-2,))[-2]  # the last layer's input
+        scores = globalcom2.tower_probes((globalcom2.SCORES,), {n_layers - 1: x}, ours.query_key, n_layers)
+        return x[:, 1:], scores[globalcom2.SCORES][:, 1:]
 
     def run_hf():  # what transformers' LLaVA-NeXT does: all hidden states, take -2
         return hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -812,9 +823,10 @@ def bench_compressor(scores: torch.Tensor, grid, size, repeats: int) -> list[flo
     p = scores.shape[1]
     image = globalcom2.ImageFeatures(
         thumb=torch.randn(p, COMPRESS_DIM, generator=g), crops=torch.randn(len(scores) - 1, p, COMPRESS_DIM, generator=g),
-        thumb_scores=scores[0], crop_scores=scores[1:], grid=grid, size=size, newline=torch.randn(COMPRESS_DIM, generator=g),
+        thumb_scores=scores[0], crop_scores=scores[1:], grid=grid, size=size, area=unpad_area(grid, size, math.isqrt(p)),
+        newline=torch.randn(COMPRESS_DIM, generator=g),
     )
-    run = wall(lambda: globalcom2.compress([image], "globalcom2", 0.25))
+    run = wall(lambda: packed(image, globalcom2.compress([image], "globalcom2", 0.25)[0]))  # keep, then lay out
     return alternate({"compress": run}, repeats, label="compress")["compress"]
 
 

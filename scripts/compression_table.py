@@ -25,6 +25,7 @@ quick smoke run.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -37,18 +38,20 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import globalcom2  # noqa: E402
-from globalcom2.layout import to_crops  # noqa: E402
+from globalcom2.layout import area_mask, crop_extents, to_crops  # noqa: E402
 from globalcom2.scoring import TEMPERATURE, crop_scales, kept_counts, region_sums  # noqa: E402
-from globalcom2.visualize import fastv_kept  # noqa: E402
 from minillava.anyres import tile_image  # noqa: E402
+from minillava.compression import encode, stage_inputs  # noqa: E402
 from minillava.eval import synthetic as S  # noqa: E402
-from minillava.generate import FastV, decode_one_token, load, prefill  # noqa: E402
+from minillava.fastv import FastV, kept_positions, on_grid  # noqa: E402
+from minillava.generate import decode_one_token, load, prefill  # noqa: E402
 from minillava.tokenizer import build_prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "weights" / "llava-next-tiny-scenes"
 RATIOS = (0.5, 0.25, 0.1)
 METHODS = (*(m for m in globalcom2.METHODS if m != "none"), "fastv")  # every compressor, the peers included
+EVERY_NEED = tuple(dict.fromkeys(need for m in globalcom2.METHODS for need in globalcom2.needs(m)))
 ROWS = (*METHODS, "oracle")  # the table's rows after none and the thumbnail alone
 TITLES = {"card": "card family (synthetic): one card, 'What digit is on the red card?'",
           "dense": "dense family (synthetic-dense): 3-8 cards in one region, 'What is the largest digit?'"}
@@ -67,7 +70,7 @@ def greedy(model, tokenizer, tokens: torch.Tensor, question: str, max_new_tokens
     fastv = None if fastv_ratio is None else FastV.from_ratio(len(chunks[0]), tokens.shape[0], fastv_ratio)
     model.llm.setup_cache(1, length + max_new_tokens)  # every layer this long: FastV's need fewer slots
     token = prefill(model, embeds, fastv).argmax(-1)
-    kept = None if fastv is None else fastv_kept(model.llm, fastv, length)
+    kept = None if fastv is None else kept_positions(model.llm, fastv, length)
     ids = []
     for step in range(max_new_tokens):
         if token.item() == tokenizer.eos_id:
@@ -94,22 +97,25 @@ def oracle_scales(n_valid: np.ndarray, cards: np.ndarray, ratio: float) -> np.nd
     return np.where(n_valid > 0, (k + 0.5) / np.maximum(n_valid, 1), 0.0)
 
 
-def answer(model, tokenizer, features: globalcom2.ImageFeatures, full: globalcom2.Compressed, question: str,
-           method: str, ratio: float, seed: int = 0, cards=None):
+def answer(model, tokenizer, image, features: globalcom2.ImageFeatures, question: str, method: str, ratio: float,
+           seed: int = 0, cards=None):
     """The answer with one compressor, and what it kept (a `Compressed`; None for the thumbnail alone).
-    `full` is the uncompressed packing (`none`), which FastV prunes in the decoder; `cards` (C,) the
-    number of cards in each crop, which only the oracle reads."""
+    `image` is the model's encoded image (minillava.model.Encoded), whose uncompressed sequence FastV
+    prunes in the decoder; `cards` (C,) the number of cards in each crop, which only the oracle reads."""
     if method == "thumbnail":
         return greedy(model, tokenizer, features.thumb, question)[0], None
+    side = math.isqrt(features.thumb.shape[0])
     if method == "fastv":
-        text, kept = greedy(model, tokenizer, full.tokens, question, fastv_ratio=ratio)
-        return text, globalcom2.keep_sequence(full, kept)
+        text, kept = greedy(model, tokenizer, model.image_tokens(image), question, fastv_ratio=ratio)
+        thumb_keep, crop_keep = on_grid(kept, image.grid, image.area, side)
+        return text, globalcom2.Compressed(thumb_keep, crop_keep, torch.zeros(0, dtype=torch.float64))
     if method == "oracle":
-        n_valid = to_crops(full.valid, features.grid, full.valid.shape[0] // features.grid[1]).sum(1).numpy()
+        rows, cols = crop_extents(image.area, image.grid, side)
+        n_valid = np.outer(rows, cols).ravel()  # (C,) valid tokens per crop
         out = globalcom2.compress_image(features, "local-only", ratio, scales=oracle_scales(n_valid, cards, ratio))
-        return greedy(model, tokenizer, out.tokens, question)[0], out
-    out = globalcom2.compress([features], method, ratio, seed=seed)[0]
-    return greedy(model, tokenizer, out.tokens, question)[0], out
+    else:
+        out = globalcom2.compress([features], method, ratio, seed=seed)[0]
+    return greedy(model, tokenizer, model.image_tokens(image, out), question)[0], out
 
 
 class Results(NamedTuple):
@@ -137,8 +143,9 @@ def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: in
     for i in tqdm(range(n), desc=f"held-out, {family}", dynamic_ncols=True, file=sys.stderr):
         s = S.sample(S.DEFAULT_SEED, "test", i, family=family)
         tiles = tile_image(s.scene.image, cfg.grid_pinpoints, cfg.vision.image_size)
-        features = model.encode_images([tiles], globalcom2.ALL_NEEDS)[0]  # the probes of every method
-        full = globalcom2.compress([features], "none")[0]
+        image = encode(model, [tiles], "none", extra=EVERY_NEED)[0]  # the probes of every method, one pass
+        features = stage_inputs(model, [image])[0]
+        valid = area_mask(image.area, (features.grid[1] * side, features.grid[0] * side), "cpu")  # (H, W)
         gw, gh = features.grid
         cells = [S.card_cells(card, s.scene.image.size, cfg.grid_pinpoints, cfg.vision.image_size,
                               cfg.vision.patch_size)[1] for card in s.scene.cards]
@@ -148,13 +155,13 @@ def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: in
         sums = region_sums(features.thumb_scores, features.grid)
         guidance.append((scale.max(), scale[cards > 0].mean(), bool(cards[np.argmax(scale)] > 0), np.ptp(sums)))
         for method, ratio in configs:
-            text, out = answer(model, tokenizer, features, full, S.prompt(s.question), method, ratio, seed, cards)
+            text, out = answer(model, tokenizer, image, features, S.prompt(s.question), method, ratio, seed, cards)
             correct[(method, ratio)] += text.strip().lower() == s.answer
             if out is not None:
                 into = out.crop_merge is not None and bool(out.crop_merge[cell] >= 0)
                 kept[(method, ratio)] += bool(out.crop_keep[cell])
                 merged[(method, ratio)] += bool(out.crop_keep[cell]) or into
-                per_crop = to_crops(out.crop_keep & out.valid, features.grid, side).sum(1).numpy()  # (C,)
+                per_crop = to_crops(out.crop_keep & valid, features.grid, side).sum(1).numpy()  # (C,)
                 share[(method, ratio)] += per_crop[cards > 0].sum() / max(per_crop.sum(), 1)
     percent = lambda counts: {c: 100.0 * k / n for c, k in counts.items()}  # noqa: E731
     return Results(percent(correct), percent(kept), percent(merged), percent(share), guidance)

@@ -37,10 +37,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the device machine has no networ
 import torch  # noqa: E402
 
 from bench import alternate, build_decoders, median  # noqa: E402
+from minillava.batch import generate_batch  # noqa: E402
 from minillava.config import TextConfig  # noqa: E402
 from minillava.eval import synthetic  # noqa: E402
 from minillava.generate import (  # noqa: E402
-    CACHE_BUCKET, TokenReader, compile_steps, generate, generate_batch, load, prefill, sample, warm_up,
+    CACHE_BUCKET, TokenReader, compile_steps, generate, load, prefill, sample, warm_up,
 )
 from minillava.tokenizer import build_prompt  # noqa: E402
 

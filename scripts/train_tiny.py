@@ -52,11 +52,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import globalcom2  # noqa: E402
 from minillava.anyres import Tiles, tile_image  # noqa: E402
 from minillava.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from minillava.eval import synthetic as S  # noqa: E402
-from minillava.model import LlavaNext  # noqa: E402
+from minillava.layout import unpad_area  # noqa: E402
+from minillava.model import Encoded, LlavaNext  # noqa: E402
 from minillava.tokenizer import Tokenizer, build_prompt  # noqa: E402
 
 NAME = "llava-next-tiny-scenes"
@@ -185,7 +185,7 @@ def make_heads(width: int) -> nn.ModuleDict:
 def tower_forward(model: LlavaNext, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiles (N, 3, S, S) -> (features of layer -2 without [CLS] (N, P, Dv), pooled last-layer [CLS] (N, Dv)).
 
-    VisionTower.forward stops before the last layer's output, which the [CLS] objective needs."""
+    VisionTower.forward runs only up to the feature layer; the [CLS] objective needs the last layer's output."""
     tower = model.vision
     x = tower.pre_layrnorm(tower.embeddings(pixels))  # (N, 1 + P, Dv)
     for layer in tower.encoder.layers[:-1]:
@@ -202,7 +202,8 @@ def tower_features(model: LlavaNext, seed: int, start: int, n: int, family: str 
     for i in tqdm(range(start, start + n), desc=f"tower features, {family}", dynamic_ncols=True, file=sys.stderr):
         s = S.sample(seed, "train", i, family=family)
         tiles = tile_image(s.scene.image, PINPOINTS, TILE)
-        features, _ = model.vision(tiles.pixels, model.cfg.vision_feature_layer)
+        select = model.cfg.vision_feature_layer
+        features = model.vision(tiles.pixels, (select,))[select][:, 1:]  # (tiles, P, Dv), [CLS] dropped
         out.append((s, tiles.grid, tiles.size, features.half()))
     return out
 
@@ -214,9 +215,8 @@ def answer_loss(model: LlavaNext, tok: Tokenizer, batch, rng: np.random.Generato
     sequences, targets = [], []
     for s, grid, size, features in batch:
         x = model.projector(features.float())  # (tiles, P, D)
-        zeros = torch.zeros(x.shape[:2])  # scores are not used by "none"
-        image = globalcom2.compress([globalcom2.ImageFeatures(
-            x[0], x[1:], zeros[0], zeros[1:], grid, size, model.image_newline)], "none")[0].tokens
+        area = unpad_area(grid, size, model.cfg.vision.patches_per_side)
+        image = model.image_tokens(Encoded(x[0], x[1:], grid, size, area))  # uncompressed, as generate()
         prompt = model.prompt_embeds(tok.encode_prompt(build_prompt(prompt_for(s, rng))), [image])[0]  # (T, D)
         answer = tok.encode(s.answer) + [tok.eos_id]
         targets.append((len(prompt) - 1, answer))  # position p predicts the token at p + 1

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from globalcom2 import ImageFeatures
+from minillava.layout import unpad_area
 
 GRIDS = [(2, 2), (1, 3), (3, 1), (1, 2), (2, 1), (3, 2)]
 RATIOS = {24: (0.5, 0.25, 0.1), 6: (1.0, 0.5, 0.25, 0.1), 8: (0.5, 0.1)}  # tile side: ratios tried
@@ -36,5 +37,25 @@ def peer_case(grid, size, side, seed, heads=2, Dv=8, dtype=torch.float32):
     probes["cls_attn", -1] = (torch.randn(N, heads, 1 + P, generator=g) * 2).softmax(-1)
     probes["keys", -1] = torch.randn(N, 1 + P, Dv, generator=g).to(dtype)
     image = ImageFeatures(features[0], features[1:], thumb_scores, crop_scores,
-                          grid, size, torch.full((features.shape[-1],), -7.0, dtype=dtype), probes, project)
+                          grid, size, unpad_area(grid, size, side), torch.full((features.shape[-1],), -7.0, dtype=dtype),
+                          probes, project)
     return image, attn
+
+
+def tower_run(tower, pixels, feature_layer=-2, needs=()):
+    """A tower's feature layer (without [CLS]), GlobalCom2's [CLS] scores (N, P) and the probes of `needs`,
+    computed as minillava.compression does: hidden states from the tower, probes by globalcom2.probes."""
+    from globalcom2 import SCORES, hidden_states_needed, tower_probes
+
+    n = len(tower.encoder.layers)
+    asked = tuple(dict.fromkeys((SCORES, *needs)))
+    states = tower(pixels, (feature_layer, *hidden_states_needed(asked, n)))
+    probes = tower_probes(asked, states, tower.query_key, n)
+    return states[feature_layer][:, 1:], probes[SCORES][:, 1:], {need: probes[need] for need in needs}
+
+
+def tokens(image, result):
+    """The sequence the model feeds the decoder for what a method kept of `image` (minillava/layout.py)."""
+    from minillava.layout import compressed_sequence
+
+    return compressed_sequence(result, image.crops, image.grid, image.area, image.newline)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from minillava import batch as engine
 from minillava import generate as gen
 from minillava.config import TextConfig
 from minillava.llama import Decoder
@@ -46,7 +47,7 @@ def test_rows_equal_their_question_alone(loaded, compressor):
     """Greedy ids and token counts of each row equal generate() of that question alone. fastv rows are
     decoded one by one (their pruned layers hold a different count per row), the others as one batch."""
     model, tokenizer = loaded
-    batch = gen.generate_batch(model, tokenizer, items(), compressor, 0.5, LIMITS)
+    batch = engine.generate_batch(model, tokenizer, items(), compressor, 0.5, LIMITS)
     single = alone(model, tokenizer, compressor)
     lengths = {len(r.token_ids) for r in batch}
     assert len(lengths) > 1  # rows really stop at different steps
@@ -63,7 +64,7 @@ def test_rows_stop_early_at_eos(loaded):
     eos_tok = copy.copy(tokenizer)
     eos_tok.eos_id = free[0].token_ids[2]
     want = alone(model, eos_tok, "globalcom2", limits=[12] * 4)
-    got = gen.generate_batch(model, eos_tok, items(), "globalcom2", 0.5, 12)
+    got = engine.generate_batch(model, eos_tok, items(), "globalcom2", 0.5, 12)
     assert want[0].token_ids == free[0].token_ids[: free[0].token_ids.index(eos_tok.eos_id) + 1]
     assert any(len(w.token_ids) == 12 for w in want)  # some row is not stopped by it
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
@@ -74,7 +75,7 @@ def test_sampling_draws_per_row_as_alone(loaded):
     alone; its tokens equal the single run's (float rounding of the batched products could in principle
     move a draw across a boundary; on these cases it does not)."""
     model, tokenizer = loaded
-    batch = gen.generate_batch(model, tokenizer, items(), "none", 1.0, 8, temperature=0.9, top_p=0.9, seed=5)
+    batch = engine.generate_batch(model, tokenizer, items(), "none", 1.0, 8, temperature=0.9, top_p=0.9, seed=5)
     single = alone(model, tokenizer, "none", limits=[8] * 4, temperature=0.9, top_p=0.9, seed=5)
     assert [r.token_ids for r in batch] == [r.token_ids for r in single]
 
@@ -95,12 +96,12 @@ def test_a_failing_row_fails_alone(loaded, monkeypatch):
         return out
 
     monkeypatch.setattr(model, "logits", nan_in_row_2)
-    got = gen.generate_batch(model, tokenizer, batch, "globalcom2", 0.5, LIMITS, return_exceptions=True)
+    got = engine.generate_batch(model, tokenizer, batch, "globalcom2", 0.5, LIMITS, return_exceptions=True)
     assert isinstance(got[1], PromptError)
     assert isinstance(got[2], gen.NumericsError) and "answer token 1" in str(got[2])
     assert got[0].token_ids == want[0].token_ids and got[3].token_ids == want[3].token_ids
     with pytest.raises(PromptError):
-        gen.generate_batch(model, tokenizer, batch, "globalcom2", 0.5, LIMITS)
+        engine.generate_batch(model, tokenizer, batch, "globalcom2", 0.5, LIMITS)
 
 
 def test_streamed_text_per_row(loaded):
@@ -111,7 +112,7 @@ def test_streamed_text_per_row(loaded):
     def on_text(i, s):
         texts[i] += s
 
-    gen.generate_batch(model, tokenizer, items(), "none", 1.0, LIMITS, on_text=on_text)
+    engine.generate_batch(model, tokenizer, items(), "none", 1.0, LIMITS, on_text=on_text)
     want = []
     for (image, q), n in zip(items(), LIMITS):
         pieces = []
@@ -136,7 +137,7 @@ def test_left_padded_decoder_equals_each_prompt_alone():
             out = [dec(p[None], torch.arange(len(p)), prefill=True)[:, -1:]]
             out += [dec(steps[i : i + 1, s : s + 1], torch.tensor([len(p) + s])) for s in range(4)]
             want.append(torch.cat(out, dim=1))
-        embeds, pos = gen.pad_left(prompts)
+        embeds, pos = engine.pad_left(prompts)
         assert pos.tolist()[0] == [-1] * 6 + [0, 1, 2]
         dec.setup_cache(3, 16)
         got = [dec(embeds, pos, prefill=True)[:, -1:]]
@@ -149,9 +150,9 @@ def test_left_padded_decoder_equals_each_prompt_alone():
 def test_compiled_batch_gives_the_eager_ids(loaded):
     """--compile with a batch: the decode step compiled for (B, 1) (about 40 s of compiling)."""
     model, tokenizer = loaded
-    eager = gen.generate_batch(model, tokenizer, items(), "globalcom2", 0.5, LIMITS)
+    eager = engine.generate_batch(model, tokenizer, items(), "globalcom2", 0.5, LIMITS)
     steps = gen.compile_steps(model)
     gen.warm_up(model, steps, batch=4)
-    compiled = gen.generate_batch(model, tokenizer, items(), "globalcom2", 0.5, LIMITS, steps=steps)
+    compiled = engine.generate_batch(model, tokenizer, items(), "globalcom2", 0.5, LIMITS, steps=steps)
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
 

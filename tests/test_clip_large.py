@@ -7,6 +7,7 @@ import torch
 from minillava.clip import VisionTower
 from minillava.config import KNOWN_TOWERS
 from tests.conftest import PARITY
+from tests.peers_cases import tower_run
 
 
 def test_vit_l14_336_matches_transformers():
@@ -20,7 +21,7 @@ def test_vit_l14_336_matches_transformers():
     ours.load_state_dict(state, strict=True)
     pixels = torch.randn(2, 3, 336, 336)
     with torch.no_grad():
-        features, scores = ours(pixels)
+        features, scores, _ = tower_run(ours, pixels)
         hidden = hf(pixels, output_hidden_states=True).hidden_states
         ref_features = hidden[-2][:, 1:]
         tower = getattr(hf, "vision_model", hf)

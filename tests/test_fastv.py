@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import globalcom2
 from minillava import generate as gen
 from minillava.anyres import load_image, tile_image
-from minillava.llama import EMPTY, FastV
+from minillava.fastv import FastV
+from minillava.llama import EMPTY
 from minillava.tokenizer import build_prompt
 from minillava.weights import load_model
 from tests import tiny
@@ -79,7 +79,7 @@ def layer_ref(block, x, pos, theta):
 def prompt_embeds(model, tokenizer, image_path):
     """The decoder input as generate builds it for `none`: (T, D), and the image span (start, length)."""
     tiles = tile_image(load_image(str(image_path)), model.cfg.grid_pinpoints, model.cfg.vision.image_size)
-    image = globalcom2.compress(model.encode_images([tiles]), "none")[0].tokens
+    image = model.image_tokens(model.encode_images([tiles])[0])
     chunks = tokenizer.encode_prompt(build_prompt(QUESTION))
     return model.prompt_embeds(chunks, [image])[0], len(chunks[0]), image.shape[0]
 
@@ -192,7 +192,7 @@ def test_grouped_query_attention_decoder_equals_the_naive_reference(tmp_path, to
 @pytest.mark.parametrize("r", [1.0, 0.75, 0.5, 0.25, 0.125, 0.1, 0.05])
 def test_kept_count_is_fastv_rounding(length, r):
     """fastv_forward keeps `round(FASTV_image_token_length * (1 - FASTV_r))` with R = 1 - r."""
-    assert FastV.from_ratio(0, length, r).keep == round(length * (1 - (1 - r)))
+    assert FastV.from_ratio(0, length, r).keep_count == round(length * (1 - (1 - r)))
 
 
 def test_fastv_needs_layers_after_k(capsys, monkeypatch, checkpoints, image_path):

@@ -1,4 +1,4 @@
-"""FastV in the tools that show what a compressor kept: `globalcom2.keep_sequence` (sequence positions ->
+"""FastV in the tools that show what a compressor kept: `minillava.fastv.on_grid` (sequence positions ->
 true grid), `globalcom2.visualize --compressor fastv --prompt`, and `scripts/compression_table.py`."""
 
 import sys
@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import globalcom2
 import globalcom2.visualize as vis
 import minillava.generate as gen
-from globalcom2.layout import to_grid
+from globalcom2.layout import area_mask, to_grid
 from minillava.anyres import load_image, tile_image
+from minillava.compression import encode, stage_inputs
+from minillava.fastv import on_grid
+from minillava.layout import crop_grid, pack, uncompressed_length
 from minillava.tokenizer import build_prompt
 from tests.peers_cases import peer_case
 from tests.test_fastv import QUESTION, deep_checkpoint, image_reference  # noqa: F401 (a fixture)
@@ -23,24 +25,22 @@ SHAPES = [((2, 2), (640, 480)), ((1, 3), (900, 500)), ((1, 3), (900, 200)), ((3,
 
 
 @pytest.mark.parametrize("grid, size", SHAPES)
-def test_keep_sequence_maps_positions_to_the_grid(grid, size):
+def test_on_grid_maps_sequence_positions_to_the_grid(grid, size):
     image, _ = peer_case(grid, size, 4, seed=0)
-    full = globalcom2.compress([image], "none")[0]
-    n, P = full.tokens.shape[0], 16
-    every = globalcom2.keep_sequence(full, torch.arange(n))
-    assert torch.equal(every.tokens, full.tokens) and torch.equal(every.thumb_keep, full.thumb_keep)
-    assert torch.equal(every.crop_keep, full.valid) and every.before == full.before
+    full = pack(image.thumb, crop_grid(image.crops, grid), image.area, image.newline)  # the uncompressed sequence
+    n, P = full.shape[0], 16
+    assert n == uncompressed_length(image.area, 4)
+    valid = area_mask(image.area, (grid[1] * 4, grid[0] * 4), "cpu")
+    thumb_keep, crop_keep = on_grid(torch.arange(n), grid, image.area, 4)
+    assert thumb_keep.tolist() == list(range(P)) and torch.equal(crop_keep, valid)
 
     kept = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: n // 3].sort().values
-    part = globalcom2.keep_sequence(full, kept)
-    assert torch.equal(part.tokens, full.tokens[kept]) and torch.equal(part.thumb_keep, kept[kept < P])
-    assert not (part.crop_keep & ~part.valid).any()
-    crop_tokens = part.tokens[len(part.thumb_keep):]
+    thumb_keep, crop_keep = on_grid(kept, grid, image.area, 4)
+    assert torch.equal(thumb_keep, kept[kept < P])
+    assert not (crop_keep & ~valid).any()
+    crop_tokens = full[kept][len(thumb_keep):]
     crop_tokens = crop_tokens[~(crop_tokens == image.newline).all(dim=1)]  # the kept newlines have no place
-    assert torch.equal(crop_tokens, to_grid(image.crops, grid, 4)[part.crop_keep])  # raster order = sequence order
-    per_crop = globalcom2.layout.to_crops(part.crop_keep, grid, 4).sum(1)
-    valid = globalcom2.layout.to_crops(part.valid, grid, 4).sum(1)
-    assert torch.equal(part.crop_ratio, per_crop.double() / valid.clamp(min=1).double())
+    assert torch.equal(crop_tokens, to_grid(image.crops, grid, 4)[crop_keep])  # raster order = sequence order
 
 
 @pytest.mark.parametrize("r", [0.5, 0.1])
@@ -51,14 +51,14 @@ def test_the_kept_tokens_are_the_naive_reference(deep_checkpoint, image_path, r)
     with torch.no_grad():
         ref_ids, ref_kept, length = image_reference(model, tokenizer, image_path, r, max_new_tokens=8)
         tiles = tile_image(load_image(str(image_path)), model.cfg.grid_pinpoints, model.cfg.vision.image_size)
-        features = model.encode_images([tiles], ())[0]
-        full = globalcom2.compress([features], "none")[0]
-        text, out = compression_table.answer(model, tokenizer, features, full, QUESTION, "fastv", r)
+        image = encode(model, [tiles], "globalcom2")[0]
+        features = stage_inputs(model, [image])[0]
+        text, out = compression_table.answer(model, tokenizer, image, features, QUESTION, "fastv", r)
     start = len(tokenizer.encode_prompt(build_prompt(QUESTION))[0])
     image_kept = torch.tensor([k - start for k in ref_kept if start <= k < start + length])
-    expected = globalcom2.keep_sequence(full, image_kept)
-    assert out.tokens.shape[0] == round(length * r) == len(image_kept)
-    assert torch.equal(out.thumb_keep, expected.thumb_keep) and torch.equal(out.crop_keep, expected.crop_keep)
+    thumb_keep, crop_keep = on_grid(image_kept, image.grid, image.area, model.cfg.vision.patches_per_side)
+    assert len(image_kept) == round(length * r)
+    assert torch.equal(out.thumb_keep, thumb_keep) and torch.equal(out.crop_keep, crop_keep)
     assert text == tokenizer.decode([i for i in ref_ids if i != tokenizer.eos_id])
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from minillava import weights
 from minillava.anyres import load_image, tile_image
 from minillava.tokenizer import Tokenizer, build_prompt
 from tests import tiny
+from tests.peers_cases import tower_run
 
 QUESTION = "What is in the picture?"
 
@@ -214,7 +216,7 @@ def test_compressed_token_count_through_the_cli(capsys, checkpoints, image_path,
     model = load_model(checkpoints["hub"])
     tiles = tile_image(load_image(str(wide)), model.cfg.grid_pinpoints, tiny.TILE)
     with torch.no_grad():
-        _, scores = model.vision(tiles.pixels)
+        _, scores, _ = tower_run(model.vision, tiles.pixels)
     assert tiles.grid == (3, 1)
     expected = predicted_count(scores[0], tiles.grid, tiles.size, tiny.TILE // 14, ratio, mode == "globalcom2-paper")
     assert result["visual_tokens"]["after"] == expected
@@ -228,3 +230,25 @@ def test_compiled_steps_give_the_eager_ids(capsys, checkpoints, image_path):
     compiled = run_json(capsys, checkpoints["hub"], image_path, "--compile")
     assert compiled["token_ids"] == eager["token_ids"]
     assert compiled["timings_s"]["compile"] > 0 and "compile" not in eager["timings_s"]
+
+
+def test_the_uncompressed_model_runs_without_the_compression_stage(tmp_path):
+    """minillava alone is LLaVA-NeXT: with `globalcom2` made unimportable, `none` and `fastv` (which prunes
+    in the decoder) answer through both the single path and the batch engine."""
+    code = "\n".join([
+        "import sys",
+        "sys.modules['globalcom2'] = None  # any import of it now fails",
+        "from PIL import Image",
+        "from minillava import batch, generate as gen",
+        "model, tok = gen.load(gen.DEFAULT_MODEL)",
+        f"image = Image.open({str(Path(__file__).parent.parent / 'examples' / 'scene.png')!r})",
+        "q = 'What digit is on the red card?'",
+        "for method in ('none', 'fastv'):",
+        "    one = gen.generate(model, tok, image, q, method, 0.5, max_new_tokens=4)",
+        "    two = batch.generate_batch(model, tok, [(image, q)] * 2, method, 0.5, max_new_tokens=4)",
+        "    assert one.token_ids == two[0].token_ids == two[1].token_ids, method",
+        "    print(method, one.text, one.visual_tokens['after'])",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["none 6 336", "fastv 6 168"]

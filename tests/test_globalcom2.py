@@ -14,8 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from globalcom2 import METHODS, ImageFeatures, compress, compress_image, unpad_area
+from globalcom2 import METHODS, ImageFeatures, compress, compress_image
+from globalcom2.layout import area_mask
 from globalcom2.peers import PEERS
+from minillava.layout import uncompressed_length, unpad_area
+from tests.peers_cases import tokens
 
 OWN = [m for m in METHODS if m not in PEERS]  # GlobalCom2's methods; the peers are tested in tests/test_peers*.py
 
@@ -49,6 +52,13 @@ def read_back(tokens, side):
     return out
 
 
+def valid(image):
+    """The unpadded area as an (H, W) mask."""
+    gw, gh = image.grid
+    side = math.isqrt(image.thumb.shape[0])
+    return area_mask(image.area, (gh * side, gw * side), image.thumb.device)
+
+
 def random_image(grid, size, side, seed, dtype=torch.float32):
     """Position-encoding features with random (tie-free) [CLS] scores."""
     gen = torch.Generator().manual_seed(seed)
@@ -61,6 +71,7 @@ def random_image(grid, size, side, seed, dtype=torch.float32):
         crop_scores=torch.randn(gw * gh, side * side, generator=gen) * 3,
         grid=grid,
         size=size,
+        area=unpad_area(grid, size, side),
         newline=NEWLINE.to(dtype),
     )
 
@@ -174,6 +185,7 @@ def hand_image():
         crop_scores=crop_scores,
         grid=(2, 2),
         size=(100, 60),
+        area=unpad_area((2, 2), (100, 60), 4),
         newline=NEWLINE,
     )
 
@@ -190,17 +202,17 @@ def test_hand_worked_case():
     image = hand_image()
     none, ours, paper = (compress([image], m, 0.5)[0] for m in ("none", "globalcom2", "globalcom2-paper"))
 
-    assert read_back(none.tokens, 4) == HAND_NONE
-    assert none.before == ours.before == paper.before == 16 + 4 * 9
+    assert read_back(tokens(image, none), 4) == HAND_NONE
+    assert uncompressed_length(image.area, 4) == 16 + 4 * 9
 
     for result in (ours, paper):
         assert result.thumb_keep.tolist() == HAND_THUMB_KEEP
         assert result.crop_ratio.tolist() == pytest.approx(HAND_SCALES, abs=1e-6)
         kept = {tuple(p) for p in result.crop_keep.nonzero().tolist()}
         assert kept == {p for ps in HAND_CROP_KEEP.values() for p in ps}
-        assert result.valid.nonzero()[:, 0].unique().tolist() == [2, 3, 4, 5]
-    assert read_back(ours.tokens, 4) == HAND_GLOBALCOM2
-    assert read_back(paper.tokens, 4) == HAND_PAPER
+        assert valid(image).nonzero()[:, 0].unique().tolist() == [2, 3, 4, 5]
+    assert read_back(tokens(image, ours), 4) == HAND_GLOBALCOM2
+    assert read_back(tokens(image, paper), 4) == HAND_PAPER
 
 
 def test_hand_worked_paper_placement_tall():
@@ -213,6 +225,7 @@ def test_hand_worked_paper_placement_tall():
     """
     image = hand_image()
     image.size = (60, 100)
+    image.area = unpad_area(image.grid, image.size, 4)
     paper = compress_image(image, "globalcom2-paper", 0.5, scales=[1.0] * 4)
 
     def block(y, x):  # the two true rows y, y+1 of a valid 2-column block starting at column x
@@ -226,10 +239,10 @@ def test_hand_worked_paper_placement_tall():
         + block(6, 2) + block(6, 4) + [NL]
         + [NL, NL]
     )  # fmt: skip
-    assert read_back(paper.tokens, 4) == expected
+    assert read_back(tokens(image, paper), 4) == expected
 
     ours = compress_image(image, "globalcom2", 0.5, scales=[1.0] * 4)
-    assert read_back(ours.tokens, 4) == HAND_THUMB + [
+    assert read_back(tokens(image, ours), 4) == HAND_THUMB + [
         item for y in range(8) for item in [(y, x) for x in range(2, 6)] + [NL]
     ]
 
@@ -354,14 +367,15 @@ def test_none_is_pack_image_features(grid, size, side, seed):
         crop_scores=torch.randn(gw * gh, P, generator=gen),
         grid=grid,
         size=size,
+        area=unpad_area(grid, size, side),
         newline=torch.randn(D, generator=gen),
     )
     result = compress([image], "none")[0]
     expected = reference_pack(image.thumb, image.crops, grid, size, image.newline, side)
-    assert torch.equal(result.tokens, expected)
-    assert result.before == len(expected)
+    assert torch.equal(tokens(image, result), expected)
+    assert uncompressed_length(image.area, side) == len(expected)
     assert result.thumb_keep.tolist() == list(range(P))
-    assert torch.equal(result.crop_keep, result.valid)
+    assert torch.equal(result.crop_keep, valid(image))
 
 
 @pytest.mark.parametrize("grid,size,side,seed", all_cases())
@@ -371,8 +385,8 @@ def test_unit_scales_give_none(grid, size, side, seed):
     for r in (1.0, 0.3):
         ours = compress_image(image, "globalcom2", r, scales=[1.0] * (grid[0] * grid[1]))
         k0 = int(side * side * r)
-        assert torch.equal(ours.tokens[k0:], none.tokens[side * side :])
-        assert torch.equal(ours.crop_keep, none.valid)
+        assert torch.equal(tokens(image, ours)[k0:], tokens(image, none)[side * side :])
+        assert torch.equal(ours.crop_keep, valid(image))
 
 
 @pytest.mark.parametrize("grid,size,side,seed", all_cases())
@@ -380,7 +394,7 @@ def test_paper_mode_matches_reference(grid, size, side, seed):
     image = random_image(grid, size, side, seed)
     for r in (1.0, 0.5, 0.25, 0.1):
         result = compress_image(image, "globalcom2-paper", r)
-        assert torch.equal(result.tokens, reference_paper(image, r))
+        assert torch.equal(tokens(image, result), reference_paper(image, r))
 
 
 @pytest.mark.parametrize("method", [m for m in OWN if m != "none"])
@@ -393,13 +407,13 @@ def test_kept_counts(method, r):
         assert len(result.thumb_keep) == int(P * r)
         expected_ratios = [r] * (grid[0] * grid[1]) if method in ("uniform", "random") else reference_scales(image.thumb_scores, grid, r)
         assert result.crop_ratio.tolist() == pytest.approx(expected_ratios, rel=1e-12)
-        valid = result.valid.view(grid[1], side, grid[0], side).transpose(1, 2).reshape(-1, P)  # (C, P)
+        per_crop = valid(image).view(grid[1], side, grid[0], side).transpose(1, 2).reshape(-1, P)  # (C, P)
         keep = result.crop_keep.view(grid[1], side, grid[0], side).transpose(1, 2).reshape(-1, P)
         for c in range(grid[0] * grid[1]):
-            n_c = int(valid[c].sum())
+            n_c = int(per_crop[c].sum())
             assert int(keep[c].sum()) == int(n_c * result.crop_ratio[c].item())
-        assert not (result.crop_keep & ~result.valid).any()
-        assert torch.isfinite(result.tokens).all()
+        assert not (result.crop_keep & ~valid(image)).any()
+        assert torch.isfinite(tokens(image, result)).all()
 
 
 @pytest.mark.parametrize("method", ["globalcom2", "uniform", "local-only", "global-only", "random"])
@@ -409,11 +423,11 @@ def test_corrected_layout(method):
         image = random_image(grid, size, side, seed)
         for r in (0.5, 0.1):
             result = compress_image(image, method, r, seed=seed)
-            rows = result.valid.any(dim=1).nonzero()[:, 0].tolist()
+            rows = valid(image).any(dim=1).nonzero()[:, 0].tolist()
             expected = [("T", p) for p in result.thumb_keep.tolist()]
             for y in rows:
                 expected += [(y, x) for x in result.crop_keep[y].nonzero()[:, 0].tolist()] + [NL]
-            assert read_back(result.tokens, side) == expected
+            assert read_back(tokens(image, result), side) == expected
 
 
 def test_both_modes_select_the_same():
@@ -425,10 +439,10 @@ def test_both_modes_select_the_same():
             assert torch.equal(ours.thumb_keep, paper.thumb_keep)
             assert torch.equal(ours.crop_keep, paper.crop_keep)
             assert torch.equal(ours.crop_ratio, paper.crop_ratio)
-            ours_tokens = Counter(t for t in read_back(ours.tokens, side) if t != NL)
-            paper_tokens = Counter(t for t in read_back(paper.tokens, side) if t != NL)
+            ours_tokens = Counter(t for t in read_back(tokens(image, ours), side) if t != NL)
+            paper_tokens = Counter(t for t in read_back(tokens(image, paper), side) if t != NL)
             assert ours_tokens == paper_tokens
-            assert read_back(paper.tokens, side).count(NL) == grid[1] * side
+            assert read_back(tokens(image, paper), side).count(NL) == grid[1] * side
 
 
 @pytest.mark.parametrize("method", OWN)
@@ -437,7 +451,7 @@ def test_batch_equals_one_at_a_time(method):
     batch = compress(images, method, 0.25, seed=7)
     for image, together in zip(images, batch):
         alone = compress([image], method, 0.25, seed=7)[0]
-        assert torch.equal(together.tokens, alone.tokens)
+        assert torch.equal(tokens(image, together), tokens(image, alone))
         assert torch.equal(together.thumb_keep, alone.thumb_keep)
         assert torch.equal(together.crop_keep, alone.crop_keep)
 
@@ -470,12 +484,12 @@ def test_low_precision_features(dtype, method):
         low = random_image(grid, size, side, seed, dtype=dtype)
         expected = compress_image(image, method, 0.25, seed=seed)
         result = compress_image(low, method, 0.25, seed=seed)
-        assert result.tokens.dtype == dtype
-        assert torch.equal(result.tokens.float(), expected.tokens)  # positions are exact in 16 bits
+        assert tokens(low, result).dtype == dtype
+        assert torch.equal(tokens(low, result).float(), tokens(image, expected))  # positions are exact in 16 bits
         # scores in the same low precision: runs, keeps the same counts, stays finite
         low.thumb_scores, low.crop_scores = low.thumb_scores.to(dtype), low.crop_scores.to(dtype)
         result = compress_image(low, method, 0.25, seed=seed)
-        assert result.tokens.dtype == dtype and torch.isfinite(result.tokens.float()).all()
+        assert tokens(low, result).dtype == dtype and torch.isfinite(tokens(low, result).float()).all()
         assert len(result.thumb_keep) == len(expected.thumb_keep)
 
 
@@ -484,12 +498,12 @@ def test_random_is_seeded():
     a = compress_image(image, "random", 0.3, seed=1)
     b = compress_image(image, "random", 0.3, seed=1)
     c = compress_image(image, "random", 0.3, seed=2)
-    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(tokens(image, a), tokens(image, b))
     assert not torch.equal(a.crop_keep, c.crop_keep)
     assert a.thumb_keep.tolist() == sorted(a.thumb_keep.tolist())  # raster order
     # independent of the scores: only the seed decides
     image.crop_scores = -image.crop_scores
-    assert torch.equal(compress_image(image, "random", 0.3, seed=1).tokens, a.tokens)
+    assert torch.equal(tokens(image, compress_image(image, "random", 0.3, seed=1)), tokens(image, a))
 
 
 def test_ties_are_broken_by_raster_order():
@@ -511,11 +525,11 @@ def test_empty_crops_and_zero_budgets():
     for method in OWN:
         for r in (1.0, 0.05):  # at 0.05: k0 = 0 and every k_c = 0
             result = compress_image(image, method, r, seed=1)
-            assert torch.isfinite(result.tokens).all()
-            assert not (result.crop_keep & ~result.valid).any()
+            assert torch.isfinite(tokens(image, result)).all()
+            assert not (result.crop_keep & ~valid(image)).any()
             if r < 0.1 and method != "none":
                 n_rows = 12 if method == "globalcom2-paper" else 2
-                assert read_back(result.tokens, 4) == [NL] * n_rows
+                assert read_back(tokens(image, result), 4) == [NL] * n_rows
 
 
 def test_no_valid_area():
@@ -525,7 +539,7 @@ def test_no_valid_area():
     for method in OWN:
         result = compress_image(image, method, 0.5, seed=1)
         assert not result.crop_keep.any()
-        crop_part = read_back(result.tokens, 4)[len(result.thumb_keep) :]
+        crop_part = read_back(tokens(image, result), 4)[len(result.thumb_keep) :]
         assert crop_part == ([NL] * 12 if method == "globalcom2-paper" else [])
 
 
@@ -542,8 +556,9 @@ def test_accelerator_matches_cpu(method):
             *(t.to(ACCELERATORS[0]) for t in (image.thumb, image.crops, image.thumb_scores, image.crop_scores)),
             grid=image.grid,
             size=image.size,
+            area=image.area,
             newline=image.newline.to(ACCELERATORS[0]),
         )
         result = compress_image(moved, method, 0.25, seed=seed)
-        assert result.tokens.device.type == ACCELERATORS[0]
-        assert torch.equal(result.tokens.cpu(), on_cpu.tokens)
+        assert tokens(moved, result).device.type == ACCELERATORS[0]
+        assert torch.equal(tokens(moved, result).cpu(), tokens(image, on_cpu))

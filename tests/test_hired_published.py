@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from globalcom2.hired import hired_keep, hired_on_grid, hired_paper_sequence
-from globalcom2.layout import area_mask, to_grid, unpad_area
+from globalcom2.layout import area_mask, to_grid
+from minillava.layout import unpad_area
 
 
 def published_get_attn(query, key, num_heads):
@@ -165,7 +166,7 @@ def test_hired_is_token_for_token_the_published_code(grid, side, heads):
             mask, sequence = run_published(early, final, features, grid, size, side, r)
             assert torch.equal(keep, mask), what
             assert torch.equal(hired_paper_sequence(features, keep, grid, size), sequence), what
-            thumb, crops = hired_on_grid(keep, grid, size)
+            thumb, crops = hired_on_grid(keep, grid, unpad_area(grid, size, side))
             assert torch.equal(thumb, mask[0].nonzero().flatten()), what
             valid = area_mask(unpad_area(grid, size, side), crops.shape, crops.device)
             assert torch.equal(crops, to_grid(mask[1:], grid, side) & valid), what

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-import globalcom2
 from minillava.anyres import tile_image
 from minillava.weights import load_model
 from tests import tiny
 from tests.conftest import PARITY
+from tests.peers_cases import tower_run
 
 TOL = 1e-4
 
@@ -53,7 +53,7 @@ def test_every_layout_loads_the_same_weights(checkpoints, ours, layout):
 def test_vision_features_match_transformers(ours, hf_model):
     pixels = tile_image(noise_image(90, 150), ours.cfg.grid_pinpoints, tiny.TILE).pixels
     with torch.no_grad():
-        features, _ = ours.vision(pixels)
+        features = ours.vision(pixels)[-2][:, 1:]  # the feature layer, [CLS] dropped
         ref = hf_model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
     d = max_diff(features, ref, "vision features (layer -2), 3 tiles")
     assert features.shape == ref.shape
@@ -66,7 +66,7 @@ def test_cls_scores_match_an_explicit_computation(ours, hf_model):
     tower = hf_model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)  # transformers 4.x wraps it once more
     with torch.no_grad():
-        _, scores = ours.vision(pixels)
+        _, scores, _ = tower_run(ours.vision, pixels)
         x = tower(pixels, output_hidden_states=True).hidden_states[-2]  # input of the last layer
         last = tower.encoder.layers[-1]
         h = last.layer_norm1(x)
@@ -90,7 +90,7 @@ def test_packed_image_features_match_transformers(ours, hf_model, size):
     tiles = tile_image(noise_image(*size), ours.cfg.grid_pinpoints, tiny.TILE)
     pixel_values, image_sizes = hf_pixels(tiles)
     with torch.no_grad():
-        packed = globalcom2.compress(ours.encode_images([tiles]), "none")[0].tokens
+        packed = ours.image_tokens(ours.encode_images([tiles])[0])
         ref = hf_model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output[0]
     assert packed.shape == ref.shape, f"{size}: {tuple(packed.shape)} vs {tuple(ref.shape)}"
     d = max_diff(packed, ref, f"packed image features, {size[0]}x{size[1]}")
@@ -140,7 +140,7 @@ def test_full_model_logits_match_transformers(ours, hf_model, tokenizer_path):
     tiles = tile_image(noise_image(150, 90, seed=4), ours.cfg.grid_pinpoints, tiny.TILE)
     chunks = tok.encode_prompt(build_prompt("What is in the picture?"))
     with torch.no_grad():
-        image = globalcom2.compress(ours.encode_images([tiles]), "none")[0].tokens
+        image = ours.image_tokens(ours.encode_images([tiles])[0])
         embeds = ours.prompt_embeds(chunks, [image])
         ours.llm.setup_cache(1, embeds.shape[1])
         logits = ours.logits(ours.llm(embeds, torch.arange(embeds.shape[1]), prefill=True))

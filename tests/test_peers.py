@@ -12,11 +12,14 @@ import globalcom2.visionzip
 import globalcom2.visualize as vis
 from globalcom2.peers import PEERS
 import minillava.generate as gen
+from globalcom2.layout import area_mask
 from minillava.anyres import load_image, tile_image
+from minillava.compression import encode, image_tokens, stage_inputs
 from minillava.weights import load_model
 from tests import tiny
-from tests.peers_cases import peer_case
+from tests.peers_cases import peer_case, tokens
 
+EVERY = tuple(dict.fromkeys(n for m in globalcom2.METHODS for n in globalcom2.needs(m)))  # every method's probes
 
 
 @pytest.fixture(scope="module")
@@ -33,26 +36,26 @@ def wide(tmp_path_factory, image_path):
 
 def test_every_peer_is_a_method():
     assert set(PEERS) <= set(globalcom2.METHODS)
-    assert globalcom2.needs("globalcom2") == () and globalcom2.needs("fastervlm") == (("cls_attn", -2),)
+    assert globalcom2.needs("globalcom2") == (globalcom2.SCORES,) and globalcom2.needs("none") == ()
+    assert globalcom2.needs("fastervlm") == (("cls_attn", -2),)
     assert set(globalcom2.needs("visionzip")) == {("cls_attn", -2), ("keys", -2), ("hidden", -2)}
     assert globalcom2.needs("hired") == (("cls_attn", 0), ("cls_attn", -2))
     assert set(globalcom2.needs("prumerge+")) == {("cls_attn", -1), ("keys", -1), ("hidden", -2)}
-    assert set(globalcom2.ALL_NEEDS) == {n for m in globalcom2.METHODS for n in globalcom2.needs(m)}
 
 
-def test_encode_images_gives_only_the_probes_asked(model, wide):
+def test_encode_computes_only_the_probes_asked(model, wide):
     tiles = tile_image(load_image(str(wide)), model.cfg.grid_pinpoints, tiny.TILE)
     with torch.no_grad():
-        plain = model.encode_images([tiles], ())[0]
-        fv = model.encode_images([tiles], globalcom2.needs("fastervlm"))[0]
-        every = model.encode_images([tiles])[0]  # callers that do not know the method get every probe
+        plain = encode(model, [tiles], "none")[0]
+        fv = encode(model, [tiles], "fastervlm")[0]
+        every = encode(model, [tiles], "none", extra=EVERY)[0]  # one pass gives every method's probes
     assert plain.probes == {} and set(fv.probes) == {("cls_attn", -2)}
-    assert set(every.probes) == set(globalcom2.ALL_NEEDS)
-    assert torch.equal(plain.thumb, every.thumb) and torch.equal(plain.crop_scores, every.crop_scores)
+    assert set(every.probes) == set(EVERY)
+    assert torch.equal(plain.thumb, every.thumb) and torch.equal(plain.crops, every.crops)
     assert fv.probes["cls_attn", -2].shape == (4, model.cfg.vision.num_attention_heads, 17)
-    assert torch.equal(every.probes["hidden", -2][:, 1:], model.vision(tiles.pixels)[0])  # the feature layer
+    assert torch.equal(every.probes["hidden", -2], model.vision(tiles.pixels)[-2])  # the feature layer
     with pytest.raises(ValueError, match="needs the tower probes"):
-        globalcom2.compress([plain], "fastervlm", 0.5)
+        globalcom2.compress(stage_inputs(model, [plain]), "fastervlm", 0.5)
 
 
 @pytest.mark.parametrize("method", PEERS)
@@ -65,8 +68,8 @@ def test_cli_counts(capsys, checkpoints, model, wide, method):
     counts = json.loads(out.strip().splitlines()[-1])["visual_tokens"]
     tiles = tile_image(load_image(str(wide)), model.cfg.grid_pinpoints, tiny.TILE)
     with torch.no_grad():
-        expected = globalcom2.compress(model.encode_images([tiles], globalcom2.needs(method)), method, r)[0]
-    assert counts == {"before": 16 + 2 * (12 + 1), "after": expected.tokens.shape[0]}
+        expected, before = image_tokens(model, encode(model, [tiles], method), method, r)[0]
+    assert counts == {"before": 16 + 2 * (12 + 1), "after": expected.shape[0]} and before == counts["before"]
     if method in ("fastervlm-paper", "visionzip-paper"):
         assert counts["after"] == 4 * 4  # T = round(16 * 0.25) = 4 tokens in each of the 4 tiles
 
@@ -87,7 +90,7 @@ def test_draw_tints_merged_cells(method):
     result = globalcom2.compress([image], method, 0.5)[0]
     colour = (200, 120, 60)
     picture = vis.draw(Image.new("RGB", (112, 112), colour), (2, 2), (112, 112), 56, image.thumb_scores, result,
-                       method, 0.5)
+                       method, 0.5, area=image.area, after=tokens(image, result).shape[0])
     left, top, right, bottom = picture.info["panels"]["canvas"]
     px = np.asarray(picture, dtype=np.float32)
     ys = top + ((np.arange(8) + 0.5) * (bottom - top) / 8).astype(int)
@@ -105,11 +108,12 @@ def test_draw_tints_merged_cells(method):
 def test_any_float_dtype(method, dtype):
     image, _ = peer_case((3, 1), (1000, 333), 6, seed=2, dtype=dtype)
     out = globalcom2.compress([image], method, 0.25)[0]
-    assert out.tokens.dtype == dtype and torch.isfinite(out.tokens.float()).all()
-    ref = globalcom2.compress([peer_case((3, 1), (1000, 333), 6, seed=2)[0]], method, 0.25)[0]
+    assert tokens(image, out).dtype == dtype and torch.isfinite(tokens(image, out).float()).all()
+    ref_image = peer_case((3, 1), (1000, 333), 6, seed=2)[0]
+    ref = globalcom2.compress([ref_image], method, 0.25)[0]
     # the [CLS] attention is float32 whatever the tower's dtype: the same tokens are kept, the same count emitted
     assert torch.equal(out.crop_keep, ref.crop_keep) and torch.equal(out.thumb_keep, ref.thumb_keep)
-    assert out.tokens.shape[0] == ref.tokens.shape[0]
+    assert tokens(image, out).shape[0] == tokens(ref_image, ref).shape[0]
 
 
 @pytest.mark.parametrize("method", PEERS)
@@ -118,7 +122,7 @@ def test_batch_equals_one_at_a_time_and_is_deterministic(method):
     batch = globalcom2.compress(images, method, 0.1)
     for image, b in zip(images, batch):
         one = globalcom2.compress([image], method, 0.1)[0]
-        assert torch.equal(b.tokens, one.tokens) and torch.equal(b.crop_keep, one.crop_keep)
+        assert torch.equal(tokens(image, b), tokens(image, one)) and torch.equal(b.crop_keep, one.crop_keep)
 
 
 def test_visionzip_needs_the_projector():
@@ -143,20 +147,20 @@ def test_empty_crops_and_no_valid_area(method):
     for size, n_rows in (((900, 500), 2), ((900, 200), 0)):
         image, _ = peer_case((1, 3), size, 4, seed=1)
         out = globalcom2.compress([image], method, 0.5)[0]
-        assert torch.isfinite(out.tokens).all()
+        assert torch.isfinite(tokens(image, out)).all()
         if method.endswith("-paper"):
             if method.startswith(("fastervlm", "visionzip")):
-                assert out.tokens.shape[0] == 4 * 8  # T = 8 in each tile
+                assert tokens(image, out).shape[0] == 4 * 8  # T = 8 in each tile
             elif method == "prumerge+-paper":  # no unpadding: every tile's tokens and its extra token
-                assert out.tokens.shape[0] == len(out.thumb_keep) + int(out.crop_keep.sum()) + 4
+                assert tokens(image, out).shape[0] == len(out.thumb_keep) + int(out.crop_keep.sum()) + 4
             else:  # hired-paper: what its (transposed) unpadding leaves, no newlines
-                assert out.tokens.shape[0] == len(out.thumb_keep) + int(out.crop_keep.sum())
+                assert tokens(image, out).shape[0] == len(out.thumb_keep) + int(out.crop_keep.sum())
         else:
-            assert not (out.crop_keep & ~out.valid).any()
+            assert not (out.crop_keep & ~area_mask(image.area, out.crop_keep.shape, 'cpu')).any()
             expected = len(out.thumb_keep) + int(out.crop_keep.sum()) + n_rows + extras(method, out, 3)
             if method == "visionzip":
                 expected = 8 + int(out.crop_keep.sum()) + n_rows + extras(method, out, 3)  # thumbnail: T tokens
-            assert out.tokens.shape[0] == expected
+            assert tokens(image, out).shape[0] == expected
 
 
 ACCELERATORS = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if ok]
@@ -169,10 +173,11 @@ def test_accelerator_matches_cpu(method):
         for side in (6, 24):
             image, _ = peer_case(grid, size, side, seed=k)
             on_cpu = globalcom2.compress([image], method, 0.25)[0]
+            cpu_image = peer_case(grid, size, side, seed=k)[0]
             dev = ACCELERATORS[0]
             image.thumb, image.crops, image.newline = image.thumb.to(dev), image.crops.to(dev), image.newline.to(dev)
             image.probes = {need: p.to(dev) for need, p in image.probes.items()}
             out = globalcom2.compress([image], method, 0.25)[0]
-            assert out.tokens.device.type == dev
+            assert tokens(image, out).device.type == dev
             assert torch.equal(out.crop_keep.cpu(), on_cpu.crop_keep) and torch.equal(out.thumb_keep.cpu(), on_cpu.thumb_keep)
-            torch.testing.assert_close(out.tokens.cpu(), on_cpu.tokens)  # merging sums may round differently
+            torch.testing.assert_close(tokens(image, out).cpu(), tokens(cpu_image, on_cpu))  # merging sums may round differently

@@ -1,4 +1,5 @@
-"""Tower probes against transformers' eager CLIP: [CLS] attention rows, keys and hidden states per layer."""
+"""Tower probes (globalcom2/probes.py from the tower's hidden states and `query_key`) against transformers'
+eager CLIP: [CLS] attention rows, keys and hidden states per layer."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from minillava.clip import VisionTower
 from minillava.config import VisionConfig
 from tests.conftest import PARITY
+from tests.peers_cases import tower_run
 
 LAYERS = 4
 
@@ -50,8 +52,8 @@ def test_probes_equal_transformers(towers, layer, feature_layer):
     pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(layer + 10))
     needs = (("cls_attn", layer), ("keys", layer), ("hidden", layer))
     with torch.no_grad():
-        features, scores, probes = ours(pixels, feature_layer, needs)
-        plain = ours(pixels, feature_layer)
+        features, scores, probes = tower_run(ours, pixels, feature_layer, needs)
+        plain = tower_run(ours, pixels, feature_layer)
         attentions, hidden, keys = reference(hf, pixels)
     assert set(probes) == set(needs)
     cls = attentions[layer][:, :, 0, :]  # (N, heads, 1 + P)
@@ -75,8 +77,8 @@ def test_only_what_is_asked(towers):
     hf, ours = towers
     pixels = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
-        assert ours(pixels, -2, ())[2] == {}
-        _, _, probes = ours(pixels, -2, (("cls_attn", -2), ("cls_attn", 2)))  # one layer asked two ways
+        assert tower_run(ours, pixels, -2, ())[2] == {}
+        _, _, probes = tower_run(ours, pixels, -2, (("cls_attn", -2), ("cls_attn", 2)))  # one layer asked two ways
     assert set(probes) == {("cls_attn", -2), ("cls_attn", 2)}
     assert torch.equal(probes["cls_attn", -2], probes["cls_attn", 2])
 
@@ -94,11 +96,11 @@ def test_no_full_attention_matrix_is_made(towers, monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", watch)
     with torch.no_grad():
-        ours(torch.randn(2, 3, 56, 56), -2, (("cls_attn", 0), ("cls_attn", -1), ("keys", -2)))
+        tower_run(ours, torch.randn(2, 3, 56, 56), -2, (("cls_attn", 0), ("cls_attn", -1), ("keys", -2)))
     assert seen and all(shape[-2] == 1 for shape in seen)
 
 
 @pytest.mark.parametrize("bad, message", [((("attn", 0),), "unknown tower probe"), ((("keys", 4),), "outside")])
 def test_bad_needs_are_refused(towers, bad, message):
     with pytest.raises(ValueError, match=message):
-        towers[1](torch.randn(1, 3, 56, 56), -2, bad)
+        tower_run(towers[1], torch.randn(1, 3, 56, 56), -2, bad)

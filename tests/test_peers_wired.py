@@ -7,12 +7,14 @@ from PIL import Image
 
 import globalcom2
 from globalcom2.hired import hired_keep, hired_on_grid, hired_paper_sequence
-from globalcom2.layout import to_grid, unpad_area
+from globalcom2.layout import area_mask, to_grid
 from globalcom2.prumerge import prumerge_merge, prumerge_paper_sequence, prumerge_plus
 from minillava.anyres import load_image, tile_image
+from minillava.compression import encode, stage_inputs
+from minillava.layout import unpad_area
 from minillava.weights import load_model
 from tests import tiny
-from tests.peers_cases import peer_case
+from tests.peers_cases import peer_case, tokens
 
 SIZES = [(150, 90), (300, 60), (60, 300), (100, 100), (112, 50)]  # 2 x 1, 3 x 1 and 1 x 3 padded, 2 x 2, ...
 
@@ -28,8 +30,22 @@ def images(checkpoints, image_path, tmp_path_factory):
         path = folder / f"{w}x{h}.png"
         picture.resize((w, h)).save(path)
         tiles.append(tile_image(load_image(str(path)), model.cfg.grid_pinpoints, tiny.TILE))
+    every = tuple(dict.fromkeys(n for m in globalcom2.METHODS for n in globalcom2.needs(m)))
     with torch.no_grad():
-        return model, model.encode_images(tiles)
+        return model, stage_inputs(model, encode(model, tiles, "none", extra=every))
+
+
+def by_id(result):
+    """The tokens a merge map names (globalcom2.Compressed): the published sequence's rows, or else the
+    head, the grid cells and the tail one after the other."""
+    if result.sequence is not None:
+        return result.sequence
+    return torch.cat([result.head, result.grid.flatten(0, 1), result.tail])
+
+
+def valid(image):
+    side = int(image.thumb.shape[0] ** 0.5)
+    return area_mask(image.area, (image.grid[1] * side, image.grid[0] * side), "cpu")
 
 
 def true_layout(image, thumb_tokens, crop_tokens, crop_keep, tail):
@@ -51,15 +67,15 @@ def test_hired_through_the_model(images, r):
         keep = hired_keep(image.probes["cls_attn", 0], image.probes["cls_attn", -2], r)
         tiles = torch.cat([image.thumb[None], image.crops])  # (1 + C, P, D)
         paper = globalcom2.compress([image], "hired-paper", r)[0]
-        assert torch.equal(paper.tokens, hired_paper_sequence(tiles, keep, image.grid, image.size))
+        assert torch.equal(tokens(image, paper), hired_paper_sequence(tiles, keep, image.grid, image.size))
 
         out = globalcom2.compress([image], "hired", r)[0]
-        thumb_keep, crop_keep = hired_on_grid(keep, image.grid, image.size)
+        thumb_keep, crop_keep = hired_on_grid(keep, image.grid, image.area)
         assert torch.equal(out.thumb_keep, thumb_keep) and torch.equal(out.crop_keep, crop_keep)
         side = int(image.thumb.shape[0] ** 0.5)
         grid_tokens = to_grid(image.crops, image.grid, side)  # (H, W, D)
         expected = true_layout(image, image.thumb[thumb_keep], grid_tokens, crop_keep, [])
-        assert torch.equal(out.tokens, expected)
+        assert torch.equal(tokens(image, out), expected)
         assert torch.equal(out.crop_ratio, keep[1:].sum(1).double() / keep.shape[1])
 
 
@@ -74,7 +90,7 @@ def test_prumerge_through_the_model(images):
             out = globalcom2.compress([image], "prumerge+", 0.25)[0]
             merged, extra = prumerge_merge(sel, raw)
             merged, extra = model.projector(merged), model.projector(extra)  # (N, L, D), (N, D)
-        torch.testing.assert_close(paper.tokens, published, rtol=0, atol=1e-6)  # the projector's rows batched apart
+        torch.testing.assert_close(tokens(image, paper), published, rtol=0, atol=1e-6)  # the projector's rows batched apart
         assert torch.equal(paper.thumb_keep, sel.order[0, : sel.count[0]])
 
         # The default: the same merged tokens, each at its kept position's true place.
@@ -86,11 +102,11 @@ def test_prumerge_through_the_model(images):
                 at[t, sel.order[t, i]] = merged[t, i]
         thumb_keep = sel.kept[0].nonzero()[:, 0]
         crop_keep = to_grid(sel.kept[1:], image.grid, side)
-        valid = out.valid
+        in_area = valid(image)
         expected = true_layout(image, [*at[0, thumb_keep], extra[0]], to_grid(at[1:], image.grid, side),
-                               crop_keep & valid, list(extra[1:]))
-        torch.testing.assert_close(out.tokens, expected, rtol=0, atol=1e-6)
-        assert torch.equal(out.thumb_keep, thumb_keep) and torch.equal(out.crop_keep, crop_keep & valid)
+                               crop_keep & in_area, list(extra[1:]))
+        torch.testing.assert_close(tokens(image, out), expected, rtol=0, atol=1e-6)
+        assert torch.equal(out.thumb_keep, thumb_keep) and torch.equal(out.crop_keep, crop_keep & in_area)
         # every position in a kept token's cluster is shown as merged into a kept token (in the default
         # layout: if that token is emitted, i.e. not in padding), the kept ones into their own
         member = to_grid((sel.weights > 0).any(1)[1:], image.grid, side)
@@ -98,14 +114,14 @@ def test_prumerge_through_the_model(images):
         assert not (out.crop_merge[~member] >= 0).any()
         for result in (out, paper):  # each kept crop position's place is its own merged token
             place = result.crop_merge[result.crop_keep]
-            torch.testing.assert_close(result.tokens[place], to_grid(at[1:], image.grid, side)[result.crop_keep],
+            torch.testing.assert_close(by_id(result)[place], to_grid(at[1:], image.grid, side)[result.crop_keep],
                                        rtol=0, atol=1e-6)
 
 
 def test_prumerge_ignores_the_ratio():
     image, _ = peer_case((2, 2), (640, 480), 6, seed=3)
     a, b = (globalcom2.compress([image], "prumerge+", r)[0] for r in (1.0, 0.1))
-    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(tokens(image, a), tokens(image, b))
 
 
 @pytest.mark.parametrize("method", ["prumerge+", "prumerge+-paper"])
@@ -115,24 +131,24 @@ def test_a_tile_without_outliers(method):
     image, _ = peer_case((2, 1), (150, 90), 6, seed=4)
     image.probes["cls_attn", -1][1] = 1 / 37
     out = globalcom2.compress([image], method, 0.5)[0]
-    assert torch.isfinite(out.tokens).all()
+    assert torch.isfinite(tokens(image, out)).all()
     crop0 = out.crop_keep[:, :6]  # (6, 6) crop 0 (the grid's left crop)
     if method == "prumerge+-paper":  # padding positions included
         assert crop0.nonzero().tolist() == [[0, 0]]
     else:
-        assert crop0.sum() <= 1 and not (crop0 & ~out.valid[:, :6]).any()
+        assert crop0.sum() <= 1 and not (crop0 & ~valid(image)[:, :6]).any()
 
 
 def test_hired_merges_nothing_and_r_1_keeps_everything():
     image, _ = peer_case((1, 2), (300, 1280), 6, seed=5)
     full = globalcom2.compress([image], "hired", 1.0)[0]
     none = globalcom2.compress([image], "none")[0]
-    assert torch.equal(full.tokens, none.tokens) and full.crop_merge is None
+    assert torch.equal(tokens(image, full), tokens(image, none)) and full.crop_merge is None
 
 
 def test_seed_outside_the_generators_range_is_refused():
     image, _ = peer_case((2, 1), (150, 90), 4, seed=0)
-    assert globalcom2.compress([image], "random", 0.5, seed=2**63 - 1)[0].tokens.shape[0] > 0
+    assert tokens(image, globalcom2.compress([image], "random", 0.5, seed=2**63 - 1)[0]).shape[0] > 0
     for seed in (-1, 2**63, 2**64):
         with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63 - 1\]"):
             globalcom2.compress([image], "random", 0.5, seed=seed)

@@ -27,7 +27,7 @@ import pytest
 from PIL import EpsImagePlugin, Image
 
 from minillava import anyres
-from minillava import generate as gen
+from minillava import batch as engine
 from minillava.anyres import ImageError, load_image
 from minillava.eval import TASKS, runner
 from minillava.eval.answers import read_records
@@ -500,16 +500,16 @@ def test_a_question_that_raises_is_recorded_and_the_run_goes_on(tmp_path, capsys
     rows = [json.loads(x) for x in questions.read_text().splitlines()]
     rows[1]["text"] = "Is there a dog? BOOM"
     write_jsonl(questions, rows)
-    real = gen.prepare
+    real = engine.prepare
 
-    def prepare(model, tokenizer, index, question, *args, **kwargs):  # each question of a batch
+    def prepare(model, tokenizer, question, *args, **kwargs):  # each question of a batch
         if "BOOM" in question:
             raise PromptError("the prompt cannot be encoded (BOOM)")
         if "BUG" in question:
             raise RuntimeError("a bug, not the user's input")
-        return real(model, tokenizer, index, question, *args, **kwargs)
+        return real(model, tokenizer, question, *args, **kwargs)
 
-    monkeypatch.setattr(gen, "prepare", prepare)
+    monkeypatch.setattr(engine, "prepare", prepare)
     out = tmp_path / "answers.jsonl"
     run = ["pope", "--data", data, "--output", out, "--model", checkpoints["hub"], "--max-new-tokens", "2"]
     code, err = run_eval(capsys, *run)

@@ -17,7 +17,7 @@ import torch
 
 from globalcom2 import compress
 from globalcom2.visionzip import visionzip_split
-from tests.peers_cases import CASES, peer_case, SIZES
+from tests.peers_cases import CASES, SIZES, peer_case, tokens
 
 
 def published_tower(attn_weights, hidden_states, keys, dominant_num, contextual_num):
@@ -96,10 +96,7 @@ def published(image, attn, dominant, contextual):
 
 def unpadded(image, mask, sequence, T):
     """The published sequence with the crop grid unpadded and a newline closing each row (our default)."""
-    from globalcom2 import unpad_area
-
-    side = int(image.thumb.shape[0] ** 0.5)
-    top, bottom, left, right = unpad_area(image.grid, image.size, side)
+    top, bottom, left, right = image.area
     n_grid = int(mask.sum())
     grid = torch.zeros(*mask.shape, sequence.shape[1])
     grid[mask] = sequence[T : T + n_grid]
@@ -118,9 +115,9 @@ def test_visionzip_is_token_for_token_the_published_code(grid, side, ratios):
             ref, mask = published(image, attn, dominant, contextual)
             case = f"grid {grid}, size {size}, side {side}, r {r}"
             paper = compress([image], "visionzip-paper", r)[0]
-            assert torch.equal(paper.tokens, ref), case
+            assert torch.equal(tokens(image, paper), ref), case
             default = compress([image], "visionzip", r)[0]
-            assert torch.equal(default.tokens, unpadded(image, mask, ref, T)), case
+            assert torch.equal(tokens(image, default), unpadded(image, mask, ref, T)), case
 
 
 def test_split_follows_the_published_54_to_10():
@@ -143,4 +140,4 @@ def test_merges_say_which_positions_each_token_stands_for():
     # crops: kept positions are not merged; every merged position points at a crop contextual token
     assert not (out.crop_keep & (out.crop_merge >= 0)).any()
     assert ((out.crop_keep) | (out.crop_merge >= 0)).all()
-    assert out.crop_merge.max() < out.tokens.shape[0] and out.crop_merge[out.crop_merge >= 0].min() >= T + int(out.crop_keep.sum()) + 2
+    assert out.crop_merge.max() < tokens(image, out).shape[0] and out.crop_merge[out.crop_merge >= 0].min() >= T + int(out.crop_keep.sum()) + 2

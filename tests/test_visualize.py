@@ -12,7 +12,9 @@ from PIL import Image
 
 import globalcom2
 from globalcom2 import visualize as vis
+from globalcom2.layout import area_mask
 from minillava.anyres import CLIP_MEAN, CLIP_STD, _normalise, load_image, tile_image
+from minillava.layout import compressed_sequence, unpad_area
 from tests import tiny
 
 COLOUR = np.array([200, 100, 50], dtype=np.float32)  # the test images are one flat colour
@@ -47,16 +49,19 @@ def test_cli_writes_a_png(capsys, checkpoints, image_path, tmp_path, method, cou
 
 
 def fake_result(grid, size, side, method="globalcom2", ratio=0.25, seed=0):
-    """Random features and scores through the real compressor: (thumbnail scores, Compressed)."""
+    """Random features and scores through the real compressor: (thumbnail scores, Compressed, the
+    unpadded area and the token count that `draw` also takes)."""
     g = torch.Generator().manual_seed(seed)
     gw, gh = grid
     P, D = side * side, 8
     features = globalcom2.ImageFeatures(
         thumb=torch.randn(P, D, generator=g), crops=torch.randn(gw * gh, P, D, generator=g),
         thumb_scores=torch.randn(P, generator=g), crop_scores=torch.randn(gw * gh, P, generator=g),
-        grid=grid, size=size, newline=torch.randn(D, generator=g),
+        grid=grid, size=size, area=unpad_area(grid, size, side), newline=torch.randn(D, generator=g),
     )
-    return features.thumb_scores, globalcom2.compress([features], method, ratio, seed)[0]
+    result = globalcom2.compress([features], method, ratio, seed)[0]
+    after = compressed_sequence(result, features.crops, grid, features.area, features.newline).shape[0]
+    return features.thumb_scores, result, {"area": features.area, "after": after}
 
 
 def cell_colours(picture, box, rows, cols):
@@ -74,9 +79,9 @@ def close(a, b):
 
 def test_draw_tells_kept_from_dropped_cells():
     grid, size, side, tile = (2, 2), (112, 112), 4, 56  # the tiny model's tiles; square: no padding
-    scores, result = fake_result(grid, size, side)
+    scores, result, kw = fake_result(grid, size, side)
     picture = vis.draw(Image.new("RGB", size, tuple(int(c) for c in COLOUR)), grid, size, tile, scores, result,
-                       "globalcom2", 0.25)
+                       "globalcom2", 0.25, **kw)
     panels = picture.info["panels"]
 
     canvas = cell_colours(picture, panels["canvas"], 8, 8)
@@ -94,11 +99,11 @@ def test_draw_tells_kept_from_dropped_cells():
 
 def test_draw_hatches_padding_and_none_keeps_everything():
     grid, size, side, tile = (3, 1), (300, 60), 4, 56  # padded rows: 300/60 is wider than 3 x 1 tiles
-    scores, result = fake_result(grid, size, side, method="none")
+    scores, result, kw = fake_result(grid, size, side, method="none")
     picture = vis.draw(Image.new("RGB", size, tuple(int(c) for c in COLOUR)), grid, size, tile, scores, result,
-                       "none", 0.25)
+                       "none", 0.25, **kw)
     canvas = cell_colours(picture, picture.info["panels"]["canvas"], 4, 12)
-    valid = result.valid.numpy()
+    valid = area_mask(kw["area"], (4, 12), "cpu").numpy()
     assert valid[1:3].all() and not valid[[0, 3]].any()
     assert close(canvas[valid], COLOUR).all()  # none: every valid token kept
     hatch = np.stack([close(canvas, h) for h in vis.HATCH]).any(0)
@@ -109,8 +114,9 @@ def test_draw_hatches_padding_and_none_keeps_everything():
 
 def test_real_size_picture_is_a_sensible_size():
     grid, size, side, tile = (2, 2), (672, 672), 24, 336
-    scores, result = fake_result(grid, size, side)
-    picture = vis.draw(Image.new("RGB", size, (90, 160, 220)), grid, size, tile, scores, result, "globalcom2", 0.25)
+    scores, result, kw = fake_result(grid, size, side)
+    picture = vis.draw(Image.new("RGB", size, (90, 160, 220)), grid, size, tile, scores, result, "globalcom2", 0.25,
+                       **kw)
     assert 1000 <= picture.width <= 1600 and picture.height <= 1600
     assert picture.info["panels"]["canvas"][2] - picture.info["panels"]["canvas"][0] == 672  # drawn 1:1
 

@@ -20,8 +20,10 @@ from tqdm import tqdm
 from .. import generate as gen
 from ..config import check_regular
 from ..config import load_config
-from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, generate_batch, load, \
-    ratio_arg, seed_arg, warm_up
+from ..batch import generate_batch
+from ..compression import compressors
+from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, ratio_arg, seed_arg, \
+    warm_up
 from ..weights import resolve_model
 from . import distributed
 from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, part_file, part_files, read_records
@@ -53,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, metavar="FILE.jsonl", help="answers file, one JSON line per question; resumed if it exists")
     p.add_argument("--model", default=gen.DEFAULT_MODEL,
                    help=f"checkpoint directory or hub id (default {gen.DEFAULT_MODEL})")
-    p.add_argument("--compressor", default=gen.DEFAULT_COMPRESSOR, choices=gen.COMPRESSORS,
+    p.add_argument("--compressor", default=gen.DEFAULT_COMPRESSOR, choices=compressors(),
                    help=gen.COMPRESSOR_HELP)
     p.add_argument("--retention-ratio", type=ratio_arg, default=gen.DEFAULT_RETENTION_RATIO, metavar="R",
                    help=f"fraction of visual tokens kept, in (0, 1] (default {gen.DEFAULT_RETENTION_RATIO})")

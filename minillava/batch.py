@@ -1,0 +1,203 @@
+"""Many questions at once: the batch engine of the evaluation (`generate_batch`).
+
+The same steps as one question's way (minillava/generate.py `generate`), for B questions: every tile of
+every image through the tower in one pass, each image compressed alone, the prompts left-padded to one
+length (`pad_left`) and decoded together through one static KV cache, each row stopping on its own
+(`decode_batch`), a failing question failing alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .anyres import tile_image
+from .compression import encode, image_tokens
+from .generate import (USER_ERRORS, NumericsError, Prompt, Result, Steps, TokenReader, _sync, cache_slots,
+                       check_token, prepare, sample)
+from .llama import PAD
+from .model import LlavaNext
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_p: float,
+                generators: list[torch.Generator] | None) -> torch.Tensor:
+    """`sample` for a batch (B, V) -> (B,). Greedy is one call. With a temperature each row draws from
+    its own generator, one (1, V) draw per step exactly as a question answered alone does, so a row's
+    random numbers do not depend on the other rows of its batch."""
+    if temperature <= 0 or generators is None:
+        return sample(logits, temperature, top_p, None)
+    return torch.cat([sample(logits[i : i + 1], temperature, top_p, g) for i, g in enumerate(generators)])
+
+
+@dataclass
+class _Row:
+    """One question of a batch between compression and decoding."""
+
+    index: int  # in the caller's list
+    prompt: Prompt
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: LlavaNext,
+    tokenizer: Tokenizer,
+    items: list[tuple],
+    compressor: str = "none",
+    retention_ratio: float = 1.0,
+    max_new_tokens: int | list[int] = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    on_text=None,
+    steps: Steps | None = None,
+    return_exceptions: bool = False,
+) -> list[Result | Exception]:
+    """Answer the (PIL image, question) `items` together, one Result each, in order.
+
+    Every tile of every image goes through the tower in one batch, each image is compressed alone (as
+    if answered alone: the random method is seeded per image), and the prompts run through the decoder
+    as one batch of unequal lengths (`decode_batch`). `max_new_tokens`: one limit, or one per item.
+    `on_text(i, str)` receives item i's answer as it is produced. Timings are the batch's (every
+    Result carries them); decode_tokens_per_s is the row's tokens over the batch's decode time.
+
+    Greedy (temperature 0) ids of a row are those of the question answered alone (tests/test_batch.py);
+    with a temperature each row samples from its own generator seeded with `seed`, as alone, so only
+    float rounding of batched matrix products can move a draw.
+
+    A question that fails (an image that cannot be tiled, a prompt longer than the context, NaN logits
+    in its row) fails alone: with `return_exceptions` its place holds the exception (a USER_ERRORS
+    one) and the other rows are answered; otherwise the first failure is raised.
+
+    `compressor` "fastv" prunes inside the prefill, whose kept count differs per image, so the layers
+    from K on would hold a different number of slots per row: its questions are decoded one at a time
+    (the tower still runs once for all of them)."""
+    device, steps = model.device, steps or Steps()
+    limits = [max_new_tokens] * len(items) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(items):
+        raise ValueError(f"{len(limits)} max_new_tokens for {len(items)} items")
+    out: list[Result | Exception | None] = [None] * len(items)
+    timings = {}
+    t0 = time.perf_counter()
+    tiles = {}
+    for i, (image, _) in enumerate(items):
+        try:
+            tiles[i] = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
+        except USER_ERRORS as e:
+            out[i] = e
+    features = encode(model, list(tiles.values()), compressor) if tiles else []  # one tower pass for all
+    _sync(device)
+    t1 = time.perf_counter()
+    images = dict(zip(tiles, image_tokens(model, features, compressor, retention_ratio, seed) if tiles else []))
+    _sync(device)
+    t2 = time.perf_counter()
+    timings["vision"], timings["compress"], timings["prefill"], timings["decode"] = t1 - t0, t2 - t1, 0.0, 0.0
+
+    rows = []
+    for i, (tokens, before) in images.items():
+        try:
+            prompt = prepare(model, tokenizer, items[i][1], tokens, before, compressor, retention_ratio, limits[i])
+            rows.append(_Row(i, prompt))
+        except USER_ERRORS as e:
+            out[i] = e
+    # FastV rows one by one (see the docstring); all others in one batch
+    groups = [[r] for r in rows] if compressor == "fastv" else [rows] if rows else []
+    decoded = {}
+    for group in groups:
+        for row, ids in zip(group, decode_batch(model, tokenizer, group, temperature, top_p, seed, on_text, steps,
+                                                timings), strict=True):
+            decoded[row.index] = (row, ids)
+    for i, (row, ids) in decoded.items():
+        if isinstance(ids, Exception):
+            out[i] = ids
+            continue
+        n_steps = max(len(ids) - 1, 0)  # the first id came out of the prefill
+        out[i] = Result(
+            text=tokenizer.decode(ids),
+            token_ids=ids,
+            visual_tokens=row.prompt.visual_tokens,
+            timings_s=dict(timings),
+            decode_tokens_per_s=n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0,
+        )
+    if not return_exceptions:
+        for r in out:
+            if isinstance(r, Exception):
+                raise r
+    return out
+
+
+def pad_left(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (T_b, D) -> (B, T, D) left-padded with zeros, and their positions: (T,) 0 .. T-1 when all
+    have one length (no padding, plain causal attention), else (B, T) per row, PAD on the padding.
+
+    Left padding rather than packing: every row's last prompt token lands on slot T-1, so each decode
+    step writes one shared cache slot for all rows and the step keeps static shapes (B, 1) for
+    `--compile` and CUDA graphs; row b's tokens keep positions 0 .. T_b-1 (RoPE and mask go by position,
+    not slot), so a row computes what it computes alone, and padding is masked out by its PAD position."""
+    lengths = [e.shape[0] for e in embeds]
+    t, device = max(lengths), embeds[0].device
+    if min(lengths) == t:
+        return torch.stack(embeds), torch.arange(t, device=device)
+    padded = torch.stack([torch.cat([e.new_zeros(t - e.shape[0], e.shape[1]), e]) for e in embeds])
+    pos = torch.stack([torch.arange(t, device=device) - (t - n) for n in lengths])
+    return padded, pos.clamp(min=PAD)
+
+
+def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], temperature: float, top_p: float,
+                 seed: int, on_text, steps: Steps, timings: dict) -> list[list[int] | NumericsError]:
+    """Prefill the rows as one left-padded batch, then decode them together through one static KV
+    cache until every row has stopped (EOS or its own limit); each row's ids, or the NumericsError of a
+    row whose logits became NaN or infinite (the other rows go on). Adds to timings' prefill, decode."""
+    device, b = model.device, len(rows)
+    embeds, input_pos = pad_left([r.prompt.embeds for r in rows])
+    t, n = embeds.shape[1], max(r.prompt.limit for r in rows)
+    # past the context only when rows' lengths differ so much that the longest prompt plus the longest
+    # answer exceeds it (slots, not positions)
+    fastv = rows[0].prompt.fastv if b == 1 else None
+    slots = cache_slots(model, t + n, fastv)
+    model.llm.setup_cache(b, slots[0], layer_lengths=slots)
+    generators = [torch.Generator(device).manual_seed(seed) for _ in rows] if temperature > 0 else None
+    lengths = torch.tensor([r.prompt.embeds.shape[0] for r in rows], device=device)
+    # (n, B, 1): row b's answer token s at [s, b]; each step's (B, 1) is a contiguous tensor, as the
+    # compiled (CUDA graph) step was recorded with
+    positions = (lengths[None, :] + torch.arange(n, device=device)[:, None])[..., None]
+    reader = TokenReader(device, n, b)
+
+    t0 = time.perf_counter()
+    logits = steps.prefill(model, embeds, fastv) if input_pos.dim() == 1 else steps.prefill(model, embeds, None, input_pos)
+    next_id = sample_rows(logits, temperature, top_p, generators)
+    reader.start(0, next_id)
+    _sync(device)
+    t1 = time.perf_counter()
+
+    ids: list[list[int] | NumericsError] = [[] for _ in rows]
+    streams = [StreamDecoder(tokenizer) for _ in rows] if on_text is not None else None
+    active = set(range(b))
+    for step in range(n):
+        if step + 1 < n:  # queue the next step before waiting for these ids
+            # A BAD_TOKEN is fed as id 0, and a stopped row goes on with whatever it sampled: its
+            # later ids are never read, and rows do not see each other.
+            logits = steps.decode(model, next_id.clamp(min=0).view(b, 1), positions[step])
+            next_id = sample_rows(logits, temperature, top_p, generators)
+            reader.start(step + 1, next_id)
+        tokens = reader.read(step)
+        for i in sorted(active):
+            try:
+                token = check_token(tokens[i], step)
+            except NumericsError as e:
+                ids[i] = e
+                active.discard(i)
+                continue
+            ids[i].append(token)
+            if token == tokenizer.eos_id or len(ids[i]) >= rows[i].prompt.limit:
+                active.discard(i)
+            if token != tokenizer.eos_id and streams is not None:
+                on_text(rows[i].index, streams[i].push(token))
+        if not active:
+            break
+    _sync(device)
+    timings["prefill"] += t1 - t0
+    timings["decode"] += time.perf_counter() - t1
+    return ids

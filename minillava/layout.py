@@ -1,0 +1,98 @@
+"""LLaVA-NeXT's image token sequence: the thumbnail, then the crops as one grid, unpadded, a newline
+closing each row.
+
+The C = gw * gh crops of an image tile the AnyRes canvas row by row; their tokens, side x side each, form
+one H x W grid (H = gh * side, W = gw * side). The canvas pads the resized image on two sides, so rows
+[top, bottom) and columns [left, right) of the grid show the image and the rest is padding
+(`unpad_area`, LLaVA's `unpad_image`). The sequence LLaVA-NeXT feeds the decoder for one image
+(`spatial_unpad` with `anyres` in llava/model/llava_arch.py, `prepare_inputs_labels_for_multimodal`):
+
+    thumbnail tokens (P, raster order) | grid row top, newline | ... | grid row bottom - 1, newline
+
+A compressor keeps a subset (globalcom2/compress.py): `pack` lays it out the same way, kept grid
+tokens at their places, every unpadded row still closed by its newline.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def unpad_area(grid: tuple[int, int], size: tuple[int, int], side: int) -> tuple[int, int, int, int]:
+    """The rectangle of the H x W crop grid that shows the image rather than its padding.
+
+    grid (gw, gh) crops, size (w0, h0) the original image in pixels, side tokens per tile side.
+    Returns (top, bottom, left, right): rows [top, bottom) and columns [left, right) are valid.
+    Python float arithmetic and int() truncation, as the original LLaVA `unpad_image`
+    (llava/model/llava_arch.py); transformers rounds to 7 decimals first, we do not.
+    """
+    gw, gh = grid
+    w0, h0 = size
+    H, W = gh * side, gw * side
+    if w0 / h0 > W / H:  # wider than the canvas: padded above and below
+        new_h = int(h0 * (W / w0))
+        pad = (H - new_h) // 2
+        return pad, H - pad, 0, W
+    new_w = int(w0 * (H / h0))  # taller (or the same shape): padded left and right
+    pad = (W - new_w) // 2
+    return 0, H, pad, W - pad
+
+
+def crop_grid(crops: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Per-crop tokens as one grid: (gw*gh, P, D), crops row-major, each raster -> (H, W, D)."""
+    gw, gh = grid
+    side = round(crops.shape[1] ** 0.5)
+    x = crops.reshape(gh, gw, side, side, -1)  # (gh, gw, side, side, D)
+    return x.transpose(1, 2).reshape(gh * side, gw * side, -1)  # (gh, side, gw, side, D) -> (H, W, D)
+
+
+def pack(head: Tensor, grid: Tensor, area: tuple[int, int, int, int], newline: Tensor,
+         keep: Tensor | None = None, tail: Tensor | None = None) -> Tensor:
+    """One image's token sequence (T, D) in the dtype of `head`.
+
+    head (k, D): the tokens before the grid (the thumbnail's), as they come. grid (H, W, D): the crop
+    grid's tokens; of its unpadded `area` the rows in order, the tokens `keep` (H, W) bool marks (all if
+    None) in raster order, a `newline` (D,) closing every row, even one with nothing kept.
+    tail (t, D): tokens after the grid (a merging compressor's tokens that have no grid place).
+    """
+    top, bottom, left, right = area
+    rows = grid[top:bottom, left:right].to(head.dtype)  # (h, w, D)
+    h = rows.shape[0]
+    rows = torch.cat([rows, newline.to(head.dtype).expand(h, 1, -1)], dim=1)  # (h, w + 1, D)
+    if keep is None:
+        rows = rows.flatten(0, 1)
+    else:
+        kept = keep[top:bottom, left:right]
+        rows = rows[torch.cat([kept, kept.new_ones(h, 1)], dim=1)]  # (n, D), row-major
+    parts = [head, rows] if tail is None else [head, rows, tail.to(head.dtype)]
+    return torch.cat(parts)
+
+
+def compressed_sequence(kept, crops: Tensor, grid: tuple[int, int], area: tuple[int, int, int, int],
+                        newline: Tensor) -> Tensor:
+    """What a compressor kept of one image (globalcom2.Compressed), laid out for the decoder: its head,
+    the kept tokens of the crop grid (`kept.grid` where the method merged into them, else `crops`
+    (gw*gh, P, D) as one grid), a newline closing each unpadded row, its tail; or, for a `-paper`
+    method, the published sequence it emitted itself."""
+    if kept.sequence is not None:
+        return kept.sequence
+    tokens = kept.grid if kept.grid is not None else crop_grid(crops, grid)
+    return pack(kept.head, tokens, area, newline, kept.crop_keep, kept.tail)
+
+
+def sequence_places(grid: tuple[int, int], area: tuple[int, int, int, int], side: int) -> Tensor:
+    """Where each token of the uncompressed sequence comes from: (P + h (w + 1),) long, a thumbnail
+    position p as p, a grid cell (y, x) as P + y * W + x, a newline as -1. What a method that prunes
+    the sequence itself (FastV, in the decoder) kept, read back onto the thumbnail and the grid."""
+    top, bottom, left, right = area
+    P, W = side * side, grid[0] * side
+    cells = P + torch.arange(top, bottom)[:, None] * W + torch.arange(left, right)[None, :]  # (h, w)
+    cells = torch.cat([cells, torch.full((bottom - top, 1), -1)], dim=1)  # a newline closing each row
+    return torch.cat([torch.arange(P), cells.flatten()])
+
+
+def uncompressed_length(area: tuple[int, int, int, int], side: int) -> int:
+    """Tokens of the uncompressed sequence: the thumbnail's P, then h rows of w tokens and a newline."""
+    top, bottom, left, right = area
+    return side * side + (bottom - top) * (right - left + 1)
