@@ -459,8 +459,8 @@ def out_problem(out: Path) -> str | None:
 
 
 def main(argv=None) -> int:
-    from minillava.anyres import load_image, tile_image
-    from minillava.config import ConfigError
+    from minillava.anyres import tile_image
+    from minillava.trust import ConfigError, load_image
     from minillava.eval.files import write_atomic
     from minillava.generate import DTYPES, USER_ERRORS, FastV, fail, load, prefill
     from minillava.tokenizer import build_prompt

@@ -12,7 +12,8 @@ import globalcom2.visionzip
 import globalcom2.visualize as vis
 from globalcom2.peers import PEERS
 import minillava.generate as gen
-from minillava.anyres import load_image, tile_image
+from minillava.anyres import tile_image
+from minillava.trust import load_image
 from minillava.weights import load_model
 from tests import tiny
 from tests.peers_cases import peer_case

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .. import generate as gen
-from ..config import check_regular
+from ..trust import check_regular
 from ..config import load_config
 from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, generate_batch, load, \
     ratio_arg, seed_arg, warm_up
