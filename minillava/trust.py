@@ -359,7 +359,9 @@ def read_header(path: Path) -> dict[str, Entry]:
     entries, sorted by offset, tile the data region exactly from 0 with no gap or overlap, each as long
     as its shape x dtype; the data region ends at the end of the file. Stricter than safetensors:
     the cap on n is lower (MAX_HEADER_BYTES), a key twice in the header is refused (which copy counts
-    would depend on the reader), and only the dtypes we load pass.
+    would depend on the reader), and only the dtypes we load pass. The safetensors library (0.8)
+    accepts those three, and its `safe_open` blocks forever on a FIFO (which `open_regular` refuses):
+    that is why this reader is ours.
     """
     with open_regular(path, WeightsError) as f:
         size = os.fstat(f.fileno()).st_size
