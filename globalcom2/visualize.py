@@ -458,9 +458,9 @@ def out_problem(out: Path) -> str | None:
 
 
 def main(argv=None) -> int:
-    from minillava.anyres import load_image, tile_image
+    from minillava.anyres import tile_image
     from minillava.compression import encode, stage_inputs
-    from minillava.config import ConfigError
+    from minillava.trust import ConfigError, load_image
     from minillava.eval.files import write_atomic
     from minillava.fastv import FastV, kept_positions, on_grid
     from minillava.generate import DTYPES, USER_ERRORS, fail, load, prefill

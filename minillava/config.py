@@ -1,7 +1,7 @@
 """Model configuration: plain dataclasses filled from a checkpoint's `config.json`, validated whole
 before anything is built from them.
 
-Two layouts exist on the hub (see shared/LLAVA_NEXT.md):
+Two layouts exist on the hub:
 - transformers (`llava-hf/...`): nested `vision_config` / `text_config`; keys that are missing take
   the defaults of transformers' `CLIPVisionConfig` / `LlamaConfig`, which the dataclass defaults
   below reproduce. Grid pinpoints are (height, width).
@@ -11,65 +11,39 @@ Two layouts exist on the hub (see shared/LLAVA_NEXT.md):
 
 Internally every pinpoint is (width, height).
 
-A config.json is untrusted input: every value is checked for its type (an int is an int, not 5.0 or
-true), its range and the rules between fields before a dataclass is returned, and every size is
-bounded (`MAX_*` below), so a hostile file fails here with one line naming the key, not later with
-a traceback, a silently wrong model, or a huge allocation.
+A config.json is untrusted input: it is read by trust.py, and every value passes validate.py (its
+type, its range in `validate.BOUNDS`, the rules between fields) before a dataclass is returned.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import stat
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .trust import ConfigError, parse_json, read_regular, show
+from .validate import check_pinpoints, check_text, check_vision, fill
 
-class ConfigError(ValueError):
-    """A checkpoint's config.json is missing, unreadable or describes something we do not run."""
-
-
-# Upper bounds on sizes. Generous (several times the largest published model of each kind) but
-# finite: a config must not make us build a million modules or size a tensor from a typo.
-MAX_LAYERS = 1024  # decoders: Llama-3.1-405B has 126; CLIP/SigLIP towers at most 48
-MAX_WIDTH = 65536  # hidden_size: 405B has 16384; LLaVA-NeXT-34B (Yi) 7168
-MAX_FFN = 262144  # intermediate_size: 405B has 53248; Yi-34B 20480
-MAX_HEADS = 1024  # attention heads: 405B has 128; Yi-34B 56
-MAX_HEAD_DIM = 1024  # per-head width: 64 to 256 in published models
-MAX_VOCAB = 1 << 20  # embedding rows: Gemma's 256000 is the largest common one; LLaVA 32000/32064/64000
-MAX_CONTEXT = 1 << 20  # max_position_embeddings: Mistral 32768, 1M-context models 1010000
-MAX_TILE = 4096  # vision image_size in pixels: CLIP 224/336, SigLIP 384/448
-MAX_PATCHES_PER_SIDE = 64  # 4096 tokens per tile, quadratic attention per tile; CLIP-L/14-336 has 24
-MAX_PINPOINTS = 1024  # AnyRes candidates: LLaVA-1.6 has 5, LLaVA-OneVision 36
-MAX_CANVAS_PIXELS = 4096 * 4096  # one AnyRes canvas (w x h): LLaVA-1.6 672 x 672, OneVision 2304 x 2304
 MAX_CONFIG_BYTES = 4 << 20  # config.json: real ones are a few KB
-
-
-def bounded(default, lo: int, hi: int):
-    """A dataclass int field that config.json may set to a value in [lo, hi]."""
-    return field(default=default, metadata={"bounds": (lo, hi)})
 
 
 @dataclass
 class VisionConfig:
     """CLIP vision tower. Defaults are transformers' `CLIPVisionConfig` defaults."""
 
-    hidden_size: int = bounded(768, 1, MAX_WIDTH)  # width of the residual stream
-    intermediate_size: int = bounded(3072, 1, MAX_FFN)  # MLP width
-    num_hidden_layers: int = bounded(12, 1, MAX_LAYERS)
-    num_attention_heads: int = bounded(12, 1, MAX_HEADS)
-    image_size: int = bounded(224, 1, MAX_TILE)  # tile side in pixels
-    patch_size: int = bounded(32, 1, MAX_TILE)  # patch side in pixels (a token per patch)
-    num_channels: int = bounded(3, 3, 3)  # tiles are RGB
+    hidden_size: int = 768  # width of the residual stream
+    intermediate_size: int = 3072  # MLP width
+    num_hidden_layers: int = 12  # encoder layers
+    num_attention_heads: int = 12  # heads per layer
+    image_size: int = 224  # tile side in pixels
+    patch_size: int = 32  # patch side in pixels (a token per patch)
+    num_channels: int = 3  # tiles are RGB
     layer_norm_eps: float = 1e-5  # floats: finite and > 0
-    hidden_act: str = "quick_gelu"
+    hidden_act: str = "quick_gelu"  # MLP activation, one of clip.ACTIVATIONS
 
     @property
     def patches_per_side(self) -> int:
+        """Patches along a tile's side: the tower sees patches_per_side ** 2 tokens per tile."""
         return self.image_size // self.patch_size
 
 
@@ -78,26 +52,26 @@ class TextConfig:
     """LLaMA-architecture decoder: Vicuna, Yi (LLaMA's layers, GQA) or Mistral (the same layers, GQA and a
     sliding window). Defaults are transformers' `LlamaConfig` defaults; a Mistral config's missing keys
     take `MistralConfig`'s (MISTRAL_DEFAULTS)."""
-    vocab_size: int = bounded(32000, 1, MAX_VOCAB)  # rows of the embedding table (may exceed the tokenizer's pieces)
-    hidden_size: int = bounded(4096, 1, MAX_WIDTH)
-    intermediate_size: int = bounded(11008, 1, MAX_FFN)  # SwiGLU width
-    num_hidden_layers: int = bounded(32, 1, MAX_LAYERS)
-    num_attention_heads: int = bounded(32, 1, MAX_HEADS)
-    num_key_value_heads: int | None = bounded(None, 1, MAX_HEADS)  # None: same as num_attention_heads (no GQA)
-    head_dim: int | None = bounded(None, 2, MAX_HEAD_DIM)  # None: hidden_size // num_attention_heads
+    vocab_size: int = 32000  # rows of the embedding table (may exceed the tokenizer's pieces)
+    hidden_size: int = 4096  # width of the residual stream
+    intermediate_size: int = 11008  # SwiGLU width
+    num_hidden_layers: int = 32  # decoder layers
+    num_attention_heads: int = 32  # query heads per layer
+    num_key_value_heads: int | None = None  # key/value heads (GQA); None: same as num_attention_heads
+    head_dim: int | None = None  # width of one head; None: hidden_size // num_attention_heads
     # Context length. The KV cache is sized to the prompt plus the answer, at most this.
-    max_position_embeddings: int = bounded(2048, 1, MAX_CONTEXT)
+    max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6  # floats: finite and > 0
-    rope_theta: float = 10000.0
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    tie_word_embeddings: bool = False
-    bos_token_id: int = bounded(1, 0, MAX_VOCAB - 1)  # and < vocab_size (checked in `_text_config`)
-    eos_token_id: int = bounded(2, 0, MAX_VOCAB - 1)
+    rope_theta: float = 10000.0  # RoPE's base: the slowest rotation's wavelength
+    attention_bias: bool = False  # q, k, v and o projections have biases
+    mlp_bias: bool = False  # the SwiGLU projections have biases
+    tie_word_embeddings: bool = False  # lm_head is the embedding table
+    bos_token_id: int = 1  # prepended to every prompt; below vocab_size (validate.check_text)
+    eos_token_id: int = 2  # ends an answer
     model_type: str = "llama"  # "llama" or "mistral" (the original layout's llava_llama / llava_mistral)
     # Mistral: each position attends to the last `sliding_window` positions only (None: to all of them).
     # Honoured by never running past it: max_position_embeddings is capped to it (see `_text_config`).
-    sliding_window: int | None = bounded(None, 1, MAX_CONTEXT)
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -139,134 +113,6 @@ KNOWN_TOWERS = {
 }
 
 
-# --- reading untrusted files -------------------------------------------------------------------
-
-
-def check_regular(path, error: type[Exception] = ConfigError, what: str = "file"):
-    """Raise `error` unless `path` is a regular file (symlinks followed), from its stat alone: a FIFO,
-    device or socket would block a reader or never end, so it is refused without being opened."""
-    try:
-        kind = _kind(os.stat(path).st_mode)
-    except FileNotFoundError:
-        raise error(f"{what} not found: {path}; check the path") from None
-    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        raise error(f"cannot open {what} {path}: {getattr(e, 'strerror', None) or e}") from None
-    if kind is not None:
-        raise error(f"{what} {path}: not a regular file but {kind}")
-
-
-def open_regular(path, error: type[Exception] = ConfigError, what: str = "file"):
-    """`path` opened for binary reading if it is a regular file, else `error` (see check_regular).
-
-    The descriptor is checked again and opened with O_NONBLOCK, so a FIFO swapped in after the first
-    check can neither block the open nor be read."""
-    path = os.fspath(path)
-    check_regular(path, error, what)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        raise error(f"cannot open {what} {path}: {e.strerror or e}") from None
-    kind = _kind(os.fstat(fd).st_mode)
-    if kind is not None:
-        os.close(fd)
-        raise error(f"{what} {path}: not a regular file but {kind}")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-def _kind(mode: int) -> str | None:
-    """None for a regular file, else what it is, for the message."""
-    if stat.S_ISREG(mode):
-        return None
-    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a special file")
-
-
-def read_regular(path: Path, max_bytes: int, error: type[Exception] = ConfigError) -> bytes:
-    """The bytes of the regular file `path`, refused past `max_bytes` before anything is read."""
-    with open_regular(path, error) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise error(f"{path}: {size} bytes, more than the {max_bytes} such a file can sensibly have")
-        try:
-            return f.read(max_bytes + 1)[:max_bytes]
-        except OSError as e:
-            raise error(f"{path}: cannot read it ({e.strerror})") from None
-
-
-def parse_json(data: bytes, where: str, error: type[Exception] = ConfigError):
-    """Strict JSON: UTF-8 only, and a key twice in one object is refused (Python would keep the last
-    silently, so two readers of the file could disagree about what it says)."""
-
-    def no_duplicates(pairs):
-        out = {}
-        for key, value in pairs:
-            if key in out:
-                raise error(f"{where}: key {show(key)} appears twice")
-            out[key] = value
-        return out
-
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except UnicodeDecodeError as e:
-        raise error(f"{where}: not UTF-8 text (byte {e.start})") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, int too long, nesting too deep
-        if isinstance(e, error):
-            raise
-        raise error(f"{where}: not valid JSON ({show(str(e), 80)[1:-1]})") from None
-
-
-def show(value, limit: int = 60) -> str:
-    """repr of a value from an untrusted file, one line and short enough for an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --- values into dataclasses -------------------------------------------------------------------
-
-
-def _number_kind(tp) -> type:
-    """int, float, bool or str from a field's annotation (`int | None` -> int)."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
-def _value(key: str, value, f: dataclasses.Field, tp):
-    kind = _number_kind(tp)
-    if kind is bool:
-        if type(value) is not bool:
-            raise ConfigError(f"{key} must be true or false, got {show(value)}")
-    elif kind is int:
-        if type(value) is not int:  # not 5.0, not true: a size written wrong is a broken file
-            raise ConfigError(f"{key} must be an integer, got {show(value)}")
-        lo, hi = f.metadata["bounds"]
-        if not lo <= value <= hi:
-            raise ConfigError(f"{key} = {show(value)} is outside [{lo}, {hi}]")
-    elif kind is float:
-        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{key} must be a finite number > 0, got {show(value)}")
-        value = float(value)
-    elif kind is str:
-        if type(value) is not str:
-            raise ConfigError(f"{key} must be a string, got {show(value)}")
-    return value
-
-
-def _fill(cls, raw, section: str):
-    """Build dataclass `cls` from the keys of the JSON object `raw` it knows, each checked; unknown
-    keys are dropped, missing or null ones take the default. `section` prefixes keys in errors."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{section.rstrip('.') or 'config.json'} must be a JSON object, got {show(raw)}")
-    hints = typing.get_type_hints(cls)
-    values = {
-        f.name: _value(section + f.name, raw[f.name], f, hints[f.name])
-        for f in dataclasses.fields(cls)
-        if raw.get(f.name) is not None
-    }
-    return cls(**values)
-
-
 def _section(raw: dict, key: str) -> dict:
     """A nested object of config.json (absent or null: empty)."""
     value = raw.get(key)
@@ -301,17 +147,8 @@ def _text_config(raw: dict, section: str) -> TextConfig:
         if not raw["eos_token_id"]:
             raise ConfigError(f"{section}eos_token_id is an empty list")
         raw["eos_token_id"] = raw["eos_token_id"][0]
-    text = _fill(TextConfig, raw, section)
-    heads, kv = text.num_attention_heads, text.num_key_value_heads
-    if raw.get("head_dim") is None and text.hidden_size % heads:
-        raise ConfigError(f"{section}hidden_size {text.hidden_size} is not divisible by num_attention_heads {heads}")
-    if kv > heads or heads % kv:
-        raise ConfigError(f"{section}num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-    if text.head_dim % 2:  # RoPE rotates pairs: the first half of a head with the second
-        raise ConfigError(f"{section}head_dim {text.head_dim} is odd; RoPE needs an even head width")
-    for key in ("bos_token_id", "eos_token_id"):
-        if getattr(text, key) >= text.vocab_size:
-            raise ConfigError(f"{section}{key} {getattr(text, key)} is not below vocab_size {text.vocab_size}")
+    text = fill(TextConfig, raw, section)
+    check_text(text, section, head_dim_given=raw.get("head_dim") is not None)
     if text.sliding_window is not None and text.sliding_window < text.max_position_embeddings:
         # A sequence no longer than the window attends exactly as with full causal attention (transformers'
         # sliding mask keeps key j for query i when i - window < j <= i), so the decoder, which has no
@@ -324,11 +161,7 @@ def _text_config(raw: dict, section: str) -> TextConfig:
 def _pinpoints(raw, height_first: bool, key: str) -> list[tuple[int, int]]:
     """(width, height) pairs from `raw`, a list of [a, b] positive integers (range checked later,
     against the tile size, in `check_vision`)."""
-    if not isinstance(raw, list) or not raw or len(raw) > MAX_PINPOINTS:
-        raise ConfigError(f"{key} must be a list of 1 to {MAX_PINPOINTS} [a, b] pairs, got {show(raw)}")
-    for p in raw:
-        if not (isinstance(p, list) and len(p) == 2 and all(type(v) is int and v > 0 for v in p)):
-            raise ConfigError(f"{key}: {show(p)} is not a pair of positive integers")
+    check_pinpoints(raw, key)
     return [(b, a) if height_first else (a, b) for a, b in raw]
 
 
@@ -342,31 +175,6 @@ def _choice(raw: dict, key: str, default: str, allowed: str, why: str):
     value = raw.get(key, default)
     if value != allowed:
         raise ConfigError(f"{key} {show(value)}: only {allowed!r} is supported{why}")
-
-
-def check_vision(cfg: LlavaConfig):
-    """The tower's rules and what depends on it (feature layer, pinpoints). Separate because an
-    original-layout config with an unknown tower learns the tower's sizes from the weights."""
-    from .clip import ACTIVATIONS  # clip imports this module: imported here, not at the top
-
-    v, tile = cfg.vision, cfg.vision.image_size
-    for f in dataclasses.fields(VisionConfig):  # sizes read off tensor shapes come through here too
-        _value(f"vision_config.{f.name}", getattr(v, f.name), f, typing.get_type_hints(VisionConfig)[f.name])
-    if v.hidden_act not in ACTIVATIONS:
-        raise ConfigError(f"vision_config.hidden_act {show(v.hidden_act)} is not supported ({', '.join(ACTIVATIONS)})")
-    if v.hidden_size % v.num_attention_heads:
-        raise ConfigError(f"vision_config.hidden_size {v.hidden_size} is not divisible by num_attention_heads {v.num_attention_heads}")
-    if v.image_size % v.patch_size or v.patches_per_side > MAX_PATCHES_PER_SIDE:
-        raise ConfigError(f"vision_config.image_size {tile} must be a multiple of patch_size {v.patch_size}, "
-                          f"at most {MAX_PATCHES_PER_SIDE} patches per side")
-    n = v.num_hidden_layers  # hidden states 0 (embeddings) .. n; negative ones count from the end
-    if not -(n + 1) <= cfg.vision_feature_layer <= n:
-        raise ConfigError(f"vision_feature_layer {cfg.vision_feature_layer} is outside the tower's hidden states "
-                          f"{-(n + 1)} .. {n} ({n} layers)")
-    for w, h in cfg.grid_pinpoints:
-        if w % tile or h % tile or w * h > MAX_CANVAS_PIXELS:
-            raise ConfigError(f"image_grid_pinpoints: {w} x {h} must be multiples of the tile size {tile}, "
-                              f"at most {MAX_CANVAS_PIXELS} pixels")
 
 
 def parse_config(raw) -> LlavaConfig:
@@ -383,7 +191,7 @@ def parse_config(raw) -> LlavaConfig:
         if type(bias) is not bool:
             raise ConfigError(f"multimodal_projector_bias must be true or false, got {show(bias)}")
         cfg = LlavaConfig(
-            vision=_fill(VisionConfig, raw["vision_config"], "vision_config.") if raw.get("vision_config") is not None
+            vision=fill(VisionConfig, raw["vision_config"], "vision_config.") if raw.get("vision_config") is not None
             else dataclasses.replace(KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]),  # LlavaNextConfig's default tower
             text=_text_config(text_raw, "text_config."),
             grid_pinpoints=_pinpoints(raw.get("image_grid_pinpoints", HF_DEFAULT_PINPOINTS), True, "image_grid_pinpoints"),

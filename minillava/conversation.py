@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, parse_json, read_regular, show
+from .trust import ConfigError, parse_json, read_regular, show
 
 IMAGE_PLACEHOLDER = "<image>"
 EOS = "</s>"  # LLaMA's and Mistral's end of sequence: the tokenizer's own EOS piece

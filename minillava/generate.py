@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .anyres import ImageError, load_image, tile_image
+from .anyres import tile_image
 from .compression import compressors, encode, image_tokens
-from .config import ConfigError, load_config
+from .config import load_config
 from .fastv import FastV
 from .model import LlavaNext
 from .conversation import FLAG as CONV_FLAG, TEMPLATES, choose_template
 from .tokenizer import PromptError, StreamDecoder, Tokenizer, read_added_tokens
-from .weights import DEFAULT_MODEL, WeightsError, checkpoint_files, load_model, read_layout, resolve_model
+from .trust import ConfigError, ImageError, WeightsError, load_image
+from .weights import DEFAULT_MODEL, checkpoint_files, load_model, read_layout, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_COMPRESSOR = "globalcom2"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .config import MAX_VOCAB, parse_json, read_regular, show
 from .conversation import DEFAULT_TEMPLATE, EOS, IMAGE_PLACEHOLDER, Template
-from .weights import WeightsError
+from .trust import WeightsError, parse_json, read_regular, show
+from .validate import BOUNDS
 
 MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.model: LLaMA's is 0.5 MB, Gemma's (256k pieces) 4 MB
 MAX_TOKENIZER_JSON_BYTES = 16 << 20  # added_tokens.json, tokenizer_config.json: a few KB
@@ -44,7 +44,7 @@ def read_added_tokens(model_dir: Path) -> tuple[dict[str, int], set[int], bool]:
     added, special, add_bos = {}, set(), True
 
     def take(text, i, where, is_special):
-        if type(text) is not str or not text or type(i) is not int or not 0 <= i < MAX_VOCAB:
+        if type(text) is not str or not text or type(i) is not int or not 0 <= i < BOUNDS["vocab_size"][1]:
             raise WeightsError(f"{where}: added token {show(text)} -> {show(i)} is not a token text and an id")
         if text not in added:  # tokenizer_config.json first, as transformers reads it
             added[text] = i

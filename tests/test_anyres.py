@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from minillava.anyres import CLIP_MEAN, CLIP_STD, ImageError, Tiles, load_image, select_best_resolution, tile_image
+from minillava.anyres import CLIP_MEAN, CLIP_STD, Tiles, select_best_resolution, tile_image
+from minillava.trust import ImageError, load_image
 
 V16_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]  # LLaVA-1.6, read as (w, h)
 HF_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # same literal list, read as (h, w)

@@ -277,7 +277,7 @@ def test_mmbench_bad_image_is_an_image_error(tmp_path):
     data = tmp_path / "mmbench"
     data.mkdir()
     (data / "mmbench_dev_20230712.tsv").write_text("index\tquestion\thint\tA\tB\tanswer\timage\n0\tQ?\tnan\tx\ty\tA\t!!notbase64\n")
-    from minillava.anyres import ImageError
+    from minillava.trust import ImageError
     with pytest.raises(ImageError, match="MMBench question 0"):
         TASKS["mmbench"].open_image(TASKS["mmbench"].load(data)[0])
 

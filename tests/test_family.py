@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from minillava import generate as gen
-from minillava.config import ConfigError, parse_config
+from minillava.config import parse_config
 from minillava.conversation import TEMPLATES, choose_template
 from minillava.eval import runner
 from minillava.tokenizer import PromptError, Tokenizer, build_prompt, read_added_tokens
-from minillava.weights import WeightsError
+from minillava.trust import ConfigError, WeightsError
 from tests import tiny
 from tests.test_generate import one_error_line, run_cli
 
@@ -136,7 +136,8 @@ def mistral(tmp_path_factory, tokenizer_path):
 
 
 def image_inputs(image_path):
-    from minillava.anyres import load_image, tile_image
+    from minillava.anyres import tile_image
+    from minillava.trust import load_image
 
     tiles = tile_image(load_image(str(image_path)), [tuple(p) for p in tiny.PINPOINTS_WH], tiny.TILE)
     return dict(pixel_values=tiles.pixels[None], image_sizes=torch.tensor([[90, 150]]))

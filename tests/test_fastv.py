@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from minillava import generate as gen
-from minillava.anyres import load_image, tile_image
+from minillava.anyres import tile_image
 from minillava.fastv import FastV
 from minillava.llama import EMPTY
 from minillava.tokenizer import build_prompt
 from minillava.weights import load_model
+from minillava.trust import load_image
 from tests import tiny
 
 QUESTION = "What is in the picture?"

@@ -10,11 +10,12 @@ import torch
 import globalcom2.visualize as vis
 import minillava.generate as gen
 from globalcom2.layout import area_mask, to_grid
-from minillava.anyres import load_image, tile_image
+from minillava.anyres import tile_image
 from minillava.compression import encode, stage_inputs
 from minillava.fastv import on_grid
 from minillava.layout import crop_grid, pack, uncompressed_length
 from minillava.tokenizer import build_prompt
+from minillava.trust import load_image
 from tests.peers_cases import peer_case
 from tests.test_fastv import QUESTION, deep_checkpoint, image_reference  # noqa: F401 (a fixture)
 

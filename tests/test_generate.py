@@ -12,8 +12,9 @@ from PIL import Image
 
 from minillava import generate as gen
 from minillava import weights
-from minillava.anyres import load_image, tile_image
+from minillava.anyres import tile_image
 from minillava.tokenizer import Tokenizer, build_prompt
+from minillava.trust import load_image
 from tests import tiny
 from tests.peers_cases import tower_run
 

@@ -13,8 +13,9 @@ import globalcom2.visualize as vis
 from globalcom2.peers import PEERS
 import minillava.generate as gen
 from globalcom2.layout import area_mask
-from minillava.anyres import load_image, tile_image
+from minillava.anyres import tile_image
 from minillava.compression import encode, image_tokens, stage_inputs
+from minillava.trust import load_image
 from minillava.weights import load_model
 from tests import tiny
 from tests.peers_cases import peer_case, tokens

@@ -9,9 +9,10 @@ import globalcom2
 from globalcom2.hired import hired_keep, hired_on_grid, hired_paper_sequence
 from globalcom2.layout import area_mask, to_grid
 from globalcom2.prumerge import prumerge_merge, prumerge_paper_sequence, prumerge_plus
-from minillava.anyres import load_image, tile_image
+from minillava.anyres import tile_image
 from minillava.compression import encode, stage_inputs
 from minillava.layout import unpad_area
+from minillava.trust import load_image
 from minillava.weights import load_model
 from tests import tiny
 from tests.peers_cases import peer_case, tokens

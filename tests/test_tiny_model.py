@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from minillava import generate as gen
-from minillava import weights
+from minillava import trust, weights
 from minillava.eval import runner
 from minillava.eval import synthetic as S
 from minillava.eval.tasks import TASKS
@@ -85,7 +85,7 @@ def test_the_default_model_is_the_shipped_one(tmp_path, monkeypatch):
     files = {p.name: p.stat().st_size for p in SHIPPED.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(files)
     assert sum(files.values()) <= 20 * 2**20
-    header = weights.read_header(SHIPPED / "model.safetensors")
+    header = trust.read_header(SHIPPED / "model.safetensors")
     assert {e.dtype for e in header.values()} == {torch.float16}
     assert all(k.startswith(("vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.",
                              "language_model.lm_head.", "image_newline")) for k in header)  # transformers hub layout

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from minillava import anyres
 from minillava import batch as engine
-from minillava.anyres import ImageError, load_image
+from minillava import trust
+from minillava.trust import ImageError, load_image
 from minillava.eval import TASKS, runner
 from minillava.eval.answers import read_records
 from minillava.eval.files import DataError, read_json, read_jsonl, read_tsv, write_atomic
@@ -124,8 +124,8 @@ class Hostile(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def hostile_url(monkeypatch):
     """Base URL of a hostile server on 127.0.0.1; download limits made small (1 s, 1 MiB)."""
-    monkeypatch.setattr(anyres, "URL_DEADLINE_S", 1.0)
-    monkeypatch.setattr(anyres, "URL_MAX_BYTES", 2**20)
+    monkeypatch.setattr(trust, "URL_DEADLINE_S", 1.0)
+    monkeypatch.setattr(trust, "URL_MAX_BYTES", 2**20)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -150,8 +150,8 @@ def refused(source, *fragments, within=10.0) -> str:
 
 def test_format_allowlist_is_raster_only():
     Image.init()
-    assert set(anyres.IMAGE_FORMATS) <= set(Image.OPEN)  # every name is a format PIL knows (no typo)
-    assert not {"EPS", "PDF", "PSD", "WMF", "MPEG", "FITS", "GRIB", "BUFR", "HDF5"} & set(anyres.IMAGE_FORMATS)
+    assert set(trust.IMAGE_FORMATS) <= set(Image.OPEN)  # every name is a format PIL knows (no typo)
+    assert not {"EPS", "PDF", "PSD", "WMF", "MPEG", "FITS", "GRIB", "BUFR", "HDF5"} & set(trust.IMAGE_FORMATS)
 
 
 @pytest.fixture

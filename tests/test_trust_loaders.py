@@ -20,9 +20,11 @@ import pytest
 
 from minillava import generate as gen
 from minillava import weights
-from minillava.config import MAX_LAYERS, ConfigError, load_config, parse_config
+from minillava.config import load_config, parse_config
 from minillava.tokenizer import PromptError, Tokenizer, build_prompt
-from minillava.weights import WeightsError, checkpoint_files, load_model, read_header, resolve_model
+from minillava.trust import ConfigError, WeightsError, read_header
+from minillava.validate import BOUNDS
+from minillava.weights import checkpoint_files, load_model, resolve_model
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -333,7 +335,7 @@ def test_a_million_layers_fail_before_anything_is_built():
     import time
 
     t0 = time.perf_counter()
-    with pytest.raises(ConfigError, match=f"outside \\[1, {MAX_LAYERS}\\]"):
+    with pytest.raises(ConfigError, match=f"outside \\[1, {BOUNDS['num_hidden_layers'][1]}\\]"):
         parse_config(config_with("text_config.num_hidden_layers", 1_000_000))
     assert time.perf_counter() - t0 < 1.0
 

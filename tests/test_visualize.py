@@ -13,8 +13,9 @@ from PIL import Image
 import globalcom2
 from globalcom2 import visualize as vis
 from globalcom2.layout import area_mask
-from minillava.anyres import CLIP_MEAN, CLIP_STD, _normalise, load_image, tile_image
+from minillava.anyres import CLIP_MEAN, CLIP_STD, _normalise, tile_image
 from minillava.layout import compressed_sequence, unpad_area
+from minillava.trust import load_image
 from tests import tiny
 
 COLOUR = np.array([200, 100, 50], dtype=np.float32)  # the test images are one flat colour

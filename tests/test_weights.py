@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minillava.config import ConfigError, parse_config
-from minillava.weights import WeightsError, internal_name, load_model
+from minillava.config import parse_config
+from minillava.trust import ConfigError, WeightsError
+from minillava.weights import internal_name, load_model
 
 
 def test_hub_config_with_missing_sizes_takes_transformers_defaults():

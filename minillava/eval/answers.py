@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import open_regular
+from ..trust import open_regular
 from .files import DataError, write_atomic
 
 

@@ -10,7 +10,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from ..config import check_regular, open_regular
+from ..trust import check_regular, open_regular
 
 
 class DataError(ValueError):

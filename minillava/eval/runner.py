@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .. import generate as gen
-from ..config import check_regular
+from ..trust import check_regular
 from ..config import load_config
 from ..batch import generate_batch
 from ..compression import compressors

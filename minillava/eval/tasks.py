@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..anyres import ImageError, decode_image, load_image
+from ..trust import ImageError, decode_image, load_image
 from . import metrics as M
 from .files import DataError, field as get, read_json, read_jsonl, read_text, read_tsv, require
 
