@@ -74,7 +74,7 @@ def paper_slots(keep: Tensor, valid: Tensor) -> Tensor:
     keep, valid (C, P) bool over true tile positions -> (C, P) long: for each tile slot, the index
     (c * P + p) of the crop token placed there, or -1 if it stays empty. The v-th valid token of a crop
     (raster order), if kept, lands in slot v, read as a raster index into the full side x side tile
-    (GLOBALCOM2.md, "the two modes", deviation 1).
+    (docs/globalcom2.md, "The two modes the project offers", deviation 1).
     """
     C, P = keep.shape
     slot = valid.long().cumsum(dim=1) - 1  # (C, P): index among the crop's valid tokens

@@ -1,4 +1,4 @@
-"""What to keep: thumbnail selection, per-crop budgets and per-crop token selection (GLOBALCOM2.md 1-3).
+"""What to keep: thumbnail selection, per-crop budgets and per-crop token selection (docs/globalcom2.md, steps 1-3).
 
 Token scores are float32 on the features' device. The per-crop budget (a handful of numbers) is
 computed on the host in float64 with numpy, the arithmetic of the published code, so that

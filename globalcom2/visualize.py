@@ -349,7 +349,7 @@ def _legend(fig: Image.Image, xy: tuple[int, int], st: Style, merges: bool = Fal
 
 def _score_panel(fig: Image.Image, xy: tuple[int, int], scores: np.ndarray, regions, st: Style):
     """Label, the (side, side) score map as a heat map, a colour bar with the range under it, and, if
-    `regions` is a grid, the regions of GLOBALCOM2.md step 2.1 whose summed scores set the crop budgets."""
+    `regions` is a grid, the regions of docs/globalcom2.md, step 2.1, whose summed scores set the crop budgets."""
     d, small, T, f, line = ImageDraw.Draw(fig), st.small, st.T, st.f, st.line
     x, y = xy
     side = scores.shape[0]

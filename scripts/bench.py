@@ -301,7 +301,7 @@ class LlmSpec:
 
 LLAVA_7B = LlmSpec("LLaVA-NeXT-7B", 32, 4096, 11008, 32, 32, 32000)
 LLAVA_13B = LlmSpec("LLaVA-NeXT-13B", 40, 5120, 13824, 40, 40, 32000)
-PAPER_7B = {1.0: (41.7, 1536.0), 0.25: (9.6, 377.0), 0.1: (3.8, 151.0)}  # r: (prefill TFLOPs, KV MB), GLOBALCOM2.md
+PAPER_7B = {1.0: (41.7, 1536.0), 0.25: (9.6, 377.0), 0.1: (3.8, 151.0)}  # r: (prefill TFLOPs, KV MB), docs/globalcom2.md, "The paper's headline results"
 PAPER_TOKENS_100 = 576 + 4 * 576  # thumbnail + 2 x 2 crops, without the 48 newline tokens
 
 

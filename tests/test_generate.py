@@ -179,7 +179,7 @@ def test_module_entry_point_and_exit_codes(checkpoints, image_path, tmp_path):
 
 
 def predicted_count(scores_thumb, grid, size, side, r, paper):
-    """GLOBALCOM2.md's token count, worked out here from its formulas (not from the package)."""
+    """The token count of docs/globalcom2.md (step 4), worked out here from its formulas (not from the package)."""
     gw, gh = grid
     P, H, W = side * side, gh * side, gw * side
     s = scores_thumb.double().view(side, side)

@@ -286,7 +286,7 @@ def reference_scales(thumb_scores, grid, r):
 
 
 def reference_paper(image, r):
-    """The published algorithm as GLOBALCOM2.md states it, with loops, per crop and per token."""
+    """The published algorithm as docs/globalcom2.md states it (steps 1-4), with loops, per crop and per token."""
     P, D = image.thumb.shape
     side = math.isqrt(P)
     gw, gh = image.grid
