@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .anyres import tile_image
+from .anyres import Tiles, tile_image
 from .compression import compressors, encode, image_tokens
 from .config import load_config
 from .fastv import FastV
@@ -165,12 +165,14 @@ def compile_steps(model: LlavaNext) -> Steps:
 
 
 @torch.inference_mode()
-def warm_up(model: LlavaNext, steps: Steps, cache_length: int = CACHE_BUCKET, batch: int = 1) -> float:
+def warm_up(model: LlavaNext, steps: Steps, cache_length: int = CACHE_BUCKET, batch: int = 1,
+            compressor: str = "none") -> float:
     """Run each compiled call once on dummy inputs so compilation is paid here, not in the timings
-    of the first answer (`batch` rows, as `generate_batch` will call them). Returns the seconds it took."""
+    of the first answer: the tower as `compressor` will call it (the hidden states it reads), `batch`
+    rows, as `generate_batch` will call them. Returns the seconds it took."""
     t0 = time.perf_counter()
     device, side = model.device, model.cfg.vision.image_size
-    model.vision(torch.zeros(2, 3, side, side, device=device, dtype=model.dtype))
+    encode(model, [Tiles(torch.zeros(2, 3, side, side), (1, 1), (side, side))], compressor)
     model.llm.setup_cache(batch, cache_length)
     embeds = model.embed(torch.zeros(8, dtype=torch.long))[None].expand(batch, -1, -1)
     steps.prefill(model, embeds)
@@ -398,7 +400,7 @@ def main(argv=None) -> int:
         steps, compile_s = Steps(), {}
         if args.compile:
             steps = compile_steps(model)
-            compile_s = {"compile": warm_up(model, steps)}
+            compile_s = {"compile": warm_up(model, steps, compressor=args.compressor)}
         on_text = None if args.json else (lambda s: print(s, end="", flush=True))
         result = generate(model, tokenizer, image, args.prompt, args.compressor, args.retention_ratio,
                           args.max_new_tokens, args.temperature, args.top_p, args.seed, on_text, steps)

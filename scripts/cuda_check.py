@@ -239,7 +239,7 @@ def check_compile(run: Run) -> list[Row]:
     skips0 = counters["inductor"]["cudagraph_skips"]
     with CompileCounter() as warm:
         steps = compile_steps(model)
-        warm_s = warm_up(model, steps)
+        warm_s = warm_up(model, steps, compressor="globalcom2")
     caches = set()
     with CompileCounter() as after:
         compiled = []

@@ -152,7 +152,7 @@ def test_compiled_batch_gives_the_eager_ids(loaded):
     model, tokenizer = loaded
     eager = engine.generate_batch(model, tokenizer, items(), "globalcom2", 0.5, LIMITS)
     steps = gen.compile_steps(model)
-    gen.warm_up(model, steps, batch=4)
+    gen.warm_up(model, steps, batch=4, compressor="globalcom2")
     compiled = engine.generate_batch(model, tokenizer, items(), "globalcom2", 0.5, LIMITS, steps=steps)
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
 

@@ -215,6 +215,6 @@ def test_compiled_steps_give_the_eager_ids(monkeypatch, deep_checkpoint, image_p
     image = load_image(str(image_path))
     eager = gen.generate(model, tokenizer, image, QUESTION, "fastv", 0.25, max_new_tokens=8)
     steps = gen.compile_steps(model)
-    gen.warm_up(model, steps)
+    gen.warm_up(model, steps, compressor="fastv")
     compiled = gen.generate(model, tokenizer, image, QUESTION, "fastv", 0.25, max_new_tokens=8, steps=steps)
     assert compiled.token_ids == eager.token_ids

@@ -202,7 +202,7 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
     steps = Steps()
     if args.compile:
         steps = compile_steps(model)
-        warm_up(model, steps, batch=min(args.batch_size, len(questions)))
+        warm_up(model, steps, batch=min(args.batch_size, len(questions)), compressor=args.compressor)
     writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
     share = f" (rank 0 of {world.size})" if world.size > 1 else ""
     bar = tqdm(total=len(questions), desc=task.name + share, unit="q", file=sys.stderr, disable=not world.main,
