@@ -1,6 +1,6 @@
 """Draw what a compressor kept: the thumbnail, its [CLS] score map, and the high-resolution crops.
 
-    python -m globalcom2.visualize --model DIR_OR_HUB_ID --image PATH --out kept.png [--retention-ratio 0.25]
+    python -m minillava.visualize --model DIR_OR_HUB_ID --image PATH --out kept.png [--retention-ratio 0.25]
 
 One PNG, drawn with PIL only:
     top       method, r and the token counts: thumbnail, crops, newlines, total before -> after; a legend
@@ -18,25 +18,19 @@ Thumbnail and scores stand in a column left of the canvas, or side by side above
 row. Small tiles are blown up by a whole factor (a 56 px tile shows as 336 px); 336 px tiles are 1:1.
 
 `draw` takes plain inputs and returns a PIL image, so this module, like the rest of the package,
-imports nothing from the model; only `main` loads it (minillava) to tile the image and score it.
+imports nothing from the model; the command that loads a model to draw is minillava/visualize.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import math
-import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .compress import SCORES, compress
-from .layout import area_mask, to_crops
+from .layout import area_mask
 from .stage import Compressed
 
 GUIDED = ("globalcom2", "globalcom2-paper", "local-only", "global-only")  # budgets set by the thumbnail map
@@ -407,124 +401,3 @@ def _crop_marks(fig: Image.Image, xy: tuple[int, int], keep, valid, ratios, grid
             if x1 - x0 >= tw + 12 and y1 - y0 >= st.f + 12:
                 _label(o, (round(cx + (x0 + x1 - tw) / 2) - 4, round(cy + (y0 + y1 - st.f) / 2) - 4), "padding", small)
     return Image.alpha_composite(fig.convert("RGBA"), overlay).convert("RGB")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    from minillava.compression import compressors
-    from minillava.generate import DTYPES, ratio_arg, seed_arg
-    from minillava.weights import DEFAULT_MODEL
-
-    p = argparse.ArgumentParser(
-        prog="python -m globalcom2.visualize",
-        description="Draw which visual tokens a compressor keeps for one image: the thumbnail, its [CLS] "
-        "score map, and the high-resolution crops with their retention ratios, as one PNG.",
-    )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--image", required=True, help="image file or http(s) URL")
-    p.add_argument("--out", required=True, type=Path, metavar="FILE.png", help="the PNG to write")
-    p.add_argument("--compressor", default="globalcom2", choices=compressors(),
-                   help="compression method to picture (default globalcom2; none keeps everything). Peers: "
-                   "fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is ignored: "
-                   "PruMerge+ chooses its own count), each also as NAME-paper (the published sequence); "
-                   "fastv prunes in the decoder by the question's attention and needs --prompt")
-    p.add_argument("--prompt", default=None,
-                   help="the question (required for fastv, whose choice depends on it; unused otherwise)")
-    p.add_argument("--retention-ratio", type=ratio_arg, default=0.25, metavar="R",
-                   help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random compressor (default 0)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="weights and activations (default: float16 on cuda, float32 on cpu)")
-    args = p.parse_args(argv)
-    if args.compressor == "fastv" and args.prompt is None:
-        p.error("--compressor fastv needs --prompt: FastV keeps the image tokens the question attends to")
-    return args
-
-
-def out_problem(out: Path) -> str | None:
-    """Why the picture cannot be written to `out`, or None."""
-    if out.is_dir():
-        return f"--out {out} is a directory; give a file name such as {out / 'kept.png'}"
-    if out.exists() and not out.is_file():  # a FIFO or device: replacing it is not what anyone meant
-        return f"--out {out} exists and is not a regular file; give a file name ending in .png"
-    if out.suffix.lower() != ".png":
-        return f"--out {out}: the picture is a PNG; give a file name ending in .png"
-    parent = out.parent
-    if not parent.is_dir():
-        return f"--out {out}: directory {parent} does not exist; create it first"
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        return f"--out {out}: no permission to write there"
-    return None
-
-
-def main(argv=None) -> int:
-    from minillava.anyres import tile_image
-    from minillava.compression import encode, stage_inputs
-    from minillava.trust import ConfigError, load_image
-    from minillava.eval.files import write_atomic
-    from minillava.fastv import FastV, kept_positions, on_grid
-    from minillava.generate import DTYPES, USER_ERRORS, fail, load, prefill
-    from minillava.layout import uncompressed_length
-    from minillava.tokenizer import build_prompt
-    from minillava.weights import load_model, resolve_model
-
-    args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return fail("--device cuda was asked for but CUDA is not available here; use --device cpu")
-    problem = out_problem(args.out)
-    if problem:
-        return fail(problem)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
-    fastv = args.compressor == "fastv"
-    note = ""
-    try:
-        image = load_image(args.image)
-        if fastv:  # FastV's choice needs the decoder and the question
-            model, tokenizer = load(args.model, device, dtype)
-        else:
-            model = load_model(resolve_model(args.model), device, dtype)  # no tokenizer needed
-        tile, side = model.cfg.vision.image_size, model.cfg.vision.patches_per_side
-        tiles = tile_image(image, model.cfg.grid_pinpoints, tile)
-        with torch.inference_mode():
-            # the score map shows GlobalCom2's [CLS] scores, whatever the method
-            encoded = encode(model, [tiles], args.compressor, extra=(SCORES,))
-            features = stage_inputs(model, encoded)[0]
-            area = encoded[0].area
-            if fastv:
-                full = model.image_tokens(encoded[0])
-                chunks = tokenizer.encode_prompt(build_prompt(args.prompt))
-                embeds = model.prompt_embeds(chunks, [full])
-                fv = FastV.from_ratio(len(chunks[0]), full.shape[0], args.retention_ratio)
-                layers = model.cfg.text.num_hidden_layers
-                if fv.layer >= layers:
-                    raise ConfigError(f"FastV prunes after decoder layer {fv.layer}, but this model has only "
-                                      f"{layers} decoder layers; use another --compressor")
-                model.llm.setup_cache(1, embeds.shape[1])
-                prefill(model, embeds, fv)
-                thumb_keep, crop_keep = on_grid(kept_positions(model.llm, fv, embeds.shape[1]), tiles.grid, area, side)
-                valid = area_mask(area, crop_keep.shape, crop_keep.device)
-                ratios = to_crops(crop_keep, tiles.grid, side).sum(1).double().cpu() / \
-                    to_crops(valid, tiles.grid, side).sum(1).double().cpu().clamp(min=1)
-                result, after = Compressed(thumb_keep, crop_keep, ratios), fv.keep_count
-                note = f"kept for decoder layers {fv.layer}+ (layers 0-{fv.layer - 1} see all) for: {args.prompt}"
-            else:
-                result = compress([features], args.compressor, args.retention_ratio, seed=args.seed)[0]
-                after = model.image_tokens(encoded[0], result).shape[0]
-    except USER_ERRORS as e:
-        return fail(str(e))
-    picture = draw(image, tiles.grid, tiles.size, tile, features.thumb_scores, result, args.compressor,
-                   args.retention_ratio, area=area, after=after, seed=args.seed, note=note)
-    try:
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        write_atomic(args.out, buffer.getvalue())  # a failed write leaves the old file, not half a PNG
-    except OSError as e:
-        return fail(f"cannot write {args.out}: {e.strerror or e}")
-    print(f"wrote {args.out} ({picture.width}x{picture.height}): {args.compressor}, "
-          f"visual tokens {uncompressed_length(area, side)} -> {after}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,7 @@ from PIL import Image
 import globalcom2
 import globalcom2.visionzip
 import globalcom2.visualize as vis
+import minillava.visualize as cli
 from globalcom2.peers import PEERS
 import minillava.generate as gen
 from globalcom2.layout import area_mask
@@ -78,7 +79,7 @@ def test_cli_counts(capsys, checkpoints, model, wide, method):
 @pytest.mark.parametrize("method", PEERS)
 def test_visualize_cli(capsys, checkpoints, image_path, tmp_path, method):
     out = tmp_path / "kept.png"
-    code = vis.main(["--model", str(checkpoints["hub"]), "--image", str(image_path), "--out", str(out),
+    code = cli.main(["--model", str(checkpoints["hub"]), "--image", str(image_path), "--out", str(out),
                      "--compressor", method, "--retention-ratio", "0.5"])
     stdout, err = capsys.readouterr()
     assert code == 0, err

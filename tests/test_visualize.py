@@ -1,6 +1,8 @@
-"""globalcom2.visualize: the CLI writes the picture, the picture tells kept from dropped, errors are one line."""
+"""The picture of what a compressor kept: `python -m minillava.visualize` writes it, the drawing
+(globalcom2.visualize) tells kept from dropped, errors are one line; globalcom2 imports nothing of minillava."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from PIL import Image
 
 import globalcom2
 from globalcom2 import visualize as vis
+from minillava import visualize as cli
 from globalcom2.layout import area_mask
 from minillava.anyres import CLIP_MEAN, CLIP_STD, _normalise, tile_image
 from minillava.layout import compressed_sequence, unpad_area
@@ -23,7 +26,7 @@ DIMMED = COLOUR * vis.DIM + vis.DIM_TO * (1 - vis.DIM)
 
 
 def run_cli(capsys, *args):
-    code = vis.main([str(a) for a in args])
+    code = cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -157,19 +160,24 @@ def test_bad_inputs(capsys, checkpoints, image_path, tmp_path):
     assert not out.exists()
     for ratio in ("0", "1.5", "nan"):
         with pytest.raises(SystemExit) as e:
-            vis.parse_args(["--image", "x", "--out", "y.png", "--retention-ratio", ratio])
+            cli.parse_args(["--image", "x", "--out", "y.png", "--retention-ratio", ratio])
         assert e.value.code == 2
 
 
 def test_module_entry_point_and_import_rule(tmp_path):
-    """`python -m globalcom2.visualize` fails in one line; importing it loads nothing of minillava."""
+    """`python -m minillava.visualize` fails in one line; the stage imports nothing of the model package:
+    importing all of globalcom2 loads no minillava module, and no file of it names minillava in an import."""
     env, root = {**os.environ, "HF_HUB_OFFLINE": "1"}, Path(__file__).resolve().parent.parent
-    bad = subprocess.run([sys.executable, "-m", "globalcom2.visualize", "--model", str(tmp_path), "--image",
+    bad = subprocess.run([sys.executable, "-m", "minillava.visualize", "--model", str(tmp_path), "--image",
                           str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "x.png")],
                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
-    check = "import sys, globalcom2.visualize; print(sorted(m for m in sys.modules if m.startswith('minillava')))"
+    modules = sorted(p.stem for p in (root / "globalcom2").glob("*.py") if p.stem != "__init__")
+    check = (f"import sys, globalcom2; [__import__('globalcom2.' + m) for m in {modules!r}]; "
+             "print(sorted(m for m in sys.modules if m.startswith('minillava')))")
     ok = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == "[]"
+    for path in (root / "globalcom2").glob("*.py"):
+        assert not re.search(r"^\s*(from|import) minillava", path.read_text(), re.M), path
