@@ -84,9 +84,9 @@ merged token stands for (PruMerge+ merges into kept tokens; a position in severa
 first, and every non-kept position also goes into its tile's extra token, not recorded there).
 FastV (minillava/fastv.py) is no method here: it prunes the uncompressed sequence inside the decoder.
 
-All but `none`, `globalcom2-paper` and the peers emit in the `globalcom2` layout. The thumbnail keeps
-int(P * r) tokens in descending score order, without newlines; crop c keeps int(N_c * scale_c) of
-its N_c valid tokens.
+GlobalCom2's methods but `globalcom2-paper` keep for the model's layout. The thumbnail keeps int(P * r)
+tokens in descending score order (its part has no newlines); crop c keeps int(N_c * scale_c) of its N_c
+valid tokens.
 
 Token scores are float32 on the features' device; the per-crop budget is float64 numpy on the host
 (the published arithmetic). Ties go to the earlier position in raster order, so results are
@@ -96,6 +96,7 @@ deterministic, and each image is compressed on its own: a batch gives what one-a
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -157,7 +158,8 @@ def compress_image(
             raise ValueError(f"scales do not apply to method {method!r}")
         missing = [need for need in PEERS[method].needs if need not in image.probes]
         if missing:
-            raise ValueError(f"method {method!r} needs the tower probes {missing}: pass needs={needs(method)} to the tower")
+            raise ValueError(f"method {method!r} needs the tower probes {missing}: compute needs({method!r}) = "
+                             f"{needs(method)} (globalcom2/probes.py)")
         token_dim = {"cls_attn": -1, "keys": -2, "hidden": -2}  # where the 1 + P tokens are in each kind
         bad = {need: tuple(p.shape) for need, p in image.probes.items()
                if p.shape[0] != 1 + C or p.shape[token_dim.get(need[0], 1)] != 1 + P}

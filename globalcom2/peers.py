@@ -208,7 +208,7 @@ def _prumerge(image, ratio: float, paper: Callable | None) -> Compressed:
 
 @dataclass(frozen=True)
 class Peer:
-    needs: tuple[tuple[str, int], ...]  # tower probes, see minillava/clip.py
+    needs: tuple[tuple[str, int], ...]  # tower probes, see globalcom2/probes.py
     run: Callable  # (image, ratio, paper) -> Compressed
     paper: Callable | None = None  # the published order, None: LLaVA-NeXT's true layout. A crop order
     # for `emit` (index, keep, grid, size) -> (n,); PruMerge+'s is `tile_by_tile` (it has no crop grid)
