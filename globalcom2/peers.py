@@ -78,8 +78,9 @@ def emit(image, table: Tensor, thumb_rows: Tensor, grid_rows: Tensor, crop_keep:
         merged = ids[torch.where(merge_rows >= 0, merge_rows, table.shape[0])]  # (1 + C, P)
         merged = merged[0], to_grid(merged[1:], image.grid, side)
     thumb_merge, crop_merge = merged if merged is not None else (None, None)
-    return Compressed(empty, keep, ratios, head=table[thumb_rows], grid=table[index], tail=table[tail_rows],
-                      thumb_merge=thumb_merge, crop_merge=crop_merge)
+    merging = merge_rows is not None  # else the grid holds the image's own crop features: the model's
+    return Compressed(empty, keep, ratios, head=table[thumb_rows], grid=table[index] if merging else None,
+                      tail=table[tail_rows], thumb_merge=thumb_merge, crop_merge=crop_merge)
 
 
 def sequence(image, table: Tensor, order: Tensor, thumb_keep: Tensor, crop_keep: Tensor, merge_rows: Tensor | None,
@@ -109,8 +110,8 @@ def _fastervlm(image, ratio: float, paper: Callable | None) -> Compressed:
     table = torch.cat([image.thumb[None], image.crops.to(image.thumb.dtype)]).reshape((1 + C) * P, D)
     thumb_rows = keep[0].nonzero()[:, 0]
     grid_rows = P + torch.arange(C * P, device=table.device).view(C, P)
-    packed = emit(image, table, thumb_rows, grid_rows, keep[1:], thumb_rows[:0], None, T, paper)
-    return replace(packed, thumb_keep=thumb_rows)
+    kept = emit(image, table, thumb_rows, grid_rows, keep[1:], thumb_rows[:0], None, T, paper)
+    return replace(kept, thumb_keep=thumb_rows)
 
 
 def _visionzip(image, ratio: float, paper: Callable | None) -> Compressed:
@@ -138,8 +139,8 @@ def _visionzip(image, ratio: float, paper: Callable | None) -> Compressed:
     rows = start + slot  # rows of the kept patches
     crop_tail = torch.cat([start[1:, 0], (start[1:] + torch.arange(dominant, T, device=device)).flatten()])
     merge_rows = torch.where(merge >= 0, start + dominant + merge, -1)
-    packed = emit(image, table, torch.arange(T, device=device), rows[1:], keep[1:], crop_tail, merge_rows, T, paper)
-    return replace(packed, thumb_keep=keep[0].nonzero()[:, 0])
+    kept = emit(image, table, torch.arange(T, device=device), rows[1:], keep[1:], crop_tail, merge_rows, T, paper)
+    return replace(kept, thumb_keep=keep[0].nonzero()[:, 0])
 
 
 def _hired(image, ratio: float, paper: Callable | None) -> Compressed:
@@ -152,9 +153,9 @@ def _hired(image, ratio: float, paper: Callable | None) -> Compressed:
     table = torch.cat([image.thumb[None], image.crops.to(image.thumb.dtype)]).reshape((1 + C) * P, D)
     thumb_rows = keep[0].nonzero()[:, 0]
     grid_rows = P + torch.arange(C * P, device=table.device).view(C, P)
-    packed = emit(image, table, thumb_rows, grid_rows, keep[1:], thumb_rows[:0], None, P, paper)
+    kept = emit(image, table, thumb_rows, grid_rows, keep[1:], thumb_rows[:0], None, P, paper)
     budgets = keep[1:].sum(dim=1).cpu().double() / P  # each crop's budget over P (padding included)
-    return replace(packed, thumb_keep=thumb_rows, crop_ratio=budgets)
+    return replace(kept, thumb_keep=thumb_rows, crop_ratio=budgets)
 
 
 def tile_by_tile(used: Tensor) -> Tensor:
@@ -202,8 +203,8 @@ def _prumerge(image, ratio: float, paper: Callable | None) -> Compressed:
         return sequence(image, table, paper(used), thumb_keep, crop_keep, merge_rows, crop_ratio)
     thumb_keep = sel.kept[0].nonzero()[:, 0]
     thumb_rows = torch.cat([rows[0, thumb_keep], start[0] + L])
-    packed = emit(image, table, thumb_rows, rows[1:], sel.kept[1:], start[1:, 0] + L, merge_rows, P, None)
-    return replace(packed, thumb_keep=thumb_keep, crop_ratio=crop_ratio)
+    kept = emit(image, table, thumb_rows, rows[1:], sel.kept[1:], start[1:, 0] + L, merge_rows, P, None)
+    return replace(kept, thumb_keep=thumb_keep, crop_ratio=crop_ratio)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ encoder layers (-2: the penultimate layer, whose output is LLaVA's feature layer
     ("cls_attn", l)    (N, heads, 1 + P) float32: the post-softmax attention row of the [CLS] query in
                        layer l, every key; transformers' eager `attentions[l][:, :, 0, :]`.
     ("keys", l)        (N, 1 + P, D) tower dtype: layer l's k_proj output, before the head split.
-    ("hidden", l)      (N, 1 + P, D) tower dtype: layer l's output (transformers' `hidden_states[l + 1]`).
+    ("hidden", l)      (N, 1 + P, D) tower dtype: layer l's output (transformers' `hidden_states[l % L + 1]`,
+                       L layers; ("hidden", -2) is `hidden_states[-2]`, LLaVA's feature layer).
 
 All of them come from the tower's hidden states (`hidden_states_needed` says which) and, for the
 attention kinds, the layer's [CLS] query and keys for its input (`query_key(layer, x)`, the tower's:

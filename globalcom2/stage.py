@@ -1,6 +1,6 @@
 """What the compression stage takes (`ImageFeatures`, one image) and returns (`Compressed`).
 
-Tensors only, and two callables the model lends (the projector, for methods that merge before it).
+Tensors only, and one callable the model lends (the projector, for methods that merge before it).
 Shapes: P = side * side tokens per tile, C = gw * gh crops, D the decoder's width, H x W = (gh side) x
 (gw side) the crop grid. See globalcom2/compress.py for the methods.
 """

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .anyres import tile_image
-from .compression import encode, image_tokens
+from .compression import encode, sequences
 from .generate import (USER_ERRORS, NumericsError, Prompt, Result, Steps, TokenReader, _sync, cache_slots,
                        check_token, prepare, sample)
 from .llama import PAD
@@ -87,10 +87,10 @@ def generate_batch(
             tiles[i] = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
         except USER_ERRORS as e:
             out[i] = e
-    features = encode(model, list(tiles.values()), compressor) if tiles else []  # one tower pass for all
+    encoded = encode(model, list(tiles.values()), compressor) if tiles else []  # one tower pass for all
     _sync(device)
     t1 = time.perf_counter()
-    images = dict(zip(tiles, image_tokens(model, features, compressor, retention_ratio, seed) if tiles else []))
+    images = dict(zip(tiles, sequences(model, encoded, compressor, retention_ratio, seed) if tiles else []))
     _sync(device)
     t2 = time.perf_counter()
     timings["vision"], timings["compress"], timings["prefill"], timings["decode"] = t1 - t0, t2 - t1, 0.0, 0.0
@@ -153,8 +153,8 @@ def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], tempe
     device, b = model.device, len(rows)
     embeds, input_pos = pad_left([r.prompt.embeds for r in rows])
     t, n = embeds.shape[1], max(r.prompt.limit for r in rows)
-    # past the context only when rows' lengths differ so much that the longest prompt plus the longest
-    # answer exceeds it (slots, not positions)
+    # slots, not positions: past the context only when rows' lengths differ so much that the longest
+    # prompt plus the longest answer exceeds it
     fastv = rows[0].prompt.fastv if b == 1 else None
     slots = cache_slots(model, t + n, fastv)
     model.llm.setup_cache(b, slots[0], layer_lengths=slots)

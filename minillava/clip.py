@@ -111,17 +111,19 @@ class VisionTower(nn.Module):
             raise ValueError(f"hidden states {tuple(layers)} asked of a tower with {n_layers} layers (0 .. {n_layers})")
         wanted = {i % (n_layers + 1) for i in layers}
         x = self.pre_layrnorm(self.embeddings(pixels))  # (N, 1 + P, D)
-        states = {0: x}
+        states = {0: x} if 0 in wanted else {}
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
             x = layer(x)
-            states[i] = x
+            if i in wanted:  # only what was asked stays alive
+                states[i] = x
         return {i: states[i % (n_layers + 1)] for i in layers}
 
     def query_key(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The [CLS] query (N, heads, 1, hd) and every key (N, heads, T, hd) of encoder layer `layer`
         (python index: -1 the last) for its input x (N, T, D), hidden state `layer % n_layers`: what an
         attention probe reads (globalcom2/probes.py), without running the layer. One query row: never
-        the T x T matrix."""
+        the T x T matrix. (For a layer the tower ran, its own [CLS] query came out of a projection of
+        every row: equal to this one up to float rounding.)"""
         block = self.encoder.layers[layer]
         attn, h = block.self_attn, block.layer_norm1(x)
         return attn.split(attn.q_proj(h[:, :1])), attn.split(attn.k_proj(h))

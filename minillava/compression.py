@@ -52,8 +52,8 @@ def stage_inputs(model: LlavaNext, images: list[Encoded]) -> list:
         im.grid, im.size, im.area, model.image_newline, im.probes, model.projector) for im in images]
 
 
-def image_tokens(model: LlavaNext, images: list[Encoded], method: str, ratio: float,
-                 seed: int = 0) -> list[tuple[torch.Tensor, int]]:
+def sequences(model: LlavaNext, images: list[Encoded], method: str, ratio: float,
+              seed: int = 0) -> list[tuple[torch.Tensor, int]]:
     """Each image's token sequence (T, D) for the decoder, and the uncompressed one's length. Each image
     is compressed on its own (the random method seeded per image, as answered alone)."""
     side = model.cfg.vision.patches_per_side

@@ -44,6 +44,8 @@ class FastV:
         """`ratio` r of the image tokens kept: FastV's R = 1 - r dropped, and it keeps
         round(length * (1 - R)) (fastv_forward: `topk(round(FASTV_image_token_length*(1-FASTV_r)))`).
         K = 2, the paper's setting for its LLaVA results."""
+        if not 0.0 < ratio <= 1.0:  # NaN fails too
+            raise ValueError(f"retention ratio must be in (0, 1], got {ratio!r}")
         dropped = 1.0 - ratio  # R, FastV's `fastv_r`
         return cls(layer, start, length, round(length * (1 - dropped)))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .anyres import Tiles, tile_image
-from .compression import compressors, encode, image_tokens
+from .compression import compressors, encode, sequences
 from .config import load_config
 from .fastv import FastV
 from .model import LlavaNext
@@ -274,10 +274,10 @@ def generate(
     device, steps = model.device, steps or Steps()
     t0 = time.perf_counter()
     tiles = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)  # thumbnail + crops
-    features = encode(model, [tiles], compressor)  # tower and projector, and what the compressor reads
+    encoded = encode(model, [tiles], compressor)  # tower and projector, and what the compressor reads
     _sync(device)
     t1 = time.perf_counter()
-    tokens, before = image_tokens(model, features, compressor, retention_ratio, seed)[0]  # keep, then lay out
+    tokens, before = sequences(model, encoded, compressor, retention_ratio, seed)[0]  # keep, then lay out
     _sync(device)
     t2 = time.perf_counter()
     prompt = prepare(model, tokenizer, question, tokens, before, compressor, retention_ratio, max_new_tokens)

@@ -234,13 +234,13 @@ class Decoder(nn.Module):
         if prune is not None and not (prefill and 0 < prune.layer < len(self.layers)):
             raise ValueError(f"tokens are pruned in a prefill, before one of layers 1 .. {len(self.layers) - 1}")
         cos, sin = self.positions(input_pos)
-        x = before = embeds
+        x = layer_input = embeds
         for i, layer in enumerate(self.layers):
             if prune is not None and i == prune.layer:  # keep what the method keeps, at its positions
-                keep = prune.keep(self.layers[i - 1], before, cos, sin)
+                keep = prune.keep(self.layers[i - 1], layer_input, cos, sin)
                 x, input_pos = x[:, keep], input_pos[keep]
                 cos, sin = self.positions(input_pos)
-            before = x  # this layer's input, for a method that reads its attention
+            layer_input = x  # for a method that reads this layer's attention
             x = layer(x, cos, sin, input_pos, prefill)
         return self.norm(x)
 

@@ -41,7 +41,7 @@ from minillava.anyres import tile_image  # noqa: E402
 from minillava.clip import VisionTower  # noqa: E402
 from minillava.config import KNOWN_TOWERS, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from minillava.generate import CACHE_BUCKET, Steps, TokenReader, compile_steps, decode_one_token, prefill, sample  # noqa: E402
-from minillava.layout import crop_grid, pack, uncompressed_length, unpad_area  # noqa: E402
+from minillava.layout import compressed_sequence, uncompressed_length, unpad_area  # noqa: E402
 from minillava.model import LlavaNext  # noqa: E402
 
 CLIP_L336 = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]
@@ -374,7 +374,7 @@ def image_token_counts(thumb_scores: torch.Tensor, crop_scores: torch.Tensor, gr
 
 def packed(image: globalcom2.ImageFeatures, kept: globalcom2.Compressed) -> torch.Tensor:
     """The token sequence the model feeds the decoder for what a compressor kept (minillava/layout.py)."""
-    return pack(kept.head, crop_grid(image.crops, image.grid), image.area, image.newline, kept.crop_keep)
+    return compressed_sequence(kept, image.crops, image.grid, image.area, image.newline)
 
 
 def theory(counts: dict[str, int], prompt_tokens: int, scores_note: str) -> dict:

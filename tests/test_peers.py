@@ -15,7 +15,7 @@ from globalcom2.peers import PEERS
 import minillava.generate as gen
 from globalcom2.layout import area_mask
 from minillava.anyres import tile_image
-from minillava.compression import encode, image_tokens, stage_inputs
+from minillava.compression import encode, sequences, stage_inputs
 from minillava.trust import load_image
 from minillava.weights import load_model
 from tests import tiny
@@ -70,7 +70,7 @@ def test_cli_counts(capsys, checkpoints, model, wide, method):
     counts = json.loads(out.strip().splitlines()[-1])["visual_tokens"]
     tiles = tile_image(load_image(str(wide)), model.cfg.grid_pinpoints, tiny.TILE)
     with torch.no_grad():
-        expected, before = image_tokens(model, encode(model, [tiles], method), method, r)[0]
+        expected, before = sequences(model, encode(model, [tiles], method), method, r)[0]
     assert counts == {"before": 16 + 2 * (12 + 1), "after": expected.shape[0]} and before == counts["before"]
     if method in ("fastervlm-paper", "visionzip-paper"):
         assert counts["after"] == 4 * 4  # T = round(16 * 0.25) = 4 tokens in each of the 4 tiles
