@@ -35,7 +35,7 @@ COMPRESSOR_HELP = (
     "code); the paper's ablations uniform, local-only, global-only; a seeded random floor; none (plain "
     "LLaVA-NeXT); the peers fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is "
     "ignored: PruMerge+ chooses its own count), each also as NAME-paper (the published sequence), and fastv "
-    "(prunes inside the decoder after layer 2; needs more than 2 decoder layers). README: GlobalCom2, Peers"
+    "(prunes inside the decoder after layer 2; needs more than 2 decoder layers). Each is described in docs/methods.md"
 )
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
 

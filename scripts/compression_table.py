@@ -238,7 +238,7 @@ def table(results: Results) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default weights/llava-next-tiny-scenes)")
     p.add_argument("--n", type=int, default=500, help="held-out questions per family (default 500, the synthetic tasks' "
@@ -254,6 +254,11 @@ def main(argv=None):
         p.error("--n must be at least 1")
     if not (args.model / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json there; pass a checkpoint folder")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     configs = [("none", 1.0), ("thumbnail", 1.0)] + [(m, r) for m in ROWS for r in RATIOS]
     for family in S.FAMILIES if args.family == "both" else (args.family,):
         results = evaluate(args.model, args.n, configs, args.seed, family)

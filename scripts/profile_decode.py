@@ -46,12 +46,16 @@ def build() -> LlavaNext:
     return model.eval().requires_grad_(False)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python scripts/profile_decode.py")
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build()

@@ -16,12 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests import tiny  # noqa: E402
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="directory to write (config.json, safetensors, tokenizer.model)")
     p.add_argument("--layout", choices=list(tiny.LAYOUTS), default="hub", help="key layout (default hub)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny.train_tokenizer(Path(tmp) / "tokenizer.model")
         tiny.save_checkpoint(tiny.hf_model(args.seed), args.out, args.layout, tok)

@@ -104,7 +104,7 @@ def test_the_readme_command_answers(capsys):
 
 def test_the_shipped_model_answers_held_out_questions():
     """Held-out questions 0 .. 39: uncompressed accuracy as measured when the model was trained
-    (see README), and well below it with the thumbnail alone (the digit needs the crops)."""
+    (see docs/miniature.md), and well below it with the thumbnail alone (the digit needs the crops)."""
     from compression_table import evaluate
 
     accuracy, kept = evaluate(SHIPPED, 40, [("none", 1.0), ("thumbnail", 1.0), ("globalcom2", 0.25)])[:2]

@@ -295,7 +295,7 @@ def write_split(out: Path, n: int, split: str = "test", seed: int = DEFAULT_SEED
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minillava.eval.synthetic",
                                 description="Write a split of the synthetic scenes in LLaVA's evaluation layout.")
     p.add_argument("--out", type=Path, required=True, help="folder to write (questions.jsonl, images/, answers.json)")
@@ -308,6 +308,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     write_split(args.out, args.n, args.split, args.seed, args.family)
     print(f"wrote {args.n} {args.split} questions of the {args.family} family to {args.out}")
 
