@@ -75,6 +75,8 @@ def open_upload(path) -> Image.Image:
 
 def preview(path):
     """Upload -> (the image as the model will see it, or None; a message)."""
+    if not path:  # the upload was cleared: nothing to show, nothing to complain about
+        return None, ""
     try:
         return open_upload(path), ""
     except ImageError as e:
@@ -245,7 +247,7 @@ def build_app(model=DEFAULT_MODEL, device=None, dtype=None, max_new_tokens: int 
 
     def kept(label: str, key: str):
         return gr.Image(label=f"Kept visual tokens{label}", type="pil", format="png", interactive=False,
-                        height=440, elem_id=f"picture{key}")
+                        height=440, show_label=False, elem_id=f"picture{key}")  # the drawing has its own title
 
     with gr.Blocks(title="minillava: LLaVA-NeXT with GlobalCom2", analytics_enabled=False) as app:
         gr.Markdown("## LLaVA-NeXT with visual-token compression\nUpload an image or pick an example, ask a "

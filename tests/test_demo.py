@@ -209,7 +209,7 @@ def chromium_paths():
 
 
 @pytest.mark.slow
-def test_the_page_in_headless_chromium():
+def test_the_page_in_headless_chromium(tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -e \".[demo]\"")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -268,6 +268,16 @@ def test_the_page_in_headless_chromium():
                            for n in ("answer", "counts") for k in "ab"])
         assert both[0].strip() == both[1].strip() == "6"
         assert "336 -> 336" in both[2] and "336 -> 46" in both[3]
+
+        # a file that is no image: a message on the page, and the server goes on serving
+        driver.find_element(By.CSS_SELECTOR, "#upload button[aria-label=Clear]").click()  # the upload box returns
+        bad = tmp_path / "notes.png"
+        bad.write_text("not a picture\n")
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#upload input[type=file]")).send_keys(str(bad))
+        message = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#message textarea").get_attribute("value"))
+        assert "not an image" in message and "notes.png" in message and "Traceback" not in message
+        assert server.poll() is None
+        urllib.request.urlopen(url, timeout=10).close()
     finally:
         if driver is not None:
             driver.quit()
