@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from .compression import compressors
-from .generate import (COMPRESSOR_HELP, DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, fail,
+from .generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, fail,
                        generate, load)
 from .trust import URL_MAX_BYTES, ImageError, decode_image, open_regular
 from .visualize import kept_picture
@@ -306,7 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="A local web page (Gradio) to ask LLaVA-NeXT about an image: upload or pick an image, type "
         "a question, choose a compressor and retention ratio r, and get the streamed answer, the picture of "
         "the kept visual tokens, token counts and timings; a side-by-side tab compares two settings. "
-        f"Needs the demo extra: pip install -e \".[demo]\". {COMPRESSOR_HELP}",
+        "Needs the demo extra: pip install -e \".[demo]\". The compressors are generate's: python -m "
+        "minillava.generate --help.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint directory, folder name under weights/, or hub id (default {DEFAULT_MODEL}, "
@@ -348,7 +349,8 @@ def main(argv=None) -> int:
         print(f"minillava demo on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
         app.block_thread()
     except OSError as e:  # the port is taken, or the address is not this machine's
-        return fail(f"cannot listen on {args.host}:{args.port}: {' '.join(str(e).split())}")
+        reason = " ".join(str(e).split()).split(". ")[0]  # Gradio's advice after it names launch() arguments
+        return fail(f"cannot listen on {args.host}:{args.port} ({reason}); choose another --port or --host")
     return 0
 
 
