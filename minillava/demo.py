@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from .compression import compressors
-from .generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, fail,
+from .generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, conv_template_arg, fail,
                        generate, load)
 from .trust import URL_MAX_BYTES, ImageError, decode_image, open_regular
 from .visualize import kept_picture
@@ -56,9 +56,10 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, max_new_tokens: int = 512) -> "Session":
+    def load(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, max_new_tokens: int = 512,
+             conv_template: str | None = None) -> "Session":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(*load(model, device, dtype), max_new_tokens=max_new_tokens)
+        return cls(*load(model, device, dtype, conv_template), max_new_tokens=max_new_tokens)
 
 
 def open_upload(path) -> Image.Image:
@@ -321,6 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weights and activations (default: float16 on cuda; float32 on cpu, or bfloat16 when "
                    "float32 weights would take over half the memory)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
+    conv_template_arg(p)
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
@@ -338,7 +340,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda was asked for but CUDA is not available here; use --device cpu")
     try:
-        session = Session.load(args.model, args.device, DTYPES.get(args.dtype), args.max_new_tokens)
+        session = Session.load(args.model, args.device, DTYPES.get(args.dtype), args.max_new_tokens, args.conv_template)
     except USER_ERRORS as e:
         return fail(str(e))
     app = build_app(session)
