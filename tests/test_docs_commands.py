@@ -30,6 +30,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PARSERS = {
     "minillava.generate": "minillava.generate",
     "minillava.visualize": "minillava.visualize",
+    "minillava.demo": "minillava.demo",
     "minillava.eval": "minillava.eval.runner",
     "minillava.eval.synthetic": "minillava.eval.synthetic",
     "scripts/bench.py": "bench",
