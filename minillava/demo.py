@@ -32,7 +32,7 @@ from PIL import Image
 
 from .compression import compressors
 from .generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, conv_template_arg, fail,
-                       generate, load)
+                       generate, load, ratio_arg)
 from .trust import URL_MAX_BYTES, ImageError, decode_image, open_regular
 from .visualize import kept_picture
 from .weights import DEFAULT_MODEL
@@ -91,11 +91,9 @@ def _check(question: str, compressor: str, ratio) -> str:
     if compressor not in compressors():
         return f"unknown compressor {compressor!r}; one of: {', '.join(compressors())}"
     try:
-        ratio = float(ratio)
-    except (TypeError, ValueError):
-        return f"the retention ratio {ratio!r} is not a number"
-    if not 0.0 < ratio <= 1.0:  # NaN fails too
-        return f"the retention ratio {ratio} is outside (0, 1]: it is the fraction of visual tokens kept"
+        ratio_arg(str(ratio))  # the command line's own check
+    except argparse.ArgumentTypeError as e:
+        return f"the retention ratio: {e}"
     return ""
 
 

@@ -20,12 +20,12 @@ from PIL import Image
 from .anyres import tile_image
 from .compression import compressors, encode, stage_inputs
 from .eval.files import write_atomic
-from .fastv import FastV, kept_positions, on_grid
-from .generate import DTYPES, USER_ERRORS, fail, load, prefill, ratio_arg, seed_arg
+from .fastv import kept_positions, on_grid
+from .generate import DTYPES, USER_ERRORS, fail, load, prefill, prepare, ratio_arg, seed_arg
 from .layout import uncompressed_length
 from .model import LlavaNext
-from .tokenizer import Tokenizer, build_prompt
-from .trust import ConfigError, load_image
+from .tokenizer import Tokenizer
+from .trust import load_image
 from .weights import DEFAULT_MODEL, load_model, resolve_model
 
 
@@ -50,18 +50,13 @@ def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: f
     # the score map shows GlobalCom2's [CLS] scores, whatever the method
     encoded = encode(model, [tiles], compressor, extra=(globalcom2.SCORES,))
     features, area, note = stage_inputs(model, encoded)[0], encoded[0].area, ""
-    if compressor == "fastv":
-        full = model.image_tokens(encoded[0])
-        chunks = tokenizer.encode_prompt(build_prompt(prompt))
-        embeds = model.prompt_embeds(chunks, [full])
-        fv = FastV.from_ratio(len(chunks[0]), full.shape[0], ratio)
-        layers = model.cfg.text.num_hidden_layers
-        if fv.layer >= layers:
-            raise ConfigError(f"FastV prunes after decoder layer {fv.layer}, but this model has only {layers} "
-                              "decoder layers; use another --compressor")
-        model.llm.setup_cache(1, embeds.shape[1])
-        prefill(model, embeds, fv)
-        thumb_keep, crop_keep = on_grid(kept_positions(model.llm, fv, embeds.shape[1]), tiles.grid, area, side)
+    before = uncompressed_length(area, side)
+    if compressor == "fastv":  # the prompt and FastV's plan exactly as generate makes them (`prepare`)
+        plan = prepare(model, tokenizer, prompt, model.image_tokens(encoded[0]), before, "fastv", ratio, 1)
+        length, fv = plan.embeds.shape[0], plan.fastv
+        model.llm.setup_cache(1, length)
+        prefill(model, plan.embeds[None], fv)
+        thumb_keep, crop_keep = on_grid(kept_positions(model.llm, fv, length), tiles.grid, area, side)
         valid = area_mask(area, crop_keep.shape, crop_keep.device)
         ratios = (to_crops(crop_keep, tiles.grid, side).sum(1).double().cpu()
                   / to_crops(valid, tiles.grid, side).sum(1).double().cpu().clamp(min=1))  # (C,)
@@ -72,7 +67,7 @@ def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: f
         after = model.image_tokens(encoded[0], result).shape[0]
     drawing = draw(image, tiles.grid, tiles.size, tile, features.thumb_scores, result, compressor, ratio,
                    area=area, after=after, seed=seed, note=note)
-    return Picture(drawing, uncompressed_length(area, side), after)
+    return Picture(drawing, before, after)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
