@@ -26,6 +26,30 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+# False in a PyTorch built without oneDNN: Linear is then plain nn.Linear
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) that sends the products of a few float32 rows on the
+    CPU to oneDNN's matmul instead of MKL's: the decode step of a small batch (B rows of one token).
+
+    Why: there MKL's sgemm for 4 to 16 rows costs 2-3x its one-row product, where oneDNN's reads the
+    weight once for all rows at 1.5x (8 rows against 5632 x 2048, one thread: MKL 9 ms, oneDNN 5 ms, one
+    row 3 ms; docs/speed.md), and reading the weights once for every row is what batching decode is
+    for. Everything else keeps F.linear: one row (a matrix-vector product, as fast either way),
+    2 rows and prefill-sized inputs (MKL as fast or faster), bfloat16 (F.linear already goes to
+    oneDNN), autograd (oneDNN's op has no derivative), compiled graphs (inductor chooses its own).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if (ONEDNN and 4 <= rows <= 16 and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 def rope_table(head_dim: int, length: int, theta: float, device=None) -> torch.Tensor:
     """cos and sin of every position, (2, length, head_dim) float32, rotate-half layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
@@ -89,14 +113,24 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H, T, hd) of the positions `input_pos` ((T,) or (B, T)) that follow the prompt;
-        return the whole cache (B, H, length, hd) twice and the mask (B, 1, T, length), True where a
-        query may look."""
+        return the cache's keys and values (B, H, S, hd) and the mask (B, 1, T, S), True where a query
+        may look: S = every slot, or in eager steps on the CPU the slots up to the last one written."""
         input_pos = input_pos.expand(self.pos.shape[0], -1)  # (B, T)
         slots = input_pos[0] - self.skipped[0]  # the same slots in every row (see the class docstring)
         self.k[:, :, slots] = k
         self.v[:, :, slots] = v
         self.pos[:, slots] = input_pos
-        return self.k, self.v, (self.pos[:, None, :] <= input_pos[:, :, None])[:, None]
+        end = self.pos.shape[1]
+        if k.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Slots fill in order, so every slot after the last one written holds a later position (or
+            # none) and is masked for every query: leave them out. Attention's cost is linear in the
+            # slots it reads, and a cache sized for the longest answer is mostly empty early on (the
+            # bench's batch-8 step in bfloat16: 16% of it attention over the whole cache, half of it
+            # empty). Compiled steps keep the whole cache (static shapes, CUDA graphs), and so does
+            # CUDA, where reading `end` on the host would wait for the device at every layer.
+            end = int(slots.max()) + 1
+        mask = self.pos[:, None, :end] <= input_pos[:, :, None]  # (B, T, S)
+        return self.k[:, :, :end], self.v[:, :, :end], mask[:, None]
 
 
 class Attention(nn.Module):
@@ -104,10 +138,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=bias)
+        self.q_proj = Linear(d, self.heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(d, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(d, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.heads * self.head_dim, d, bias=bias)
         self.cache: KVCache | None = None
 
     def qk(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +189,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj = nn.Linear(d, f, bias=bias), nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gate_proj, self.up_proj = Linear(d, f, bias=bias), Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -22,7 +22,7 @@ from .anyres import Tiles
 from .clip import VisionTower
 from .config import LlavaConfig
 from .layout import compressed_sequence, crop_grid, pack, unpad_area
-from .llama import Decoder
+from .llama import Decoder, Linear
 
 
 class Projector(nn.Module):
@@ -57,7 +57,8 @@ class LlavaNext(nn.Module):
         self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector_bias)
         self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
         self.llm = Decoder(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        # llama.Linear: a small batch's decode step reads the largest matrix once for all rows too
+        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     @property
     def device(self) -> torch.device:
