@@ -83,7 +83,7 @@ class Plan:
     compile: bool = True  # torch.compile the decode step (row 4) and, as extra information, the prefill (row 3)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     batch_questions: int = 64  # synthetic questions answered per side of row 10
-    batch_sizes: tuple[int, ...] = (1, 8, 32)  # --batch-size of the sides of row 10 (row 11: 1 and 8)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)  # --batch-size of the sides of row 10 (rows 11a, 11b: 1 and 8)
 
 
 def decoder_1b() -> TextConfig:
@@ -773,44 +773,83 @@ def bench_batch_eval(plan: Plan, log, model_name: str = "llava-next-tiny-scenes"
     return {"samples": samples, "questions": len(questions), "same_answers": all(a == first for a in answers.values())}
 
 
+BATCH_DTYPES = ("bfloat16", "float32")  # row 11a, row 11b
+
+
+def in_dtype(ours: LlavaNext, dtype: torch.dtype) -> LlavaNext:
+    """A copy of `ours` with every weight in `dtype` (built on the meta device, so the copy is the only new
+    memory)."""
+    with torch.device("meta"):
+        copy = LlavaNext(ours.cfg)
+    copy.load_state_dict({k: v.to(dtype) for k, v in ours.state_dict().items()}, strict=True, assign=True)
+    return copy.eval().requires_grad_(False)
+
+
 @torch.inference_mode()
-def bench_batch_decode(plan: Plan, ours: LlavaNext, hf, log, sizes=(1, 8)) -> dict:
-    """Row 11: greedy decode tokens/s (all rows' tokens) at batch 1 and 8, eager steps (a compiled step
-    would compile once per batch size): every row the same prompt, so every row's ids must equal batch
-    1's. The prefill is not timed; the n - 1 decode steps are."""
+def bench_batch_decode(plan: Plan, ours: LlavaNext, hf, log, sizes=(1, 8), dtypes=BATCH_DTYPES) -> dict:
+    """Rows 11a and 11b: greedy decode tokens/s (all rows' tokens) at batch 1 and 8, eager steps (a compiled
+    step would compile once per batch size), in bfloat16 and float32, all four sides alternated in one
+    run: every row the same prompt, so every row's ids must equal batch 1's. The prefill is not timed;
+    the n - 1 decode steps are. Also the kernels' own ratio: every linear layer a step reads (blocks and
+    lm_head, our Linear as the step calls it) applied to 1 and to 8 rows, nothing else: what the step's
+    ratio would be if attention, norms and sampling were free."""
     prompt, n = plan.decode_prompt, plan.new_tokens
     cache = -(-(prompt + n) // CACHE_BUCKET) * CACHE_BUCKET
-    embeds = random_embeds(hf, prompt, seed=1)
-    ids: dict[int, list[list[int]]] = {}
-    prefilled = {}  # batch size: (each layer's cache, first ids). A prefill costs b x a long decode: done
-    # once per size; rerunning the steps rewrites the same slots, and the mask hides the later ones
+    models = {name: ours if getattr(torch, name) == ours.dtype else in_dtype(ours, getattr(torch, name)) for name in dtypes}
+    ids: dict[str, list[list[int]]] = {}
+    prefilled = {}  # (dtype, batch size): (each layer's cache, first ids). A prefill costs b x a long decode:
+    # done once per side; rerunning the steps rewrites the same slots, and the mask hides the later ones
 
-    def side(b: int) -> Callable[[], float]:
+    def side(name: str, b: int) -> Callable[[], float]:
+        model = models[name]
+        embeds = random_embeds(hf, prompt, seed=1).to(model.dtype)
+
         def run() -> float:
-            layers = ours.llm.layers
-            if b not in prefilled:
-                ours.llm.setup_cache(b, cache)
-                first = sample(prefill(ours, embeds.expand(b, -1, -1)), 0.0, 1.0, None)
-                prefilled[b] = [layer.self_attn.cache for layer in layers], first
-            caches, next_id = prefilled[b]
+            layers = model.llm.layers
+            if (name, b) not in prefilled:
+                model.llm.setup_cache(b, cache)
+                first = sample(prefill(model, embeds.expand(b, -1, -1)), 0.0, 1.0, None)
+                prefilled[name, b] = [layer.self_attn.cache for layer in layers], first
+            caches, next_id = prefilled[name, b]
             for layer, kv in zip(layers, caches):
                 layer.self_attn.cache = kv
             positions = torch.arange(prompt, prompt + n).expand(b, -1)
             out = [next_id.tolist()]
             t0 = time.perf_counter()
             for step in range(n - 1):
-                next_id = sample(decode_one_token(ours, next_id.view(b, 1), positions[:, step : step + 1]), 0.0, 1.0, None)
+                next_id = sample(decode_one_token(model, next_id.view(b, 1), positions[:, step : step + 1]), 0.0, 1.0, None)
                 out.append(next_id.tolist())
             elapsed = time.perf_counter() - t0
-            ids[b] = [list(row) for row in zip(*out)]
+            ids[f"{name}_batch{b}"] = [list(row) for row in zip(*out)]
             return elapsed
 
         return run
 
-    samples = alternate({f"batch{b}": side(b) for b in sizes}, plan.repeats["decode"], label="batch_decode")
-    log(f"batched decode samples (s for {n - 1} steps): {_fmt_dict(samples)}")
-    same = all(row == ids[sizes[0]][0] for b in sizes for row in ids[b])
-    return {"samples": samples, "steps_timed": n - 1, "sizes": list(sizes), "same_ids": same, "cache_length": cache}
+    def kernels(name: str, b: int) -> Callable[[], float]:
+        model = models[name]
+        linears = [m for m in [*model.llm.modules(), model.lm_head] if isinstance(m, torch.nn.Linear)]
+        x = {m: torch.randn(b, 1, m.weight.shape[1], dtype=m.weight.dtype) for m in linears}  # (B, 1, D) as a step
+
+        def run() -> float:  # seconds per step's worth of products
+            t0 = time.perf_counter()
+            for _ in range(KERNEL_PASSES):
+                for m in linears:
+                    m(x[m])
+            return (time.perf_counter() - t0) / KERNEL_PASSES
+
+        return run
+
+    sides = {f"{name}_batch{b}": side(name, b) for name in dtypes for b in sizes}
+    sides.update({f"{name}_kernels{b}": kernels(name, b) for name in dtypes for b in sizes})
+    samples = alternate(sides, plan.repeats["decode"], label="batch_decode")
+    log(f"batched decode samples (s for {n - 1} steps; kernels: s per step): {_fmt_dict(samples)}")
+    same = {name: all(row == ids[f"{name}_batch{sizes[0]}"][0] for b in sizes for row in ids[f"{name}_batch{b}"])
+            for name in dtypes}
+    return {"samples": samples, "steps_timed": n - 1, "sizes": list(sizes), "dtypes": list(dtypes), "same_ids": same,
+            "cache_length": cache}
+
+
+KERNEL_PASSES = 3  # a step's products per timed call of the kernels' side
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1125,15 +1164,20 @@ def build_rows(r: dict) -> list[Row]:
     bd = r.get("batch_decode")
     if bd:
         one, many = bd["sizes"]
-        tps = {b: b * bd["steps_timed"] / median(bd["samples"][f"batch{b}"]) for b in bd["sizes"]}
-        rows.append(make_row("11", f"decode tokens/s, batch {many} / batch 1 (all rows' tokens), eager",
-                             "itself at batch 1", f"{tps[many]:.2f} tok/s", f"{tps[one]:.2f} tok/s",
-                             tps[many] / tps[one], ">= 5",
-                             _join(f"prompt {r['plan']['decode_prompt']}, {bd['steps_timed']} decode steps timed, "
-                                   f"the same prompt in every row; every row's ids equal batch 1's: "
-                                   f"{'yes' if bd['same_ids'] else 'NO'}",
-                                   paired(bd["samples"][f"batch{one}"], bd["samples"][f"batch{many}"]),
-                                   noise(r, "batch_decode"))))
+        for key, name in zip(("11a", "11b"), bd["dtypes"]):
+            sm = bd["samples"]
+            tps = {b: b * bd["steps_timed"] / median(sm[f"{name}_batch{b}"]) for b in bd["sizes"]}
+            kernel = many * median(sm[f"{name}_kernels{one}"]) / median(sm[f"{name}_kernels{many}"])
+            rows.append(make_row(key, f"decode tokens/s, batch {many} / batch 1 (all rows' tokens), {name}, eager",
+                                 "itself at batch 1", f"{tps[many]:.2f} tok/s", f"{tps[one]:.2f} tok/s",
+                                 tps[many] / tps[one], ">= 5",
+                                 _join(f"prompt {r['plan']['decode_prompt']}, {bd['steps_timed']} decode steps timed, "
+                                       f"the same prompt in every row; every row's ids equal batch 1's: "
+                                       f"{'yes' if bd['same_ids'][name] else 'NO'}",
+                                       f"the kernels alone (every linear of a step on {many} rows vs on 1, {name}): "
+                                       f"{kernel:.2f}x, the ceiling of this ratio on this CPU",
+                                       paired([many * t for t in sm[f"{name}_batch{one}"]], sm[f"{name}_batch{many}"]),
+                                       noise(r, "batch_decode"))))
     return rows
 
 
@@ -1292,7 +1336,7 @@ def to_json(obj):
 # The run
 
 
-SECTIONS = ("loading", "vision", "compression", "prefill", "decode", "batch")
+SECTIONS = ("loading", "vision", "compression", "prefill", "decode", "batch", "batchdecode")  # batch: rows 10-11b; batchdecode: 11a, 11b only
 
 
 def run_sections(plan: Plan, r: dict, sections, log) -> None:
@@ -1329,7 +1373,7 @@ def run_sections(plan: Plan, r: dict, sections, log) -> None:
     if "batch" in sections:
         r["batch_eval"] = bench_batch_eval(plan, log)
         gc.collect()
-    if "prefill" in sections or "decode" in sections or "batch" in sections:
+    if {"prefill", "decode", "batch", "batchdecode"} & set(sections):
         t0 = time.perf_counter()
         ours, hf = build_decoders(plan.text)
         n_params = decoder_params(ours)
@@ -1340,7 +1384,7 @@ def run_sections(plan: Plan, r: dict, sections, log) -> None:
             r["prefill"] = bench_prefill(plan, ours, hf, lengths, log)
         if "decode" in sections:
             r["decode"] = bench_decode(plan, ours, hf, log)
-        if "batch" in sections:
+        if "batch" in sections or "batchdecode" in sections:
             r["batch_decode"] = bench_batch_decode(plan, ours, hf, log)
         del ours, hf
         gc.collect()
