@@ -100,3 +100,61 @@ def test_a_cache_of_the_same_shape_is_kept_not_reallocated():
         fresh = dec(embeds, pos, prefill=True)
         fresh_step = dec(step, torch.tensor([4]))
     assert torch.equal(kept, fresh) and torch.equal(kept_step, fresh_step)
+
+
+def test_an_eager_cpu_step_reads_only_the_filled_slots(monkeypatch):
+    """Issue 21: an eager decode step on the CPU attends to the slots up to the last one written, not
+    the whole cache; every slot it leaves out is masked, so its output equals the step over the whole
+    cache that a compiled step takes. Left-padded rows (per-row positions, PAD) included."""
+    dec = small_decoder(layers=2)
+    embeds = torch.randn(3, 6, 8)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5], [-1, -1, 0, 1, 2, 3], [-1, 0, 1, 2, 3, 4]])
+    lengths = torch.tensor([[6], [4], [5]])
+
+    def steps(whole: bool):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: whole)  # compiled steps keep every slot
+        seen = []
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda q, k, v, **kw: seen.append(k.shape[2]) or sdpa(q, k, v, **kw))
+        with torch.no_grad():
+            dec.setup_cache(3, 32)
+            dec(embeds, pos, prefill=True)
+            out = [dec(torch.randn(3, 1, 8, generator=torch.Generator().manual_seed(s)), lengths + s) for s in range(3)]
+        monkeypatch.undo()
+        return torch.cat(out, dim=1), seen
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    filled, filled_slots = steps(whole=False)
+    whole, whole_slots = steps(whole=True)
+    # 2 layers a call: the prefill's 6 new keys, then each step's slots up to its own
+    assert filled_slots == [6, 6, 7, 7, 8, 8, 9, 9] and whole_slots == [6, 6] + [32] * 6
+    # float rounding only (2e-7 here): the kernel sums a different number of masked (zero) terms
+    torch.testing.assert_close(filled, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_sends_a_few_float32_rows_to_onednn(monkeypatch):
+    """Issue 21: Linear gives F.linear's numbers (to float rounding) whatever kernel it picks: oneDNN
+    for 4 to 16 float32 rows without autograd, F.linear for one row, prefill-sized inputs, bfloat16 and
+    with gradients; the state dict is nn.Linear's."""
+    from minillava import llama
+
+    if not llama.ONEDNN:
+        pytest.skip("PyTorch built without oneDNN: Linear is F.linear")
+    layer = llama.Linear(64, 96, bias=True)
+    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or onednn(*a))
+    for rows, dtype, grad, routed in ((8, torch.float32, False, True), (4, torch.float32, False, True),
+                                      (16, torch.float32, False, True), (1, torch.float32, False, False),
+                                      (2, torch.float32, False, False), (64, torch.float32, False, False),
+                                      (8, torch.bfloat16, False, False), (8, torch.float32, True, False)):
+        calls.clear()
+        x = torch.randn(rows, 1, 64, dtype=dtype)
+        layer.to(dtype)
+        with torch.set_grad_enabled(grad):
+            got = layer(x)
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert bool(calls) == routed, (rows, dtype, grad)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
