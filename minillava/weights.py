@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,22 +93,22 @@ def read_layout(files: list[Path]) -> dict[str, Entry]:
     return layout
 
 
-def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantize: Spec | None = None) -> LlavaNext:
-    """Build the model from `model_dir` (config.json + safetensors) on `device` in `dtype`.
+@dataclass
+class Plan:
+    """A checkpoint checked against its config before any weight is read: the model on the meta device
+    (its linears already swapped for QuantizedLinear if quantized), where each of its tensors is, and
+    which linears are quantized: while loading (from float weights) or stored so (`stored`)."""
 
-    The model is built on the meta device, and each file is memory-mapped. A tensor already in the
-    target dtype on the CPU becomes the parameter as it is, a view of the file's pages (copy-on-write,
-    read on first use): no copy at all. Any other tensor is converted or moved from the map, and the
-    pages it was read from are handed back to the kernel at once. Peak memory stays near the size of
-    the model in its target dtype. The safetensors library (0.8) maps files too, but keeps every page
-    it converted from: loading a 1 GiB float32 file as bfloat16 through `safe_open` or
-    `safetensors.torch.load_file` peaked 1.5 GiB above the interpreter's start, this 0.53 GiB.
+    cfg: LlavaConfig
+    model: LlavaNext
+    layout: dict[str, Entry]
+    spec: Spec | None
+    quantized: set[str]  # module names (llm.layers.0.self_attn.q_proj, lm_head)
+    stored: bool  # the checkpoint holds them quantized (python -m minillava.quantize)
 
-    `quantize` (or the checkpoint's own quantization_config, from python -m minillava.quantize): the
-    decoder's linears become weight-only int8 / int4 (minillava/quant.py). A full-precision weight is
-    quantized as it is read, a block of rows at a time, and its pages handed back: the full-precision
-    model is never held, only one matrix of it at most.
-    """
+
+def plan_load(model_dir: str | Path, quantize: Spec | None = None) -> Plan:
+    """Read and check config.json and every tensor's name, shape and dtype against it (see `load_model`)."""
     model_dir = Path(model_dir)
     cfg: LlavaConfig = load_config(model_dir)
     if cfg.quantization is not None and quantize not in (None, cfg.quantization):
@@ -145,14 +146,34 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
         if e.dtype != kind if integer else not e.dtype.is_floating_point:
             want = f"{kind} ({spec.name})" if integer else "a floating-point dtype"
             raise WeightsError(f"{e.path.name}: {e.key!r} is {e.dtype}, expected {want}")
+    return Plan(cfg, model, layout, spec, quantized, cfg.quantization is not None)
 
+
+def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantize: Spec | None = None) -> LlavaNext:
+    """Build the model from `model_dir` (config.json + safetensors) on `device` in `dtype`.
+
+    The model is built on the meta device, and each file is memory-mapped. A tensor already in the
+    target dtype on the CPU becomes the parameter as it is, a view of the file's pages (copy-on-write,
+    read on first use): no copy at all. Any other tensor is converted or moved from the map, and the
+    pages it was read from are handed back to the kernel at once. Peak memory stays near the size of
+    the model in its target dtype. The safetensors library (0.8) maps files too, but keeps every page
+    it converted from: loading a 1 GiB float32 file as bfloat16 through `safe_open` or
+    `safetensors.torch.load_file` peaked 1.5 GiB above the interpreter's start, this 0.53 GiB.
+
+    `quantize` (or the checkpoint's own quantization_config, from python -m minillava.quantize): the
+    decoder's linears become weight-only int8 / int4 (minillava/quant.py). A full-precision weight is
+    quantized as it is read, a block of rows at a time, and its pages handed back: the full-precision
+    model is never held, only one matrix of it at most.
+    """
+    plan = plan_load(model_dir, quantize)
+    model, layout, spec, quantized = plan.model, plan.layout, plan.spec, plan.quantized
     device = torch.device(device)
     sizes = {e.path: e.file_size for e in layout.values()}
     maps = {path: map_file(path, size) for path, size in sizes.items()}
     state, loaded = {}, {}
     for name, e in layout.items():
         module = name.removesuffix(".weight")
-        quantizing = module in quantized and cfg.quantization is None
+        quantizing = module in quantized and not plan.stored
         if (e.path, e.key) in loaded and not quantizing:  # tied weights: one tensor, two names
             state[name] = loaded[(e.path, e.key)]
             continue
@@ -232,4 +253,4 @@ def resolve_model(name: str) -> Path:
     return local
 
 
-__all__ = ["DEFAULT_MODEL", "checkpoint_files", "load_model", "read_layout", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "checkpoint_files", "load_model", "plan_load", "read_layout", "resolve_model"]
