@@ -33,7 +33,8 @@ GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm (CUDA) accepts
 DEFAULT_GROUP_SIZE = 128  # gpt-fast's default
 METHOD = "minillava-weight-only"  # quantization_config.quant_method of our checkpoints (transformers refuses it: not its format)
 # Our parameter names of the quantized linears: the decoder's projections and lm_head.
-QUANTIZED = re.compile(r"(llm\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head)")
+# (A bare Decoder's, without "llm.", too: the benchmarks and tests quantize one with `quantize_model`.)
+QUANTIZED = re.compile(r"((llm\.)?layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head)")
 ROWS = 1024  # weights are quantized and packed this many output rows at a time, so no whole float32 copy is made
 
 
@@ -177,6 +178,18 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(suffix, torch.empty(shape, dtype=kind, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, spec: Spec, bias: torch.Tensor | None = None) -> "QuantizedLinear":
+        """The layer of a float weight (N, K) (and bias (N,)), in its dtype, packed for its device."""
+        n, k = weight.shape
+        layer = cls(k, n, bias is not None, spec, weight.dtype, "meta")
+        for suffix, t in quantize(weight, spec, weight.dtype).items():
+            setattr(layer, suffix, t)
+        layer.bias = bias
+        layer.pack()
+        return layer
+
     @torch.no_grad()
     def pack(self):
         """Turn the storage form into the device kernel's (see KERNELS); the storage form is dropped."""
@@ -234,3 +247,18 @@ def pack_all(model: nn.Module):
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
             m.pack()
+
+
+def quantize_model(model: nn.Module, spec: Spec) -> nn.Module:
+    """Quantize a model already in memory, in place (benchmarks, tests; the commands quantize while
+    loading): the same weights as `load_model(..., quantize=spec)` gives in the model's dtype."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and QUANTIZED.fullmatch(name)]
+    for name in names:
+        old = model.get_submodule(name)
+        spec.check(name, old.out_features, old.in_features)
+    for name in names:
+        old = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                QuantizedLinear.from_weight(old.weight, spec, old.bias))
+    return model
