@@ -186,7 +186,7 @@ class QuantizedLinear(nn.Module):
         layer = cls(k, n, bias is not None, spec, weight.dtype, "meta")
         for suffix, t in quantize(weight, spec, weight.dtype).items():
             setattr(layer, suffix, t)
-        layer.bias = bias
+        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         layer.pack()
         return layer
 
