@@ -150,17 +150,23 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: Spec, dtype: torch.dtype)
 
 # --- the layer ----------------------------------------------------------------------------------------
 
-# Which matmul each device uses, chosen by measurement (docs/speed.md; scripts/bench.py `kernel_rows`).
+# Which matmul each device uses, chosen by measurement (docs/speed.md; scripts/bench.py `quant_kernels`).
 # CPU: PyTorch's packed kernels. One 5632 x 2048 matrix, one row, bf16 activations, 2 threads: int8
 #   `_weight_int8pack_mm` 0.81 ms and int4 `_weight_int4pack_mm_for_cpu` 0.38 ms against bf16 F.linear's
 #   1.59 ms (issue 21's table); dequantize-and-matmul is slower than bf16 itself (it reads the integers,
-#   then writes and reads a 16-bit copy), and torch.compile does not fuse it into a CPU GEMM.
+#   then writes and reads a 16-bit copy). With bf16 activations the packed kernels stay ahead at any row
+#   count (512 rows: 0.55x and 0.44x F.linear's time). With float32 activations they are not GEMMs: at
+#   64 rows 37x and 68x F.linear's time (against 1.8x and 6.9x for dequantize-and-matmul), so float32
+#   uses them for one row only (a batch-1 decode step) and dequantizes for more (`FLOAT32_ROWS`); an int4
+#   layer of a float32 model keeps its storage form for that beside the packing (the packing's layout
+#   depends on the CPU's vector width, so it is not unpacked).
 # CUDA: int4 is aten._weight_int4pack_mm (tinygemm, gpt-fast's int4 path); it takes bf16 activations
 #   only, so float16 ones are cast around it. int8 is dequantize-and-matmul, F.linear(x, w.to(dtype)) *
 #   scales, gpt-fast's int8 form: under torch.compile (--compile) Inductor fuses the conversion into the
 #   matmul; eager, it is correct but not faster than 16-bit. scripts/cuda_check.py measures both.
 # Anything else (MPS, ...): dequantize-and-matmul, correct everywhere.
 KERNELS = {("cpu", 8): "int8pack", ("cpu", 4): "int4pack_cpu", ("cuda", 4): "int4pack_cuda"}
+FLOAT32_ROWS = 1  # most rows of float32 activations sent to a CPU packed kernel (see above)
 
 
 class QuantizedLinear(nn.Module):
@@ -196,6 +202,9 @@ class QuantizedLinear(nn.Module):
         device = self.weight.device
         self.kernel = KERNELS.get((device.type, self.spec.bits), "dequant")
         if self.kernel == "int4pack_cpu":  # the CPU op takes (N, K) int32 in 0..15; packed per block of rows
+            if self.scales_and_zeros.dtype == torch.float32:  # float32 activations: more than FLOAT32_ROWS rows are
+                # dequantized, from the storage form (it costs the packing's bytes again: int8's size)
+                self.register_buffer("nibbles", self.weight, persistent=False)
             self.weight = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 unpack_int4(self.weight[i : i + ROWS]).to(torch.int32), 1) for i in range(0, self.out_features, ROWS)])
         elif self.kernel == "int4pack_cuda":  # takes the storage form as it is; 4-D int32 tiles out
@@ -206,22 +215,30 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.kernel == "int8pack":
+        kernel = self.kernel
+        if kernel in ("int8pack", "int4pack_cpu") and x.dtype == torch.float32 and x.shape[0] > FLOAT32_ROWS:
+            kernel = "dequant"
+        if kernel == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales)
-        elif self.kernel == "int4pack_cpu":
+        elif kernel == "int4pack_cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.spec.group_size,
                                                             self.scales_and_zeros)
-        elif self.kernel == "int4pack_cuda":
+        elif kernel == "int4pack_cuda":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.weight,
                                                    self.spec.group_size, self.scales_and_zeros).to(x.dtype)
         elif self.spec.bits == 8:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         else:
-            y = F.linear(x, dequantize({"weight": self.weight, "scales_and_zeros": self.scales_and_zeros},
-                                       self.spec, x.dtype))
+            y = F.linear(x, self.dequantized(x.dtype))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The int4 weight (N, K) in `dtype`, from the storage form (kept beside the CPU kernel's packing,
+        whose layout depends on the CPU's vector width, for float32 models: see `pack`)."""
+        weight = self.nibbles if self.kernel == "int4pack_cpu" else self.weight
+        return dequantize({"weight": weight, "scales_and_zeros": self.scales_and_zeros}, self.spec, dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}, kernel={self.kernel}"
