@@ -6,8 +6,6 @@ against transformers' own weight-only int8 (TorchAoConfig, when torchao is insta
 
 import json
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -280,14 +278,24 @@ def test_a_float_checkpoint_with_integer_weights_is_refused(hub, tmp_path):
         load_model(rewrite(single, tmp_path / "bad", as_int))
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+def cli(capsys, module: str, *args) -> tuple[int, str, str]:
+    """`python -m module args` in this process: exit code, stdout, stderr."""
+    import importlib
+
+    main = importlib.import_module({"minillava.eval": "minillava.eval.runner"}.get(module, module)).main
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_command_line_errors(hub, written, tmp_path):
+def test_command_line_errors(hub, written, tmp_path, capsys):
     before = set(tmp_path.iterdir())
-    proc = cli("minillava.quantize", "--model", str(hub), "--out", str(tmp_path / "x"), "--bits", "8", "--group-size", "32")
-    assert proc.returncode == 2 and "--group-size goes with --bits 4" in proc.stderr
+    code, _, err = cli(capsys, "minillava.quantize", "--model", str(hub), "--out", str(tmp_path / "x"), "--bits", "8",
+                       "--group-size", "32")
+    assert code == 2 and "--group-size goes with --bits 4" in err
     for args, message in [
         (["--out", str(written[8]), "--bits", "8"], "exists; give a new folder"),
         (["--out", str(tmp_path / "no" / "x"), "--bits", "8"], "does not exist; create it first"),
@@ -295,23 +303,26 @@ def test_command_line_errors(hub, written, tmp_path):
         (["--out", str(tmp_path / "z"), "--bits", "4", "--group-size", "256"], "choose a --group-size"),
     ]:
         args = args if "--model" in args else ["--model", str(hub), *args]
-        proc = cli("minillava.quantize", *args)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
+        code, out, err = cli(capsys, "minillava.quantize", *args)
+        lines = err.strip().splitlines()
+        assert code == 1 and out == "" and len(lines) == 1 and message in lines[0], err
     assert set(tmp_path.iterdir()) == before  # nothing half-written, no temporary folder left
-    proc = cli("minillava.generate", "--model", str(written[4]), "--image", "x.png", "--prompt", "x", "--quantize", "int8")
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
-    proc = cli("minillava.generate", "--model", str(hub), "--image", "x.png", "--prompt", "x", "--group-size", "64")
-    assert proc.returncode == 2 and "--group-size goes with --quantize int4" in proc.stderr
+    code, _, err = cli(capsys, "minillava.generate", "--model", str(written[4]), "--image", str(tmp_path / "x.png"),
+                       "--prompt", "x", "--quantize", "int8")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: ")
+    code, _, err = cli(capsys, "minillava.generate", "--model", str(hub), "--image", "x.png", "--prompt", "x",
+                       "--group-size", "64")
+    assert code == 2 and "--group-size goes with --quantize int4" in err
     for module in ("minillava.generate", "minillava.eval", "minillava.visualize", "minillava.demo", "minillava.quantize"):
-        assert "--group-size" in cli(module, "--help").stdout
+        code, out, _ = cli(capsys, module, "--help")
+        assert code == 0 and "--group-size" in out
 
 
-def test_generate_command_with_quantize(hub, image_path):
-    proc = cli("minillava.generate", "--model", str(hub), "--image", str(image_path), "--prompt", "What is it?",
-               "--max-new-tokens", "4", "--quantize", "int4", "--group-size", "32", "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert len(json.loads(proc.stdout)["token_ids"]) >= 1
+def test_generate_command_with_quantize(hub, image_path, capsys):
+    code, out, err = cli(capsys, "minillava.generate", "--model", str(hub), "--image", str(image_path), "--prompt",
+                         "What is it?", "--max-new-tokens", "4", "--quantize", "int4", "--group-size", "32", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["token_ids"]) >= 1
 
 
 def test_batched_answers_equal_one_by_one(hub, image_path):
