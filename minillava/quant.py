@@ -61,9 +61,13 @@ class Spec:
 
     def check(self, name: str, n: int, k: int):
         """ConfigError if linear `name` of weight (n, k) cannot be quantized this way."""
-        if self.bits == 4 and (k % self.group_size or n % 16):  # 16: the CPU packing's rows (CUDA's: 8)
-            raise ConfigError(f"int4 needs input widths divisible by the group size and output widths by 16, but "
-                              f"{name} is {n} x {k}: choose a --group-size in {GROUP_SIZES} that divides {k}")
+        if self.bits == 4 and k % self.group_size:
+            fits = [g for g in GROUP_SIZES if k % g == 0]
+            raise ConfigError(f"int4 groups of {self.group_size} inputs need input widths divisible by "
+                              f"{self.group_size}, but {name} has {k} inputs: "
+                              + (f"use --group-size {max(fits)}" if fits else "use --quantize int8"))
+        if self.bits == 4 and n % 16:  # the CPU kernel packs 16 rows together (CUDA's: 8)
+            raise ConfigError(f"int4 needs output widths divisible by 16, but {name} has {n} outputs: use --quantize int8")
 
 
 def parse_spec(raw) -> Spec | None:

@@ -300,7 +300,7 @@ def test_command_line_errors(hub, written, tmp_path, capsys):
         (["--out", str(written[8]), "--bits", "8"], "exists; give a new folder"),
         (["--out", str(tmp_path / "no" / "x"), "--bits", "8"], "does not exist; create it first"),
         (["--model", str(written[8]), "--out", str(tmp_path / "y"), "--bits", "8"], "is already quantized (int8)"),
-        (["--out", str(tmp_path / "z"), "--bits", "4", "--group-size", "256"], "choose a --group-size"),
+        (["--out", str(tmp_path / "z"), "--bits", "4", "--group-size", "256"], "has 128 inputs: use --group-size 128"),
     ]:
         args = args if "--model" in args else ["--model", str(hub), *args]
         code, out, err = cli(capsys, "minillava.quantize", *args)
