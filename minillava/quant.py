@@ -248,38 +248,24 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}, kernel={self.kernel}"
 
 
-def swap_linears(model: nn.Module, spec: Spec) -> list[str]:
-    """Replace every linear named by QUANTIZED (our parameter names, without .weight) with a
-    QuantizedLinear on the same device; the names replaced. Each is checked (`Spec.check`) first."""
+def swap_linears(model: nn.Module, spec: Spec, make=None) -> list[str]:
+    """Replace every linear named by QUANTIZED (our parameter names, without .weight) with `make(linear)`,
+    by default an empty QuantizedLinear on the same device (filled by load_state_dict); the names
+    replaced. Each is checked (`Spec.check`) before any is replaced."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and QUANTIZED.fullmatch(name)]
     for name in names:
         old = model.get_submodule(name)
         spec.check(name, old.out_features, old.in_features)
+    make = make or (lambda old: QuantizedLinear(old.in_features, old.out_features, old.bias is not None, spec,
+                                                old.weight.dtype, old.weight.device))
     for name in names:
-        old = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
-        new = QuantizedLinear(old.in_features, old.out_features, old.bias is not None, spec, old.weight.dtype,
-                              old.weight.device)
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        setattr(model.get_submodule(parent) if parent else model, child, make(model.get_submodule(name)))
     return names
-
-
-def pack_all(model: nn.Module):
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            m.pack()
 
 
 def quantize_model(model: nn.Module, spec: Spec) -> nn.Module:
     """Quantize a model already in memory, in place (benchmarks, tests; the commands quantize while
     loading): the same weights as `load_model(..., quantize=spec)` gives in the model's dtype."""
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and QUANTIZED.fullmatch(name)]
-    for name in names:
-        old = model.get_submodule(name)
-        spec.check(name, old.out_features, old.in_features)
-    for name in names:
-        old = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                QuantizedLinear.from_weight(old.weight, spec, old.bias))
+    swap_linears(model, spec, lambda old: QuantizedLinear.from_weight(old.weight, spec, old.bias))
     return model

@@ -198,15 +198,18 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
         state[name] = loaded[(e.path, e.key)] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     # Stored integer weights on the CPU are views of the file; those `pack` repacks for the kernel (int4)
-    # are never read again, so their pages are handed back after it.
-    views = [(name.removesuffix(".weight"), state[name].data_ptr(), e) for name, e in layout.items()
-             if not e.dtype.is_floating_point and device.type == "cpu"]
-    state.clear()  # each tensor replaced by `pack` is freed as it goes: no second copy of the quantized model
+    # are not read again, so their pages are handed back as each is packed.
+    views = {name.removesuffix(".weight"): e for name, e in layout.items()
+             if not e.dtype.is_floating_point and device.type == "cpu"}
+    state.clear()  # each tensor `pack` replaces is freed as it goes: never two copies of the quantized model
     loaded.clear()
-    quant.pack_all(model)
-    for module, ptr, e in views:
-        if model.get_submodule(module).weight.data_ptr() != ptr:
-            release(maps[e.path], e.start, e.end)
+    for name, m in model.named_modules():
+        if isinstance(m, quant.QuantizedLinear):
+            before = m.weight.data_ptr()
+            m.pack()
+            if name in views and m.weight.data_ptr() != before:
+                e = views[name]
+                release(maps[e.path], e.start, e.end)
     model.eval().requires_grad_(False)
     return model
 
