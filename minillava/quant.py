@@ -182,7 +182,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: Spec, dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        self.kernel = "dequant"
+        self.kernel, self.packed = "dequant", False
         for suffix, shape in spec.shapes(out_features, in_features).items():
             kind = {"weight": torch.int8 if spec.bits == 8 else torch.uint8}.get(suffix, dtype)
             self.register_buffer(suffix, torch.empty(shape, dtype=kind, device=device))
@@ -202,8 +202,10 @@ class QuantizedLinear(nn.Module):
 
     @torch.no_grad()
     def pack(self):
-        """Turn the storage form into the device kernel's (see KERNELS); the storage form is dropped."""
-        device = self.weight.device
+        """Turn the storage form into the device kernel's (see KERNELS), once; the storage form is dropped."""
+        if self.packed:
+            return
+        self.packed, device = True, self.weight.device
         self.kernel = KERNELS.get((device.type, self.spec.bits), "dequant")
         if self.kernel == "int4pack_cpu":  # the CPU op takes (N, K) int32 in 0..15; packed per block of rows
             if self.scales_and_zeros.dtype == torch.float32:  # float32 activations: more than FLOAT32_ROWS rows are

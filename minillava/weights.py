@@ -183,9 +183,13 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
             continue
         view = torch.frombuffer(mm, dtype=e.dtype, count=(e.end - e.start) // e.dtype.itemsize, offset=e.start)
         view = view.view(e.shape)
-        if quantizing:  # on the device (fast there), a block of rows at a time (quant.ROWS)
+        if quantizing:  # on the device (fast there), a block of rows at a time (quant.ROWS), and packed for
+            # its kernel at once: one matrix's storage form at a time, never the whole model's
+            layer = model.get_submodule(module)
             for suffix, t in quant.quantize(view.to(device) if device.type != "cpu" else view, spec, dtype).items():
-                state[f"{module}.{suffix}"] = t
+                setattr(layer, suffix, t)
+            layer.pack()
+            state.update({f"{module}.{k}": getattr(layer, k) for k in spec.shapes(1, 1)})
             release(mm, e.start, e.end)
             continue
         if not e.dtype.is_floating_point:  # a stored quantized weight: as it is (`pack` lays it out for the device)
@@ -201,7 +205,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
     # are not read again, so their pages are handed back as each is packed.
     views = {name.removesuffix(".weight"): e for name, e in layout.items()
              if not e.dtype.is_floating_point and device.type == "cpu"}
-    state.clear()  # each tensor `pack` replaces is freed as it goes: never two copies of the quantized model
+    state.clear()  # each tensor `pack` replaces is freed as it goes: never two copies of the quantized weights
     loaded.clear()
     for name, m in model.named_modules():
         if isinstance(m, quant.QuantizedLinear):
