@@ -7,8 +7,9 @@
 One process, one run (only the loading measurement runs in a fresh subprocess). Every comparison
 calls each side once to warm it up, then alternates the sides (A, B, A, B, ...) and reports medians.
 Weights are random (seeded) at the plan's shapes, and both sides of a comparison share the very same
-weight tensors. The rows and targets are those of issue 4; the theoretical table recomputes the
-GlobalCom2 paper's efficiency figures (LLaVA-NeXT-7B on MME) the way LLM-Viewer counts them.
+weight tensors. The rows and targets are those of issue 4 (rows 12-13, weight-only int8 / int4: issue
+21); the theoretical table recomputes the GlobalCom2 paper's efficiency figures (LLaVA-NeXT-7B on MME)
+the way LLM-Viewer counts them.
 """
 
 from __future__ import annotations
@@ -818,7 +819,12 @@ def bench_batch_decode(plan: Plan, ours: LlavaNext, hf, log, sizes=(1, 8)) -> di
 # Rows 12 and 13: weight-only int8 / int4 (minillava/quant.py)
 
 QUANT_SIDES = ("float32", "bfloat16", "int8", "int4")
-QUANT_SPECS = {"int8": Spec(8), "int4": Spec(4, DEFAULT_GROUP_SIZE)}
+
+
+def quant_specs(text: TextConfig) -> dict[str, Spec]:
+    """int8, and int4 in groups of 128 (the default), or of the largest size the widths allow (test shapes)."""
+    group = max(g for g in (32, 64, DEFAULT_GROUP_SIZE) if text.hidden_size % g == 0 and text.intermediate_size % g == 0)
+    return {"int8": Spec(8), "int4": Spec(4, group)}
 
 
 def clone_as(model: LlavaNext, dtype: torch.dtype) -> LlavaNext:
@@ -842,13 +848,14 @@ def quant_kernels(text: TextConfig, repeats: int) -> dict[str, dict]:
     """Each kernel alone on one row: an (MLP x width) matrix, eight different ones in turn so that none
     stays in cache (issue 21's table). {side: {"s": seconds per matrix (samples), "bytes": its bytes}}."""
     n, k = text.intermediate_size, text.hidden_size
+    specs = quant_specs(text)
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, k, generator=g) * 0.02 for _ in range(8)]
     sides = {}
     for name in QUANT_SIDES:
         dtype = torch.float32 if name == "float32" else torch.bfloat16
-        if name in QUANT_SPECS:
-            fns = [QuantizedLinear.from_weight(w.to(dtype), QUANT_SPECS[name]) for w in weights]
+        if name in specs:
+            fns = [QuantizedLinear.from_weight(w.to(dtype), specs[name]) for w in weights]
             bytes_ = sum(t.numel() * t.element_size() for t in fns[0].state_dict().values())
         else:
             ws = [w.to(dtype) for w in weights]
@@ -878,7 +885,7 @@ def bench_quant(plan: Plan, log) -> dict:
     ours, hf = build_decoders(plan.text)
     del hf
     models = {"float32": ours, "bfloat16": clone_as(ours, torch.bfloat16)}
-    for name, spec in QUANT_SPECS.items():
+    for name, spec in quant_specs(plan.text).items():
         models[name] = quantize_model(clone_as(ours, torch.bfloat16), spec)
         gc.collect()
     log(f"built the float32, bfloat16, int8 and int4 decoders in {time.perf_counter() - t0:.1f} s")
@@ -925,13 +932,15 @@ def bench_quant_loading(plan: Plan, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         ckpt = write_checkpoint(plan, Path(tmp) / "ckpt")
         t0 = time.perf_counter()
-        q4 = quantize_checkpoint(str(ckpt), Path(tmp) / "int4", QUANT_SPECS["int4"])
+        spec = quant_specs(plan.ckpt_text)["int4"]
+        q4 = quantize_checkpoint(str(ckpt), Path(tmp) / "int4", spec)
         quantize_s = time.perf_counter() - t0
         result = {"ckpt_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
                   "int4_bytes": (q4 / "model.safetensors").stat().st_size, "quantize_s": quantize_s,
-                  "while_loading": run_loader(ckpt, "bfloat16", plan.threads, f"4:{DEFAULT_GROUP_SIZE}"),
+                  "while_loading": run_loader(ckpt, "bfloat16", plan.threads, f"4:{spec.group_size}"),
                   "quantized_ckpt": run_loader(q4, "bfloat16", plan.threads)}
     log(f"int4 loading: {_fmt_dict(result)}")
+    result["group_size"] = spec.group_size
     return result
 
 
@@ -1312,7 +1321,7 @@ def quant_rows(r: dict) -> list[Row]:
                                  f"{peak / GB:.2f} GB", f"{ql['int4_bytes'] / GB:.2f} GB", peak / ql["int4_bytes"],
                                  "<= 1.3",
                                  _join(f"the float16 checkpoint of row 9 ({ql['ckpt_bytes'] / GB:.2f} GB) loaded into "
-                                       f"bfloat16 with int4 linears (group {DEFAULT_GROUP_SIZE}) in a fresh process in "
+                                       f"bfloat16 with int4 linears (group {ql['group_size']}) in a fresh process in "
                                        f"{w['load_s']:.1f} s; peak = VmHWM - RSS before, after reading every weight once",
                                        f"python -m minillava.quantize wrote the int4 checkpoint in {ql['quantize_s']:.1f} s",
                                        direct)))
