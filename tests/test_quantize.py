@@ -404,9 +404,8 @@ def test_error_at_7b_widths():
 @torch.inference_mode()
 def test_int8_equals_transformers_torchao(tmp_path):
     """transformers' own weight-only int8 (TorchAoConfig(Int8WeightOnlyConfig()), torchao's per-channel
-    symmetric int8) on a LlamaForCausalLM at 7B widths (one layer): the same scales (ours rounded to
-    bfloat16), the same integers but for about 0.1% one step apart (w / scale near a half-way point, read
-    against torchao's float32 scale), logits close to ours (recorded)."""
+    int8) on a LlamaForCausalLM at 7B widths (one layer): the per-row scales agree to rounding, the
+    integers but for a small share one step apart, and the logits are close (all recorded)."""
     pytest.importorskip("torchao")
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import LlamaConfig, LlamaForCausalLM, TorchAoConfig
@@ -422,9 +421,14 @@ def test_int8_equals_transformers_torchao(tmp_path):
     quant.quantize_model(full.model, Spec(8))  # its names: layers.N.* (lm_head apart)
     full.lm_head = QuantizedLinear.from_weight(full.lm_head.weight, Spec(8))
     theirs, mine = hf.model.layers[0].mlp.up_proj.weight, full.model.layers[0].mlp.up_proj
-    assert torch.equal(theirs.scale.flatten().to(torch.bfloat16), mine.scales)
+    # both scale each row by its largest magnitude; torchao's float32 scale and ours, stored in bfloat16 and
+    # computed as amax / 127, differ by rounding only
+    their_s = theirs.scale.flatten().float()
+    rel = ((their_s - mine.scales.float()).abs() / their_s).max().item()
+    conftest.QUANT.append(("7B widths, int8: largest relative scale difference from torchao's", rel))
+    assert rel < 0.01
     ours_q, their_q = quant.quantize(w, Spec(8), torch.bfloat16)["weight"].float(), theirs.qdata.float()
-    differ = ours_q != their_q  # torchao divides by its float32 scale, we by the bfloat16 one we store
+    differ = ours_q != their_q  # rounding of the scales moves a value near a half-way point by one
     assert differ.float().mean() < 0.01 and ((ours_q - their_q).abs() <= 1).all()
     conftest.QUANT.append(("7B widths, int8: share of integers rounded apart from torchao's", differ.float().mean().item()))
     ids = torch.randint(0, 32000, (1, 32))
