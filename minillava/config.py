@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .quant import Spec, parse_spec
 from .trust import ConfigError, parse_json, read_regular, show
 from .validate import check_pinpoints, check_text, check_vision, fill
 
@@ -94,6 +95,7 @@ class LlavaConfig:
     projector_bias: bool = True
     layout: str = "transformers"  # "transformers" or "original": which config.json this came from
     vision_from_shapes: bool = False  # original layout with an unknown tower: sizes come from the weights
+    quantization: Spec | None = None  # quantization_config of a checkpoint from python -m minillava.quantize
 
 
 # transformers' MistralConfig defaults where they differ from LlamaConfig's (transformers 5.24,
@@ -220,6 +222,7 @@ def parse_config(raw) -> LlavaConfig:
         raise ConfigError("config.json is neither a transformers LLaVA-NeXT config nor an original LLaVA one")
     if not cfg.vision_from_shapes:  # otherwise checked once the weights have told the tower's sizes
         check_vision(cfg)
+    cfg.quantization = parse_spec(raw.get("quantization_config"))
     return cfg
 
 

@@ -32,7 +32,8 @@ from PIL import Image
 
 from .compression import compressors
 from .generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, conv_template_arg, fail,
-                       generate, load, ratio_arg)
+                       generate, load, quantize_args, quantize_spec, ratio_arg)
+from .quant import Spec
 from .trust import URL_MAX_BYTES, ImageError, decode_image, open_regular
 from .visualize import kept_picture
 from .weights import DEFAULT_MODEL
@@ -57,9 +58,9 @@ class Session:
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, device=None, dtype=None, max_new_tokens: int = 512,
-             conv_template: str | None = None) -> "Session":
+             conv_template: str | None = None, quantize: Spec | None = None) -> "Session":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(*load(model, device, dtype, conv_template), max_new_tokens=max_new_tokens)
+        return cls(*load(model, device, dtype, conv_template, quantize), max_new_tokens=max_new_tokens)
 
 
 def open_upload(path) -> Image.Image:
@@ -321,7 +322,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "float32 weights would take over half the memory)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
     conv_template_arg(p)
+    quantize_args(p)
     args = p.parse_args(argv)
+    args.spec = quantize_spec(p, args)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if not 0 < args.port < 65536:
@@ -338,7 +341,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda was asked for but CUDA is not available here; use --device cpu")
     try:
-        session = Session.load(args.model, args.device, DTYPES.get(args.dtype), args.max_new_tokens, args.conv_template)
+        session = Session.load(args.model, args.device, DTYPES.get(args.dtype), args.max_new_tokens, args.conv_template,
+                               args.spec)
     except USER_ERRORS as e:
         return fail(str(e))
     app = build_app(session)

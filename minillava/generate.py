@@ -23,6 +23,7 @@ from .compression import compressors, encode, sequences
 from .config import load_config
 from .fastv import FastV
 from .model import LlavaNext
+from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, Spec
 from .conversation import FLAG as CONV_FLAG, TEMPLATES, choose_template
 from .tokenizer import PromptError, StreamDecoder, Tokenizer, read_added_tokens
 from .trust import ConfigError, ImageError, WeightsError, load_image
@@ -58,8 +59,9 @@ class Result:
 
 
 def load(model: str, device="cpu", dtype: torch.dtype | None = None,
-         conv_template: str | None = None) -> tuple[LlavaNext, Tokenizer]:
-    """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`.
+         conv_template: str | None = None, quantize: Spec | None = None) -> tuple[LlavaNext, Tokenizer]:
+    """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`;
+    `quantize`: the decoder's linears weight-only int8 / int4, quantized while loading (minillava/quant.py).
     The config is validated whole, the tokenizer checked against it and the conversation template chosen
     (`conv_template` names one, else `conversation.choose_template` reads the checkpoint) before any
     weight is read."""
@@ -78,7 +80,7 @@ def load(model: str, device="cpu", dtype: torch.dtype | None = None,
     tokenizer.use_template(template, cfg.text.vocab_size)
     device = torch.device(device)
     dtype = dtype or default_dtype(model_dir, device)
-    return load_model(model_dir, device, dtype), tokenizer
+    return load_model(model_dir, device, dtype, quantize), tokenizer
 
 
 def prefill(model: LlavaNext, embeds: torch.Tensor, fastv: FastV | None = None,
@@ -349,6 +351,27 @@ def conv_template_arg(p: argparse.ArgumentParser):
                    "chat template, its name as LLaVA's run_llava.py reads it, and its decoder)")
 
 
+def quantize_args(p: argparse.ArgumentParser):
+    """--quantize and --group-size, for every command that loads a model; `quantize_spec` reads them."""
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization of the decoder's linear layers and lm_head, done while loading "
+                   "(int8 per output channel, int4 group-wise; activations stay in --dtype): half / a quarter of "
+                   "the 16-bit weights' memory, and faster decoding. A checkpoint written by python -m "
+                   "minillava.quantize is quantized already and needs no flag")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None, metavar="G",
+                   help=f"int4: inputs sharing one scale and zero, one of {', '.join(map(str, GROUP_SIZES))} "
+                   f"(default {DEFAULT_GROUP_SIZE}; it must divide the model's widths)")
+
+
+def quantize_spec(p: argparse.ArgumentParser, args: argparse.Namespace) -> Spec | None:
+    """The Spec of --quantize / --group-size (None: not quantized); a usage error for --group-size alone."""
+    if args.group_size is not None and args.quantize != "int4":
+        p.error("--group-size goes with --quantize int4")
+    if args.quantize is None:
+        return None
+    return Spec(8) if args.quantize == "int8" else Spec(4, args.group_size or DEFAULT_GROUP_SIZE)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m minillava.generate",
@@ -375,6 +398,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weights and activations (default: float16 on cuda; float32 on cpu, or bfloat16 "
                    "when float32 weights would take over half the memory)")
     conv_template_arg(p)
+    quantize_args(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the tower, prefill and decode step (pays off on long answers; "
                    "compile time is reported apart)")
@@ -384,6 +408,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-new-tokens must be at least 1")
     if not 0.0 < args.top_p <= 1.0:  # NaN fails too
         p.error("--top-p must be in (0, 1]")
+    args.spec = quantize_spec(p, args)
     return args
 
 
@@ -395,7 +420,7 @@ def main(argv=None) -> int:
     try:
         image = load_image(args.image)
         t0 = time.perf_counter()
-        model, tokenizer = load(args.model, device, DTYPES.get(args.dtype), args.conv_template)
+        model, tokenizer = load(args.model, device, DTYPES.get(args.dtype), args.conv_template, args.spec)
         load_s = time.perf_counter() - t0
         steps, compile_s = Steps(), {}
         if args.compile:

@@ -66,7 +66,7 @@ class LlavaNext(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.image_newline.dtype  # not lm_head's: a quantized lm_head holds integers (minillava/quant.py)
 
     def encode_images(self, tiles: list[Tiles], layers=(), probe: Callable | None = None) -> list[Encoded]:
         """All tiles of all images through the tower and projector in one batch, split back per image.

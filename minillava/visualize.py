@@ -21,7 +21,7 @@ from .anyres import tile_image
 from .compression import compressors, encode, stage_inputs
 from .eval.files import write_atomic
 from .fastv import kept_positions, on_grid
-from .generate import DTYPES, USER_ERRORS, fail, load, prefill, prepare, ratio_arg, seed_arg
+from .generate import DTYPES, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec, ratio_arg, seed_arg
 from .layout import uncompressed_length
 from .model import LlavaNext
 from .tokenizer import Tokenizer
@@ -92,7 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and activations (default: float16 on cuda, float32 on cpu)")
+    quantize_args(p)
     args = p.parse_args(argv)
+    args.spec = quantize_spec(p, args)
     if args.compressor == "fastv" and args.prompt is None:
         p.error("--compressor fastv needs --prompt: FastV keeps the image tokens the question attends to")
     return args
@@ -127,9 +129,9 @@ def main(argv=None) -> int:
         image = load_image(args.image)
         tokenizer = None
         if args.compressor == "fastv":  # FastV's choice needs the decoder and the question
-            model, tokenizer = load(args.model, device, dtype)
+            model, tokenizer = load(args.model, device, dtype, quantize=args.spec)
         else:
-            model = load_model(resolve_model(args.model), device, dtype)  # no tokenizer needed
+            model = load_model(resolve_model(args.model), device, dtype, args.spec)  # no tokenizer needed
         picture = kept_picture(model, image, args.compressor, args.retention_ratio, args.seed, tokenizer, args.prompt)
     except USER_ERRORS as e:
         return fail(str(e))

@@ -10,13 +10,16 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import quant
 from .config import LlavaConfig, load_config, vision_config_from_shapes
 from .model import LlavaNext
-from .trust import Entry, WeightsError, checkpoint_paths, is_hub_id, map_file, read_header, read_index, show
+from .quant import Spec, swap_linears
+from .trust import ConfigError, Entry, WeightsError, checkpoint_paths, is_hub_id, map_file, read_header, read_index, show
 from .validate import check_vision
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"  # the repository's weights/ (the tiny model is committed)
@@ -90,7 +93,63 @@ def read_layout(files: list[Path]) -> dict[str, Entry]:
     return layout
 
 
-def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32) -> LlavaNext:
+@dataclass
+class Plan:
+    """A checkpoint checked against its config before any weight is read: the model on the meta device
+    (its linears already swapped for QuantizedLinear if quantized), where each of its tensors is, and
+    which linears are quantized: while loading (from float weights) or stored so (`stored`)."""
+
+    cfg: LlavaConfig
+    model: LlavaNext
+    layout: dict[str, Entry]
+    spec: Spec | None
+    quantized: set[str]  # module names (llm.layers.0.self_attn.q_proj, lm_head)
+    stored: bool  # the checkpoint holds them quantized (python -m minillava.quantize)
+
+
+def plan_load(model_dir: str | Path, quantize: Spec | None = None) -> Plan:
+    """Read and check config.json and every tensor's name, shape and dtype against it (see `load_model`)."""
+    model_dir = Path(model_dir)
+    cfg: LlavaConfig = load_config(model_dir)
+    if cfg.quantization is not None and quantize not in (None, cfg.quantization):
+        raise ConfigError(f"{model_dir} is already quantized to {cfg.quantization.name}; drop --quantize "
+                          f"(or quantize the full-precision checkpoint to {quantize.name})")
+    spec = quantize or cfg.quantization
+    layout = read_layout(checkpoint_files(model_dir))
+    if cfg.vision_from_shapes:  # an unknown tower: its sizes are the weights', checked like a config's
+        cfg.vision = vision_config_from_shapes({k: v.shape for k, v in layout.items()})
+        check_vision(cfg)
+    if cfg.text.tie_word_embeddings and "lm_head.weight" not in layout:
+        layout["lm_head.weight"] = layout["llm.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = LlavaNext(cfg)
+    quantized = set(swap_linears(model, spec)) if spec else set()
+    expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+    if spec and cfg.quantization is None:  # quantized while loading: the checkpoint holds each linear's (N, K) float weight
+        for name in quantized:
+            m = model.get_submodule(name)
+            for suffix in spec.shapes(m.out_features, m.in_features):
+                del expected[f"{name}.{suffix}"]
+            expected[f"{name}.weight"] = ((m.out_features, m.in_features), None)
+    missing = sorted(set(expected) - set(layout))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{model_dir}: missing weight {missing[0]!r}{more}")
+    unexpected = sorted(set(layout) - set(expected))
+    if unexpected:
+        raise WeightsError(f"{model_dir}: unexpected weight {layout[unexpected[0]].key!r} for this config")
+    for name, e in layout.items():
+        shape, kind = expected[name]
+        if e.shape != tuple(shape):
+            raise WeightsError(f"{e.path.name}: {e.key!r} has shape {list(e.shape)}, the config implies {list(shape)}")
+        integer = kind in (torch.int8, torch.uint8)  # a stored quantized weight; everything else is floating point
+        if e.dtype != kind if integer else not e.dtype.is_floating_point:
+            want = f"{kind} ({spec.name})" if integer else "a floating-point dtype"
+            raise WeightsError(f"{e.path.name}: {e.key!r} is {e.dtype}, expected {want}")
+    return Plan(cfg, model, layout, spec, quantized, cfg.quantization is not None)
+
+
+def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantize: Spec | None = None) -> LlavaNext:
     """Build the model from `model_dir` (config.json + safetensors) on `device` in `dtype`.
 
     The model is built on the meta device, and each file is memory-mapped. A tensor already in the
@@ -100,35 +159,22 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32) -> Llav
     the model in its target dtype. The safetensors library (0.8) maps files too, but keeps every page
     it converted from: loading a 1 GiB float32 file as bfloat16 through `safe_open` or
     `safetensors.torch.load_file` peaked 1.5 GiB above the interpreter's start, this 0.53 GiB.
-    """
-    model_dir = Path(model_dir)
-    cfg: LlavaConfig = load_config(model_dir)
-    layout = read_layout(checkpoint_files(model_dir))
-    if cfg.vision_from_shapes:  # an unknown tower: its sizes are the weights', checked like a config's
-        cfg.vision = vision_config_from_shapes({k: v.shape for k, v in layout.items()})
-        check_vision(cfg)
-    if cfg.text.tie_word_embeddings and "lm_head.weight" not in layout:
-        layout["lm_head.weight"] = layout["llm.embed_tokens.weight"]
-    with torch.device("meta"):
-        model = LlavaNext(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(layout))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightsError(f"{model_dir}: missing weight {missing[0]!r}{more}")
-    unexpected = sorted(set(layout) - set(expected))
-    if unexpected:
-        raise WeightsError(f"{model_dir}: unexpected weight {layout[unexpected[0]].key!r} for this config")
-    for name, e in layout.items():
-        if e.shape != tuple(expected[name].shape):
-            raise WeightsError(f"{e.path.name}: {e.key!r} has shape {list(e.shape)}, the config implies {list(expected[name].shape)}")
 
+    `quantize` (or the checkpoint's own quantization_config, from python -m minillava.quantize): the
+    decoder's linears become weight-only int8 / int4 (minillava/quant.py). A full-precision weight is
+    quantized as it is read, a block of rows at a time, and its pages handed back: the full-precision
+    model is never held, only one matrix of it at most.
+    """
+    plan = plan_load(model_dir, quantize)
+    model, layout, spec, quantized = plan.model, plan.layout, plan.spec, plan.quantized
     device = torch.device(device)
     sizes = {e.path: e.file_size for e in layout.values()}
     maps = {path: map_file(path, size) for path, size in sizes.items()}
     state, loaded = {}, {}
     for name, e in layout.items():
-        if (e.path, e.key) in loaded:  # tied weights: one tensor, two names
+        module = name.removesuffix(".weight")
+        quantizing = module in quantized and not plan.stored
+        if (e.path, e.key) in loaded and not quantizing:  # tied weights: one tensor, two names
             state[name] = loaded[(e.path, e.key)]
             continue
         mm = maps[e.path]
@@ -137,13 +183,37 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32) -> Llav
             continue
         view = torch.frombuffer(mm, dtype=e.dtype, count=(e.end - e.start) // e.dtype.itemsize, offset=e.start)
         view = view.view(e.shape)
-        if device.type == "cpu" and e.dtype == dtype:
+        if quantizing:  # on the device (fast there), a block of rows at a time (quant.ROWS), and packed for
+            # its kernel at once: one matrix's storage form at a time, never the whole model's
+            layer = model.get_submodule(module)
+            for suffix, t in quant.quantize(view.to(device) if device.type != "cpu" else view, spec, dtype).items():
+                setattr(layer, suffix, t)
+            layer.pack()
+            state.update({f"{module}.{k}": getattr(layer, k) for k in spec.shapes(1, 1)})
+            release(mm, e.start, e.end)
+            continue
+        if not e.dtype.is_floating_point:  # a stored quantized weight: as it is (`pack` lays it out for the device)
+            tensor = view if device.type == "cpu" else view.to(device)
+        elif device.type == "cpu" and e.dtype == dtype:
             tensor = view  # the parameter is the mapped file itself
         else:
             tensor = view.to(device, dtype)
             release(mm, e.start, e.end)
         state[name] = loaded[(e.path, e.key)] = tensor
     model.load_state_dict(state, strict=True, assign=True)
+    # Stored integer weights on the CPU are views of the file; those `pack` repacks for the kernel (int4)
+    # are not read again, so their pages are handed back as each is packed.
+    views = {name.removesuffix(".weight"): e for name, e in layout.items()
+             if not e.dtype.is_floating_point and device.type == "cpu"}
+    state.clear()  # each tensor `pack` replaces is freed as it goes: never two copies of the quantized weights
+    loaded.clear()
+    for name, m in model.named_modules():
+        if isinstance(m, quant.QuantizedLinear):
+            before = m.weight.data_ptr()
+            m.pack()
+            if name in views and m.weight.data_ptr() != before:
+                e = views[name]
+                release(maps[e.path], e.start, e.end)
     model.eval().requires_grad_(False)
     return model
 
@@ -199,4 +269,4 @@ def resolve_model(name: str) -> Path:
     return local
 
 
-__all__ = ["DEFAULT_MODEL", "checkpoint_files", "load_model", "read_layout", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "checkpoint_files", "load_model", "plan_load", "read_layout", "resolve_model"]

@@ -7,8 +7,9 @@
 One process, one run (only the loading measurement runs in a fresh subprocess). Every comparison
 calls each side once to warm it up, then alternates the sides (A, B, A, B, ...) and reports medians.
 Weights are random (seeded) at the plan's shapes, and both sides of a comparison share the very same
-weight tensors. The rows and targets are those of issue 4; the theoretical table recomputes the
-GlobalCom2 paper's efficiency figures (LLaVA-NeXT-7B on MME) the way LLM-Viewer counts them.
+weight tensors. The rows and targets are those of issue 4 (rows 12-13, weight-only int8 / int4: issue
+21); the theoretical table recomputes the GlobalCom2 paper's efficiency figures (LLaVA-NeXT-7B on MME)
+the way LLM-Viewer counts them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from minillava.config import KNOWN_TOWERS, LlavaConfig, TextConfig, VisionConfig
 from minillava.generate import CACHE_BUCKET, Steps, TokenReader, compile_steps, decode_one_token, prefill, sample  # noqa: E402
 from minillava.layout import compressed_sequence, uncompressed_length, unpad_area  # noqa: E402
 from minillava.model import LlavaNext  # noqa: E402
+from minillava.quant import DEFAULT_GROUP_SIZE, QuantizedLinear, Spec, quantize_model  # noqa: E402
 
 CLIP_L336 = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]
 PINPOINTS = LlavaConfig().grid_pinpoints  # LLaVA-1.6's, (width, height)
@@ -853,6 +855,135 @@ KERNEL_PASSES = 3  # a step's products per timed call of the kernels' side
 
 
 # ---------------------------------------------------------------------------------------------------
+# Rows 12 and 13: weight-only int8 / int4 (minillava/quant.py)
+
+QUANT_SIDES = ("float32", "bfloat16", "int8", "int4")
+
+
+def quant_specs(text: TextConfig) -> dict[str, Spec]:
+    """int8, and int4 in groups of 128 (the default), or of the largest size the widths allow (test shapes)."""
+    group = max(g for g in (32, 64, DEFAULT_GROUP_SIZE) if text.hidden_size % g == 0 and text.intermediate_size % g == 0)
+    return {"int8": Spec(8), "int4": Spec(4, group)}
+
+
+def clone_as(model: LlavaNext, dtype: torch.dtype) -> LlavaNext:
+    """A second model of `model`'s config with its tensors in `dtype` (shared where already so)."""
+    with torch.device("meta"):
+        out = LlavaNext(model.cfg)
+    out.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, strict=True, assign=True)
+    return out.eval().requires_grad_(False)
+
+
+def step_bytes(model: LlavaNext) -> int:
+    """Bytes of weights a decode step reads, quantized or not: every block's weights (and scales), the
+    final norm, lm_head and one embedding row (the KV cache is not in a state_dict)."""
+    llm = model.llm
+    tensors = [*llm.layers.state_dict().values(), *llm.norm.state_dict().values(), *model.lm_head.state_dict().values()]
+    row = llm.embed_tokens.weight.shape[1] * llm.embed_tokens.weight.element_size()
+    return sum(t.numel() * t.element_size() for t in tensors) + row
+
+
+def quant_kernels(text: TextConfig, repeats: int) -> dict[str, dict]:
+    """Each kernel alone on one row: an (MLP x width) matrix, eight different ones in turn so that none
+    stays in cache (issue 21's table). {side: {"s": seconds per matrix (samples), "bytes": its bytes}}."""
+    n, k = text.intermediate_size, text.hidden_size
+    specs = quant_specs(text)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, k, generator=g) * 0.02 for _ in range(8)]
+    sides = {}
+    for name in QUANT_SIDES:
+        dtype = torch.float32 if name == "float32" else torch.bfloat16
+        if name in specs:
+            fns = [QuantizedLinear.from_weight(w.to(dtype), specs[name]) for w in weights]
+            bytes_ = sum(t.numel() * t.element_size() for t in fns[0].state_dict().values())
+        else:
+            ws = [w.to(dtype) for w in weights]
+            fns = [lambda x, w=w: torch.nn.functional.linear(x, w) for w in ws]
+            bytes_ = ws[0].numel() * ws[0].element_size()
+        x = torch.randn(1, k, dtype=dtype)
+
+        def run(fns=fns, x=x) -> float:
+            t0 = time.perf_counter()
+            for f in fns:
+                f(x)
+            return (time.perf_counter() - t0) / len(fns)
+
+        sides[name] = (run, bytes_)
+    samples = alternate({name: run for name, (run, _) in sides.items()}, repeats, label="quant_kernels")
+    return {name: {"s": samples[name], "bytes": sides[name][1]} for name in QUANT_SIDES}
+
+
+@torch.inference_mode()
+def bench_quant(plan: Plan, log) -> dict:
+    """Row 12: decode tokens/s at batch 1, eager, of the same random decoder in float32, bfloat16, int8 and
+    int4 (group 128, bfloat16 activations), side by side; the bytes each step reads, the bare copy's
+    bandwidth before and after, and each kernel alone (`quant_kernels`)."""
+    prompt, n = plan.decode_prompt, plan.new_tokens
+    cache = -(-(prompt + n) // CACHE_BUCKET) * CACHE_BUCKET
+    t0 = time.perf_counter()
+    ours, hf = build_decoders(plan.text)
+    del hf
+    models = {"float32": ours, "bfloat16": clone_as(ours, torch.bfloat16)}
+    for name, spec in quant_specs(plan.text).items():
+        models[name] = quantize_model(clone_as(ours, torch.bfloat16), spec)
+        gc.collect()
+    log(f"built the float32, bfloat16, int8 and int4 decoders in {time.perf_counter() - t0:.1f} s")
+    ids_in = torch.randint(3, plan.text.vocab_size, (prompt,), generator=torch.Generator().manual_seed(1))
+    ids: dict[str, list[int]] = {}
+
+    def side(name: str) -> Callable[[], float]:
+        model = models[name]
+
+        def run() -> float:
+            model.llm.setup_cache(1, cache)
+            next_id = sample(prefill(model, model.embed(ids_in)[None]), 0.0, 1.0, None)
+            out = [int(next_id)]
+            t0 = time.perf_counter()
+            for step in range(n - 1):
+                next_id = sample(decode_one_token(model, next_id.view(1, 1), torch.tensor([prompt + step])), 0.0, 1.0, None)
+                out.append(int(next_id))
+            elapsed = time.perf_counter() - t0
+            ids[name] = out
+            return elapsed
+
+        return run
+
+    with watched("copy"):
+        copy = bare_copy(plan.copy_bytes, plan.repeats["copy"])
+    samples = alternate({name: side(name) for name in QUANT_SIDES}, plan.repeats["decode"], label="quant")
+    with watched("copy"):
+        copy += bare_copy(plan.copy_bytes, plan.repeats["copy"])
+    log(f"quantized decode samples (s for {n - 1} tokens): {_fmt_dict(samples)}")
+    kernels = quant_kernels(plan.text, plan.repeats["matmul"])
+    log(f"kernels alone (s per matrix): {_fmt_dict({k: v['s'] for k, v in kernels.items()})}")
+    agree = {name: sum(a == b for a, b in zip(ids[name], ids["float32"])) for name in QUANT_SIDES}
+    return {"samples": samples, "tokens_timed": n - 1, "copy_bytes_per_s": copy, "kernels": kernels,
+            "bytes": {name: step_bytes(m) for name, m in models.items()}, "ids_equal_float32": agree,
+            "ids_total": n}
+
+
+def bench_quant_loading(plan: Plan, log) -> dict:
+    """Row 13: peak RSS of loading the plan's float16 checkpoint with --quantize int4 (group 128, bfloat16),
+    in a fresh process, against the bytes of the same checkpoint written quantized by minillava.quantize
+    (which also loads, as information)."""
+    from minillava.quantize import quantize_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+        ckpt = write_checkpoint(plan, Path(tmp) / "ckpt")
+        t0 = time.perf_counter()
+        spec = quant_specs(plan.ckpt_text)["int4"]
+        q4 = quantize_checkpoint(str(ckpt), Path(tmp) / "int4", spec)
+        quantize_s = time.perf_counter() - t0
+        result = {"ckpt_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
+                  "int4_bytes": (q4 / "model.safetensors").stat().st_size, "quantize_s": quantize_s,
+                  "while_loading": run_loader(ckpt, "bfloat16", plan.threads, f"4:{spec.group_size}"),
+                  "quantized_ckpt": run_loader(q4, "bfloat16", plan.threads)}
+    log(f"int4 loading: {_fmt_dict(result)}")
+    result["group_size"] = spec.group_size
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
 # Row 8: the compressor
 
 
@@ -877,6 +1008,7 @@ CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
+from minillava.quant import Spec
 from minillava.weights import load_model
 
 def status():
@@ -897,13 +1029,16 @@ try:
 except OSError:
     reset = False
 t0 = time.perf_counter()
-model = load_model(sys.argv[2], "cpu", dtype)
+bits, _, group = (sys.argv[5] if len(sys.argv) > 5 else "").partition(":")  # "4:128", "8", or nothing
+model = load_model(sys.argv[2], "cpu", dtype, Spec(int(bits), int(group) if group else None) if bits else None)
 load_s = time.perf_counter() - t0
 after_load = status()
 step = 4096
 touched = 0.0
 with torch.inference_mode():
-    for p in model.parameters():  # read one value per page of every weight: all of it is resident now
+    for p in [*model.parameters(), *model.buffers()]:  # one value per page of every weight (quantized ones are buffers)
+        if p.is_meta:  # the RoPE table, made by setup_cache
+            continue
         flat = p.detach().reshape(-1)
         touched += float(flat[:: max(step // p.element_size(), 1)].float().sum())
 after_touch = status()
@@ -911,8 +1046,8 @@ print(json.dumps({
     "rss_before": before, "hwm_reset": reset, "load_s": load_s,
     "hwm_load": after_load["VmHWM"], "rss_after_load": after_load["VmRSS"],
     "hwm_touch": after_touch["VmHWM"], "rss_after_touch": after_touch["VmRSS"],
-    "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-    "dtype": str(next(model.parameters()).dtype),
+    "model_bytes": sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()] if not p.is_meta),
+    "dtype": str(model.dtype),
 }))
 """
 
@@ -949,9 +1084,10 @@ def write_checkpoint(plan: Plan, out: Path) -> Path:
     return out
 
 
-def run_loader(ckpt: Path, dtype: str, threads: int) -> dict:
-    """Load `ckpt` with minillava.weights.load_model in a fresh interpreter; its RSS figures (bytes)."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ckpt), dtype, str(threads)],
+def run_loader(ckpt: Path, dtype: str, threads: int, quantize: str = "") -> dict:
+    """Load `ckpt` with minillava.weights.load_model in a fresh interpreter (`quantize`: "4:128", "8" or
+    "" for none); its RSS figures (bytes)."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ckpt), dtype, str(threads), quantize],
                           capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
@@ -1178,6 +1314,61 @@ def build_rows(r: dict) -> list[Row]:
                                        f"{kernel:.2f}x, the ceiling of this ratio on this CPU",
                                        paired([many * t for t in sm[f"{name}_batch{one}"]], sm[f"{name}_batch{many}"]),
                                        noise(r, "batch_decode"))))
+    return rows + quant_rows(r)
+
+
+def quant_rows(r: dict) -> list[Row]:
+    """Rows 12a-d (int8 / int4 decode against our bfloat16 and against their bytes-read ceilings) and 13."""
+    rows, q = [], r.get("quant")
+    if q:
+        tps = {name: q["tokens_timed"] / median(q["samples"][name]) for name in QUANT_SIDES}
+        bw = median(q["copy_bytes_per_s"])
+        ceiling = {name: bw / q["bytes"][name] for name in QUANT_SIDES}
+        kern = {name: median(k["s"]) for name, k in q["kernels"].items()}
+        # tok/s if a step cost only its weights' reading at the kernel's own rate (bytes / s of one matrix)
+        kernel_bound = {name: q["kernels"][name]["bytes"] / kern[name] / q["bytes"][name] for name in QUANT_SIDES}
+        common = _join(
+            "eager steps, batch 1, prompt " + str(r["plan"]["decode_prompt"]) + f", {q['tokens_timed']} steps timed",
+            ", ".join(f"{name} {tps[name]:.2f} tok/s ({q['bytes'][name] / GB:.2f} GB per step, ceiling "
+                      f"{ceiling[name]:.2f}, kernel-bound {kernel_bound[name]:.2f})" for name in QUANT_SIDES),
+            "kernel alone, one " + f"{r['plan']['text']['intermediate_size']} x {r['plan']['text']['hidden_size']} "
+            "matrix, one row: " + ", ".join(f"{name} {kern[name] * 1e3:.3f} ms" for name in QUANT_SIDES),
+            "greedy ids equal to float32's: " + ", ".join(f"{name} {q['ids_equal_float32'][name]}/{q['ids_total']}"
+                                                         for name in QUANT_SIDES[1:]),
+            noise(r, "quant", "copy"))
+        for key, name, target in (("12a", "int8", ">= 1.8"), ("12b", "int4", ">= 3")):
+            rows.append(make_row(key, f"decode tokens/s, batch 1, {name} / our bfloat16", "our bfloat16, same run",
+                                 f"{tps[name]:.2f} tok/s", f"{tps['bfloat16']:.2f} tok/s", tps[name] / tps["bfloat16"],
+                                 target, _join(f"kernels alone allow {kern['bfloat16'] / kern[name]:.2f}x; float32 "
+                                               f"{tps['float32']:.2f} tok/s",
+                                               paired(q["samples"]["bfloat16"], q["samples"][name]), common)))
+        for key, name in (("12c", "int8"), ("12d", "int4")):
+            rows.append(make_row(key, f"decode tokens/s, {name} / its bytes-read ceiling",
+                                 "copy bandwidth / weight bytes per step", f"{tps[name]:.2f} tok/s",
+                                 f"{ceiling[name]:.2f} tok/s", tps[name] / ceiling[name], ">= 0.8",
+                                 _join(f"the kernel alone reaches {kernel_bound[name] / ceiling[name]:.2f} of the ceiling "
+                                       f"(bfloat16 {tps['bfloat16'] / ceiling['bfloat16']:.2f}, its kernel "
+                                       f"{kernel_bound['bfloat16'] / ceiling['bfloat16']:.2f})",
+                                       f"copy {bw / GB:.1f} GB/s (read + written)", noise(r, "quant", "copy"))))
+    ql = r.get("quant_loading")
+    if ql:
+        w = ql["while_loading"]
+        if "error" in w:
+            rows.append(make_row("13", "peak RSS while loading with --quantize int4 / int4 checkpoint bytes", "itself",
+                                 "error", "", None, "<= 1.3", w["error"]))
+        else:
+            peak = w["hwm_touch"] - w["rss_before"]
+            d = ql["quantized_ckpt"]
+            direct = (f"loading the int4 checkpoint itself: peak {(d['hwm_touch'] - d['rss_before']) / GB:.2f} GB in "
+                      f"{d['load_s']:.1f} s" if "error" not in d else f"loading the int4 checkpoint: {d['error']}")
+            rows.append(make_row("13", "peak RSS while loading with --quantize int4 / int4 checkpoint bytes", "itself",
+                                 f"{peak / GB:.2f} GB", f"{ql['int4_bytes'] / GB:.2f} GB", peak / ql["int4_bytes"],
+                                 "<= 1.3",
+                                 _join(f"the float16 checkpoint of row 9 ({ql['ckpt_bytes'] / GB:.2f} GB) loaded into "
+                                       f"bfloat16 with int4 linears (group {ql['group_size']}) in a fresh process in "
+                                       f"{w['load_s']:.1f} s; peak = VmHWM - RSS before, after reading every weight once",
+                                       f"python -m minillava.quantize wrote the int4 checkpoint in {ql['quantize_s']:.1f} s",
+                                       direct)))
     return rows
 
 
@@ -1336,7 +1527,7 @@ def to_json(obj):
 # The run
 
 
-SECTIONS = ("loading", "vision", "compression", "prefill", "decode", "batch", "batchdecode")  # batch: rows 10-11b; batchdecode: 11a, 11b only
+SECTIONS = ("loading", "vision", "compression", "prefill", "decode", "batch", "batchdecode", "quant")  # batch: rows 10-11b; batchdecode: 11a, 11b only
 
 
 def run_sections(plan: Plan, r: dict, sections, log) -> None:
@@ -1387,6 +1578,10 @@ def run_sections(plan: Plan, r: dict, sections, log) -> None:
         if "batch" in sections or "batchdecode" in sections:
             r["batch_decode"] = bench_batch_decode(plan, ours, hf, log)
         del ours, hf
+        gc.collect()
+    if "quant" in sections:  # last: its four decoders need the memory the others held
+        r["quant_loading"] = bench_quant_loading(plan, log)
+        r["quant"] = bench_quant(plan, log)
         gc.collect()
 
 

@@ -3,7 +3,7 @@
     python scripts/cuda_check.py                      # on CUDA, float16; a few minutes on one H100
     python scripts/cuda_check.py --out check.json     # the table's rows as JSON too
     python scripts/cuda_check.py --device cpu --quick # every check on the CPU at small sizes (the test)
-    python scripts/cuda_check.py --only compile       # one check (gpu-tests, greedy, compile, batch, decoder)
+    python scripts/cuda_check.py --only compile       # one check (gpu-tests, greedy, compile, batch, decoder, quantize)
 
 Checks, each a row (check | result | pass/fail | detail):
  1. gpu-tests   the tests that skip without CUDA, through pytest in a subprocess
@@ -14,6 +14,9 @@ Checks, each a row (check | result | pass/fail | detail):
  5. prefill, decode   our decoder vs transformers' LlamaForCausalLM (sdpa) at LLaVA-1.6-7B's shapes,
                 a few layers, random weights, float16: prefill seconds and decode tokens/s, A/B
                 alternated, medians
+ 6. int8, int4  weight-only quantization (--quantize): the shipped tiny model's greedy answers against
+                its 16-bit answers, and decode tokens/s at LLaVA-1.6-7B's widths against 16-bit (eager,
+                and compiled on CUDA), A/B alternated, medians
 Speed is judged on CUDA only (rows 4 and 5 on a CPU check that the code runs and agrees).
 """
 
@@ -36,13 +39,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the device machine has no networ
 
 import torch  # noqa: E402
 
-from bench import alternate, build_decoders, median  # noqa: E402
+from bench import alternate, build_decoders, clone_as, median  # noqa: E402
 from minillava.batch import generate_batch  # noqa: E402
 from minillava.config import TextConfig  # noqa: E402
 from minillava.eval import synthetic  # noqa: E402
 from minillava.generate import (  # noqa: E402
     CACHE_BUCKET, TokenReader, compile_steps, generate, load, prefill, sample, warm_up,
 )
+from minillava.quant import Spec, quantize_model  # noqa: E402
 from minillava.tokenizer import build_prompt  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -389,8 +393,93 @@ def check_decoder(run: Run) -> list[Row]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------------
+# 6. Weight-only int8 / int4
+
+
+@torch.inference_mode()
+def check_quantize(run: Run) -> list[Row]:
+    """int8 and int4 against the 16-bit model. Answers: the shipped tiny model (int4 group 64: its widths
+    are 192 and 512) on the compile check's synthetic questions, globalcom2 r = 0.25, greedy. Speed: the
+    decoder check's random decoder at LLaVA-1.6-7B's widths (FFN rounded up to a multiple of 128 and the
+    vocabulary to one of 16, as int4 needs: quant.Spec.check), batch 1, 64-token prompt, eager steps and (on CUDA) compile_steps' decode."""
+    device, sizes = run.device, run.sizes
+    items = synthetic_items(sizes.questions)
+    specs = {"int8": Spec(8), "int4": Spec(4, 64)}
+    answers = {}
+    for name, spec in {"16-bit": None, **specs}.items():
+        model, tok = load(TINY_MODEL, device, run.dtype, quantize=spec)
+        answers[name] = [generate(model, tok, im, q, "globalcom2", 0.25, sizes.answer_tokens).token_ids for im, q in items]
+    big = sizes.big
+    up = lambda n, m: -(-n // m) * m  # noqa: E731
+    text = TextConfig(**{**big.__dict__, "intermediate_size": up(big.intermediate_size, 128),
+                         "vocab_size": up(big.vocab_size, 16)})
+    with torch.device(device):
+        ours, hf = build_decoders(text)
+    del hf
+    ours.llm.setup_rope(1)
+    ours.to(device, run.dtype)
+    models = {"16-bit": ours, "int8": quantize_model(clone_as(ours, run.dtype), Spec(8)),
+              "int4": quantize_model(clone_as(ours, run.dtype), Spec(4, 128))}
+    n, cuda = sizes.decode_tokens, device.type == "cuda"
+    cache = -(-(64 + n) // CACHE_BUCKET) * CACHE_BUCKET
+    prompt = torch.randint(3, text.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(64, 64 + n, device=device).view(n, 1, 1)
+    ids, compile_s = {}, {}
+
+    def side(name: str, steps) -> callable:
+        model = models[name]
+
+        def decode() -> float:
+            model.llm.setup_cache(1, cache)
+            next_id = sample(prefill(model, model.embed(prompt)[None]), 0.0, 1.0, None)
+            out = [next_id]
+            sync(device)
+            t0 = time.perf_counter()
+            for step in range(n - 1):
+                next_id = sample(steps.decode(model, next_id.view(1, 1), positions[step]), 0.0, 1.0, None)
+                out.append(next_id)
+            sync(device)
+            ids[name] = torch.cat(out).tolist()
+            return time.perf_counter() - t0
+
+        return decode
+
+    from minillava.generate import Steps
+
+    sides = {name: side(name, Steps()) for name in models}
+    if cuda:  # int8's CUDA path is dequantize-and-matmul, which pays only compiled (minillava/quant.py KERNELS)
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            steps = compile_steps(model)
+            model.llm.setup_cache(1, cache)
+            for _ in range(3):
+                steps.decode(model, torch.zeros(1, 1, dtype=torch.long, device=device), positions[0])
+            sync(device)
+            compile_s[name] = time.perf_counter() - t0
+            sides[f"{name} compiled"] = side(name, steps)
+    samples = alternate(sides, sizes.repeats, label="quantize")
+    tps = {k: (n - 1) / median(v) for k, v in samples.items()}
+    rows = []
+    for name in specs:
+        same = sum(a == b for a, b in zip(answers[name], answers["16-bit"]))
+        ok = same >= 0.9 * len(items) if name == "int8" else True  # int4: reported (docs/speed.md has its accuracy)
+        speed = f"{tps[name] / tps['16-bit']:.2f}x eager" + (
+            f", {tps[name + ' compiled'] / tps['16-bit compiled']:.2f}x compiled" if cuda else "")
+        rows.append(Row(name, f"{same}/{len(items)} answers = 16-bit; {speed}", ok,
+                        f"tiny model, {len(items)} synthetic questions, greedy ids equal to the 16-bit model's: {same}"
+                        + (" (>= 90% required)" if name == "int8" else " (reported)")
+                        + f"; decode tokens/s at width {text.hidden_size}, FFN {text.intermediate_size}, "
+                        f"{text.num_hidden_layers} layers, vocab {text.vocab_size}: "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in tps.items() if k.split()[0] in ("16-bit", name))
+                        + (f"; compiled in {compile_s[name]:.0f}s" if cuda else "; speed not judged")
+                        + f"; ids of {n} decode steps equal 16-bit's: "
+                        f"{sum(a == b for a, b in zip(ids[name], ids['16-bit']))}/{n}"))
+    return rows
+
+
 CHECKS = {"gpu-tests": check_gpu_tests, "greedy": check_greedy, "compile": check_compile, "batch": check_batch,
-          "decoder": check_decoder}  # the decoder check gives two rows, prefill and decode
+          "decoder": check_decoder, "quantize": check_quantize}  # decoder: two rows, prefill and decode; quantize: int8, int4
 
 
 def table(rows: list[Row]) -> str:

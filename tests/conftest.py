@@ -36,6 +36,7 @@ def image_path(tmp_path_factory):
 
 
 PARITY: list[tuple[str, float]] = []  # (stage, max abs difference), filled by the parity tests
+QUANT: list[tuple[str, float]] = []  # (what, value), filled by tests/test_quantize.py's slow tests
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -43,3 +44,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("parity with transformers (max abs difference, float32)")
         for stage, diff in PARITY:
             terminalreporter.write_line(f"{stage:<60} {diff:.2e}")
+    if QUANT:
+        terminalreporter.section("weight-only int8 / int4 at LLaVA-1.6-7B's widths, random weights")
+        for what, value in QUANT:
+            terminalreporter.write_line(f"{what:<72} {value:.4g}")

@@ -33,6 +33,7 @@ PARSERS = {
     "minillava.demo": "minillava.demo",
     "minillava.eval": "minillava.eval.runner",
     "minillava.eval.synthetic": "minillava.eval.synthetic",
+    "minillava.quantize": "minillava.quantize",
     "scripts/bench.py": "bench",
     "scripts/compression_table.py": "compression_table",
     "scripts/cuda_check.py": "cuda_check",

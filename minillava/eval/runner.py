@@ -22,8 +22,8 @@ from ..trust import check_regular
 from ..config import load_config
 from ..batch import generate_batch
 from ..compression import compressors
-from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, ratio_arg, seed_arg, \
-    warm_up
+from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
+    quantize_spec, ratio_arg, seed_arg, warm_up
 from ..weights import resolve_model
 from . import distributed
 from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, part_file, part_files, read_records
@@ -34,7 +34,7 @@ from .tasks import TASKS, Question, Task
 # LLaVA-NeXT's ~2900 uncompressed tokens need ~12 GB of KV cache. On a CPU the tiny model gains little
 # (its tower and prefill are compute-bound per question; bench.py row 10), and loses nothing.
 DEFAULT_BATCH_SIZE = 8
-SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed", "conv_template")  # what an answers file must not mix
+SETTINGS = ("compressor", "retention_ratio", "max_new_tokens", "seed", "conv_template", "quantize")  # what an answers file must not mix
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: float16 on cuda; float32 on cpu, or bfloat16 when float32 would not fit")
     conv_template_arg(p)
+    quantize_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the tower, prefill and decode step")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"questions answered together (default {DEFAULT_BATCH_SIZE}): one tower batch, one decoder "
@@ -97,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch-size must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    args.spec = quantize_spec(p, args)
     return args
 
 
@@ -159,6 +161,8 @@ def answer_all(args, task: Task) -> int:
                     "max_new_tokens": args.max_new_tokens or task.max_new_tokens, "seed": args.seed}
         if args.conv_template:  # recorded only when asked for: files made without it stay resumable
             settings["conv_template"] = args.conv_template
+        if args.spec:  # the same
+            settings["quantize"] = args.quantize + (f"-g{args.spec.group_size}" if args.spec.bits == 4 else "")
         output = args.output
         done = merge(assign_keys([r for path in [output, *part_files(output)] for r in read_records(path)]))
         check_settings(output, done.values(), settings)
@@ -198,7 +202,7 @@ def fetch_model(model: str, world: distributed.World) -> Path:
 def answer(args, task: Task, questions: list[Question], settings: dict, model_dir: Path, device, world):
     """Answer `questions` with one model, --batch-size at a time, appending each record as soon as its
     batch is done. A question that fails is recorded as failed; the others of its batch are answered."""
-    model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), args.conv_template)
+    model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), args.conv_template, args.spec)
     steps = Steps()
     if args.compile:
         steps = compile_steps(model)

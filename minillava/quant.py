@@ -1,0 +1,275 @@
+"""Weight-only int8 and int4 linear layers: what a quantized weight is, how it is made, stored and multiplied.
+
+A decode step at batch 1 reads every weight once, so its speed is bytes-bound: int8 reads half the bytes
+of 16-bit weights, int4 a quarter. Only the weights are quantized; activations stay in the model's dtype.
+The decoder's linear layers and lm_head are quantized (`QUANTIZED`): what a decode step reads. Not the
+vision tower (0.30B parameters, once per image, and the [CLS] attention the compressors rank by comes from
+it), nor the projector: 21M parameters, 0.3% of a 7B's bytes, run once per image on ~2,900 tokens (about
+5% of the image's FLOPs, none of a decode step's reads), so quantizing it would save 21-32 MB and no
+measurable time; nor the embedding (one row read per token) or the norms.
+
+Storage form (the quantized checkpoint, python -m minillava.quantize; the same on every device):
+    int8  weight (N, K) int8, w[n, k] ~= weight[n, k] * scales[n]          (per output channel, symmetric)
+    int4  weight (N, K/2) uint8: byte j of row n holds q[n, 2j] in its high nibble, q[n, 2j+1] in its low
+          (the input layout of aten._convert_weight_to_int4pack); scales_and_zeros (K/G, N, 2):
+          w[n, k] ~= (q[n, k] - 8) * s[k // G, n, 0] + s[k // G, n, 1]     (group-wise, asymmetric, G = group size)
+This is gpt-fast's scheme (quantize.py: `dynamically_quantize_per_channel`, `get_group_qparams`,
+`group_quantize_tensor_from_qparams`), written here in our own terms.
+
+In memory, `QuantizedLinear.pack` turns the storage form into what the device's kernel reads (`KERNELS`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .trust import ConfigError, show
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm (CUDA) accepts; the CPU kernel takes the same
+DEFAULT_GROUP_SIZE = 128  # gpt-fast's default
+METHOD = "minillava-weight-only"  # quantization_config.quant_method of our checkpoints (transformers refuses it: not its format)
+# Our parameter names of the quantized linears: the decoder's projections and lm_head.
+# (A bare Decoder's, without "llm.", too: the benchmarks and tests quantize one with `quantize_model`.)
+QUANTIZED = re.compile(r"((llm\.)?layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head)")
+ROWS = 1024  # weights are quantized and packed this many output rows at a time, so no whole float32 copy is made
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How the weights are quantized: 8 or 4 bits; int4's group size (None for int8)."""
+
+    bits: int
+    group_size: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" + (f" (group size {self.group_size})" if self.bits == 4 else "")
+
+    def config_entry(self) -> dict:
+        """config.json's quantization_config of a checkpoint quantized this way."""
+        return {"quant_method": METHOD, "bits": self.bits, "group_size": self.group_size}
+
+    def shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
+        """Storage shapes of a linear's tensors, by suffix, for weight (n, k)."""
+        if self.bits == 8:
+            return {"weight": (n, k), "scales": (n,)}
+        return {"weight": (n, k // 2), "scales_and_zeros": (k // self.group_size, n, 2)}
+
+    def check(self, name: str, n: int, k: int):
+        """ConfigError if linear `name` of weight (n, k) cannot be quantized this way."""
+        if self.bits == 4 and k % self.group_size:
+            fits = [g for g in GROUP_SIZES if k % g == 0]
+            raise ConfigError(f"int4 groups of {self.group_size} inputs need input widths divisible by "
+                              f"{self.group_size}, but {name} has {k} inputs: "
+                              + (f"use --group-size {max(fits)}" if fits else "use --quantize int8"))
+        if self.bits == 4 and n % 16:  # the CPU kernel packs 16 rows together (CUDA's: 8)
+            raise ConfigError(f"int4 needs output widths divisible by 16, but {name} has {n} outputs: use --quantize int8")
+
+
+def parse_spec(raw) -> Spec | None:
+    """The Spec of config.json's quantization_config (None when absent), every field checked."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"quantization_config must be a JSON object, got {show(raw)}")
+    if raw.get("quant_method") != METHOD:
+        raise ConfigError(f"quantization_config.quant_method {show(raw.get('quant_method'))}: only {METHOD!r} "
+                          "(written by python -m minillava.quantize) is supported")
+    unknown = sorted(set(raw) - {"quant_method", "bits", "group_size"})
+    if unknown:
+        raise ConfigError(f"quantization_config has unknown key {show(unknown[0])}")
+    bits, group = raw.get("bits"), raw.get("group_size")
+    if type(bits) is not int or bits not in BITS:
+        raise ConfigError(f"quantization_config.bits must be 8 or 4, got {show(bits)}")
+    if bits == 8 and group is not None:
+        raise ConfigError(f"quantization_config.group_size must be null for 8 bits, got {show(group)}")
+    if bits == 4 and (type(group) is not int or group not in GROUP_SIZES):
+        raise ConfigError(f"quantization_config.group_size must be one of {GROUP_SIZES} for 4 bits, got {show(group)}")
+    return Spec(bits, group)
+
+
+# --- quantizing ---------------------------------------------------------------------------------------
+
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> weight (N, K) int8, scales (N,) in `scale_dtype`: symmetric per output row,
+    the row's largest magnitude to 127. The integers are rounded against the scales as stored."""
+    weight = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=scale_dtype, device=w.device)
+    for i in range(0, w.shape[0], ROWS):
+        rows = w[i : i + ROWS].float()
+        s = (rows.abs().amax(dim=1) / 127).clamp(min=1e-10).to(scale_dtype)  # a zero row keeps a usable scale
+        weight[i : i + ROWS] = torch.round(rows / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        scales[i : i + ROWS] = s
+    return weight, scales
+
+
+def quantize_int4(w: torch.Tensor, group: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> weight (N, K/2) uint8 (nibbles, the module docstring's layout), scales_and_zeros
+    (K/G, N, 2) in `scale_dtype`: each group of G inputs of a row maps [min, max] onto 0..15."""
+    n, k = w.shape
+    weight = torch.empty(n, k // 2, dtype=torch.uint8, device=w.device)
+    sz = torch.empty(k // group, n, 2, dtype=scale_dtype, device=w.device)
+    for i in range(0, n, ROWS):
+        rows = w[i : i + ROWS].float()
+        r = rows.shape[0]
+        g = rows.view(r, k // group, group)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (r, K/G)
+        scales = ((hi - lo).clamp(min=1e-6) / 15).to(scale_dtype)
+        zeros = (lo + scales.float() * 8).to(scale_dtype)  # the value of q = 8, as gpt-fast stores it
+        low = zeros.float() - scales.float() * 8  # the value of q = 0, from the stored numbers
+        q = torch.round((g - low[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8).view(r, k)
+        weight[i : i + ROWS] = q[:, 0::2] << 4 | q[:, 1::2]
+        sz[:, i : i + ROWS] = torch.stack([scales, zeros], dim=-1).transpose(0, 1)
+    return weight, sz
+
+
+def quantize(w: torch.Tensor, spec: Spec, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A linear's weight (N, K) in its storage form: {"weight": ..., "scales" or "scales_and_zeros": ...}."""
+    if spec.bits == 8:
+        weight, scales = quantize_int8(w, scale_dtype)
+        return {"weight": weight, "scales": scales}
+    weight, sz = quantize_int4(w, spec.group_size, scale_dtype)
+    return {"weight": weight, "scales_and_zeros": sz}
+
+
+def unpack_int4(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 nibbles -> (N, K) uint8 in 0..15."""
+    return torch.stack([weight >> 4, weight & 15], dim=-1).view(weight.shape[0], -1)
+
+
+def dequantize(tensors: dict[str, torch.Tensor], spec: Spec, dtype: torch.dtype) -> torch.Tensor:
+    """The storage form back to a (N, K) weight in `dtype`."""
+    if spec.bits == 8:
+        return (tensors["weight"].to(dtype) * tensors["scales"].to(dtype)[:, None])
+    q = unpack_int4(tensors["weight"])
+    n, k = q.shape
+    sz = tensors["scales_and_zeros"].to(dtype)  # (K/G, N, 2)
+    s, z = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # (N, K/G, 1)
+    return ((q.view(n, k // spec.group_size, -1).to(dtype) - 8) * s + z).view(n, k)
+
+
+# --- the layer ----------------------------------------------------------------------------------------
+
+# Which matmul each device uses, chosen by measurement (docs/speed.md; scripts/bench.py `quant_kernels`).
+# CPU: PyTorch's packed kernels. One 5632 x 2048 matrix, one row, bf16 activations, 2 threads: int8
+#   `_weight_int8pack_mm` 0.81 ms and int4 `_weight_int4pack_mm_for_cpu` 0.38 ms against bf16 F.linear's
+#   1.59 ms (issue 21's table); dequantize-and-matmul is slower than bf16 itself (it reads the integers,
+#   then writes and reads a 16-bit copy). With bf16 activations the packed kernels stay ahead at any row
+#   count (512 rows: 0.55x and 0.44x F.linear's time). With float32 activations they are not GEMMs: at
+#   64 rows 37x and 68x F.linear's time (against 1.8x and 6.9x for dequantize-and-matmul), so float32
+#   uses them for one row only (a batch-1 decode step) and dequantizes for more (`FLOAT32_ROWS`); an int4
+#   layer of a float32 model keeps its storage form for that beside the packing (the packing's layout
+#   depends on the CPU's vector width, so it is not unpacked).
+# CUDA: int4 is aten._weight_int4pack_mm (tinygemm, gpt-fast's int4 path); it takes bf16 activations
+#   only, so float16 ones are cast around it. int8 is dequantize-and-matmul, F.linear(x, w.to(dtype)) *
+#   scales, gpt-fast's int8 form: under torch.compile (--compile) Inductor fuses the conversion into the
+#   matmul; eager, it is correct but not faster than 16-bit. scripts/cuda_check.py measures both.
+# Anything else (MPS, ...): dequantize-and-matmul, correct everywhere.
+KERNELS = {("cpu", 8): "int8pack", ("cpu", 4): "int4pack_cpu", ("cuda", 4): "int4pack_cuda"}
+FLOAT32_ROWS = 1  # most rows of float32 activations sent to a CPU packed kernel (see above)
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear with a weight-only quantized weight: (..., K) in the model's dtype -> (..., N).
+
+    Built (on the meta device) with the storage form's buffers, filled by load_state_dict, then `pack`ed
+    for its device's kernel once the tensors are in place."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: Spec, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.kernel, self.packed = "dequant", False
+        for suffix, shape in spec.shapes(out_features, in_features).items():
+            kind = {"weight": torch.int8 if spec.bits == 8 else torch.uint8}.get(suffix, dtype)
+            self.register_buffer(suffix, torch.empty(shape, dtype=kind, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, spec: Spec, bias: torch.Tensor | None = None) -> "QuantizedLinear":
+        """The layer of a float weight (N, K) (and bias (N,)), in its dtype, packed for its device."""
+        n, k = weight.shape
+        layer = cls(k, n, bias is not None, spec, weight.dtype, "meta")
+        for suffix, t in quantize(weight, spec, weight.dtype).items():
+            setattr(layer, suffix, t)
+        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        layer.pack()
+        return layer
+
+    @torch.no_grad()
+    def pack(self):
+        """Turn the storage form into the device kernel's (see KERNELS), once; the storage form is dropped."""
+        if self.packed:
+            return
+        self.packed, device = True, self.weight.device
+        self.kernel = KERNELS.get((device.type, self.spec.bits), "dequant")
+        if self.kernel == "int4pack_cpu":  # the CPU op takes (N, K) int32 in 0..15; packed per block of rows
+            if self.scales_and_zeros.dtype == torch.float32:  # float32 activations: more than FLOAT32_ROWS rows are
+                # dequantized, from the storage form (it costs the packing's bytes again: int8's size)
+                self.register_buffer("nibbles", self.weight, persistent=False)
+            self.weight = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_int4(self.weight[i : i + ROWS]).to(torch.int32), 1) for i in range(0, self.out_features, ROWS)])
+        elif self.kernel == "int4pack_cuda":  # takes the storage form as it is; 4-D int32 tiles out
+            tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)  # K % 32 is assured by the group size
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), tiles)
+            self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        kernel = self.kernel
+        if kernel in ("int8pack", "int4pack_cpu") and x.dtype == torch.float32 and x.shape[0] > FLOAT32_ROWS:
+            kernel = "dequant"
+        if kernel == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales)
+        elif kernel == "int4pack_cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.spec.group_size,
+                                                            self.scales_and_zeros)
+        elif kernel == "int4pack_cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.weight,
+                                                   self.spec.group_size, self.scales_and_zeros).to(x.dtype)
+        elif self.spec.bits == 8:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        else:
+            y = F.linear(x, self.dequantized(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The int4 weight (N, K) in `dtype`, from the storage form (kept beside the CPU kernel's packing,
+        whose layout depends on the CPU's vector width, for float32 models: see `pack`)."""
+        weight = self.nibbles if self.kernel == "int4pack_cpu" else self.weight
+        return dequantize({"weight": weight, "scales_and_zeros": self.scales_and_zeros}, self.spec, dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}, kernel={self.kernel}"
+
+
+def swap_linears(model: nn.Module, spec: Spec, make=None) -> list[str]:
+    """Replace every linear named by QUANTIZED (our parameter names, without .weight) with `make(linear)`,
+    by default an empty QuantizedLinear on the same device (filled by load_state_dict); the names
+    replaced. Each is checked (`Spec.check`) before any is replaced."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and QUANTIZED.fullmatch(name)]
+    for name in names:
+        old = model.get_submodule(name)
+        spec.check(name, old.out_features, old.in_features)
+    make = make or (lambda old: QuantizedLinear(old.in_features, old.out_features, old.bias is not None, spec,
+                                                old.weight.dtype, old.weight.device))
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, make(model.get_submodule(name)))
+    return names
+
+
+def quantize_model(model: nn.Module, spec: Spec) -> nn.Module:
+    """Quantize a model already in memory, in place (benchmarks, tests; the commands quantize while
+    loading): the same weights as `load_model(..., quantize=spec)` gives in the model's dtype."""
+    swap_linears(model, spec, lambda old: QuantizedLinear.from_weight(old.weight, spec, old.bias))
+    return model
