@@ -178,15 +178,16 @@ def answer_all(args, task: Task) -> int:
         world.barrier()
         todo = [q for q in questions if q.key not in done or (args.retry_failed and is_failed(done[q.key]))]
         mine = todo[world.rank :: world.size]
+        if todo:  # the checkpoint says which template this run asks in: a file made in another is refused here
+            model_dir = fetch_model(args.model, world)
+            settings["conv_template"], native = eval_template(model_dir, task, args.conv_template)
+            check_settings(output, done.values(), settings, native)
         if world.main:
             ranks = f" on {world.size} processes" if world.size > 1 else ""
             print(f"{task.name}: {len(questions)} questions, {len(questions) - len(todo)} already in {output}, "
                   f"{len(todo)} to answer{ranks}", file=sys.stderr)
         costs, meters = [], []
         if todo:
-            model_dir = fetch_model(args.model, world)
-            settings["conv_template"], native = eval_template(model_dir, task, args.conv_template)
-            check_settings(output, done.values(), settings, native)
             if mine:
                 costs, meter = answer(args, task, mine, settings, model_dir, device, world)
                 meters = [meter]
