@@ -13,7 +13,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -29,7 +28,7 @@ from minillava.eval import metrics as M
 from minillava.flops import LLAVA_7B, LLAVA_13B, LlmSpec, prefill_flops, pruned_prefill_flops
 from minillava.generate import Result
 from tests import tiny
-from tests.test_eval import SHORT, llava_answers, noise_png, one_error_line, png_b64, pope_data, write_json, write_jsonl
+from tests.test_eval import SHORT, llava_answers, one_error_line, png_b64, pope_data, write_json, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "weights" / "llava-next-tiny-scenes"

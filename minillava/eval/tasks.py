@@ -14,7 +14,6 @@ import binascii
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
