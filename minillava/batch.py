@@ -61,7 +61,10 @@ def generate_batch(
     if answered alone: the random method is seeded per image), and the prompts run through the decoder
     as one batch of unequal lengths (`decode_batch`). `max_new_tokens`: one limit, or one per item.
     `on_text(i, str)` receives item i's answer as it is produced. Timings are the batch's (every
-    Result carries them); decode_tokens_per_s is the row's tokens over the batch's decode time.
+    Result carries them); decode_tokens_per_s is the row's tokens over the batch's decode time. Each
+    Result's timings also hold its own (minillava/eval/efficiency.py reads them): `first_token`, seconds
+    from the batch's start to the row's first answer token; `own_prefill`, the prefill that computed it
+    (the batch's, or the row's own for FastV); `own_decode`, the row's share of its decode time.
 
     Greedy (temperature 0) ids of a row are those of the question answered alone (tests/test_batch.py);
     with a temperature each row samples from its own generator seeded with `seed`, as alone, so only
@@ -104,11 +107,18 @@ def generate_batch(
             out[i] = e
     # FastV rows one by one (see the docstring); all others in one batch
     groups = [[r] for r in rows] if compressor == "fastv" else [rows] if rows else []
-    decoded = {}
+    decoded, own = {}, {}
     for group in groups:
+        spent = timings["prefill"], timings["decode"]
         for row, ids in zip(group, decode_batch(model, tokenizer, group, temperature, top_p, seed, on_text, steps,
                                                 timings), strict=True):
             decoded[row.index] = (row, ids)
+        # this group's own timings (per row: FastV's groups are single rows); decode_batch times the
+        # decode up to its return, so its first tokens were out `decode` seconds before now
+        prefill, decode = timings["prefill"] - spent[0], timings["decode"] - spent[1]
+        first = time.perf_counter() - decode - t0
+        for row in group:
+            own[row.index] = {"first_token": first, "own_prefill": prefill, "own_decode": decode / len(group)}
     for i, (row, ids) in decoded.items():
         if isinstance(ids, Exception):
             out[i] = ids
@@ -118,7 +128,7 @@ def generate_batch(
             text=tokenizer.decode(ids),
             token_ids=ids,
             visual_tokens=row.prompt.visual_tokens,
-            timings_s=dict(timings),
+            timings_s={**timings, **own[i]},
             decode_tokens_per_s=n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0,
         )
     if not return_exceptions:

@@ -168,3 +168,18 @@ def choose_template(model_dir: Path, layout: str, model_type: str, vocab_size: i
         raise ConfigError(f"{model_dir}: cannot tell which conversation template the model was trained with "
                           f"({said}); pass {FLAG} with one of {names}")
     return TEMPLATES[found.pop()]
+
+
+VICUNA = ("llava_v1", "vicuna_v1")  # one family: the prompts differ by two words of the system text
+VICUNA_PIECES = 32000  # LLaMA's (and so Vicuna's) sentencepiece vocabulary
+
+
+def is_llava_vicuna(model_dir: Path, layout: str, template: str, n_pieces: int) -> bool:
+    """Whether a checkpoint with a Vicuna template is one of LLaVA-1.6's Vicuna models (liuhaotian's or
+    llava-hf's), which LLaVA's benchmark scripts prompt with vicuna_v1, rather than a model trained
+    elsewhere with its template (the tiny model shipped here): it says so itself (llava-hf's chat template,
+    or an original-layout name run_llava.py maps to llava_v1) or has Vicuna's 32,000 pieces."""
+    if template not in VICUNA:
+        return False
+    named = layout == "original" and template_from_name(model_dir) in VICUNA
+    return chat_template_text(model_dir) is not None or named or n_pieces == VICUNA_PIECES

@@ -20,7 +20,7 @@ import torch
 
 from .anyres import Tiles, tile_image
 from .compression import compressors, encode, sequences
-from .config import load_config
+from .config import LlavaConfig, load_config
 from .fastv import FastV
 from .model import LlavaNext
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, Spec
@@ -63,9 +63,18 @@ def load(model: str, device="cpu", dtype: torch.dtype | None = None,
     """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`;
     `quantize`: the decoder's linears weight-only int8 / int4, quantized while loading (minillava/quant.py).
     The config is validated whole, the tokenizer checked against it and the conversation template chosen
-    (`conv_template` names one, else `conversation.choose_template` reads the checkpoint) before any
-    weight is read."""
+    (`read_checkpoint`) before any weight is read."""
     model_dir = resolve_model(model)
+    _, tokenizer = read_checkpoint(model_dir, conv_template)
+    device = torch.device(device)
+    dtype = dtype or default_dtype(model_dir, device)
+    return load_model(model_dir, device, dtype, quantize), tokenizer
+
+
+def read_checkpoint(model_dir: Path, conv_template: str | None = None) -> tuple[LlavaConfig, Tokenizer]:
+    """A checkpoint's validated config and its tokenizer, checked against it, with the conversation
+    template chosen (`conv_template` names one, else `conversation.choose_template` reads the checkpoint);
+    no weight is read."""
     cfg = load_config(model_dir)  # a directory that is no checkpoint fails here, before anything is read
     tokenizer_path = model_dir / "tokenizer.model"
     if not (tokenizer_path.exists() or tokenizer_path.is_symlink()):
@@ -78,9 +87,7 @@ def load(model: str, device="cpu", dtype: torch.dtype | None = None,
     template = choose_template(model_dir, cfg.layout, cfg.text.model_type, cfg.text.vocab_size, has_chatml,
                                conv_template)
     tokenizer.use_template(template, cfg.text.vocab_size)
-    device = torch.device(device)
-    dtype = dtype or default_dtype(model_dir, device)
-    return load_model(model_dir, device, dtype, quantize), tokenizer
+    return cfg, tokenizer
 
 
 def prefill(model: LlavaNext, embeds: torch.Tensor, fastv: FastV | None = None,
@@ -345,9 +352,9 @@ def temperature_arg(text: str) -> float:
     return value
 
 
-def conv_template_arg(p: argparse.ArgumentParser):
+def conv_template_arg(p: argparse.ArgumentParser, default: str = "the checkpoint's"):
     p.add_argument(CONV_FLAG, choices=list(TEMPLATES), default=None, metavar="NAME",
-                   help="conversation template: " + ", ".join(TEMPLATES) + " (default: the checkpoint's, from its "
+                   help="conversation template: " + ", ".join(TEMPLATES) + f" (default: {default}, from its "
                    "chat template, its name as LLaVA's run_llava.py reads it, and its decoder)")
 
 

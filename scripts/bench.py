@@ -41,6 +41,7 @@ import globalcom2  # noqa: E402
 from minillava.anyres import tile_image  # noqa: E402
 from minillava.clip import VisionTower  # noqa: E402
 from minillava.config import KNOWN_TOWERS, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from minillava.flops import LLAVA_7B, LLAVA_13B, LlmSpec, kv_cache_bytes, prefill_flops, tower_flops  # noqa: E402,F401
 from minillava.generate import CACHE_BUCKET, Steps, TokenReader, compile_steps, decode_one_token, prefill, sample  # noqa: E402
 from minillava.layout import compressed_sequence, uncompressed_length, unpad_area  # noqa: E402
 from minillava.model import LlavaNext  # noqa: E402
@@ -278,73 +279,11 @@ def bare_copy(nbytes: int, repeats: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Theoretical cost (LLM-Viewer's method: matmul FLOPs of every layer, multiply-add = 2 FLOPs)
+# Theoretical cost (LLM-Viewer's method: matmul FLOPs of every layer, multiply-add = 2 FLOPs); the counting
+# functions are minillava/flops.py's, which `python -m minillava.eval` uses per question
 
-
-@dataclass(frozen=True)
-class LlmSpec:
-    name: str
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @classmethod
-    def from_text(cls, name: str, t: TextConfig) -> LlmSpec:
-        return cls(name, t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
-                   t.num_key_value_heads, t.vocab_size)
-
-
-LLAVA_7B = LlmSpec("LLaVA-NeXT-7B", 32, 4096, 11008, 32, 32, 32000)
-LLAVA_13B = LlmSpec("LLaVA-NeXT-13B", 40, 5120, 13824, 40, 40, 32000)
 PAPER_7B = {1.0: (41.7, 1536.0), 0.25: (9.6, 377.0), 0.1: (3.8, 151.0)}  # r: (prefill TFLOPs, KV MB), docs/globalcom2.md, "The paper's headline results"
 PAPER_TOKENS_100 = 576 + 4 * 576  # thumbnail + 2 x 2 crops, without the 48 newline tokens
-
-
-def prefill_flops(spec: LlmSpec, tokens: int, causal: bool = False) -> dict[str, int]:
-    """Matmul FLOPs of a prefill of `tokens` positions (multiply-add = 2 FLOPs).
-
-    linear: q, k, v, o and the SwiGLU gate, up, down projections of every position in every layer;
-    attention: Q K^T and A V, over the full T x T square as LLM-Viewer counts it (`causal`: only the
-    T (T + 1) / 2 pairs a causal kernel has to compute); lm_head: the last position only (a prefill
-    only needs the next token's logits). Norms, RoPE, softmax and SiLU are not matmuls and not counted.
-    """
-    t, d, hd = tokens, spec.hidden, spec.head_dim
-    per_token = d * spec.heads * hd * 2 + d * spec.kv_heads * hd * 2 + 3 * d * spec.intermediate  # weights
-    pairs = t * (t + 1) // 2 if causal else t * t
-    linear = 2 * t * per_token * spec.layers
-    attention = 2 * 2 * pairs * spec.heads * hd * spec.layers
-    lm_head = 2 * d * spec.vocab
-    return {"linear": linear, "attention": attention, "lm_head": lm_head, "total": linear + attention + lm_head}
-
-
-def kv_cache_bytes(spec: LlmSpec, tokens: int, bytes_per_value: int = 2) -> int:
-    """Keys and values of every layer for `tokens` positions (fp16: 2 bytes)."""
-    return 2 * spec.layers * tokens * spec.kv_heads * spec.head_dim * bytes_per_value
-
-
-def tower_flops(v: VisionConfig, tiles: int, text_hidden: int, features_only: bool = False) -> dict[str, int]:
-    """Matmul FLOPs of the CLIP tower and the 2-layer projector for `tiles` tiles.
-
-    Every layer in full, as transformers runs it; `features_only`: what our tower computes for features
-    of layer -2 plus [CLS] scores (all layers but the last, then the last layer's keys and one query)."""
-    p = (v.image_size // v.patch_size) ** 2
-    n, d = p + 1, v.hidden_size
-    per_layer = 2 * n * (4 * d * d + 2 * d * v.intermediate_size) + 2 * 2 * n * n * d
-    patch = 2 * p * d * v.num_channels * v.patch_size**2
-    if features_only:
-        last = 2 * n * d * d + 2 * d * d + 2 * n * d  # k of every token, q of [CLS], one row of logits
-        tower = tiles * ((v.num_hidden_layers - 1) * per_layer + last + patch)
-    else:
-        tower = tiles * (v.num_hidden_layers * per_layer + patch)
-    projector = 2 * tiles * p * (d * text_hidden + text_hidden * text_hidden)
-    return {"tower": tower, "projector": projector}
 
 
 def solve_tokens(spec: LlmSpec, flops: float) -> float:

@@ -375,8 +375,8 @@ def test_eval_takes_conv_template_and_refuses_to_mix_templates(capsys, checkpoin
     run_pope(capsys, data, out, checkpoints["hub"], "--conv-template", "vicuna_v1", "--limit", 2)
     assert json.loads(out.read_text().splitlines()[0])["metadata"]["conv_template"] == "vicuna_v1"
     code = runner.main(["pope", "--data", str(data), "--output", str(out), "--model", str(checkpoints["hub"]),
-                        "--max-new-tokens", "3"])  # resumed with the checkpoint's own template
-    one_error_line(code, capsys.readouterr().err, "conv_template vicuna_v1 -> None")
+                        "--max-new-tokens", "3"])  # resumed with the checkpoint's own template, recorded by name
+    one_error_line(code, capsys.readouterr().err, "conv_template vicuna_v1 -> llava_v1")
 
 
 def test_chatml_tokens_as_pieces(tmp_path):

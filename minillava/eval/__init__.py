@@ -5,6 +5,7 @@ metrics.py   the official scoring rules as pure functions
 answers.py   the resumable answers file and the merge of torchrun's per-rank files
 files.py     reading question and annotation files with errors naming file and line
 distributed.py  rank and world size under torchrun
+efficiency.py   what a run cost: per-question costs in, the summary line's efficiency out
 runner.py    the command line
 """
 

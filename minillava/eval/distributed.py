@@ -1,6 +1,7 @@
 """Data parallel under torchrun: rank and world from the environment, one barrier, nothing else.
 
-Ranks never exchange answers: each appends to its own file and rank 0 merges them (answers.py).
+Ranks never exchange answers: each appends to its own file and rank 0 merges them (answers.py); they
+exchange only what their share of the run cost (eval/efficiency.py), for the summary line.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ class World:
     def barrier(self):
         if self.size > 1:
             dist.barrier()
+
+    def gather(self, obj) -> list:
+        """Every process's `obj` (picklable), in rank order; [obj] in one process. Collective."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
 
     def close(self):
         if self.size > 1 and dist.is_initialized():

@@ -5,6 +5,7 @@ quirks included, so that numbers are comparable with published tables:
 
 - VQA accuracy (TextVQA, VizWiz): the EvalAI answer normalisation of `m4c_evaluator.py`, then
   min(1, matching humans / 3) averaged over the ten leave-one-out subsets of the human answers.
+  VQAv2: the official VQA evaluation (`vqaEval.py`) on the answer as uploaded (EvalAI-normalised).
 - POPE: `eval_pope.py`; MME: the MME `eval_tool/calculation.py`; GQA: `convert_gqa_for_eval.py`
   followed by the GQA `eval.py` exact match; ScienceQA: `eval_science_qa.py`.
 - MMBench: its official score needs CircularEval and a GPT matcher; `mmbench_choice` is VLMEvalKit's
@@ -70,6 +71,36 @@ def normalize_vqa_answer(answer: str) -> str:
     text = PERIOD.sub("", text, count=32)  # the reference passes re.UNICODE (= 32) as the count
     words = [NUMBERS.get(w, w) for w in text.lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+VQA_EVAL_COMMA = re.compile(r"(\d)(\,)(\d)")  # the official VQA evaluation's commaStrip (commas are still there)
+
+
+def vqa_eval_clean(answer: str) -> str:
+    """The official VQA evaluation's `processPunctuation` then `processDigitArticle` (GT-Vision-Lab/VQA
+    vqaEval.py): as EvalAI's processor but without its first step (no lower-casing before the punctuation
+    test, commas and "'s" left as they are, so its digit-comma test can fire)."""
+    original, spaced = answer, VQA_EVAL_COMMA.search(answer) is not None
+    text = answer
+    for p in PUNCTUATION:
+        text = text.replace(p, "" if (p + " " in original or " " + p in original or spaced) else " ")
+    text = PERIOD.sub("", text, count=32)  # re.UNICODE (= 32) passed as the count, as there too
+    words = [NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def vqav2_score(prediction: str, human_answers: list[str]) -> float:
+    """VQAv2 accuracy of one question as the official evaluation computes it (GT-Vision-Lab/VQA
+    vqaEval.py, `VQAEval.evaluate`, the code EvalAI runs on an uploaded file): answers stripped of
+    newlines, tabs and outer spaces; only when the humans disagree are their answers and the
+    prediction cleaned (`vqa_eval_clean`); then min(1, matching others / 3) averaged over leaving each
+    human out. `prediction` is the uploaded answer, already through EvalAI's processor."""
+    flat = lambda a: a.replace("\n", " ").replace("\t", " ").strip()  # noqa: E731
+    humans, pred = [flat(a) for a in human_answers], flat(prediction)
+    if len(set(humans)) > 1:
+        humans, pred = [vqa_eval_clean(a) for a in humans], vqa_eval_clean(pred)
+    matches = humans.count(pred)
+    return sum(min(1.0, (matches - (h == pred)) / 3) for h in humans) / len(humans) if humans else 0.0
 
 
 def vqa_score(prediction: str, human_answers: list[str]) -> float:

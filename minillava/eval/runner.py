@@ -22,10 +22,15 @@ from ..trust import check_regular
 from ..config import load_config
 from ..batch import generate_batch
 from ..compression import compressors
+from ..conversation import is_llava_vicuna
+from ..fastv import FastV
+from ..flops import LlmSpec
 from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
-    quantize_spec, ratio_arg, seed_arg, warm_up
+    quantize_spec, ratio_arg, read_checkpoint, seed_arg, warm_up
+from ..trust import ConfigError
 from ..weights import resolve_model
 from . import distributed
+from . import efficiency as E
 from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, part_file, part_files, read_records
 from .files import DataError, read_text, write_atomic
 from .tasks import TASKS, Question, Task
@@ -46,8 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "GlobalCom2 paper, with LLaVA's prompts, greedy decoding and the official metrics. Answers are "
         "appended to --output as they come; running the same command again resumes. Under "
         "torchrun the questions are shared among the processes. At the end: one JSON line of metrics "
-        "and a markdown row on stdout.",
-        epilog=f"tasks and what --data holds for each (LLaVA's docs/Evaluation.md layout):\n{tasks}",
+        "and of what answering cost (\"efficiency\", below), and a markdown row on stdout.",
+        epilog=f"tasks and what --data holds for each (LLaVA's docs/Evaluation.md layout):\n{tasks}\n\n"
+        "the summary line's \"efficiency\" (the questions answered by this run; timings synchronise the device "
+        "and leave out loading and --compile's warm-up; with --compare also relative to the base run):\n"
+        + "\n".join(f"  {k:<27} {v}" for k, v in E.FIELDS.items()),
     )
     p.add_argument("task", choices=list(TASKS), help="benchmark")
     p.add_argument("--data", type=Path, metavar="DIR",
@@ -69,12 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answers", type=Path, metavar="FILE.jsonl",
                    help="with --score-only: the answers to score (ours or LLaVA's; default --output)")
     p.add_argument("--compare", type=Path, metavar="BASE.json",
-                   help="metrics JSON line(s) of an uncompressed run: print each metric relative to it, in percent")
+                   help="metrics JSON line(s) of an uncompressed run: print each metric and efficiency field relative "
+                   "to it, in percent")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random compressor (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: float16 on cuda; float32 on cpu, or bfloat16 when float32 would not fit")
-    conv_template_arg(p)
+    conv_template_arg(p, "the template of LLaVA's script for the task (vicuna_v1) for a Vicuna LLaVA-1.6 "
+                      "checkpoint (liuhaotian's or llava-hf's), as the paper; otherwise the checkpoint's")
     quantize_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the tower, prefill and decode step")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
@@ -107,7 +117,7 @@ def main(argv=None) -> int:
     task = TASKS[args.task]
     try:
         check_paths(args, task)  # before any work
-        args.base = baseline(args.compare, task.name) if args.compare else None
+        args.base = baseline(args.compare, task.name) if args.compare else None  # (metrics, efficiency)
         if args.score_only:
             questions = select(task.load(args.data, args.questions, args.images), args.limit)
             records = merge(assign_keys(read_records(args.answers, missing_ok=False)))
@@ -159,13 +169,11 @@ def answer_all(args, task: Task) -> int:
         questions = select(all_questions, args.limit)
         settings = {"compressor": args.compressor, "retention_ratio": args.retention_ratio,
                     "max_new_tokens": args.max_new_tokens or task.max_new_tokens, "seed": args.seed}
-        if args.conv_template:  # recorded only when asked for: files made without it stay resumable
-            settings["conv_template"] = args.conv_template
-        if args.spec:  # the same
+        if args.spec:  # recorded only when asked for: files made without it stay resumable
             settings["quantize"] = args.quantize + (f"-g{args.spec.group_size}" if args.spec.bits == 4 else "")
         output = args.output
         done = merge(assign_keys([r for path in [output, *part_files(output)] for r in read_records(path)]))
-        check_settings(output, done.values(), settings)
+        check_settings(output, done.values(), settings)  # the template once the checkpoint is read (below)
         world.barrier()  # everyone has read the files before rank 0 rewrites them
         order = [q.key for q in all_questions]
         if world.main:
@@ -174,20 +182,46 @@ def answer_all(args, task: Task) -> int:
         world.barrier()
         todo = [q for q in questions if q.key not in done or (args.retry_failed and is_failed(done[q.key]))]
         mine = todo[world.rank :: world.size]
+        if todo:  # the checkpoint says which template this run asks in: a file made in another is refused here
+            model_dir = fetch_model(args.model, world)
+            settings["conv_template"], native = eval_template(model_dir, task, args.conv_template)
+            check_settings(output, done.values(), settings, native)
         if world.main:
             ranks = f" on {world.size} processes" if world.size > 1 else ""
             print(f"{task.name}: {len(questions)} questions, {len(questions) - len(todo)} already in {output}, "
                   f"{len(todo)} to answer{ranks}", file=sys.stderr)
+        costs, meters = [], []
         if todo:
-            model_dir = fetch_model(args.model, world)
             if mine:
-                answer(args, task, mine, settings, model_dir, device, world)
+                costs, meter = answer(args, task, mine, settings, model_dir, device, world)
+                meters = [meter]
+            shares = world.gather((costs, meters))  # what each rank's share cost, for the summary
+            costs, meters = [c for x in shares for c in x[0]], [m for x in shares for m in x[1]]
         world.barrier()  # every rank's answers are in its part file
         if world.main:
-            finish(args, task, questions, consolidate(output, order), output)
+            finish(args, task, questions, consolidate(output, order), output, E.summary(costs, meters))
     finally:
         world.close()
     return 0
+
+
+def eval_template(model_dir: Path, task: Task, override: str | None) -> tuple[str, str | None]:
+    """(the conversation template this run asks in, the checkpoint's own). --conv-template if given; for a
+    Vicuna LLaVA-1.6 checkpoint (conversation.is_llava_vicuna) the template of LLaVA's script for the task
+    (`task.paper_template`: vicuna_v1, where the checkpoint's own is llava_v1); else the checkpoint's own,
+    as for the tiny model trained here. The checkpoint's own is None if only --conv-template says."""
+    try:
+        cfg, tokenizer = read_checkpoint(model_dir)
+    except ConfigError:
+        if override is None:
+            raise
+        return override, None  # a checkpoint whose template only the flag tells
+    native = tokenizer.template.name
+    if override is not None:
+        return override, native
+    if task.paper_template and is_llava_vicuna(model_dir, cfg.layout, native, tokenizer.n_pieces):
+        return task.paper_template, native
+    return native, native
 
 
 def fetch_model(model: str, world: distributed.World) -> Path:
@@ -201,12 +235,16 @@ def fetch_model(model: str, world: distributed.World) -> Path:
 
 def answer(args, task: Task, questions: list[Question], settings: dict, model_dir: Path, device, world):
     """Answer `questions` with one model, --batch-size at a time, appending each record as soon as its
-    batch is done. A question that fails is recorded as failed; the others of its batch are answered."""
-    model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), args.conv_template, args.spec)
+    batch is done. A question that fails is recorded as failed; the others of its batch are answered.
+    Returns what answering cost: each answered question's `efficiency.QuestionCost`, and the Meter's."""
+    model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), settings["conv_template"], args.spec)
     steps = Steps()
     if args.compile:
         steps = compile_steps(model)
         warm_up(model, steps, batch=min(args.batch_size, len(questions)), compressor=args.compressor)
+    spec = LlmSpec.from_text(args.model, model.cfg.text)
+    fastv_layer = FastV.from_ratio(0, 1, 1.0).layer if args.compressor == "fastv" else None  # its K
+    costs, meter = [], E.Meter(device)  # from here on: answering
     writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
     share = f" (rank 0 of {world.size})" if world.size > 1 else ""
     bar = tqdm(total=len(questions), desc=task.name + share, unit="q", file=sys.stderr, disable=not world.main,
@@ -221,12 +259,15 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
                 tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
             else:
                 record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
+                costs.append(E.question_cost(result, E.text_tokens(tokenizer, q.prompt), spec, fastv_layer))
             record.update(model_id=args.model, metadata=settings)
             writer.write(record)
             bar.update(1)
+        measured = meter.stop()
     finally:
         bar.close()
         writer.close()
+    return costs, measured
 
 
 def answered(args, task: Task, questions: list[Question], settings: dict, model, tokenizer, steps):
@@ -284,19 +325,25 @@ def answer_batch(args, task: Task, batch: list[Question], settings: dict, model,
     return results
 
 
-def check_settings(output: Path, records, settings: dict):
-    """An answers file holds one configuration: refuse to resume it with another."""
-    new = {k: settings.get(k) for k in SETTINGS}
+def check_settings(output: Path, records, settings: dict, native: str | None = None):
+    """An answers file holds one configuration: refuse to resume it with another. Only the SETTINGS that
+    `settings` has are compared; a record without a template (made before templates were recorded, when
+    one was recorded only if --conv-template named it) was made with the checkpoint's own, `native`."""
+    keys = [k for k in SETTINGS if k in settings]
+    new = {k: settings[k] for k in keys}
     for record in records:
-        old = {k: record.get("metadata", {}).get(k) for k in SETTINGS}
+        meta = record.get("metadata", {})
+        old = {k: meta.get(k, native if k == "conv_template" else None) for k in keys}
         if "metadata" in record and old != new:
-            differ = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in SETTINGS if old[k] != new[k])
+            differ = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in keys if old[k] != new[k])
             raise DataError(f"{output} holds answers made with other settings ({differ}); "
                             "use another --output, or the same settings to resume it")
 
 
-def finish(args, task: Task, questions: list[Question], records: dict[str, dict], answers_path: Path):
-    """Score, write the submission file if the task has one, print the JSON line and the markdown row."""
+def finish(args, task: Task, questions: list[Question], records: dict[str, dict], answers_path: Path,
+           efficiency: dict | None = None):
+    """Score, write the submission file if the task has one, print the JSON line (with `efficiency`, what
+    answering cost, when this run answered questions) and the markdown row."""
     answered = [(q, records[q.key].get("text", "")) for q in questions if q.key in records]
     failed = sum(is_failed(records[q.key]) for q in questions if q.key in records)
     missing = len(questions) - len(answered)
@@ -321,7 +368,9 @@ def finish(args, task: Task, questions: list[Question], records: dict[str, dict]
         "score": metrics.get(task.headline) if task.headline else None,
         "metrics": metrics,
     }
-    made = task.submission(answered) if answered else None
+    if efficiency is not None:
+        line["efficiency"] = {k: significant(v) for k, v in efficiency.items()}
+    made = task.submission(args.data, answered) if answered else None
     if made is not None:
         suffix, content = made
         path = answers_path.with_name(answers_path.with_suffix("").name + suffix)
@@ -329,14 +378,20 @@ def finish(args, task: Task, questions: list[Question], records: dict[str, dict]
         write_atomic(path, content)
         line["submission"] = str(path)
     if args.base is not None:
-        line["relative"] = relative(metrics, args.base)
-    print(json.dumps(rounded(line)))
+        base_metrics, base_efficiency = args.base
+        line["relative"] = relative(metrics, base_metrics)
+        if efficiency is not None and base_efficiency:
+            line["relative"]["efficiency"] = E.relative(line["efficiency"], base_efficiency)
+    printed = rounded(line)
+    if efficiency is not None:
+        printed["efficiency"] = line["efficiency"]  # significant digits, not decimals (see `significant`)
+    print(json.dumps(printed))
     print(markdown_row(line))
 
 
-def baseline(path: Path, task: str) -> dict:
-    """The metrics of `task` in BASE: what this command prints, for one task or several (markdown rows
-    and other lines not starting with "{" are skipped; the last line of the task wins)."""
+def baseline(path: Path, task: str) -> tuple[dict, dict | None]:
+    """The metrics and efficiency of `task` in BASE: what this command prints, for one task or several
+    (markdown rows and other lines not starting with "{" are skipped; the last line of the task wins)."""
     objects = []
     for number, line in enumerate(read_text(path, "--compare file").split("\n"), 1):
         if line.lstrip().startswith("{"):
@@ -347,10 +402,10 @@ def baseline(path: Path, task: str) -> dict:
     found = [o for o in objects if isinstance(o, dict) and o.get("task") == task]
     if not found:
         raise DataError(f"{path}: no metrics of task {task} (expected the JSON line this command prints)")
-    metrics = found[-1].get("metrics", {})
+    metrics, efficiency = found[-1].get("metrics", {}), found[-1].get("efficiency")
     if not isinstance(metrics, dict):
         raise DataError(f"{path}: the metrics of task {task} are not an object")
-    return metrics
+    return metrics, efficiency if isinstance(efficiency, dict) else None
 
 
 def relative(metrics: dict, base: dict) -> dict:
@@ -366,6 +421,11 @@ def rounded(value):
     if isinstance(value, dict):
         return {k: rounded(v) for k, v in value.items()}
     return value
+
+
+def significant(value):
+    """A float to 4 significant digits (a tiny model's TFLOPs are 0.0003...), anything else as it is."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
 def markdown_row(line: dict) -> str:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import csv
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ QID = (str, int)  # question ids are numbers or strings in LLaVA's files
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
+OPTION_LETTER_CN = "请直接回答选项字母。"  # model_vqa_mmbench.py --lang cn
 
 
 @dataclass
@@ -60,6 +61,9 @@ class Task:
     headline: str | None  # the metric of the paper's table; None when it needs a server or judge
     needs: tuple[str, ...] = ()  # files scoring reads, relative to --data, checked before a run
     needs_data = True  # False for a task that makes its own questions (then --data may be omitted)
+    # --conv-mode of LLaVA's script for the benchmark (scripts/v1_5/eval/*.sh): the template a Vicuna
+    # LLaVA-1.6 checkpoint is asked in by default; None: the checkpoint's own (runner.eval_template)
+    paper_template: str | None = "vicuna_v1"
 
     def load(self, data: Path, questions_file: Path | None = None, images: Path | None = None) -> list[Question]:
         """The questions, in file order, keyed."""
@@ -105,7 +109,7 @@ class Task:
         """Metrics of (question, answer text) pairs; rates in percent."""
         return {}
 
-    def submission(self, answered: list[tuple[Question, str]]) -> tuple[str, str] | None:
+    def submission(self, data: Path | None, answered: list[tuple[Question, str]]) -> tuple[str, str] | None:
         """(file suffix, content) of the file an evaluation server or judge takes, if any."""
         return None
 
@@ -378,6 +382,7 @@ class MMBench(Task):
     one round). Accuracy where the TSV has answers; the server's upload file is written too."""
 
     name = "mmbench"
+    instruction = OPTION_LETTER
     questions_file = "mmbench_dev_20230712.tsv"
     images_dir = None
     max_new_tokens = 32
@@ -398,10 +403,11 @@ class MMBench(Task):
         text = question if _is_none(hint) else hint + "\n" + question
         text += "".join(f"\n{letter}. {option}" for letter, option in options.items())
         answer = row.get("answer")
-        return Question("", get(row, "index", path, number), text, text + "\n" + OPTION_LETTER, None,
+        return Question("", get(row, "index", path, number), text, text + "\n" + self.instruction, None,
                         {"line": number, "options": options, "image_b64": get(row, "image", path, number),
                          "answer": None if _is_none(answer) else answer.strip(),
-                         "question": question, "category": row.get("category")})
+                         "question": question, "category": row.get("category"),
+                         "row": {k: v for k, v in row.items() if k != "image"}})
 
     def open_image(self, q):
         where = f"the image of MMBench question {q.question_id} (line {q.extra['line']})"
@@ -418,15 +424,90 @@ class MMBench(Task):
         correct = [M.mmbench_choice(text, q.extra["options"]) == q.extra["answer"] for q, text in graded]
         return {"accuracy": _percent(M.mean(correct)), "graded": len(graded)}
 
-    def submission(self, answered):
-        """The columns of LLaVA's upload file (as TSV: save it as .xlsx for the server)."""
+    DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")
+
+    def submission(self, data, answered):
+        """LLaVA's upload file (scripts/convert_mmbench_for_submission.py) as TSV (save it as .xlsx for the
+        server): the TSV's columns but hint, category, source, image, comment and l2-category, with
+        `prediction` inserted as the 7th column; the cells as the TSV has them. One row per answered
+        question (every row of the TSV in a full run)."""
         out = io.StringIO()
-        out.write("index\tquestion\tA\tB\tC\tD\tanswer\tprediction\n")
+        writer = csv.writer(out, delimiter="\t", lineterminator="\n")  # a cell with a tab or newline is quoted
+        header = [k for k in answered[0][0].extra["row"] if k not in self.DROPPED] if answered else []
+        header.insert(min(6, len(header)), "prediction")
+        writer.writerow(header)
         for q, text in answered:
-            cells = [str(q.question_id), q.extra["question"], *(q.extra["options"].get(x, "") for x in self.LETTERS),
-                     q.extra["answer"] or "", text]
-            out.write("\t".join(re.sub(r"[\t\r\n]+", " ", c) for c in cells) + "\n")
+            row = {**q.extra["row"], "prediction": text}
+            writer.writerow([row.get(k, "") for k in header])
         return ".submission.tsv", out.getvalue()
+
+
+@register
+class MMBenchCN(MMBench):
+    """MMBench-CN (dev by default): MMBench's Chinese questions, answered as `model_vqa_mmbench.py --lang
+    cn --single-pred-prompt` does (scripts/v1_5/eval/mmbench_cn.sh): the option-letter instruction in
+    Chinese. Scored and submitted as MMBench."""
+
+    name = "mmbench-cn"
+    questions_file = "mmbench_dev_cn_20231003.tsv"
+    instruction = OPTION_LETTER_CN
+
+
+@register
+class VQAv2(Task):
+    """VQAv2 test-dev (scripts/v1_5/eval/vqav2.sh): the question file's text already ends with the
+    short-answer instruction. The EvalAI upload file is LLaVA's `convert_vqav2_for_submission.py`'s: one
+    entry per question of the whole test2015 file (`llava_vqav2_mscoco_test2015.jsonl` in --data; if it is
+    absent, of the question file), each answer through EvalAI's answer processor, "" where unanswered.
+    Questions that VQAv2's official val annotations (`v2_mscoco_val2014_annotations.json` in --data) hold
+    are scored locally with the official VQA accuracy, on the answer as uploaded (e.g. `--questions` a
+    val question file in LLaVA's format, `--images` val2014)."""
+
+    name = "vqav2"
+    questions_file = "llava_vqav2_mscoco_test-dev2015.jsonl"
+    images_dir = "test2015"
+    max_new_tokens = 32
+    headline = "accuracy"
+    TEST = "llava_vqav2_mscoco_test2015.jsonl"
+    ANNOTATIONS = "v2_mscoco_val2014_annotations.json"
+
+    def layout(self):
+        return [*super().layout(), f"[{self.TEST}, the upload file's questions]", f"[{self.ANNOTATIONS}, to score val questions]"]
+
+    def inputs(self, data, questions_file=None):
+        return [*super().inputs(data, questions_file), data / self.TEST, data / self.ANNOTATIONS]
+
+    def score(self, data, answered):
+        path = data / self.ANNOTATIONS
+        if not path.exists():
+            return {"accuracy": None, "note": "test-dev: submit the upload file to the EvalAI server"}
+        document = read_json(path, "VQAv2 annotations")
+        if not isinstance(document, dict) or not isinstance(document.get("annotations"), list):
+            raise DataError(f"{path}: expected VQAv2's {{\"annotations\": [...]}} file")
+        for i, a in enumerate(document["annotations"]):
+            _entry(a, path, f"annotations[{i}]", "an annotation with question_id, answer_type and answers "
+                   "([{\"answer\": string}, ...])",
+                   lambda a: type(a.get("question_id")) is int and isinstance(a.get("answer_type", ""), str)
+                   and isinstance(a.get("answers"), list)
+                   and all(isinstance(x, dict) and isinstance(x.get("answer"), str) for x in a["answers"]))
+        truth = {a["question_id"]: a for a in document["annotations"]}
+        types: dict[str, list[float]] = {}
+        for q, text in answered:
+            a = truth.get(q.question_id)
+            if a is not None:
+                score = M.vqav2_score(M.normalize_vqa_answer(text), [x["answer"] for x in a["answers"]])
+                types.setdefault(a.get("answer_type", "other"), []).append(score)
+        graded = [x for scores in types.values() for x in scores]
+        return {"accuracy": _percent(M.mean(graded)) if graded else None, "graded": len(graded),
+                "answer_types": {k: _percent(M.mean(v)) for k, v in sorted(types.items())}}
+
+    def submission(self, data, answered):
+        results = {q.question_id: text for q, text in answered}
+        test = data / self.TEST if data is not None and (data / self.TEST).exists() else None
+        ids = [get(row, "question_id", test, n, QID) for n, row in read_jsonl(test)] if test else \
+            [q.question_id for q, _ in answered]
+        rows = [{"question_id": i, "answer": M.normalize_vqa_answer(results[i]) if i in results else ""} for i in ids]
+        return ".submission.json", json.dumps(rows)
 
 
 @register
@@ -462,7 +543,7 @@ class VizWiz(Task):
         graded = [M.vqa_score(text, truth[q.image.name]) for q, text in answered if q.image.name in truth]
         return {"accuracy": _percent(M.mean(graded)) if graded else None, "graded": len(graded)}
 
-    def submission(self, answered):
+    def submission(self, data, answered):
         rows = [{"image": q.image.name, "answer": M.normalize_vqa_answer(text)} for q, text in answered]
         return ".submission.json", json.dumps(rows)
 
@@ -481,7 +562,7 @@ class MMVet(Task):
     def score(self, data, answered):
         return {"note": "graded by MM-Vet's GPT-4 judge: run its grader on the submission file"}
 
-    def submission(self, answered):
+    def submission(self, data, answered):
         return ".submission.json", json.dumps({f"v1_{q.question_id}": text for q, text in answered}, indent=2)
 
 
@@ -501,6 +582,7 @@ class Synthetic(Task):
     headline = "accuracy"
     needs = ("answers.json",)
     needs_data = False
+    paper_template = None  # no LLaVA script: the checkpoint's own template
     DEFAULT_QUESTIONS = 500
 
     def load(self, data, questions_file=None, images=None):
