@@ -140,24 +140,32 @@ class MiniLlava(lmms):
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+        options = {key: generation_options(requests[indices[0]].args[1]) for key, indices in groups.items()}
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="minillava", unit="q")
-        for indices in groups.values():
-            options = generation_options(requests[indices[0]].args[1])
-            for start in range(0, len(indices), self.batch_size):
-                batch = [requests[i] for i in indices[start : start + self.batch_size]]
-                for i, request, result in zip(indices[start:], batch, self._answer(batch, options)):
-                    context, gen_kwargs, _, doc_id, task, _ = request.args
-                    if isinstance(result, BaseException):
-                        logger.warning(f"minillava: {task} doc {doc_id} failed: {' '.join(str(result).split())}")
-                        answers[i] = ""
-                    else:
-                        answers[i] = cut(result.text, options["until"]).strip()
-                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answers[i])
-                bar.update(len(batch))
-        bar.close()
+        try:
+            for key, indices in groups.items():
+                self._answer_group(requests, indices, options[key], answers, bar)
+        finally:  # a refusal's message then starts a line of its own
+            bar.close()
         if self.stats:
             logger.info(f"minillava: {summary(self.efficiency())}")
         return answers
+
+    def _answer_group(self, requests, indices: list[int], options: dict, answers: list, bar):
+        """Answer requests[i] for i in `indices` (one gen_kwargs) into answers[i], batch_size at a time."""
+        from loguru import logger
+
+        for start in range(0, len(indices), self.batch_size):
+            batch = [requests[i] for i in indices[start : start + self.batch_size]]
+            for i, request, result in zip(indices[start:], batch, self._answer(batch, options)):
+                context, gen_kwargs, _, doc_id, task, _ = request.args
+                if isinstance(result, BaseException):
+                    logger.warning(f"minillava: {task} doc {doc_id} failed: {' '.join(str(result).split())}")
+                    answers[i] = ""
+                else:
+                    answers[i] = cut(result.text, options["until"]).strip()
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answers[i])
+            bar.update(len(batch))
 
     def _answer(self, batch, options: dict) -> list:
         """Result or exception per request of `batch`: one `generate_batch` call; a batch that runs out of
