@@ -33,6 +33,7 @@ N = 4  # questions: batch 3 answers them as a batch of 3 and one of 1
 COMPRESSORS = ("none", "globalcom2", "fastv")
 MAX_NEW_TOKENS = 8  # minillava.eval's synthetic task answers with at most 8 tokens
 NOISE_TOKENS = 16  # the random checkpoint's answers: 16 tokens of noise, long enough to cut
+SAMPLED = "temperature=0.8,top_p=0.9,do_sample=true"  # lmms-eval's --gen_kwargs, over the task's
 
 UTILS = '''
 from PIL import Image
@@ -91,13 +92,33 @@ out = {}
 for run in spec["runs"]:
     try:
         r = simple_evaluate(model="minillava", model_args=run["model_args"], tasks=[run["task"]],
-                            batch_size=run["batch_size"], task_manager=tasks, log_samples=True, verbosity="WARNING")
+                            batch_size=run["batch_size"], gen_kwargs=run.get("gen_kwargs"), task_manager=tasks,
+                            log_samples=True, verbosity="WARNING")
     except Refused as e:
         out[run["name"]] = {"refused": str(e.code)}
         continue
     samples = r["samples"][run["task"]]
     out[run["name"]] = {"answers": {s["doc"]["question_id"]: s["resps"][0][0] for s in samples},
                         "score": r["results"][run["task"]]["exact_match,none"]}
+
+import inspect
+import lmms_eval.__main__ as cli
+from lmms_eval.utils import simple_parse_args_string
+from minillava.lmms import MiniLlava
+
+accepted = set(inspect.signature(MiniLlava.__init__).parameters) - {"self", "unknown"}
+problems = []
+for where, argv in spec["commands"]:  # each lmms-eval command the docs show, through lmms-eval's parser
+    sys.argv = ["lmms-eval", *argv]
+    try:
+        args = cli.parse_eval_args()[1]
+    except SystemExit as e:
+        problems.append(f"{where}: lmms-eval's parser exits with {e.code}")
+        continue
+    unknown = set(simple_parse_args_string(args.model_args or "")) - accepted
+    if args.model != "minillava" or unknown:
+        problems.append(f"{where}: model {args.model}, unknown model_args {sorted(unknown)}")
+out["commands"] = problems
 print("RESULT " + json.dumps(out))
 '''
 
@@ -123,8 +144,24 @@ def lmms_env(tmp: Path) -> dict:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run(cmd: list[str], tmp: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env={**lmms_env(tmp), **env}, capture_output=True, text=True, timeout=600)
+def shown_commands() -> list[tuple[str, list[str]]]:
+    """(page:line, arguments) of each `lmms-eval ...` or `... -m lmms_eval ...` command in README.md and docs/."""
+    from tests.test_docs_commands import PAGES, fenced_commands, simple_commands
+
+    out = []
+    for page in PAGES:
+        for line, command in fenced_commands(page):
+            for words in simple_commands(command):
+                where = f"{page.relative_to(ROOT)}:{line}"
+                if words[0] == "lmms-eval":
+                    out.append((where, words[1:]))
+                elif "-m" in words[:-1] and words[words.index("-m") + 1] == "lmms_eval":
+                    out.append((where, words[words.index("-m") + 2 :]))
+    return out
+
+
+def run(cmd: list[str], tmp: Path, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env={**lmms_env(tmp), **env}, capture_output=True, text=True, timeout=600)
 
 
 def eval_answers(data: Path, out: Path, model: Path, compressor: str, *extra: str) -> list[dict]:
@@ -138,7 +175,7 @@ def eval_answers(data: Path, out: Path, model: Path, compressor: str, *extra: st
 def setup(tmp_path_factory, checkpoints):
     """The split, its lmms-eval tasks, minillava.eval's answers, and lmms-eval's for every run."""
     tmp = tmp_path_factory.mktemp("lmms")
-    data = S.write_split(tmp / "data", N)
+    data = S.write_split(tmp / "data" / "synthetic", N)  # where examples/lmms/ reads it, from tmp
     answers = json.loads((data / "answers.json").read_text())
     rows = [json.loads(line) for line in (data / "questions.jsonl").read_text().splitlines()]
     (tmp / "scenes.jsonl").write_text("".join(json.dumps(
@@ -170,10 +207,14 @@ def setup(tmp_path_factory, checkpoints):
             for c in COMPRESSORS for b in (1, 3)]
     runs += [{"name": "noise", "task": "noise", "batch_size": 2,
               "model_args": f"pretrained={checkpoints['hub']},compressor=globalcom2"},
+             {"name": "sampled", "task": "noise", "batch_size": 1, "gen_kwargs": SAMPLED,
+              "model_args": f"pretrained={checkpoints['hub']},compressor=globalcom2,seed=3"},
              {"name": "pair", "task": "pair", "batch_size": 1, "model_args": f"pretrained={TINY}"},
              {"name": "choice", "task": "choice", "batch_size": 1, "model_args": f"pretrained={TINY}"},
              {"name": "ratio", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},retention_ratio=2"}]
-    (tmp / "spec.json").write_text(json.dumps({"include": str(tasks), "runs": runs}))
+    commands = shown_commands()
+    assert len(commands) >= 3, commands  # README's and docs/evaluation.md's: fewer means the extraction broke
+    (tmp / "spec.json").write_text(json.dumps({"include": str(tasks), "runs": runs, "commands": commands}))
     (tmp / "driver.py").write_text(DRIVER)
     done = run([sys.executable, str(tmp / "driver.py"), str(tmp / "spec.json")], tmp)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -201,6 +242,26 @@ def test_until_cuts_at_the_first_stop_string(setup):
     assert len(got[first["question_id"]]) < len(first["text"])  # the first answer was cut
 
 
+def test_sampling_follows_gen_kwargs(setup, checkpoints):
+    """temperature and top_p from gen_kwargs, the seed from model_args: the answers are generate_batch's
+    with those settings, one question at a time, cut at the task's stop string."""
+    from PIL import Image
+
+    from minillava.batch import generate_batch
+    from minillava.generate import load
+
+    model, tokenizer = load(checkpoints["hub"])
+    rows = [json.loads(line) for line in (setup["tmp"] / "scenes.jsonl").read_text().splitlines()]
+    stop, expected = setup["stop"], {}
+    for r in rows:
+        (result,) = generate_batch(model, tokenizer, [(Image.open(r["image"]).convert("RGB"), r["question"])],
+                                   "globalcom2", 0.25, NOISE_TOKENS, temperature=0.8, top_p=0.9, seed=3)
+        text = result.text
+        expected[r["question_id"]] = (text[: text.find(stop)] if stop in text else text).strip()
+    assert setup["lmms"]["sampled"]["answers"] == expected
+    assert expected != setup["lmms"]["noise"]["answers"]  # sampled, not greedy
+
+
 def test_refusals_are_one_line(setup):
     refused = {k: setup["lmms"][k].get("refused") for k in ("pair", "choice", "ratio")}
     assert refused["pair"] == ("error: minillava: task pair, doc 0 has 2 images; the model answers questions about "
@@ -210,17 +271,25 @@ def test_refusals_are_one_line(setup):
                                "fraction of visual tokens kept"
 
 
+def test_shown_commands_parse(setup):
+    """Each lmms-eval command in README.md and docs/ parses with lmms-eval's own parser (tests/
+    test_docs_commands.py checks our CLIs' commands; lmms-eval is not one of them), names our model,
+    and gives it only model_args it takes."""
+    assert setup["lmms"]["commands"] == []
+
+
 def test_cli(setup):
-    """The CLI finds the model, prints the table with the score, and our efficiency line; a refusal is
-    one line on stderr with exit code 1, no traceback."""
+    """The CLI finds the model, runs the README's example task (examples/lmms/, on the split in
+    tmp/data/synthetic), prints the table with the score, and our efficiency line; a refusal is one
+    line on stderr with exit code 1, no traceback."""
     tmp, tasks = setup["tmp"], setup["tasks"]
     done = run([sys.executable, "-m", "lmms_eval", "--model", "minillava", "--model_args",
                 f"pretrained={TINY},compressor=globalcom2,retention_ratio=0.25", "--batch_size", "2",
-                "--include_path", str(tasks), "--tasks", "scenes"], tmp)
+                "--include_path", str(ROOT / "examples" / "lmms"), "--tasks", "synthetic_scenes"], tmp, cwd=tmp)
     assert done.returncode == 0, done.stderr[-3000:]
     ours = setup["ours"]["globalcom2"]
     score = sum(r["text"] == setup["answers"][r["question_id"]] for r in ours) / N
-    row = next(x for x in done.stdout.splitlines() if x.startswith("|scenes"))
+    row = next(x for x in done.stdout.splitlines() if x.startswith("|synthetic_scenes"))
     assert float(row.split("|")[6]) == pytest.approx(score), row
     before, after = (sum(r["visual_tokens"][k] for r in ours) / N for k in ("before", "after"))
     log = re.search(r"minillava: (\d+) questions \((\d+) failed\) in [\d.]+s of model time, ([\d.]+) samples/s, "
