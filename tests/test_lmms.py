@@ -1,0 +1,322 @@
+"""lmms-eval runs the model `minillava` end to end and answers what `python -m minillava.eval` answers.
+
+Offline: the tasks are written here (a json dataset of synthetic scenes, a task yaml, exact match), in
+a folder given to lmms-eval as include_path. Each check runs lmms-eval's own evaluator in a
+subprocess: `simple_evaluate(model="minillava", ...)` for the settings (the model found through the
+`lmms_eval.models` entry point, as the CLI finds it), and the CLI itself for its exit code, table and
+one-line refusals. Skipped when lmms-eval is not installed (see INSTALL).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minillava.eval import runner
+from minillava.eval import synthetic as S
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL = 'pip install -e ".[lmms]" && pip install --no-deps lmms-eval==0.7.3'
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
+                                reason=f"lmms-eval is not installed; {INSTALL}")
+
+TINY = ROOT / "weights" / "llava-next-tiny-scenes"
+N = 4  # questions: batch 3 answers them as a batch of 3 and one of 1
+COMPRESSORS = ("none", "globalcom2", "fastv")
+MAX_NEW_TOKENS = 8  # minillava.eval's synthetic task answers with at most 8 tokens
+NOISE_TOKENS = 16  # the random checkpoint's answers: 16 tokens of noise, long enough to cut
+SAMPLED = "temperature=0.8,top_p=0.9,do_sample=true"  # lmms-eval's --gen_kwargs, over the task's
+
+UTILS = '''
+from PIL import Image
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+
+def two_images(doc):
+    return [Image.open(doc["image"]).convert("RGB")] * 2
+
+def doc_to_text(doc):
+    return doc["question"]
+'''
+TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.{visual}
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+{generation}
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+CHOICE = """task: choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: 0
+doc_to_choice: ["1", "2"]
+metric_list:
+  - metric: acc
+"""
+
+# Runs lmms-eval's evaluator on each run of a spec file; prints {name: {answers, score} or {refused}}.
+DRIVER = '''
+import json, sys
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.tasks import TaskManager
+from minillava.lmms import Refused
+
+spec = json.load(open(sys.argv[1]))
+tasks = TaskManager("WARNING", include_path=spec["include"], include_defaults=False)
+out = {}
+for run in spec["runs"]:
+    try:
+        r = simple_evaluate(model="minillava", model_args=run["model_args"], tasks=[run["task"]],
+                            batch_size=run["batch_size"], gen_kwargs=run.get("gen_kwargs"), task_manager=tasks,
+                            log_samples=True, verbosity="WARNING")
+    except Refused as e:
+        out[run["name"]] = {"refused": str(e.code)}
+        continue
+    samples = r["samples"][run["task"]]
+    out[run["name"]] = {"answers": {s["doc"]["question_id"]: s["resps"][0][0] for s in samples},
+                        "score": r["results"][run["task"]]["exact_match,none"]}
+
+import inspect
+import lmms_eval.__main__ as cli
+from lmms_eval.utils import simple_parse_args_string
+from minillava.lmms import MiniLlava
+
+accepted = set(inspect.signature(MiniLlava.__init__).parameters) - {"self", "unknown"}
+problems = []
+for where, argv in spec["commands"]:  # each lmms-eval command the docs show, through lmms-eval's parser
+    sys.argv = ["lmms-eval", *argv]
+    try:
+        args = cli.parse_eval_args()[1]
+    except SystemExit as e:
+        problems.append(f"{where}: lmms-eval's parser exits with {e.code}")
+        continue
+    unknown = set(simple_parse_args_string(args.model_args or "")) - accepted
+    if args.model != "minillava" or unknown:
+        problems.append(f"{where}: model {args.model}, unknown model_args {sorted(unknown)}")
+out["commands"] = problems
+print("RESULT " + json.dumps(out))
+'''
+
+
+def lmms_env(tmp: Path) -> dict:
+    """Environment of an lmms-eval subprocess: offline, caches in `tmp`, this checkout first on the path,
+    and the entry point of pyproject.toml even when the installed metadata predates it (an editable
+    install made before it was added): then a dist-info declaring pyproject's entry point is put on the path."""
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
+    assert declared == {"minillava": "minillava.lmms:MANIFEST"}
+    path = [str(ROOT)]
+    installed = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="lmms_eval.models")}
+    if installed.get("minillava") != declared["minillava"]:
+        info = tmp / "entry" / "minillava_lmms_entry-0.dist-info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: minillava-lmms-entry\nVersion: 0\n")
+        (info / "entry_points.txt").write_text(f"[lmms_eval.models]\nminillava = {declared['minillava']}\n")
+        path.append(str(tmp / "entry"))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp / "hf"),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def shown_commands() -> list[tuple[str, list[str]]]:
+    """(page:line, arguments) of each `lmms-eval ...` or `... -m lmms_eval ...` command in README.md and docs/."""
+    from tests.test_docs_commands import PAGES, fenced_commands, simple_commands
+
+    out = []
+    for page in PAGES:
+        for line, command in fenced_commands(page):
+            for words in simple_commands(command):
+                where = f"{page.relative_to(ROOT)}:{line}"
+                if words[0] == "lmms-eval":
+                    out.append((where, words[1:]))
+                elif "-m" in words[:-1] and words[words.index("-m") + 1] == "lmms_eval":
+                    out.append((where, words[words.index("-m") + 2 :]))
+    return out
+
+
+def run(cmd: list[str], tmp: Path, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env={**lmms_env(tmp), **env}, capture_output=True, text=True, timeout=600)
+
+
+def eval_answers(data: Path, out: Path, model: Path, compressor: str, *extra: str) -> list[dict]:
+    """minillava.eval's records on the split in `data`, in question order."""
+    assert runner.main(["synthetic", "--data", str(data), "--output", str(out), "--model", str(model),
+                        "--compressor", compressor, "--batch-size", "1", *extra]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, checkpoints):
+    """The split, its lmms-eval tasks, minillava.eval's answers, and lmms-eval's for every run."""
+    tmp = tmp_path_factory.mktemp("lmms")
+    data = S.write_split(tmp / "data" / "synthetic", N)  # where examples/lmms/ reads it, from tmp
+    answers = json.loads((data / "answers.json").read_text())
+    rows = [json.loads(line) for line in (data / "questions.jsonl").read_text().splitlines()]
+    (tmp / "scenes.jsonl").write_text("".join(json.dumps(
+        {"question_id": r["question_id"], "image": str(data / "images" / r["image"]), "question": r["text"],
+         "answer": answers[r["question_id"]]}) + "\n" for r in rows))
+    ours = {c: eval_answers(data, tmp / f"eval-{c}.jsonl", TINY, c) for c in COMPRESSORS}
+    noise = eval_answers(data, tmp / "eval-noise.jsonl", checkpoints["hub"], "globalcom2",
+                         "--max-new-tokens", str(NOISE_TOKENS))
+    # a stop string from the middle of the first noise answer (no whitespace: the answers are stripped)
+    text = noise[0]["text"]
+    stop = next(text[i : i + 2] for i in range(1, len(text) - 1) if not any(ch.isspace() for ch in text[i : i + 2]))
+
+    tasks = tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(UTILS)
+    greedy = f"  max_new_tokens: {MAX_NEW_TOKENS}\n  temperature: 0\n  do_sample: false"
+    cut = f"  max_new_tokens: {NOISE_TOKENS}\n  until: [{json.dumps(stop)}]"
+    for name, visual, generation in [("scenes", "doc_to_visual", greedy), ("noise", "doc_to_visual", cut),
+                                     ("pair", "two_images", greedy)]:
+        (tasks / f"{name}.yaml").write_text(TASK.format(name=name, data=tmp / "scenes.jsonl", visual=visual,
+                                                         generation=generation))
+    (tasks / "choice.yaml").write_text(CHOICE.format(data=tmp / "scenes.jsonl"))
+
+    # batch 3 through model_args, which win over simple_evaluate's batch_size (the CLI's --batch_size),
+    # with every other model_arg of our CLI at minillava.eval's defaults for this model
+    every = "seed=0,conv_template=llava_v1,dtype=float32,device=cpu,compile=false"
+    runs = [{"name": f"{c}-b{b}", "task": "scenes", "batch_size": 1,
+             "model_args": f"pretrained={TINY},compressor={c},retention_ratio=0.25" + (f",batch_size=3,{every}" if b > 1 else "")}
+            for c in COMPRESSORS for b in (1, 3)]
+    runs += [{"name": "noise", "task": "noise", "batch_size": 2,
+              "model_args": f"pretrained={checkpoints['hub']},compressor=globalcom2"},
+             {"name": "sampled", "task": "noise", "batch_size": 1, "gen_kwargs": SAMPLED,
+              "model_args": f"pretrained={checkpoints['hub']},compressor=globalcom2,seed=3"},
+             {"name": "pair", "task": "pair", "batch_size": 1, "model_args": f"pretrained={TINY}"},
+             {"name": "choice", "task": "choice", "batch_size": 1, "model_args": f"pretrained={TINY}"},
+             {"name": "ratio", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},retention_ratio=2"}]
+    commands = shown_commands()
+    assert len(commands) >= 3, commands  # README's and docs/evaluation.md's: fewer means the extraction broke
+    (tmp / "spec.json").write_text(json.dumps({"include": str(tasks), "runs": runs, "commands": commands}))
+    (tmp / "driver.py").write_text(DRIVER)
+    done = run([sys.executable, str(tmp / "driver.py"), str(tmp / "spec.json")], tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return {"tmp": tmp, "tasks": tasks, "answers": answers, "ours": ours, "noise": noise, "stop": stop,
+            "lmms": json.loads(line[len("RESULT "):])}
+
+
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_answers_equal_minillava_eval(setup, compressor, batch):
+    got = setup["lmms"][f"{compressor}-b{batch}"]
+    ours = {r["question_id"]: r["text"] for r in setup["ours"][compressor]}
+    assert got["answers"] == ours
+    correct = [ours[q] == a for q, a in setup["answers"].items()]
+    assert got["score"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_until_cuts_at_the_first_stop_string(setup):
+    stop, got = setup["stop"], setup["lmms"]["noise"]["answers"]
+    expected = {r["question_id"]: (r["text"][: r["text"].find(stop)] if stop in r["text"] else r["text"]).strip()
+                for r in setup["noise"]}
+    assert got == expected
+    first = setup["noise"][0]
+    assert len(got[first["question_id"]]) < len(first["text"])  # the first answer was cut
+
+
+def test_sampling_follows_gen_kwargs(setup, checkpoints):
+    """temperature and top_p from gen_kwargs, the seed from model_args: the answers are generate_batch's
+    with those settings, one question at a time, cut at the task's stop string."""
+    from PIL import Image
+
+    from minillava.batch import generate_batch
+    from minillava.generate import load
+
+    model, tokenizer = load(checkpoints["hub"])
+    rows = [json.loads(line) for line in (setup["tmp"] / "scenes.jsonl").read_text().splitlines()]
+    stop, expected = setup["stop"], {}
+    for r in rows:
+        (result,) = generate_batch(model, tokenizer, [(Image.open(r["image"]).convert("RGB"), r["question"])],
+                                   "globalcom2", 0.25, NOISE_TOKENS, temperature=0.8, top_p=0.9, seed=3)
+        text = result.text
+        expected[r["question_id"]] = (text[: text.find(stop)] if stop in text else text).strip()
+    assert setup["lmms"]["sampled"]["answers"] == expected
+    assert expected != setup["lmms"]["noise"]["answers"]  # sampled, not greedy
+
+
+def test_refusals_are_one_line(setup):
+    refused = {k: setup["lmms"][k].get("refused") for k in ("pair", "choice", "ratio")}
+    assert refused["pair"] == ("error: minillava: task pair, doc 0 has 2 images; the model answers questions about "
+                               "exactly one image (LLaVA-NeXT's single-image prompt): choose a single-image task")
+    assert refused["choice"].startswith("error: minillava: task choice asks for loglikelihood")
+    assert refused["ratio"] == "error: minillava: model_args retention_ratio=2: 2 is outside (0, 1]: it is the " \
+                               "fraction of visual tokens kept"
+
+
+def test_shown_commands_parse(setup):
+    """Each lmms-eval command in README.md and docs/ parses with lmms-eval's own parser (tests/
+    test_docs_commands.py checks our CLIs' commands; lmms-eval is not one of them), names our model,
+    and gives it only model_args it takes."""
+    assert setup["lmms"]["commands"] == []
+
+
+def test_cli(setup):
+    """The CLI finds the model, runs the README's example task (examples/lmms/, on the split in
+    tmp/data/synthetic), prints the table with the score, and our efficiency line; a refusal is one
+    line on stderr with exit code 1, no traceback."""
+    tmp, tasks = setup["tmp"], setup["tasks"]
+    done = run([sys.executable, "-m", "lmms_eval", "--model", "minillava", "--model_args",
+                f"pretrained={TINY},compressor=globalcom2,retention_ratio=0.25", "--batch_size", "2",
+                "--include_path", str(ROOT / "examples" / "lmms"), "--tasks", "synthetic_scenes"], tmp, cwd=tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = setup["ours"]["globalcom2"]
+    score = sum(r["text"] == setup["answers"][r["question_id"]] for r in ours) / N
+    row = next(x for x in done.stdout.splitlines() if x.startswith("|synthetic_scenes"))
+    assert float(row.split("|")[6]) == pytest.approx(score), row
+    before, after = (sum(r["visual_tokens"][k] for r in ours) / N for k in ("before", "after"))
+    log = re.search(r"minillava: (\d+) questions \((\d+) failed\) in [\d.]+s of model time, ([\d.]+) samples/s, "
+                    r"visual tokens ([\d.]+) -> ([\d.]+) \(mean\)", done.stdout + done.stderr)
+    assert log and log.group(1, 2) == (str(N), "0") and float(log.group(3)) > 0
+    assert (log.group(4), log.group(5)) == (f"{before:.1f}", f"{after:.1f}")
+
+    refused = run([sys.executable, "-m", "lmms_eval", "--model", "minillava", "--model_args", f"pretrained={TINY}",
+                   "--include_path", str(tasks), "--tasks", "pair"], tmp)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: minillava: task pair, doc 0 has 2 images")
+    assert "Traceback" not in refused.stderr + refused.stdout
+
+
+@pytest.mark.slow
+def test_data_parallel(setup):
+    """Two processes (torchrun on CPU; `accelerate launch` on GPUs): each answers its share, rank 0
+    gathers every answer, and they are minillava.eval's."""
+    tmp, out = setup["tmp"], setup["tmp"] / "dp"
+    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lmms_eval",
+                "--model", "minillava", "--model_args", f"pretrained={TINY},compressor=globalcom2",
+                "--include_path", str(setup["tasks"]), "--tasks", "scenes", "--output_path", str(out),
+                "--log_samples"], tmp, ACCELERATE_USE_CPU="1")  # accelerate's multi-process CPU mode (gloo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shares = re.findall(r"minillava: (\d+) questions", done.stdout + done.stderr)
+    assert sorted(shares) == ["2", "2"]  # N = 4 questions, two per rank
+    samples = [json.loads(x) for f in out.rglob("*_samples_scenes.jsonl") for x in f.read_text().splitlines()]
+    rows = [json.loads(line) for line in (setup["tmp"] / "scenes.jsonl").read_text().splitlines()]
+    got = {rows[s["doc_id"]]["question_id"]: s["filtered_resps"] for s in samples}
+    assert got == {r["question_id"]: r["text"] for r in setup["ours"]["globalcom2"]}
