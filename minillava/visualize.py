@@ -85,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--out", required=True, type=Path, metavar="FILE.png", help="the PNG to write")
     p.add_argument("--compressor", default="globalcom2", choices=compressors(),
-                   help="compression method to picture (default globalcom2; none keeps everything). Peers: "
+                   help="compression method to picture (default globalcom2; none keeps everything); the score "
+                   "map shows the method's token score (NAME-attn: layer -2 [CLS] attention, NAME-sim: similarity "
+                   "to the tile's mean, the score of globalcom2 on a tower without [CLS]). Peers: "
                    "fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is ignored: "
                    "PruMerge+ chooses its own count), each also as NAME-paper (the published sequence); "
                    "fastv prunes in the decoder by the question's attention and needs --prompt")
