@@ -5,7 +5,8 @@ and only for a compressor: the uncompressed model (`none`, and `fastv`, which pr
 decoder: minillava/fastv.py) never imports it. A compressor asks the tower for what it reads
 (`globalcom2.needs`: [CLS] attention, keys, hidden states), computed from the tower's hidden states in
 its one pass over all tiles, then keeps a subset of each image's tokens, which the model lays out as
-LLaVA-NeXT does (minillava/layout.py `pack`).
+LLaVA-NeXT does (minillava/layout.py `pack`). The stage is told whether the tower has a [CLS] token
+(`has_cls`): without one GlobalCom2 scores by similarity and the [CLS] methods refuse, in one line.
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ def needs(model: LlavaNext, method: str) -> tuple:
 def encode(model: LlavaNext, tiles: list[Tiles], method: str, extra=()) -> list[Encoded]:
     """The images through the tower and projector, with what `method` reads from the tower (and the
     probes `extra`, e.g. GlobalCom2's scores for a picture, from the same pass)."""
-    needs_ = needs(model, method)  # refuses before the tower runs
-    if not needs_ and not extra:
+    own = needs(model, method)  # refuses before the tower runs
+    if not own and not extra:
         return model.encode_images(tiles)
     import globalcom2
 
-    asked = tuple(dict.fromkeys((*needs_, *extra)))
+    asked = tuple(dict.fromkeys((*own, *extra)))
     n_layers, feature_layer = len(model.vision.encoder.layers), model.cfg.vision_feature_layer
     layers = globalcom2.hidden_states_needed(asked, n_layers, feature_layer)
     probe = lambda states: globalcom2.tower_probes(asked, states, model.vision.query_key, n_layers,  # noqa: E731
