@@ -178,9 +178,9 @@ def guidance_summary(guidance: list, score: str = "cls_logits") -> str:
     the token score `score`."""
     g = np.array(guidance, dtype=np.float64)  # (scenes, 4)
     q = lambda x: f"min {x.min():.3f}, median {np.median(x):.3f}, max {x.max():.3f}"  # noqa: E731
-    name = "GlobalCom2" if score == "cls_logits" else f"{GUIDANCE[score]} ({score} score)"
+    name = "GlobalCom2" if score == "cls_logits" else f"GlobalCom2 with the {score} score ({GUIDANCE[score]})"
     sums = "[CLS] region sums" if score == "cls_logits" else f"region sums of the {score} score"
-    return (f"{name}: crop ratios over {len(g)} scenes, max_c scale_c / r (1 is uniform; the most the "
+    return (f"{name}'s crop ratios over {len(g)} scenes, max_c scale_c / r (1 is uniform; the most the "
             f"softmax can give is 2 - 1/C, 1.5 for 2 crops, 1.75 for 4): {q(g[:, 0])}. The crops holding the "
             f"cards: scale_c / r {q(g[:, 1])}; they get the largest ratio in {100 * g[:, 2].mean():.1f}% of "
             f"scenes. The thumbnail's {sums} s_c differ by (max - min over crops) {q(g[:, 3])}: "
