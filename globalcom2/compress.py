@@ -5,9 +5,11 @@ The stage sits between the projector and the decoder. Per image it receives (`Im
     thumb         (P, D)       projected thumbnail tokens, raster order; P = side * side (576 = 24 x 24)
     crops         (C, P, D)    projected crop tokens, C = gw * gh crops in row-major order: crop c sits
                                at row c // gw, column c % gw of the crop grid; each crop in raster order
-    thumb_scores  (P,)         [CLS] score of each thumbnail token: last CLIP layer, pre-softmax
-                               q_cls . k_j / sqrt(head_dim), mean over heads (docs/globalcom2.md "Inputs";
-                               the probe `SCORES`); None for methods that do not read it (`needs`)
+    thumb_scores  (P,)         the token score of each thumbnail token, if the caller has it; None (what
+                               the model passes): computed from `probes` by the method's score
+                               (`score_of`, globalcom2/scores.py; the paper's is the last CLIP layer's
+                               pre-softmax q_cls . k_j / sqrt(head_dim), mean over heads: docs/globalcom2.md
+                               "Inputs", the probe `SCORES`). Given scores stand for the method's score
     crop_scores   (C, P)       the same for every crop
     grid          (gw, gh)     columns and rows of crops (AnyRes best resolution / tile size)
     size          (w0, h0)     original image size in pixels
@@ -17,6 +19,9 @@ The stage sits between the projector and the decoder. Per image it receives (`Im
     probes        {(kind, layer): (1 + C, ...)}  what the tower gave for the method's `needs(method)`
                                (globalcom2/probes.py), tile 0 the thumbnail
     project       the projector (vision width -> D), for methods that merge before it (VisionZip)
+    has_cls       whether the tower's tokens begin with [CLS] (CLIP: True; SigLIP: False), so that the
+                  probes hold it in column 0. Without it GlobalCom2's methods score by similarity and the
+                  methods that read [CLS] refuse (`score_of`)
 
 Together the crops form one H x W token grid, H = gh * side, W = gw * side, of which the rows
 [top, bottom) and columns [left, right) show the image; the rest is padding.
@@ -36,6 +41,11 @@ does (minillava/layout.py `pack`). Only a `-paper` method emits its own `sequenc
     local-only        budget from the thumbnail, tokens chosen by the crop's own scores only
     global-only       budget from the thumbnail, tokens chosen by the thumbnail's map only
     random            r of every tile's valid tokens at random (seeded), thumbnail in raster order
+    NAME-attn         NAME (globalcom2, uniform, local-only, global-only) with FasterVLM's token score,
+                      layer -2's post-softmax [CLS] attention (mean over heads), in every step
+    NAME-sim          NAME with the similarity score s_i = -cos(x_i, mean of the tile's tokens), x the
+                      projector's input (docs/globalcom2.md, "GlobalCom2 without [CLS]"); the score of
+                      the plain names on a tower without [CLS]
 
 The peer methods (`globalcom2/peers.py`; each default name in LLaVA-NeXT's true layout, each `-paper`
 name token for token the authors' published sequence):
@@ -102,6 +112,7 @@ import torch
 from torch import Tensor
 
 from .peers import PEERS
+from .scores import DEFAULT_SCORE, NO_CLS_SCORE, TOKEN_SCORES, tile_scores
 from .stage import Compressed, ImageFeatures
 from .layout import area_mask, crop_extents, emit_rows, gather_tokens, paper_slots, to_crops, to_grid
 from .scoring import (
@@ -114,19 +125,62 @@ from .scoring import (
     top_order,
 )
 
-METHODS = ("none", "globalcom2", "globalcom2-paper", "uniform", "local-only", "global-only", "random", *PEERS)
+SCORED = ("globalcom2", "uniform", "local-only", "global-only")  # the methods that take any token score
+SCORE_SUFFIX = {"attn": "cls_attn", "sim": "similarity"}  # NAME-attn, NAME-sim: NAME with that score
+METHODS = ("none", "globalcom2", "globalcom2-paper", "uniform", "local-only", "global-only", "random",
+           *(f"{m}-{s}" for m in SCORED for s in SCORE_SUFFIX), *PEERS)
+
+SCORES = TOKEN_SCORES[DEFAULT_SCORE].probe  # the paper's token score, the last layer's [CLS] logits
 
 
-SCORES = ("cls_logits", -1)  # GlobalCom2's token score: the last layer's [CLS] logits (globalcom2/probes.py)
+def _base(method: str) -> str:
+    """The algorithm of a method name: NAME-attn and NAME-sim are NAME."""
+    for suffix in SCORE_SUFFIX:
+        if method.endswith(f"-{suffix}") and method[: -len(suffix) - 1] in SCORED:
+            return method[: -len(suffix) - 1]
+    return method
 
 
-def needs(method: str) -> tuple[tuple[str, int], ...]:
-    """The tower probes a method needs, (kind, layer) pairs (globalcom2/probes.py)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; expected one of {', '.join(METHODS)}")
+def score_of(method: str, has_cls: bool = True) -> str | None:
+    """The token score (a `TOKEN_SCORES` name) `method` reads on a tower with or without [CLS]; None for
+    a method that reads none (none, random, the peers, which read their own probes). A method that
+    needs [CLS] is refused on a tower without it, with a one-line ValueError that says why."""
+    check_arguments(method, 1.0)
+    base = _base(method)
+    if method in PEERS or method == "globalcom2-paper":
+        if not has_cls:
+            what = "the published code of GlobalCom2" if method == "globalcom2-paper" else "its published code"
+            raise ValueError(f"{method} ranks tokens by [CLS] attention ({what}), but this vision tower has no "
+                             "[CLS] token: use globalcom2 (it scores by similarity there), uniform, random, none or fastv")
+        return None if method in PEERS else DEFAULT_SCORE
+    if base in ("none", "random"):
+        return None
+    suffix = method[len(base) + 1:]
+    score = SCORE_SUFFIX[suffix] if suffix else DEFAULT_SCORE if has_cls else NO_CLS_SCORE
+    if TOKEN_SCORES[score].needs_cls and not has_cls:
+        raise ValueError(f"{method} scores tokens by [CLS] attention, but this vision tower has no [CLS] token: "
+                         f"use {base} or {base}-sim (the similarity score)")
+    return score
+
+
+def needs(method: str, has_cls: bool = True) -> tuple[tuple[str, int], ...]:
+    """The tower probes a method needs, (kind, layer) pairs (globalcom2/probes.py), on a tower with or
+    without [CLS] (a method that needs [CLS] refuses a tower without it: `score_of`)."""
+    score = score_of(method, has_cls)
     if method in PEERS:
         return PEERS[method].needs
-    return () if method in ("none", "random") else (SCORES,)
+    return () if score is None else (TOKEN_SCORES[score].probe,)
+
+
+def token_scores(image: ImageFeatures, method: str) -> tuple[Tensor, Tensor]:
+    """The token scores `method` ranks by: thumbnail (P,) and crops (C, P). The given
+    `image.thumb_scores` and `crop_scores`, else computed from `image.probes` by the method's score
+    (`score_of`; for a method that reads none, GlobalCom2's on this tower, e.g. for a picture)."""
+    score = score_of(method, image.has_cls) or score_of("globalcom2", image.has_cls)
+    if image.thumb_scores is not None or image.crop_scores is not None:
+        return image.thumb_scores, image.crop_scores
+    scores = tile_scores(image.probes, score, image.has_cls)  # (1 + C, P)
+    return scores[0], scores[1:]
 
 
 def compress(images: list[ImageFeatures], method: str = "none", ratio: float = 1.0, seed: int = 0) -> list[Compressed]:
@@ -144,7 +198,10 @@ def compress_image(
     `globalcom2` then keeps the crops exactly as `none` does).
     """
     ratio = check_arguments(method, ratio, seed)
-    side = check_image(image, method)
+    score = score_of(method, image.has_cls)  # refuses a [CLS] method on a tower without [CLS]
+    thumb_scores, crop_scores = token_scores(image, method) if score is not None else (None, None)
+    side = check_image(image, thumb_scores, crop_scores)
+    base = _base(method)
     gw, gh = image.grid
     P, C = side * side, gw * gh
     device = image.thumb.device
@@ -173,9 +230,9 @@ def compress_image(
         ratios = np.ones(C)
         crop_keep = valid
     else:
-        thumb_keep = _keep_thumbnail(image, method, ratio, seed, P)
-        ratios = _crop_ratios(image, method, ratio, scales)
-        crop_keep = _keep_crops(image, method, seed, ratios, area, valid, n_valid, side)
+        thumb_keep = _keep_thumbnail(image, base, thumb_scores, ratio, seed, P)
+        ratios = _crop_ratios(image, base, thumb_scores, ratio, scales)
+        crop_keep = _keep_crops(image, base, thumb_scores, crop_scores, seed, ratios, area, valid, n_valid, side)
     head = image.thumb[thumb_keep]
     sequence = None
     if method == "globalcom2-paper":  # the published emission: kept tokens at their index among the valid ones
@@ -188,16 +245,17 @@ def compress_image(
                       sequence=sequence)
 
 
-def _keep_thumbnail(image: ImageFeatures, method: str, ratio: float, seed: int, P: int) -> Tensor:
+def _keep_thumbnail(image: ImageFeatures, method: str, thumb_scores: Tensor | None, ratio: float, seed: int,
+                    P: int) -> Tensor:
     """Thumbnail positions kept, in emission order: int(P * r) best by score (random: raster order)."""
     k0 = int(P * ratio)
     if method == "random":
         thumb_priority, _ = random_priorities(P, len(image.crops), seed)
         return top_order(thumb_priority, k0).sort().values.to(image.thumb.device)
-    return top_order(image.thumb_scores, k0)
+    return top_order(thumb_scores, k0)
 
 
-def _crop_ratios(image: ImageFeatures, method: str, ratio: float, scales) -> np.ndarray:
+def _crop_ratios(image: ImageFeatures, method: str, thumb_scores: Tensor | None, ratio: float, scales) -> np.ndarray:
     """Each crop's retention ratio scale_c (C,) float64: forced, uniform, or guided by the thumbnail."""
     C = len(image.crops)
     if scales is not None:
@@ -207,12 +265,14 @@ def _crop_ratios(image: ImageFeatures, method: str, ratio: float, scales) -> np.
         return ratios
     if method in ("uniform", "random"):
         return np.full(C, ratio)
-    return crop_scales(image.thumb_scores, image.grid, ratio)
+    return crop_scales(thumb_scores, image.grid, ratio)
 
 
 def _keep_crops(
     image: ImageFeatures,
     method: str,
+    thumb_scores: Tensor | None,
+    crop_scores: Tensor | None,
     seed: int,
     ratios: np.ndarray,
     area: tuple[int, int, int, int],
@@ -227,8 +287,8 @@ def _keep_crops(
         _, crop_priority = random_priorities(side * side, len(image.crops), seed)
         scores = to_grid(crop_priority.to(device), grid, side)
     else:
-        local = normalize_per_crop(to_grid(image.crop_scores.float(), grid, side), valid, grid, side)
-        glob = normalize_per_crop(global_scores(image.thumb_scores, grid, side, area), valid, grid, side)
+        local = normalize_per_crop(to_grid(crop_scores.float(), grid, side), valid, grid, side)
+        glob = normalize_per_crop(global_scores(thumb_scores, grid, side, area), valid, grid, side)
         scores = {"local-only": local, "global-only": glob}.get(method, local + glob)
     k = torch.as_tensor(kept_counts(n_valid, ratios), device=device)
     keep = keep_top_per_crop(to_crops(scores, grid, side), to_crops(valid, grid, side), k)
@@ -251,8 +311,9 @@ def check_arguments(method: str, ratio: float, seed: int = 0) -> float:
     return value
 
 
-def check_image(image: ImageFeatures, method: str = "none") -> int:
-    """Check the shapes of one image's inputs against each other and the method; return the tile side."""
+def check_image(image: ImageFeatures, thumb_scores: Tensor | None = None, crop_scores: Tensor | None = None) -> int:
+    """Check the shapes of one image's inputs (and of the token scores a method reads, if given) against
+    each other; return the tile side."""
     gw, gh = image.grid
     w0, h0 = image.size
     if gw < 1 or gh < 1 or w0 <= 0 or h0 <= 0:
@@ -263,11 +324,12 @@ def check_image(image: ImageFeatures, method: str = "none") -> int:
     side = math.isqrt(P)
     if side * side != P:
         raise ValueError(f"thumbnail token count {P} is not a square")
+    given = {"crops": image.crops, "newline": image.newline, "thumb_scores": thumb_scores, "crop_scores": crop_scores}
     expected = {"crops": (gw * gh, P, D), "newline": (D,)}
-    if SCORES in needs(method):
+    if thumb_scores is not None or crop_scores is not None:
         expected.update(thumb_scores=(P,), crop_scores=(gw * gh, P))
     for name, shape in expected.items():
-        value = getattr(image, name)
+        value = given[name]
         if value is None or tuple(value.shape) != shape:
             got = None if value is None else tuple(value.shape)
             raise ValueError(f"{name} must be {shape} for grid {image.grid} and P = {P}, got {got}")

@@ -26,8 +26,14 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
 
 
+def fastervlm_scores(cls_attn: Tensor) -> Tensor:
+    """FasterVLM's token score: cls_attn (N, heads, 1 + P) -> (N, P), the patch keys' attention, mean
+    over heads (llava_arch.py encode_images: image_attentions.mean(dim=1))."""
+    return cls_attn[:, :, 1:].mean(dim=1)
+
+
 def fastervlm_keep(cls_attn: Tensor, T: int) -> Tensor:
     """Tokens FasterVLM keeps: cls_attn (N, heads, 1 + P) -> (N, P) bool, T per tile, true positions."""
-    scores = cls_attn[:, :, 1:].mean(dim=1)  # (N, P) llava_arch.py encode_images: image_attentions.mean(dim=1)
+    scores = fastervlm_scores(cls_attn)  # (N, P)
     top = top_indices(scores, T)  # llava_arch.py encode_images: torch.topk(image_attentions, k=T, dim=1)
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)

@@ -19,14 +19,17 @@ class ImageFeatures:
 
     thumb: Tensor  # (P, D) projected thumbnail tokens, P = side * side
     crops: Tensor  # (gw*gh, P, D) projected crop tokens, crops row-major
-    thumb_scores: Tensor | None  # (P,) [CLS] scores of the thumbnail (GlobalCom2's methods; None for the peers)
-    crop_scores: Tensor | None  # (gw*gh, P) [CLS] scores of the crops
+    thumb_scores: Tensor | None  # (P,) token scores of the thumbnail if the caller has them; None: computed
+    # from `probes` by the method's score (globalcom2/scores.py), as the model leaves it
+    crop_scores: Tensor | None  # (gw*gh, P) token scores of the crops, likewise
     grid: tuple[int, int]  # (gw, gh) columns, rows of crops
     size: tuple[int, int]  # (w0, h0) original image size in pixels (published orders that unpad their own way)
     area: tuple[int, int, int, int]  # (top, bottom, left, right) the unpadded rectangle of the crop grid
     newline: Tensor  # (D,) image_newline, for the published sequences that emit it themselves
     probes: dict = field(default_factory=dict)  # {(kind, layer): (1 + gw*gh, ...)} tower probes, tile 0 = thumbnail
     project: Callable[[Tensor], Tensor] | None = None  # the projector, for methods that merge before it
+    has_cls: bool = True  # the tower's tokens begin with [CLS] (CLIP), held in column 0 of the probes; False
+    # (SigLIP): no [CLS] anywhere, GlobalCom2 scores by similarity and the [CLS] methods refuse
 
 
 @dataclass

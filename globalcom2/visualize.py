@@ -33,7 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 from .layout import area_mask
 from .stage import Compressed
 
-GUIDED = ("globalcom2", "globalcom2-paper", "local-only", "global-only")  # budgets set by the thumbnail map
+GUIDED = ("globalcom2", "globalcom2-paper", "local-only", "global-only",  # budgets set by the thumbnail map
+          *(f"{m}-{s}" for m in ("globalcom2", "local-only", "global-only") for s in ("attn", "sim")))
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -202,11 +203,12 @@ def draw(
     after: int,
     seed: int | None = None,
     note: str = "",
+    score_label: str = "thumbnail [CLS] score",
 ) -> Image.Image:
     """The picture of one compressed image.
 
     image: the original PIL image; grid (gw, gh) and size (w0, h0) as AnyRes gave them; tile: the
-    tile side in pixels; thumb_scores (P,): the thumbnail's [CLS] scores; result: what
+    tile side in pixels; thumb_scores (P,): the thumbnail's token scores (`score_label` names them); result: what
     `globalcom2.compress` returned for this image with `method` and `ratio`; area: the unpadded
     rectangle of the crop grid (top, bottom, left, right); after: the image's token count as the
     decoder gets it. `seed` is shown for the
@@ -303,7 +305,7 @@ def draw(
 
     _text_lines(d, (thumb_xy[0], thumb_xy[1] - line * len(thumb_lines)), thumb_lines, small, line)
     fig.paste(thumb, thumb_xy)
-    _score_panel(fig, score_xy, scores.reshape(side, side), grid if method in GUIDED else None, st)
+    _score_panel(fig, score_xy, scores.reshape(side, side), grid if method in GUIDED else None, st, score_label)
     _text_lines(d, (canvas_xy[0], canvas_xy[1] - line * len(canvas_lines)), canvas_lines, small, line)
     fig.paste(canvas, canvas_xy)
     fig = _crop_marks(fig, canvas_xy, keep, valid, ratios, grid, st)
@@ -341,13 +343,13 @@ def _legend(fig: Image.Image, xy: tuple[int, int], st: Style, merges: bool = Fal
     d.text((x + sw + st.f // 3, y), "crop boundary", font=small, fill=INK)
 
 
-def _score_panel(fig: Image.Image, xy: tuple[int, int], scores: np.ndarray, regions, st: Style):
+def _score_panel(fig: Image.Image, xy: tuple[int, int], scores: np.ndarray, regions, st: Style, label: str):
     """Label, the (side, side) score map as a heat map, a colour bar with the range under it, and, if
     `regions` is a grid, the regions of docs/globalcom2.md, step 2.1, whose summed scores set the crop budgets."""
     d, small, T, f, line = ImageDraw.Draw(fig), st.small, st.T, st.f, st.line
     x, y = xy
     side = scores.shape[0]
-    d.text((x, y), "thumbnail [CLS] score", font=small, fill=INK)
+    d.text((x, y), label, font=small, fill=INK)
     y += line
     low, high = float(scores.min()), float(scores.max())
     span = high - low if high > low else 1.0

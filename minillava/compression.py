@@ -5,7 +5,8 @@ and only for a compressor: the uncompressed model (`none`, and `fastv`, which pr
 decoder: minillava/fastv.py) never imports it. A compressor asks the tower for what it reads
 (`globalcom2.needs`: [CLS] attention, keys, hidden states), computed from the tower's hidden states in
 its one pass over all tiles, then keeps a subset of each image's tokens, which the model lays out as
-LLaVA-NeXT does (minillava/layout.py `pack`).
+LLaVA-NeXT does (minillava/layout.py `pack`). The stage is told whether the tower has a [CLS] token
+(`has_cls`): without one GlobalCom2 scores by similarity and the [CLS] methods refuse, in one line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from .anyres import Tiles
 from .layout import uncompressed_length
 from .model import Encoded, LlavaNext
+from .trust import ConfigError
 
 UNCOMPRESSED = ("none", "fastv")  # no stage: the plain sequence (FastV prunes it in the decoder)
 
@@ -26,30 +28,47 @@ def compressors() -> tuple[str, ...]:
     return (*globalcom2.METHODS, "fastv")
 
 
+def has_cls(model: LlavaNext) -> bool:
+    """Whether the model's vision tower puts a [CLS] token first (CLIP does; SigLIP has none)."""
+    return getattr(model.vision, "has_cls", True)
+
+
+def needs(model: LlavaNext, method: str) -> tuple:
+    """The tower probes `method` reads on this model's tower (globalcom2.needs); a method that reads
+    [CLS] attention is refused on a tower without [CLS], as a one-line ConfigError."""
+    if method in UNCOMPRESSED:
+        return ()
+    import globalcom2
+
+    try:
+        return globalcom2.needs(method, has_cls(model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def encode(model: LlavaNext, tiles: list[Tiles], method: str, extra=()) -> list[Encoded]:
     """The images through the tower and projector, with what `method` reads from the tower (and the
     probes `extra`, e.g. GlobalCom2's scores for a picture, from the same pass)."""
-    if method in UNCOMPRESSED and not extra:
+    own = needs(model, method)  # refuses before the tower runs
+    if not own and not extra:
         return model.encode_images(tiles)
     import globalcom2
 
-    needs = tuple(dict.fromkeys((*(() if method in UNCOMPRESSED else globalcom2.needs(method)), *extra)))
-    n_layers = len(model.vision.encoder.layers)
-    layers = globalcom2.hidden_states_needed(needs, n_layers)
-    probe = lambda states: globalcom2.tower_probes(needs, states, model.vision.query_key, n_layers)  # noqa: E731
+    asked = tuple(dict.fromkeys((*own, *extra)))
+    n_layers, feature_layer = len(model.vision.encoder.layers), model.cfg.vision_feature_layer
+    layers = globalcom2.hidden_states_needed(asked, n_layers, feature_layer)
+    probe = lambda states: globalcom2.tower_probes(asked, states, model.vision.query_key, n_layers,  # noqa: E731
+                                                   feature_layer)
     return model.encode_images(tiles, layers, probe)
 
 
 def stage_inputs(model: LlavaNext, images: list[Encoded]) -> list:
-    """What the compression stage takes for each image (globalcom2.ImageFeatures)."""
+    """What the compression stage takes for each image (globalcom2.ImageFeatures). The token scores are
+    left to the stage, which computes the method's from the probes."""
     import globalcom2
 
-    scores = globalcom2.SCORES  # GlobalCom2's own: the thumbnail's and the crops' patch columns
-    return [globalcom2.ImageFeatures(
-        im.thumb, im.crops,
-        im.probes[scores][0, 1:] if scores in im.probes else None,  # (P,) [CLS] column dropped
-        im.probes[scores][1:, 1:] if scores in im.probes else None,  # (C, P)
-        im.grid, im.size, im.area, model.image_newline, im.probes, model.projector) for im in images]
+    return [globalcom2.ImageFeatures(im.thumb, im.crops, None, None, im.grid, im.size, im.area, model.image_newline,
+                                     im.probes, model.projector, has_cls(model)) for im in images]
 
 
 def sequences(model: LlavaNext, images: list[Encoded], method: str, ratio: float,

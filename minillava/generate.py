@@ -33,7 +33,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_COMPRESSOR = "globalcom2"
 COMPRESSOR_HELP = (
     "visual-token compression: globalcom2 (default) and globalcom2-paper (token for token the published "
-    "code); the paper's ablations uniform, local-only, global-only; a seeded random floor; none (plain "
+    "code); the paper's ablations uniform, local-only, global-only; each of those four also as NAME-attn "
+    "(token score: FasterVLM's layer -2 [CLS] attention instead of the paper's last-layer [CLS] logits) and "
+    "NAME-sim (score -cos(x_i, mean of the tile's tokens), x the projector's input: our choice of layer and "
+    "mean, docs/globalcom2.md); on a tower without [CLS] (SigLIP) the plain names score by similarity and "
+    "the [CLS] methods (-paper, -attn, the peers) refuse; a seeded random floor; none (plain "
     "LLaVA-NeXT); the peers fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is "
     "ignored: PruMerge+ chooses its own count), each also as NAME-paper (the published sequence), and fastv "
     "(prunes inside the decoder after layer 2; needs more than 2 decoder layers). Each is described in docs/methods.md"

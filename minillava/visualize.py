@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .anyres import tile_image
-from .compression import compressors, encode, stage_inputs
+from .compression import compressors, encode, has_cls, needs, stage_inputs
 from .eval.files import write_atomic
 from .fastv import kept_positions, on_grid
 from .generate import DTYPES, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec, ratio_arg, seed_arg
@@ -47,8 +47,11 @@ def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: f
 
     tile, side = model.cfg.vision.image_size, model.cfg.vision.patches_per_side
     tiles = tile_image(image, model.cfg.grid_pinpoints, tile)
-    # the score map shows GlobalCom2's [CLS] scores, whatever the method
-    encoded = encode(model, [tiles], compressor, extra=(globalcom2.SCORES,))
+    # the score map shows the method's token score, or GlobalCom2's on this tower for a method without one
+    cls = has_cls(model)
+    needs(model, compressor)  # a [CLS] method on a tower without [CLS]: refused in one line, before anything runs
+    shown = compressor if compressor in globalcom2.METHODS and globalcom2.score_of(compressor, cls) else "globalcom2"
+    encoded = encode(model, [tiles], compressor, extra=needs(model, shown))
     features, area, note = stage_inputs(model, encoded)[0], encoded[0].area, ""
     before = uncompressed_length(area, side)
     if compressor == "fastv":  # the prompt and FastV's plan exactly as generate makes them (`prepare`)
@@ -65,8 +68,10 @@ def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: f
     else:
         result = globalcom2.compress([features], compressor, ratio, seed=seed)[0]
         after = model.image_tokens(encoded[0], result).shape[0]
-    drawing = draw(image, tiles.grid, tiles.size, tile, features.thumb_scores, result, compressor, ratio,
-                   area=area, after=after, seed=seed, note=note)
+    score = globalcom2.score_of(shown, cls)
+    drawing = draw(image, tiles.grid, tiles.size, tile, globalcom2.token_scores(features, shown)[0], result,
+                   compressor, ratio, area=area, after=after, seed=seed, note=note,
+                   score_label="thumbnail [CLS] score" if score == "cls_logits" else f"thumbnail score: {score}")
     return Picture(drawing, before, after)
 
 
@@ -80,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--out", required=True, type=Path, metavar="FILE.png", help="the PNG to write")
     p.add_argument("--compressor", default="globalcom2", choices=compressors(),
-                   help="compression method to picture (default globalcom2; none keeps everything). Peers: "
+                   help="compression method to picture (default globalcom2; none keeps everything); the score "
+                   "map shows the method's token score (NAME-attn: layer -2 [CLS] attention, NAME-sim: similarity "
+                   "to the tile's mean, the score of globalcom2 on a tower without [CLS]). Peers: "
                    "fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is ignored: "
                    "PruMerge+ chooses its own count), each also as NAME-paper (the published sequence); "
                    "fastv prunes in the decoder by the question's attention and needs --prompt")

@@ -1,7 +1,7 @@
 """GlobalCom2 against its ablations and its peers on the synthetic scenes: the paper's table, in miniature.
 
     python scripts/compression_table.py [--model weights/llava-next-tiny-scenes] [--n 500] [--family both]
-                                        [--plot examples/compression.png]
+                                        [--plot examples/compression.png] [--methods globalcom2-sim,...]
 
 Answers held-out questions of both scene families (`minillava.eval.synthetic`): the card family (the
 `synthetic` task: one card, "What digit is on the red card?") and the dense family (the `synthetic-dense`
@@ -9,13 +9,16 @@ task: 3 to 8 cards in one region, "What is the largest digit?"), greedily, uncom
 thumbnail alone (crops removed), with every compressor at r = 0.5, 0.25, 0.1 (the peers included;
 FastV prunes the uncompressed image in the decoder's prefill), and with an oracle: uniform's total crop
 budget given to the crops that hold the cards, tokens chosen by each crop's own [CLS] scores (the
-`local-only` selection), the ceiling of what budget allocation alone can buy.
+`local-only` selection), the ceiling of what budget allocation alone can buy. GlobalCom2 and its
+ablations run with each token score (NAME, NAME-attn, NAME-sim: globalcom2/scores.py). `--methods`
+measures only the rows named (with the uncompressed and thumbnail-only rows, which the table is relative
+to), e.g. to add rows to the docs' tables; it writes no plot unless --plot is given.
 
 Diagnostics per setting: how often the deciding card's token (the crop token at the centre of the card
 the answer needs) was kept, how often it was kept or merged into a kept token (VisionZip's contextual
 tokens, PruMerge+'s clusters), and the share of the kept crop tokens that lie in the crops holding the
-cards. Per family, the spread of GlobalCom2's crop ratios (max_c scale_c / r) and of the thumbnail's
-[CLS] region sums that produce them. Each image goes through the tower and projector once; its features
+cards. Per family and token score, the spread of GlobalCom2's crop ratios (max_c scale_c / r) and of the
+thumbnail's region sums that produce them. Each image goes through the tower and projector once; its features
 are then compressed by each method and answered as `minillava.generate.generate` does (same prompt, same
 prefill and decode step). Prints markdown tables and saves PNG plots of accuracy against r (drawn with
 PIL): the card family's to --plot, the dense family's next to it with `_dense` added. `--n 5` is a
@@ -53,6 +56,7 @@ RATIOS = (0.5, 0.25, 0.1)
 METHODS = (*(m for m in globalcom2.METHODS if m != "none"), "fastv")  # every compressor, the peers included
 EVERY_NEED = tuple(dict.fromkeys(need for m in globalcom2.METHODS for need in globalcom2.needs(m)))
 ROWS = (*METHODS, "oracle")  # the table's rows after none and the thumbnail alone
+GUIDANCE = {"cls_logits": "globalcom2", "cls_attn": "globalcom2-attn", "similarity": "globalcom2-sim"}  # score: method
 TITLES = {"card": "card family (synthetic): one card, 'What digit is on the red card?'",
           "dense": "dense family (synthetic-dense): 3-8 cards in one region, 'What is the largest digit?'"}
 FASTV_NOTE = ("FastV prunes before decoder layer K = 2; the tiny model's decoder has 4 layers, so layers 0-1 "
@@ -128,7 +132,7 @@ class Results(NamedTuple):
     kept: dict
     merged: dict
     share: dict
-    guidance: list  # (max ratio / r, card crops' ratio / r, card crop has the largest, sums max - min) per scene
+    guidance: dict  # score -> per scene (max ratio / r, card crops' ratio / r, card crop has the largest, sums max - min)
 
 
 @torch.inference_mode()
@@ -139,7 +143,7 @@ def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: in
     cfg = model.cfg
     side = cfg.vision.image_size // cfg.vision.patch_size
     correct, kept, merged, share = ({c: 0.0 for c in configs} for _ in range(4))
-    guidance = []
+    guidance = {score: [] for score in GUIDANCE}
     for i in tqdm(range(n), desc=f"held-out, {family}", dynamic_ncols=True, file=sys.stderr):
         s = S.sample(S.DEFAULT_SEED, "test", i, family=family)
         tiles = tile_image(s.scene.image, cfg.grid_pinpoints, cfg.vision.image_size)
@@ -151,9 +155,11 @@ def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: in
                               cfg.vision.patch_size)[1] for card in s.scene.cards]
         cards = np.bincount([r // side * gw + c // side for r, c in cells], minlength=gw * gh)  # (C,) per crop
         cell = cells[s.scene.cards.index(S.deciding_card(s))]
-        scale = crop_scales(features.thumb_scores, features.grid, min(RATIOS)) / min(RATIOS)  # unclipped there
-        sums = region_sums(features.thumb_scores, features.grid)
-        guidance.append((scale.max(), scale[cards > 0].mean(), bool(cards[np.argmax(scale)] > 0), np.ptp(sums)))
+        for score, method in GUIDANCE.items():
+            thumb_scores = globalcom2.token_scores(features, method)[0]
+            scale = crop_scales(thumb_scores, features.grid, min(RATIOS)) / min(RATIOS)  # unclipped there
+            sums = region_sums(thumb_scores, features.grid)
+            guidance[score].append((scale.max(), scale[cards > 0].mean(), bool(cards[np.argmax(scale)] > 0), np.ptp(sums)))
         for method, ratio in configs:
             text, out = answer(model, tokenizer, image, features, S.prompt(s.question), method, ratio, seed, cards)
             correct[(method, ratio)] += text.strip().lower() == s.answer
@@ -167,19 +173,22 @@ def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: in
     return Results(percent(correct), percent(kept), percent(merged), percent(share), guidance)
 
 
-def guidance_summary(guidance: list) -> str:
-    """One paragraph on how far GlobalCom2's thumbnail guidance moved the budget over the scenes."""
+def guidance_summary(guidance: list, score: str = "cls_logits") -> str:
+    """One paragraph on how far GlobalCom2's thumbnail guidance moved the budget over the scenes, with
+    the token score `score`."""
     g = np.array(guidance, dtype=np.float64)  # (scenes, 4)
     q = lambda x: f"min {x.min():.3f}, median {np.median(x):.3f}, max {x.max():.3f}"  # noqa: E731
-    return (f"GlobalCom2's crop ratios over {len(g)} scenes, max_c scale_c / r (1 is uniform; the most the "
+    name = "GlobalCom2" if score == "cls_logits" else f"GlobalCom2 with the {score} score ({GUIDANCE[score]})"
+    sums = "[CLS] region sums" if score == "cls_logits" else f"region sums of the {score} score"
+    return (f"{name}'s crop ratios over {len(g)} scenes, max_c scale_c / r (1 is uniform; the most the "
             f"softmax can give is 2 - 1/C, 1.5 for 2 crops, 1.75 for 4): {q(g[:, 0])}. The crops holding the "
             f"cards: scale_c / r {q(g[:, 1])}; they get the largest ratio in {100 * g[:, 2].mean():.1f}% of "
-            f"scenes. The thumbnail's [CLS] region sums s_c differ by (max - min over crops) {q(g[:, 3])}: "
+            f"scenes. The thumbnail's {sums} s_c differ by (max - min over crops) {q(g[:, 3])}: "
             f"softmax(s / {TEMPERATURE:g}) turns a difference d into a factor e^(d / {TEMPERATURE:g}) "
             f"(median {np.exp(np.median(g[:, 3]) / TEMPERATURE):.2f}).")
 
 
-def plot(accuracy: dict, path: Path, title: str = "synthetic scenes"):
+def plot(accuracy: dict, path: Path, title: str = "synthetic scenes", rows=ROWS):
     """Accuracy against r, one line per method (the oracle too), with the uncompressed and thumbnail-only levels."""
     width, height, left, right, top, bottom = 760, 500, 70, 190, 40, 60
     fig = Image.new("RGB", (width, height), "white")
@@ -207,7 +216,7 @@ def plot(accuracy: dict, path: Path, title: str = "synthetic scenes"):
         d.line((width - right + 12, legend_y + 7, width - right + 36, legend_y + 7), fill=colour, width=2)
         d.text((width - right + 42, legend_y), label, fill="black", font=font)
         legend_y += 22
-    for i, method in enumerate(ROWS):
+    for i, method in enumerate(rows):
         colour = colours[i % len(colours)]
         points = [(x_of(r), y_of(accuracy[(method, r)])) for r in RATIOS]
         d.line(points, fill=colour, width=3)
@@ -220,7 +229,7 @@ def plot(accuracy: dict, path: Path, title: str = "synthetic scenes"):
     fig.save(path)
 
 
-def table(results: Results) -> str:
+def table(results: Results, methods=ROWS) -> str:
     accuracy, kept, merged, share = results.accuracy, results.kept, results.merged, results.share
     base = accuracy[("none", 1.0)]
     vs = lambda a: f"{100 * a / base:.1f}%" if base else "-"  # noqa: E731  (an untrained model answers nothing)
@@ -230,7 +239,7 @@ def table(results: Results) -> str:
             f"| {share[('none', 1.0)]:.1f}% |",
             f"| thumbnail only | - | {accuracy[('thumbnail', 1.0)]:.1f}% | {vs(accuracy[('thumbnail', 1.0)])} "
             "| - | - | - |"]
-    for method in ROWS:
+    for method in methods:
         for r in RATIOS:
             a = accuracy[(method, r)]
             rows.append(f"| {method} | {r} | {a:.1f}% | {vs(a)} | {kept[(method, r)]:.1f}% "
@@ -245,13 +254,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default split; a handful for a smoke run)")
     p.add_argument("--family", choices=(*S.FAMILIES, "both"), default="both",
                    help="card (one card), dense (several cards in one region) or both (default)")
-    p.add_argument("--plot", type=Path, default=ROOT / "examples" / "compression.png",
-                   help="PNG of the card family (default examples/compression.png); the dense family's gets _dense "
-                   "before the suffix")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG of the card family (default examples/compression.png; none with --methods); the dense "
+                   "family's gets _dense before the suffix")
+    p.add_argument("--methods", type=lambda text: tuple(text.split(",")), default=ROWS, metavar="A,B,...",
+                   help="only these rows (comma-separated; default every one: " + ", ".join(ROWS) + ")")
     p.add_argument("--seed", type=int, default=0, help="seed of the random compressor (default 0)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")
+    unknown = [m for m in args.methods if m not in ROWS]
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    if args.plot is None and args.methods == ROWS:
+        args.plot = ROOT / "examples" / "compression.png"
     if not (args.model / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json there; pass a checkpoint folder")
     return args
@@ -259,17 +275,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    configs = [("none", 1.0), ("thumbnail", 1.0)] + [(m, r) for m in ROWS for r in RATIOS]
+    configs = [("none", 1.0), ("thumbnail", 1.0)] + [(m, r) for m in args.methods for r in RATIOS]
     for family in S.FAMILIES if args.family == "both" else (args.family,):
         results = evaluate(args.model, args.n, configs, args.seed, family)
         print(f"{args.n} held-out questions of the {TITLES[family]}, model {args.model}\n")
-        print(table(results))
+        print(table(results, args.methods))
         print(f"\n{FASTV_NOTE}. PruMerge+ ignores r (it chooses its own count). The oracle keeps uniform's "
               "crop-token total, all of it in the crops holding cards.\n")
-        print(guidance_summary(results.guidance))
-        path = args.plot if family == "card" else args.plot.with_name(f"{args.plot.stem}_dense{args.plot.suffix}")
-        plot(results.accuracy, path, TITLES[family].split(":")[0])
-        print(f"\nwrote {path}\n")
+        for score, guidance in results.guidance.items():
+            print(guidance_summary(guidance, score) + "\n")
+        if args.plot is not None:
+            path = args.plot if family == "card" else args.plot.with_name(f"{args.plot.stem}_dense{args.plot.suffix}")
+            plot(results.accuracy, path, TITLES[family].split(":")[0], args.methods)
+            print(f"wrote {path}\n")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ def test_the_compression_table_runs_both_families(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("| oracle | 0.1 |") == 2 and "card family" in out and "dense family" in out
     assert out.count("GlobalCom2's crop ratios over 1 scenes") == 2
+    assert out.count("score (globalcom2-attn)'s crop ratios") == 2 and out.count("score (globalcom2-sim)'s crop") == 2
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "c_dense.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         compression_table.main(["--model", str(tmp_path), "--n", "1"])

@@ -20,7 +20,9 @@ from globalcom2.peers import PEERS
 from minillava.layout import uncompressed_length, unpad_area
 from tests.peers_cases import tokens
 
-OWN = [m for m in METHODS if m not in PEERS]  # GlobalCom2's methods; the peers are tested in tests/test_peers*.py
+# GlobalCom2's methods; the peers are tested in tests/test_peers*.py, the NAME-attn and NAME-sim variants
+# (the same algorithms with another token score) in tests/test_scores.py
+OWN = [m for m in METHODS if m not in PEERS and not m.endswith(("-attn", "-sim"))]
 
 NEWLINE = torch.tensor([-1.0, -1.0, -1.0])
 NL = "NL"
