@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from .anyres import Tiles
-from .layout import uncompressed_length
 from .model import Encoded, LlavaNext
+from .trust import ConfigError
 
 UNCOMPRESSED = ("none", "fastv")  # no stage: the plain sequence (FastV prunes it in the decoder)
 
@@ -26,9 +26,24 @@ def compressors() -> tuple[str, ...]:
     return (*globalcom2.METHODS, "fastv")
 
 
+def check_tower(model: LlavaNext, method: str):
+    """ConfigError if `method` reads the tower's [CLS] token (its attention, keys or the layout after it)
+    and the tower has none (SigLIP: LLaVA-OneVision). Every probe of globalcom2.needs is read off [CLS]
+    or assumes it first, so a method with any probe is refused there."""
+    if model.vision.has_cls or method in UNCOMPRESSED:
+        return
+    import globalcom2
+
+    if globalcom2.needs(method):
+        raise ConfigError(f"--compressor {method} scores tokens by the vision tower's [CLS] token, which this "
+                          f"model's {model.cfg.vision.model_type} tower does not have; use none, fastv or random")
+
+
 def encode(model: LlavaNext, tiles: list[Tiles], method: str, extra=()) -> list[Encoded]:
     """The images through the tower and projector, with what `method` reads from the tower (and the
-    probes `extra`, e.g. GlobalCom2's scores for a picture, from the same pass)."""
+    probes `extra`, e.g. GlobalCom2's scores for a picture, from the same pass). ConfigError for a
+    method the tower cannot serve (`check_tower`)."""
+    check_tower(model, method)
     if method in UNCOMPRESSED and not extra:
         return model.encode_images(tiles)
     import globalcom2
@@ -54,12 +69,12 @@ def stage_inputs(model: LlavaNext, images: list[Encoded]) -> list:
 
 def sequences(model: LlavaNext, images: list[Encoded], method: str, ratio: float,
               seed: int = 0) -> list[tuple[torch.Tensor, int]]:
-    """Each image's token sequence (T, D) for the decoder, and the uncompressed one's length. Each image
-    is compressed on its own (the random method seeded per image, as answered alone)."""
-    side = model.cfg.vision.patches_per_side
+    """Each image's token sequence (T, D) for the decoder, and the uncompressed one's length (OneVision:
+    after its downscale, `LlavaNext.uncompressed_length`). Each image is compressed on its own (the random
+    method seeded per image, as answered alone)."""
     if method in UNCOMPRESSED:
-        return [(model.image_tokens(im), uncompressed_length(im.area, side)) for im in images]
+        return [(model.image_tokens(im), model.uncompressed_length(im)) for im in images]
     import globalcom2
 
     kept = globalcom2.compress(stage_inputs(model, images), method, ratio, seed)
-    return [(model.image_tokens(im, k), uncompressed_length(im.area, side)) for im, k in zip(images, kept)]
+    return [(model.image_tokens(im, k), model.uncompressed_length(im)) for im, k in zip(images, kept)]

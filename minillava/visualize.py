@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .anyres import tile_image
 from .compression import compressors, encode, stage_inputs
 from .eval.files import write_atomic
 from .fastv import kept_positions, on_grid
 from .generate import DTYPES, USER_ERRORS, fail, load, prefill, prepare, ratio_arg, seed_arg
-from .layout import uncompressed_length
 from .model import LlavaNext
 from .tokenizer import Tokenizer
 from .trust import load_image
@@ -46,26 +44,31 @@ def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: f
     from globalcom2.visualize import draw
 
     tile, side = model.cfg.vision.image_size, model.cfg.vision.patches_per_side
-    tiles = tile_image(image, model.cfg.grid_pinpoints, tile)
-    # the score map shows GlobalCom2's [CLS] scores, whatever the method
-    encoded = encode(model, [tiles], compressor, extra=(globalcom2.SCORES,))
-    features, area, note = stage_inputs(model, encoded)[0], encoded[0].area, ""
-    before = uncompressed_length(area, side)
+    tiles = model.tile(image)
+    # the score map shows GlobalCom2's [CLS] scores, whatever the method; a tower without [CLS] has none
+    cls = model.vision.has_cls
+    encoded = encode(model, [tiles], compressor, extra=(globalcom2.SCORES,) if cls else ())
+    features, area = stage_inputs(model, encoded)[0], encoded[0].area
+    note = "" if cls else f"no score map: the {model.cfg.vision.model_type} tower has no [CLS]"
+    scores = features.thumb_scores if cls else torch.zeros(side * side)
+    before = model.uncompressed_length(encoded[0])
     if compressor == "fastv":  # the prompt and FastV's plan exactly as generate makes them (`prepare`)
         plan = prepare(model, tokenizer, prompt, model.image_tokens(encoded[0]), before, "fastv", ratio, 1)
         length, fv = plan.embeds.shape[0], plan.fastv
         model.llm.setup_cache(1, length)
         prefill(model, plan.embeds[None], fv)
-        thumb_keep, crop_keep = on_grid(kept_positions(model.llm, fv, length), tiles.grid, area, side)
+        thumb_keep, crop_keep = on_grid(kept_positions(model.llm, fv, length), tiles.grid, area, side,
+                                        model.cfg.anyres_max)
         valid = area_mask(area, crop_keep.shape, crop_keep.device)
         ratios = (to_crops(crop_keep, tiles.grid, side).sum(1).double().cpu()
                   / to_crops(valid, tiles.grid, side).sum(1).double().cpu().clamp(min=1))  # (C,)
         result, after = globalcom2.Compressed(thumb_keep, crop_keep, ratios), fv.keep_count
-        note = f"kept for decoder layers {fv.layer}+ (layers 0-{fv.layer - 1} see all) for: {prompt}"
+        note = f"kept for decoder layers {fv.layer}+ (layers 0-{fv.layer - 1} see all) for: {prompt}" + (
+            f"; {note}" if note else "")
     else:
         result = globalcom2.compress([features], compressor, ratio, seed=seed)[0]
         after = model.image_tokens(encoded[0], result).shape[0]
-    drawing = draw(image, tiles.grid, tiles.size, tile, features.thumb_scores, result, compressor, ratio,
+    drawing = draw(image, tiles.grid, tiles.size, tile, scores, result, compressor, ratio,
                    area=area, after=after, seed=seed, note=note)
     return Picture(drawing, before, after)
 
