@@ -131,9 +131,11 @@ def check_vision(cfg):
     if v.hidden_size % v.num_attention_heads:
         raise ConfigError(f"vision_config.hidden_size {v.hidden_size} is not divisible by num_attention_heads {v.num_attention_heads}")
     _, most_patches, _ = BOUNDS["patches_per_side"]
-    if v.image_size % v.patch_size or v.patches_per_side > most_patches:
-        raise ConfigError(f"vision_config.image_size {tile} must be a multiple of patch_size {v.patch_size}, "
-                          f"at most {most_patches} patches per side")
+    # SigLIP's convolution ("valid") drops a remainder: so400m's 384 px tiles are 27 patches of 14 px (378 px)
+    ragged = v.image_size % v.patch_size and v.model_type != "siglip"
+    if ragged or not 1 <= v.patches_per_side <= most_patches:
+        raise ConfigError(f"vision_config.image_size {tile} must be a multiple of patch_size {v.patch_size} "
+                          f"(SigLIP: at least one patch), at most {most_patches} patches per side")
     n = v.num_hidden_layers  # hidden states 0 (embeddings) .. n; negative ones count from the end
     if not -(n + 1) <= cfg.vision_feature_layer <= n:
         raise ConfigError(f"vision_feature_layer {cfg.vision_feature_layer} is outside the tower's hidden states "

@@ -124,6 +124,27 @@ def test_qwen2_decoder_matches_transformers(ours, hf):
     assert max_diff(torch.cat(steps, dim=1), ref, "Qwen2 logits, prefill 15 + 8 cached steps") < TOL
 
 
+def llava_next_chatml_prompt(question: str) -> str:
+    """LLaVA-VL/LLaVA-NeXT llava/conversation.py: conv_qwen ("qwen_1_5") and Conversation.get_prompt's
+    CHATML branch, transcribed, for messages [(roles[0], "<image>\\n" + q), (roles[1], None)]."""
+    system, roles, sep = "<|im_start|>system\nYou are a helpful assistant.", ("<|im_start|>user", "<|im_start|>assistant"), "<|im_end|>"
+    messages = [(roles[0], "<image>\n" + question), (roles[1], None)]
+    ret = "" if system == "" else system + sep + "\n"
+    for role, message in messages:
+        if message:
+            ret += role + "\n" + message + sep + "\n"
+        else:
+            ret += role + "\n"
+    return ret
+
+
+def test_qwen_1_5_is_llava_next_s_get_prompt():
+    from minillava.conversation import TEMPLATES
+
+    for q in ["What is in the picture?", "", " two  spaces ", "Ünïcode – 猫?", "end with a newline\n"]:
+        assert TEMPLATES["qwen_1_5"].render(q) == llava_next_chatml_prompt(q)
+
+
 def test_prompt_ids_are_llava_next_s_qwen_1_5(ov_checkpoints, qwen_tok):
     """The template's prompt (LLaVA-NeXT conv_qwen) encoded by transformers' fast tokenizer on the same
     tokenizer.json, split at <image> as LLaVA's tokenizer_image_token does; the template is chosen from the
@@ -241,3 +262,106 @@ def test_compiled_steps_give_the_eager_ids(capsys, ov_checkpoints, big_image):
     compiled = run_json(capsys, ov_checkpoints["hub"], big_image, "--compressor", "none", "--compile")
     assert eager[0] == compiled[0] == 0
     assert json.loads(compiled[1])["token_ids"] == json.loads(eager[1])["token_ids"]
+
+
+# --- the released configs -----------------------------------------------------------------------------
+
+OV_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # as both layouts list them
+SIGLIP_SO400M = {"hidden_size": 1152, "image_size": 384, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                 "num_attention_heads": 16, "num_hidden_layers": 26, "patch_size": 14, "vision_use_head": False}
+QWEN2 = {  # Qwen2-{0.5B,7B,72B}-Instruct's sizes as the OneVision configs carry them
+    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "max_window_layers": 24},
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False, "max_window_layers": 28},
+    "72b": {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "vocab_size": 152064, "tie_word_embeddings": False, "max_window_layers": 80},
+}
+COMMON = {"bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu", "max_position_embeddings": 32768,
+          "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": False,
+          "attention_dropout": 0.0, "initializer_range": 0.02, "rope_scaling": None, "torch_dtype": "bfloat16"}
+
+
+def released(size: str, layout: str) -> dict:
+    """The config.json of lmms-lab/llava-onevision-qwen2-{size}-ov (original) or
+    llava-hf/llava-onevision-qwen2-{size}-ov-hf (transformers), the keys that matter."""
+    if layout == "original":
+        return {"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava", **COMMON, **QWEN2[size],
+                "image_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": OV_PINPOINTS, "mm_hidden_size": 1152,
+                "mm_newline_position": "one_token", "mm_patch_merge_type": "spatial_unpad",
+                "mm_projector_type": "mlp2x_gelu", "mm_spatial_pool_mode": "bilinear",
+                "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+                "mm_vision_tower": "google/siglip-so400m-patch14-384", "use_mm_proj": True,
+                "tokenizer_model_max_length": 32768, "use_pos_skipping": False, "vision_tower_pretrained": None}
+    text = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **COMMON, **QWEN2[size]}
+    return {"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision",
+            "image_grid_pinpoints": OV_PINPOINTS, "image_token_index": 151646, "video_token_index": 151647,
+            "projector_hidden_act": "gelu", "text_config": text, "vision_config": SIGLIP_SO400M,
+            "tie_word_embeddings": QWEN2[size]["tie_word_embeddings"], "use_image_newline_parameter": True,
+            "vision_aspect_ratio": "anyres_max_9", "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full"}
+
+
+def expected_parameters(t: dict) -> int:
+    """Written out from the architecture, not from our modules: SigLIP so400m's 26 layers with its patch
+    and position embeddings and post-LayerNorm, the mlp2x_gelu projector, the newline, Qwen2 (q/k/v
+    biases, GQA) and, unless tied, the head."""
+    D, F, P = 1152, 4304, 729
+    tower = 26 * (4 * (D * D + D) + 2 * D * F + F + D + 4 * D) + D * 3 * 14 * 14 + D + P * D + 2 * D
+    d, L, H, KV, I, V = (t[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                        "num_key_value_heads", "intermediate_size", "vocab_size"))
+    hd = d // H
+    layer = d * H * hd + H * hd + 2 * (d * KV * hd + KV * hd) + H * hd * d + 3 * d * I + 2 * d
+    return tower + (D * d + d + d * d + d) + d + V * d + L * layer + d + (0 if t["tie_word_embeddings"] else V * d)
+
+
+# the hub's model pages: 894M, 8.03B, 73.2B parameters
+HUB_SIZES = {"0.5b": 0.894e9, "7b": 8.03e9, "72b": 73.2e9}
+
+
+@pytest.mark.parametrize("layout", ["original", "transformers"])
+@pytest.mark.parametrize("size", list(QWEN2))
+def test_released_configs_parse_and_build(size, layout):
+    cfg = parse_config(released(size, layout))
+    v, t = cfg.vision, cfg.text
+    assert (v.model_type, v.image_size, v.patch_size, v.patches_per_side, v.num_hidden_layers) == ("siglip", 384, 14, 27, 26)
+    assert v.hidden_act == "gelu_pytorch_tanh" and v.layer_norm_eps == 1e-6
+    assert cfg.vision_feature_layer == -1 and cfg.anyres_max == 9 and len(cfg.grid_pinpoints) == 36
+    assert (t.model_type, t.qkv_bias, t.attention_bias, t.rope_theta) == ("qwen2", True, False, 1e6)
+    assert t.sliding_window is None and t.max_position_embeddings == 32768
+    assert t.tie_word_embeddings == QWEN2[size]["tie_word_embeddings"]
+    with torch.device("meta"):
+        model = LlavaNext(cfg)
+    if t.tie_word_embeddings:  # the loader makes the head the embedding table (weights.load_model)
+        model.lm_head.weight = model.llm.embed_tokens.weight
+    n = sum(p.numel() for p in model.parameters())
+    assert n == expected_parameters(QWEN2[size])
+    assert abs(n - HUB_SIZES[size]) / HUB_SIZES[size] < 0.001
+
+
+def test_config_mistakes_are_one_line_errors():
+    from minillava.trust import ConfigError
+
+    bad = [({**released("7b", "original"), "image_aspect_ratio": "anyres_max_x"}, "image_aspect_ratio"),
+           ({**released("7b", "transformers"), "vision_feature_select_strategy": "default"}, "'full'"),
+           ({**released("7b", "transformers"), "vision_config": {**SIGLIP_SO400M, "vision_use_head": True}}, "head"),
+           ({**released("7b", "original"), "use_sliding_window": True}, "use_sliding_window"),
+           ({**released("7b", "original"), "mm_vision_tower": "openai/clip-vit-large-patch14-336"}, "SigLIP"),
+           ({**released("7b", "transformers"), "vision_aspect_ratio": "anyres_max_0"}, "outside")]
+    for raw, needle in bad:
+        with pytest.raises(ConfigError, match=needle) as e:
+            parse_config(raw)
+        assert "\n" not in str(e.value)
+
+
+def test_eval_runs_on_onevision(capsys, ov_checkpoints, tmp_path):
+    """The evaluation harness (batching, resume records) on a OneVision checkpoint: the synthetic task."""
+    from minillava.eval import runner
+
+    out = tmp_path / "answers.jsonl"
+    code = runner.main(["synthetic", "--model", str(ov_checkpoints["hub"]), "--output", str(out), "--limit", "3",
+                        "--compressor", "none", "--max-new-tokens", "3", "--batch-size", "2"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(stdout.strip().splitlines()[0])
+    assert (summary["questions"], summary["answered"], summary["failed"]) == (3, 3, 0)
