@@ -170,6 +170,8 @@ def _text_config(raw: dict, section: str) -> TextConfig:
             raise ConfigError(f"{section}use_sliding_window {show(raw['use_sliding_window'])}: only full attention "
                               "(false) is supported for Qwen2")
         raw.update(qkv_bias=True, attention_bias=False, sliding_window=None)
+    else:
+        raw["qkv_bias"] = False  # our flag, not a config.json key: only Qwen2 has it
     rope = _section(raw, "rope_parameters")  # transformers 5 moved rope_theta in here
     if "rope_theta" not in raw and "rope_theta" in rope:
         raw["rope_theta"] = rope["rope_theta"]

@@ -237,7 +237,7 @@ def test_cls_methods_refuse_a_tower_without_cls(capsys, ov_checkpoints, big_imag
 @pytest.mark.parametrize("method", ["none", "random", "fastv"])
 def test_batch_gives_the_ids_of_one_question(ov_checkpoints, method):
     model, tok = gen.load(str(ov_checkpoints["original"]))
-    items = [(noise_image(336, 336, seed=8), QUESTION), (noise_image(90, 150, seed=9), "Describe it.")]
+    items = [(noise_image(200, 200, seed=8), QUESTION), (noise_image(90, 150, seed=9), "Describe it.")]  # 4x4 grid downscaled, 2x3 not
     alone = [gen.generate(model, tok, im, q, method, 0.5, max_new_tokens=5).token_ids for im, q in items]
     batch = [r.token_ids for r in generate_batch(model, tok, items, method, 0.5, max_new_tokens=5)]
     assert batch == alone
@@ -246,7 +246,7 @@ def test_batch_gives_the_ids_of_one_question(ov_checkpoints, method):
 def test_visualize_draws_a_onevision_model(ov_checkpoints, big_image, tmp_path):
     from minillava import visualize
 
-    for method in ("random", "none"):
+    for method in ("random",):
         out = tmp_path / f"{method}.png"
         assert visualize.main(["--model", str(ov_checkpoints["hub"]), "--image", str(big_image), "--out", str(out),
                                "--compressor", method]) == 0
@@ -354,6 +354,7 @@ def test_config_mistakes_are_one_line_errors():
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_eval_runs_on_onevision(capsys, ov_checkpoints, tmp_path):
     """The evaluation harness (batching, resume records) on a OneVision checkpoint: the synthetic task."""
     from minillava.eval import runner
