@@ -1,4 +1,7 @@
-"""AnyRes tiling for LLaVA-NeXT: pick a grid resolution for an image, cut it into CLIP-sized tiles.
+"""AnyRes tiling for LLaVA-NeXT and LLaVA-OneVision: pick a grid resolution for an image, cut it into
+tower-sized tiles. OneVision's anyres_max_9 tiles exactly so, on its pinpoints (384 x 384 ... 2304 x 2304,
+up to 6 x 6 crops) and with SigLIP's normalisation; its difference, the downscale of a large grid, is in
+the packing (layout.py).
 
 An image of size (w0, h0) becomes 1 + gw*gh tiles of tile x tile pixels: a thumbnail of the whole
 image, then the crops of a (gw*tile, gh*tile) canvas, row-major. Sizes and pinpoints are (width,
@@ -17,6 +20,7 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # LLaVA-OneVision's SigLIP (llava-hf preprocessor_config.json)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

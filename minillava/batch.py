@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .anyres import tile_image
 from .compression import encode, sequences
 from .generate import (USER_ERRORS, NumericsError, Prompt, Result, Steps, TokenReader, _sync, cache_slots,
                        check_token, prepare, sample)
@@ -87,7 +86,7 @@ def generate_batch(
     tiles = {}
     for i, (image, _) in enumerate(items):
         try:
-            tiles[i] = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)
+            tiles[i] = model.tile(image)
         except USER_ERRORS as e:
             out[i] = e
     encoded = encode(model, list(tiles.values()), compressor) if tiles else []  # one tower pass for all

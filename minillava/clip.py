@@ -4,6 +4,9 @@ Parameter names follow transformers' `CLIPVisionModel.vision_model` so the key t
 stays a list of prefixes. LLaVA-NeXT reads one hidden state (the penultimate layer's output, without
 [CLS]); a compressor that reads attention gets a layer's [CLS] query and keys from `query_key` and
 computes its scores itself (globalcom2/probes.py).
+
+The encoder layers and the walk through them (`Tower`) are shared with SigLIP (siglip.py), whose
+layers are CLIP's with another activation; the towers differ in their embeddings only.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# config.json's hidden_act -> the function (transformers' ACT2FN names); SigLIP's is gelu_pytorch_tanh
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 class Embeddings(nn.Module):
@@ -85,32 +93,36 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
-class VisionTower(nn.Module):
-    """CLIP ViT. `forward` returns what LLaVA-NeXT and GlobalCom2 need from it, and no more."""
+class Tower(nn.Module):
+    """What CLIP and SigLIP share: an embedding (the subclass's `embed`), the encoder layers, and the
+    hidden states read off them. `has_cls`: whether every tile's tokens begin with a [CLS] token (CLIP
+    yes, SigLIP no); the P patch tokens follow it in raster order either way."""
+
+    has_cls: bool
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"vision hidden_act {cfg.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
         self.cfg = cfg
-        self.embeddings = Embeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic, as in CLIP
-        self.encoder = Encoder(cfg)
-        # Loaded so that checkpoints load strictly; LLaVA never uses the pooled output.
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Tiles (N, 3, S, S) -> hidden state 0, (N, has_cls + P, D)."""
+        raise NotImplementedError
 
     def forward(self, pixels: torch.Tensor, layers=(-2,)) -> dict[int, torch.Tensor]:
-        """Tiles (N, 3, S, S) -> {i: hidden state i, (N, 1 + P, D), [CLS] first} for each i of `layers`.
+        """Tiles (N, 3, S, S) -> {i: hidden state i, (N, has_cls + P, D), [CLS] first if any} for each i
+        of `layers`.
 
-        Transformers' `hidden_states` indexing: 0 is the embeddings after pre_layrnorm, i the output of
-        layer i, negative from the end (-1 the last layer's output, -2 the penultimate one's: LLaVA's
-        feature layer). Keys are as asked. Layers past the deepest state asked are not run.
+        Transformers' `hidden_states` indexing: 0 is the embeddings (CLIP's after pre_layrnorm), i the
+        output of layer i, negative from the end (-1 the last layer's output, -2 the penultimate one's:
+        LLaVA-NeXT's feature layer). Keys are as asked. Layers past the deepest state asked are not run.
         """
         n_layers = len(self.encoder.layers)
         if not all(-n_layers - 1 <= i <= n_layers for i in layers):
             raise ValueError(f"hidden states {tuple(layers)} asked of a tower with {n_layers} layers (0 .. {n_layers})")
         wanted = {i % (n_layers + 1) for i in layers}
-        x = self.pre_layrnorm(self.embeddings(pixels))  # (N, 1 + P, D)
+        x = self.embed(pixels)  # (N, has_cls + P, D)
         states = {0: x} if 0 in wanted else {}
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
             x = layer(x)
@@ -123,7 +135,26 @@ class VisionTower(nn.Module):
         (python index: -1 the last) for its input x (N, T, D), hidden state `layer % n_layers`: what an
         attention probe reads (globalcom2/probes.py), without running the layer. One query row: never
         the T x T matrix. (For a layer the tower ran, its own [CLS] query came out of a projection of
-        every row: equal to this one up to float rounding.)"""
+        every row: equal to this one up to float rounding.) A tower without [CLS] has no such query."""
+        if not self.has_cls:
+            raise ValueError(f"a {self.cfg.model_type} tower has no [CLS] token, so no [CLS] query to read")
         block = self.encoder.layers[layer]
         attn, h = block.self_attn, block.layer_norm1(x)
         return attn.split(attn.q_proj(h[:, :1])), attn.split(attn.k_proj(h))
+
+
+class VisionTower(Tower):
+    """CLIP ViT. `forward` returns what LLaVA-NeXT and GlobalCom2 need from it, and no more."""
+
+    has_cls = True
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__(cfg)
+        self.embeddings = Embeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic, as in CLIP
+        self.encoder = Encoder(cfg)
+        # Loaded so that checkpoints load strictly; LLaVA never uses the pooled output.
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pre_layrnorm(self.embeddings(pixels))  # (N, 1 + P, D)

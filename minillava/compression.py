@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from .anyres import Tiles
-from .layout import uncompressed_length
 from .model import Encoded, LlavaNext
 from .trust import ConfigError
 
@@ -73,12 +72,12 @@ def stage_inputs(model: LlavaNext, images: list[Encoded]) -> list:
 
 def sequences(model: LlavaNext, images: list[Encoded], method: str, ratio: float,
               seed: int = 0) -> list[tuple[torch.Tensor, int]]:
-    """Each image's token sequence (T, D) for the decoder, and the uncompressed one's length. Each image
-    is compressed on its own (the random method seeded per image, as answered alone)."""
-    side = model.cfg.vision.patches_per_side
+    """Each image's token sequence (T, D) for the decoder, and the uncompressed one's length (OneVision:
+    after its downscale, `LlavaNext.uncompressed_length`). Each image is compressed on its own (the random
+    method seeded per image, as answered alone)."""
     if method in UNCOMPRESSED:
-        return [(model.image_tokens(im), uncompressed_length(im.area, side)) for im in images]
+        return [(model.image_tokens(im), model.uncompressed_length(im)) for im in images]
     import globalcom2
 
     kept = globalcom2.compress(stage_inputs(model, images), method, ratio, seed)
-    return [(model.image_tokens(im, k), uncompressed_length(im.area, side)) for im, k in zip(images, kept)]
+    return [(model.image_tokens(im, k), model.uncompressed_length(im)) for im, k in zip(images, kept)]

@@ -11,6 +11,11 @@ Two layouts exist on the hub:
 
 Internally every pinpoint is (width, height).
 
+LLaVA-OneVision (docs/onevision.md) comes in the same two layouts: `model_type` "llava_onevision" with a
+SigLIP `vision_config` and a Qwen2 `text_config` (llava-hf/...-ov-hf), or the original one with
+`image_aspect_ratio` "anyres_max_9", `mm_vision_tower` google/siglip-so400m-patch14-384 and Qwen2's keys
+at the top level (lmms-lab/...-ov). Both become the same LlavaConfig, `anyres_max` set.
+
 A config.json is untrusted input: it is read by trust.py, and every value passes validate.py (its
 type, its range in `validate.BOUNDS`, the rules between fields) before a dataclass is returned.
 """
@@ -18,19 +23,21 @@ type, its range in `validate.BOUNDS`, the rules between fields) before a datacla
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .quant import Spec, parse_spec
 from .trust import ConfigError, parse_json, read_regular, show
-from .validate import check_pinpoints, check_text, check_vision, fill
+from .validate import check_pinpoints, check_text, check_value, check_vision, fill
 
 MAX_CONFIG_BYTES = 4 << 20  # config.json: real ones are a few KB
 
 
 @dataclass
 class VisionConfig:
-    """CLIP vision tower. Defaults are transformers' `CLIPVisionConfig` defaults."""
+    """CLIP or SigLIP vision tower. Defaults are transformers' `CLIPVisionConfig` defaults; a SigLIP
+    config's missing keys take `SiglipVisionConfig`'s (SIGLIP_DEFAULTS)."""
 
     hidden_size: int = 768  # width of the residual stream
     intermediate_size: int = 3072  # MLP width
@@ -41,6 +48,7 @@ class VisionConfig:
     num_channels: int = 3  # tiles are RGB
     layer_norm_eps: float = 1e-5  # floats: finite and > 0
     hidden_act: str = "quick_gelu"  # MLP activation, one of clip.ACTIVATIONS
+    model_type: str = "clip"  # "clip" (clip.py: [CLS] first) or "siglip" (siglip.py: no [CLS])
 
     @property
     def patches_per_side(self) -> int:
@@ -50,9 +58,10 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """LLaMA-architecture decoder: Vicuna, Yi (LLaMA's layers, GQA) or Mistral (the same layers, GQA and a
-    sliding window). Defaults are transformers' `LlamaConfig` defaults; a Mistral config's missing keys
-    take `MistralConfig`'s (MISTRAL_DEFAULTS)."""
+    """LLaMA-architecture decoder: Vicuna, Yi (LLaMA's layers, GQA), Mistral (the same layers, GQA and a
+    sliding window) or Qwen2 (the same layers, GQA, biases on q, k, v). Defaults are transformers'
+    `LlamaConfig` defaults; a Mistral or Qwen2 config's missing keys take `MistralConfig`'s or
+    `Qwen2Config`'s (DECODER_DEFAULTS)."""
     vocab_size: int = 32000  # rows of the embedding table (may exceed the tokenizer's pieces)
     hidden_size: int = 4096  # width of the residual stream
     intermediate_size: int = 11008  # SwiGLU width
@@ -65,11 +74,12 @@ class TextConfig:
     rms_norm_eps: float = 1e-6  # floats: finite and > 0
     rope_theta: float = 10000.0  # RoPE's base: the slowest rotation's wavelength
     attention_bias: bool = False  # q, k, v and o projections have biases
+    qkv_bias: bool = False  # q, k, v projections have biases, o has none (Qwen2; set from model_type)
     mlp_bias: bool = False  # the SwiGLU projections have biases
     tie_word_embeddings: bool = False  # lm_head is the embedding table
     bos_token_id: int = 1  # prepended to every prompt; below vocab_size (validate.check_text)
     eos_token_id: int = 2  # ends an answer
-    model_type: str = "llama"  # "llama" or "mistral" (the original layout's llava_llama / llava_mistral)
+    model_type: str = "llama"  # "llama", "mistral" or "qwen2" (original layout: llava_llama, llava_mistral, llava_qwen)
     # Mistral: each position attends to the last `sliding_window` positions only (None: to all of them).
     # Honoured by never running past it: max_position_embeddings is capped to it (see `_text_config`).
     sliding_window: int | None = None
@@ -94,6 +104,9 @@ class LlavaConfig:
     vision_feature_layer: int = -2  # hidden state fed to the projector (-2: penultimate layer)
     projector_bias: bool = True
     layout: str = "transformers"  # "transformers" or "original": which config.json this came from
+    # LLaVA-OneVision's anyres_max_N: the unpadded crop grid is bilinearly downscaled to about N tiles'
+    # tokens when larger (layout.downscaled_size). None: LLaVA-NeXT, never downscaled.
+    anyres_max: int | None = None
     vision_from_shapes: bool = False  # original layout with an unknown tower: sizes come from the weights
     quantization: Spec | None = None  # quantization_config of a checkpoint from python -m minillava.quantize
 
@@ -102,16 +115,31 @@ class LlavaConfig:
 # models/mistral/configuration_mistral.py); LLaVA's LlavaMistralConfig subclasses MistralConfig.
 MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
                     "sliding_window": 4096}
-# Decoder model types we run: the LLaMA layer stack (Vicuna, Yi) and Mistral's (the same layers). The
-# original layout's top-level model_type names the LLaVA class; absent means LlamaConfig.
-DECODER_TYPES = {"llama": "llama", "llava_llama": "llama", "mistral": "mistral", "llava_mistral": "mistral"}
+# transformers' Qwen2Config defaults where they differ from LlamaConfig's (transformers 5.24,
+# models/qwen2/configuration_qwen2.py); LLaVA-NeXT's LlavaQwenConfig subclasses Qwen2Config. Its
+# sliding_window applies only with use_sliding_window, which no OneVision checkpoint sets (refused).
+QWEN2_DEFAULTS = {"vocab_size": 151936, "intermediate_size": 22016, "max_position_embeddings": 32768}
+DECODER_DEFAULTS = {"mistral": MISTRAL_DEFAULTS, "qwen2": QWEN2_DEFAULTS}
+# Decoder model types we run: the LLaMA layer stack (Vicuna, Yi), Mistral's and Qwen2's (the same layers).
+# The original layout's top-level model_type names the LLaVA class; absent means LlamaConfig.
+DECODER_TYPES = {"llama": "llama", "llava_llama": "llama", "mistral": "mistral", "llava_mistral": "mistral",
+                 "qwen2": "qwen2", "llava_qwen": "qwen2"}
+# lmms-lab's OneVision configs say model_type "llava" and name the class in `architectures` only.
+ARCHITECTURES = {"LlavaQwenForCausalLM": "qwen2", "LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 
 HF_DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # (height, width)
 
-# The towers original LLaVA checkpoints name in `mm_vision_tower`.
+# transformers' SiglipVisionConfig defaults where they differ from CLIPVisionConfig's.
+SIGLIP_DEFAULTS = {"patch_size": 16, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh", "model_type": "siglip"}
+VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+
+# The towers original LLaVA checkpoints name in `mm_vision_tower`. SigLIP so400m has 27 layers, of which
+# LLaVA-NeXT's siglip_encoder.py deletes the last (`del ...encoder.layers[-1:]`) and reads the output of
+# the 26th: the checkpoint holds 26, and the feature layer is their last (see `parse_config`).
 KNOWN_TOWERS = {
     "openai/clip-vit-large-patch14-336": VisionConfig(1024, 4096, 24, 16, 336, 14),
     "openai/clip-vit-large-patch14": VisionConfig(1024, 4096, 24, 16, 224, 14),
+    "google/siglip-so400m-patch14-384": VisionConfig(1152, 4304, 26, 16, 384, 14, 3, 1e-6, "gelu_pytorch_tanh", "siglip"),
 }
 
 
@@ -128,12 +156,24 @@ def _section(raw: dict, key: str) -> dict:
 def _text_config(raw: dict, section: str) -> TextConfig:
     raw = dict(raw)
     kind = raw.get("model_type", "llama")
+    architectures = raw.get("architectures")
+    if kind == "llava" and isinstance(architectures, list) and len(architectures) == 1 and architectures[0] in ARCHITECTURES:
+        kind = ARCHITECTURES[architectures[0]]
     if kind not in DECODER_TYPES:
-        raise ConfigError(f"{section}model_type {show(kind)}: the decoder runs LLaMA (Vicuna, Yi) and Mistral "
-                          f"models only ({', '.join(DECODER_TYPES)})")
+        raise ConfigError(f"{section}model_type {show(kind)}: the decoder runs LLaMA (Vicuna, Yi), Mistral and "
+                          f"Qwen2 models only ({', '.join(DECODER_TYPES)})")
     raw["model_type"] = DECODER_TYPES[kind]
-    if raw["model_type"] == "mistral":  # absent keys (not null ones: a null sliding_window is no window)
-        raw.update({k: v for k, v in MISTRAL_DEFAULTS.items() if k not in raw})
+    if raw["model_type"] in DECODER_DEFAULTS:  # absent keys (not null ones: a null sliding_window is no window)
+        raw.update({k: v for k, v in DECODER_DEFAULTS[raw["model_type"]].items() if k not in raw})
+    if raw["model_type"] == "qwen2":
+        # Qwen2Attention: biases on q, k, v, none on o. Its sliding_window is read only with
+        # use_sliding_window (transformers' Qwen2Config layer_types), never set by OneVision.
+        if raw.get("use_sliding_window", False) is not False:
+            raise ConfigError(f"{section}use_sliding_window {show(raw['use_sliding_window'])}: only full attention "
+                              "(false) is supported for Qwen2")
+        raw.update(qkv_bias=True, attention_bias=False, sliding_window=None)
+    else:
+        raw["qkv_bias"] = False  # our flag, not a config.json key: only Qwen2 has it
     rope = _section(raw, "rope_parameters")  # transformers 5 moved rope_theta in here
     if "rope_theta" not in raw and "rope_theta" in rope:
         raw["rope_theta"] = rope["rope_theta"]
@@ -160,9 +200,42 @@ def _text_config(raw: dict, section: str) -> TextConfig:
     return text
 
 
-def _pinpoints(raw, height_first: bool, key: str) -> list[tuple[int, int]]:
+def _vision_config(raw) -> VisionConfig:
+    """A transformers `vision_config`: CLIP's, or SigLIP's (its own defaults)."""
+    raw = dict(raw) if isinstance(raw, dict) else raw
+    if isinstance(raw, dict):
+        kind = raw.get("model_type", "clip_vision_model")  # LlavaNextConfig's default tower is CLIP
+        if kind not in VISION_TYPES:
+            raise ConfigError(f"vision_config.model_type {show(kind)}: the tower is CLIP or SigLIP only "
+                              f"({', '.join(VISION_TYPES)})")
+        raw["model_type"] = VISION_TYPES[kind]
+        if raw["model_type"] == "siglip":
+            raw.update({k: v for k, v in SIGLIP_DEFAULTS.items() if k not in raw})
+            if raw.get("vision_use_head", True) is not False:  # the pooling head: no OneVision checkpoint has it
+                raise ConfigError(f"vision_config.vision_use_head {show(raw.get('vision_use_head', True))}: only a "
+                                  "SigLIP tower without its pooling head (false) is supported")
+    return fill(VisionConfig, raw, "vision_config.")
+
+
+def _anyres_max(value, key: str) -> int:
+    """N of "anyres_max_N" (LLaVA-NeXT's llava_arch.py: `re.match(r"anyres_max_(\\d+)", ...)`)."""
+    match = re.fullmatch(r"anyres_max_(\d{1,4})", value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{key} {show(value)}: only 'anyres_max_N' is supported for LLaVA-OneVision")
+    return check_value(key, int(match.group(1)), "anyres_max", int)
+
+
+def _pinpoints(raw, height_first: bool, key: str, tile: int | None = None) -> list[tuple[int, int]]:
     """(width, height) pairs from `raw`, a list of [a, b] positive integers (range checked later,
-    against the tile size, in `check_vision`)."""
+    against the tile size, in `check_vision`). The original layout may also write a range of grids,
+    "(1x1),...,(6x6)" (LLaVA-NeXT's mm_utils.py `process_anyres_image`): every a x b from the first to
+    the last, times the tile size."""
+    if isinstance(raw, str) and tile is not None:
+        found = re.findall(r"\((\d{1,3})x(\d{1,3})\)", raw[:1000])
+        if not found:
+            raise ConfigError(f"{key} {show(raw)}: a string must name grids as (AxB),...,(CxD)")
+        (a0, b0), (a1, b1) = (tuple(map(int, p)) for p in (found[0], found[-1]))
+        raw = [[i * tile, j * tile] for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
     check_pinpoints(raw, key)
     return [(b, a) if height_first else (a, b) for a, b in raw]
 
@@ -179,11 +252,40 @@ def _choice(raw: dict, key: str, default: str, allowed: str, why: str):
         raise ConfigError(f"{key} {show(value)}: only {allowed!r} is supported{why}")
 
 
+def _onevision_hf(raw: dict) -> LlavaConfig:
+    """transformers' LlavaOnevisionConfig (its defaults: a 26-layer SigLIP so400m, the last layer's output
+    whole ("full"), anyres_max_9 on the 6 x 6 pinpoints, a Qwen2 decoder)."""
+    if raw.get("vision_feature_select_strategy", "full") != "full":
+        raise ConfigError(f"vision_feature_select_strategy {show(raw['vision_feature_select_strategy'])}: only "
+                          "'full' is supported for LLaVA-OneVision (SigLIP has no [CLS] to drop)")
+    _choice(raw, "projector_hidden_act", "gelu", "gelu", " (the projector is mlp2x_gelu)")
+    vision_raw = _section(raw, "vision_config") if raw.get("vision_config") is not None else KNOWN_TOWER_DICT
+    text_raw = {"model_type": "qwen2", **_section(raw, "text_config")}
+    text_raw.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+    bias = raw.get("multimodal_projector_bias", True)
+    if type(bias) is not bool:
+        raise ConfigError(f"multimodal_projector_bias must be true or false, got {show(bias)}")
+    vision = _vision_config(vision_raw)
+    if vision.model_type != "siglip":
+        raise ConfigError("vision_config.model_type: LLaVA-OneVision is supported with its SigLIP tower only")
+    return LlavaConfig(
+        vision=vision,
+        text=_text_config(text_raw, "text_config."),
+        grid_pinpoints=_pinpoints(raw.get("image_grid_pinpoints", ONEVISION_PINPOINTS), True, "image_grid_pinpoints"),
+        vision_feature_layer=_feature_layer(raw.get("vision_feature_layer", -1), "vision_feature_layer"),
+        projector_bias=bias,
+        layout="transformers",
+        anyres_max=_anyres_max(raw.get("vision_aspect_ratio", "anyres_max_9"), "vision_aspect_ratio"),
+    )
+
+
 def parse_config(raw) -> LlavaConfig:
     """Turn a parsed config.json of either layout into a LlavaConfig, every value checked."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config.json must be a JSON object, got {show(raw)}")
-    if "text_config" in raw or "vision_config" in raw or raw.get("model_type") == "llava_next":
+    if raw.get("model_type") == "llava_onevision":
+        cfg = _onevision_hf(raw)
+    elif "text_config" in raw or "vision_config" in raw or raw.get("model_type") == "llava_next":
         # "full" keeps [CLS], which cannot be laid out on the AnyRes grid
         _choice(raw, "vision_feature_select_strategy", "default", "default", " with AnyRes")
         _choice(raw, "projector_hidden_act", "gelu", "gelu", " (the projector is mlp2x_gelu)")
@@ -193,7 +295,7 @@ def parse_config(raw) -> LlavaConfig:
         if type(bias) is not bool:
             raise ConfigError(f"multimodal_projector_bias must be true or false, got {show(bias)}")
         cfg = LlavaConfig(
-            vision=fill(VisionConfig, raw["vision_config"], "vision_config.") if raw.get("vision_config") is not None
+            vision=_vision_config(raw["vision_config"]) if raw.get("vision_config") is not None
             else dataclasses.replace(KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]),  # LlavaNextConfig's default tower
             text=_text_config(text_raw, "text_config."),
             grid_pinpoints=_pinpoints(raw.get("image_grid_pinpoints", HF_DEFAULT_PINPOINTS), True, "image_grid_pinpoints"),
@@ -203,20 +305,28 @@ def parse_config(raw) -> LlavaConfig:
         )
     elif "mm_vision_tower" in raw or "mm_projector_type" in raw:
         _choice(raw, "mm_projector_type", "mlp2x_gelu", "mlp2x_gelu", "")
-        _choice(raw, "image_aspect_ratio", "anyres", "anyres", " (LLaVA-1.6)")
         _choice(raw, "mm_patch_merge_type", "spatial_unpad", "spatial_unpad", "")
         _choice(raw, "mm_vision_select_feature", "patch", "patch", " with AnyRes")  # cls_patch cannot be laid out on the grid
         tower = raw.get("mm_vision_tower", "")
         if type(tower) is not str:
             raise ConfigError(f"mm_vision_tower must be a string, got {show(tower)}")
         known = KNOWN_TOWERS.get(tower)
+        aspect = raw.get("image_aspect_ratio", "anyres")
+        if aspect == "anyres":  # LLaVA-1.6: a CLIP tower, its mm_vision_select_layer
+            anyres_max, layer = None, _feature_layer(raw.get("mm_vision_select_layer", -2), "mm_vision_select_layer")
+        else:  # OneVision: a SigLIP tower, whose last kept layer LLaVA-NeXT's siglip_encoder.py reads
+            # (hidden_states[-1]) whatever mm_vision_select_layer says
+            anyres_max, layer = _anyres_max(aspect, "image_aspect_ratio"), -1
+        vision = dataclasses.replace(known) if known else VisionConfig()
         cfg = LlavaConfig(
-            vision=dataclasses.replace(known) if known else VisionConfig(),
+            vision=vision,
             text=_text_config(raw, ""),
-            grid_pinpoints=_pinpoints(raw.get("image_grid_pinpoints"), False, "image_grid_pinpoints"),
-            vision_feature_layer=_feature_layer(raw.get("mm_vision_select_layer", -2), "mm_vision_select_layer"),
+            grid_pinpoints=_pinpoints(raw.get("image_grid_pinpoints"), False, "image_grid_pinpoints",
+                                      vision.image_size if known else None),  # "(1x1),..." needs the tile size
+            vision_feature_layer=layer,
             layout="original",
             vision_from_shapes=known is None,
+            anyres_max=anyres_max,
         )
     else:
         raise ConfigError("config.json is neither a transformers LLaVA-NeXT config nor an original LLaVA one")
@@ -224,6 +334,13 @@ def parse_config(raw) -> LlavaConfig:
         check_vision(cfg)
     cfg.quantization = parse_spec(raw.get("quantization_config"))
     return cfg
+
+
+# LlavaOnevisionConfig's default tower (its sub_configs_defaults), as a vision_config.
+KNOWN_TOWER_DICT = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "patch_size": 14,
+                    "image_size": 384, "num_hidden_layers": 26, "num_attention_heads": 16, "vision_use_head": False}
+# LlavaOnevisionConfig's default pinpoints, (height, width): every grid of 1 .. 6 x 1 .. 6 tiles of 384 px.
+ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 
 
 def load_config(model_dir: str | Path) -> LlavaConfig:
@@ -235,8 +352,10 @@ def load_config(model_dir: str | Path) -> LlavaConfig:
 
 def vision_config_from_shapes(shapes: dict[str, tuple[int, ...]], head_dim: int = 64) -> VisionConfig:
     """Vision sizes read off the tower's tensors (internal names), for original checkpoints of an
-    unknown tower. The head count is not in any shape: CLIP towers use 64-wide heads. The result
-    still has to pass `check_vision`."""
+    unknown tower: CLIP if it has a [CLS] embedding, else SigLIP (its defaults for what no shape
+    tells). The head count is not in any shape: taken as 64-wide heads (CLIP's; SigLIP so400m's are
+    72 wide, but that tower is known by name). The result still has to pass `check_vision`."""
+    siglip = "vision.embeddings.class_embedding" not in shapes
     try:
         hidden, channels, patch, _ = shapes["vision.embeddings.patch_embedding.weight"]
         positions = shapes["vision.embeddings.position_embedding.weight"][0]
@@ -246,7 +365,8 @@ def vision_config_from_shapes(shapes: dict[str, tuple[int, ...]], head_dim: int 
         raise ConfigError(f"vision tower weight {e} is missing (needed to size an unknown mm_vision_tower)") from None
     except (ValueError, IndexError):
         raise ConfigError("the vision tower's weights have unexpected names or shapes for a CLIP tower") from None
-    side = round(max(positions - 1, 0) ** 0.5)
+    side = round(max(positions - (not siglip), 0) ** 0.5)  # CLIP: one position more, the [CLS]'s
+    kind = {k: v for k, v in SIGLIP_DEFAULTS.items() if k != "patch_size"} if siglip else {}
     return VisionConfig(
         hidden_size=hidden,
         intermediate_size=fc1,
@@ -255,4 +375,5 @@ def vision_config_from_shapes(shapes: dict[str, tuple[int, ...]], head_dim: int 
         image_size=side * patch,
         patch_size=patch,
         num_channels=channels,
+        **kind,
     )

@@ -10,6 +10,8 @@ turn: `before + "<image>\\n" + question + after`. The strings are what LLaVA's `
 - SeparatorStyle.LLAMA_2 (mistral_instruct, system ""): `"[INST] " + message + " [/INST]"`; the empty system
   adds no <<SYS>> block and the empty sep nothing.
 - SeparatorStyle.MPT (chatml_direct): `system + sep + role0 + message + sep + role1`, sep "<|im_end|>".
+- SeparatorStyle.CHATML (qwen_1_5, LLaVA-OneVision's, from LLaVA-VL/LLaVA-NeXT's llava/conversation.py
+  `conv_qwen`): `system + sep + "\n" + role0 + "\n" + message + sep + "\n" + role1 + "\n"`, sep "<|im_end|>".
 
 `stop` is the text that ends the assistant's turn, where LLaVA stops (llava/serve/cli.py: `stop_str =
 conv.sep if conv.sep_style != SeparatorStyle.TWO else conv.sep2`; conv.sep2 is "</s>" for LLAMA_2 too).
@@ -60,6 +62,11 @@ TEMPLATES = {
         # roles "<|im_start|>user\n" / "<|im_start|>assistant\n", sep "<|im_end|>")
         Template("chatml_direct", "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n",
                  "<|im_end|><|im_start|>assistant\n", "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
+        # conv_qwen of LLaVA-VL/LLaVA-NeXT (conv_templates "qwen_1_5", what its OneVision examples pass:
+        # CHATML style, system "<|im_start|>system\nYou are a helpful assistant.", roles "<|im_start|>user" /
+        # "<|im_start|>assistant", sep "<|im_end|>"). LLaVA-OneVision's template, for Qwen2 decoders.
+        Template("qwen_1_5", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+                 "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
     ]
 }
 DEFAULT_TEMPLATE = TEMPLATES["llava_v1"]
@@ -127,9 +134,12 @@ def template_from_name(model_dir: Path) -> str | None:
 def template_from_decoder(model_type: str, vocab_size: int, has_chatml: bool) -> str | None:
     """What LLaVA-1.6 trained each decoder with: Mistral-7B-Instruct -> mistral_instruct; Yi-34B (LLaMA
     layers, 64,000 pieces, ChatML tokens in its tokenizer) -> chatml_direct; Vicuna (LLaMA, LLaMA's
-    32,000 pieces, padded to 32064 by llava-hf) -> llava_v1. None where the evidence does not say."""
+    32,000 pieces, padded to 32064 by llava-hf) -> llava_v1; and LLaVA-OneVision's Qwen2 -> qwen_1_5.
+    None where the evidence does not say."""
     if model_type == "mistral":
         return "mistral_instruct"
+    if model_type == "qwen2":
+        return "qwen_1_5"
     if has_chatml:
         return "chatml_direct"
     if vocab_size < 64000:
@@ -163,6 +173,9 @@ def choose_template(model_dir: Path, layout: str, model_type: str, vocab_size: i
     # llava_v1 and vicuna_v1 are one family (Vicuna); a chat template that names vicuna_v1 picks it
     if found == {"llava_v1", "vicuna_v1"}:
         found = {"vicuna_v1"}
+    # ChatML markers are both chatml_direct's and qwen_1_5's: a Qwen2 decoder (OneVision) tells them apart
+    if found == {"chatml_direct", "qwen_1_5"}:
+        found = {"qwen_1_5"}
     if len(found) != 1:
         said = "; ".join(f"{k} says {v}" for k, v in evidence.items()) or "no chat template, name or decoder says"
         raise ConfigError(f"{model_dir}: cannot tell which conversation template the model was trained with "

@@ -83,10 +83,11 @@ def kept_positions(llm, fastv: FastV, length: int) -> torch.Tensor:
 
 
 def on_grid(kept: torch.Tensor, grid: tuple[int, int], area: tuple[int, int, int, int],
-            side: int) -> tuple[torch.Tensor, torch.Tensor]:
+            side: int, max_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What FastV kept of the uncompressed image sequence, `kept` (k,) long indices into it, on the
-    thumbnail (its positions (k0,) long) and the crop grid ((H, W) bool); kept newlines have no place."""
-    places = sequence_places(grid, area, side).to(kept.device)[kept]
+    thumbnail (its positions (k0,) long) and the crop grid ((H, W) bool); kept newlines have no place.
+    `max_tiles`: OneVision's downscaled grid, each token marked at the cell under its centre."""
+    places = sequence_places(grid, area, side, max_tiles).to(kept.device)[kept]
     P, H, W = side * side, grid[1] * side, grid[0] * side
     crop_keep = torch.zeros(H * W, dtype=torch.bool, device=kept.device)
     crop_keep[places[places >= P] - P] = True

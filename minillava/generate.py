@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .anyres import Tiles, tile_image
+from .anyres import Tiles
 from .compression import compressors, encode, sequences
 from .config import LlavaConfig, load_config
 from .fastv import FastV
 from .model import LlavaNext
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, Spec
 from .conversation import FLAG as CONV_FLAG, TEMPLATES, choose_template
-from .tokenizer import PromptError, StreamDecoder, Tokenizer, read_added_tokens
+from .tokenizer import PromptError, StreamDecoder, Tokenizer, load_tokenizer
 from .trust import ConfigError, ImageError, WeightsError, load_image
 from .weights import DEFAULT_MODEL, checkpoint_files, load_model, read_layout, resolve_model
 
@@ -80,12 +80,9 @@ def read_checkpoint(model_dir: Path, conv_template: str | None = None) -> tuple[
     template chosen (`conv_template` names one, else `conversation.choose_template` reads the checkpoint);
     no weight is read."""
     cfg = load_config(model_dir)  # a directory that is no checkpoint fails here, before anything is read
-    tokenizer_path = model_dir / "tokenizer.model"
-    if not (tokenizer_path.exists() or tokenizer_path.is_symlink()):
-        raise WeightsError(f"{model_dir}: no tokenizer.model (the sentencepiece tokenizer of the checkpoint)")
-    tokenizer = Tokenizer(tokenizer_path, *read_added_tokens(model_dir))
+    tokenizer = load_tokenizer(model_dir)  # tokenizer.model (sentencepiece) or tokenizer.json (Qwen2's BPE)
     if tokenizer.n_pieces > cfg.text.vocab_size:  # ids past the embedding table would index out of it
-        raise WeightsError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_pieces} pieces but config.json's "
+        raise WeightsError(f"{model_dir}: the tokenizer has {tokenizer.n_pieces} pieces but config.json's "
                            f"vocab_size is {cfg.text.vocab_size}; the tokenizer belongs to another model")
     has_chatml = all(tokenizer.token_id(t) is not None for t in TEMPLATES["chatml_direct"].special)
     template = choose_template(model_dir, cfg.layout, cfg.text.model_type, cfg.text.vocab_size, has_chatml,
@@ -286,7 +283,7 @@ def generate(
     """
     device, steps = model.device, steps or Steps()
     t0 = time.perf_counter()
-    tiles = tile_image(image, model.cfg.grid_pinpoints, model.cfg.vision.image_size)  # thumbnail + crops
+    tiles = model.tile(image)  # thumbnail + crops
     encoded = encode(model, [tiles], compressor)  # tower and projector, and what the compressor reads
     _sync(device)
     t1 = time.perf_counter()

@@ -11,11 +11,22 @@ one H x W grid (H = gh * side, W = gw * side). The canvas pads the resized image
 
 A compressor keeps a subset (globalcom2/compress.py): `pack` lays it out the same way, kept grid
 tokens at their places, every unpadded row still closed by its newline.
+
+LLaVA-OneVision (anyres_max_N, `max_tiles` = N below) packs the same way, with one step more in its
+uncompressed sequence: an unpadded grid of more than about N tiles' tokens is bilinearly downscaled
+first (`downscaled_size`, LLaVA-NeXT's llava_arch.py `prepare_inputs_labels_for_multimodal`, the
+"anyres_max" branch; transformers' `LlavaOnevisionModel.pack_image_features`), and the newlines close
+the downscaled rows. Our decision for compression (docs/onevision.md): a compressor selects on the
+full-resolution crop grid, as for LLaVA-NeXT, and its kept tokens are packed at their true positions
+with a newline closing every full-resolution row; nothing it kept is resampled.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -47,17 +58,45 @@ def crop_grid(crops: Tensor, grid: tuple[int, int]) -> Tensor:
     return x.transpose(1, 2).reshape(gh * side, gw * side, -1)  # (gh, side, gw, side, D) -> (H, W, D)
 
 
+def downscaled_size(area: tuple[int, int, int, int], side: int, max_tiles: int | None) -> tuple[int, int]:
+    """(h, w) of the unpadded grid as OneVision's uncompressed sequence lays it out: the area's own size,
+    or, where it holds more than about `max_tiles` tiles of side x side tokens (ratio
+    sqrt(h w / (max_tiles side^2)) > 1.1), (int(h // ratio), int(w // ratio)) as the published code
+    computes it. `max_tiles` None (LLaVA-NeXT): never downscaled."""
+    top, bottom, left, right = area
+    h, w = bottom - top, right - left
+    if max_tiles is None:
+        return h, w
+    ratio = math.sqrt(h * w / (max_tiles * side**2))
+    return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
+
+
+def downscale(rows: Tensor, size: tuple[int, int]) -> Tensor:
+    """The unpadded grid (h, w, D) resized to size (h', w') bilinearly (align_corners False, in its
+    own dtype), as OneVision's `nn.functional.interpolate(..., mode="bilinear")`; unchanged if equal."""
+    if tuple(rows.shape[:2]) == tuple(size):
+        return rows
+    x = rows.permute(2, 0, 1)[None]  # (1, D, h, w)
+    return F.interpolate(x, list(size), mode="bilinear")[0].permute(1, 2, 0)  # (h', w', D)
+
+
 def pack(head: Tensor, grid: Tensor, area: tuple[int, int, int, int], newline: Tensor,
-         keep: Tensor | None = None, tail: Tensor | None = None) -> Tensor:
+         keep: Tensor | None = None, tail: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
     """One image's token sequence (T, D) in the dtype of `head`.
 
     head (k, D): the tokens before the grid (the thumbnail's), as they come. grid (H, W, D): the crop
     grid's tokens; of its unpadded `area` the rows in order, the tokens `keep` (H, W) bool marks (all if
     None) in raster order, a `newline` (D,) closing every row, even one with nothing kept.
     tail (t, D): tokens after the grid (a merging compressor's tokens that have no grid place).
+    `size` (h', w') (OneVision's uncompressed sequence, `downscaled_size`; only without `keep`): the
+    unpadded grid is first resized to it. A `keep` mask is on the full-resolution grid and is packed there.
     """
+    if keep is not None and size is not None:
+        raise ValueError("a kept subset is packed at full resolution: pass size only without keep")
     top, bottom, left, right = area
     rows = grid[top:bottom, left:right].to(head.dtype)  # (h, w, D)
+    if size is not None:
+        rows = downscale(rows, size)  # (h', w', D)
     h = rows.shape[0]
     rows = torch.cat([rows, newline.to(head.dtype).expand(h, 1, -1)], dim=1)  # (h, w + 1, D)
     if keep is None:
@@ -81,18 +120,25 @@ def compressed_sequence(kept, crops: Tensor, grid: tuple[int, int], area: tuple[
     return pack(kept.head, tokens, area, newline, kept.crop_keep, kept.tail)
 
 
-def sequence_places(grid: tuple[int, int], area: tuple[int, int, int, int], side: int) -> Tensor:
+def sequence_places(grid: tuple[int, int], area: tuple[int, int, int, int], side: int,
+                    max_tiles: int | None = None) -> Tensor:
     """Where each token of the uncompressed sequence comes from: (P + h (w + 1),) long, a thumbnail
     position p as p, a grid cell (y, x) as P + y * W + x, a newline as -1. What a method that prunes
-    the sequence itself (FastV, in the decoder) kept, read back onto the thumbnail and the grid."""
+    the sequence itself (FastV, in the decoder) kept, read back onto the thumbnail and the grid.
+    OneVision's downscaled grid (`max_tiles`): a token of the h' x w' grid stands for the full-resolution
+    cell under its centre (row top + floor((y' + 1/2) h / h'), likewise for columns)."""
     top, bottom, left, right = area
     P, W = side * side, grid[0] * side
-    cells = P + torch.arange(top, bottom)[:, None] * W + torch.arange(left, right)[None, :]  # (h, w)
-    cells = torch.cat([cells, torch.full((bottom - top, 1), -1)], dim=1)  # a newline closing each row
+    (h, w), (h2, w2) = (bottom - top, right - left), downscaled_size(area, side, max_tiles)
+    ys = top + ((torch.arange(h2) + 0.5) * h / h2).long()  # (h',) full-resolution rows
+    xs = left + ((torch.arange(w2) + 0.5) * w / w2).long()
+    cells = P + ys[:, None] * W + xs[None, :]  # (h', w')
+    cells = torch.cat([cells, torch.full((h2, 1), -1)], dim=1)  # a newline closing each row
     return torch.cat([torch.arange(P), cells.flatten()])
 
 
-def uncompressed_length(area: tuple[int, int, int, int], side: int) -> int:
-    """Tokens of the uncompressed sequence: the thumbnail's P, then h rows of w tokens and a newline."""
-    top, bottom, left, right = area
-    return side * side + (bottom - top) * (right - left + 1)
+def uncompressed_length(area: tuple[int, int, int, int], side: int, max_tiles: int | None = None) -> int:
+    """Tokens of the uncompressed sequence: the thumbnail's P, then h rows of w tokens and a newline
+    (OneVision, `max_tiles`: the downscaled h' x w' grid's rows)."""
+    h, w = downscaled_size(area, side, max_tiles)
+    return side * side + h * (w + 1)

@@ -1,4 +1,5 @@
-"""LLaMA / Vicuna decoder taking `inputs_embeds`, with a static preallocated KV cache.
+"""LLaMA / Vicuna decoder taking `inputs_embeds`, with a static preallocated KV cache. Mistral, Yi and
+Qwen2 run on it too: Qwen2 is the same block with biases on q, k, v (`TextConfig.qkv_bias`).
 
 Parameter names follow transformers' `LlamaModel` (`embed_tokens`, `layers.N.self_attn.q_proj`, ...).
 """
@@ -138,9 +139,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = Linear(d, self.heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(d, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(d, self.kv_heads * self.head_dim, bias=bias)
+        qkv_bias = bias or cfg.qkv_bias  # Qwen2: biases on q, k, v only
+        self.q_proj = Linear(d, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(d, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.heads * self.head_dim, d, bias=bias)
         self.cache: KVCache | None = None
 

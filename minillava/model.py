@@ -1,4 +1,7 @@
-"""LLaVA-NeXT: vision tower -> projector -> the image's token sequence -> spliced into the prompt -> decoder.
+"""LLaVA-NeXT and LLaVA-OneVision: vision tower -> projector -> the image's token sequence -> spliced into
+the prompt -> decoder. OneVision (docs/onevision.md) is the same model with a SigLIP tower (siglip.py, no
+[CLS]), a Qwen2 decoder (llama.py with q, k, v biases) and its crop grid downscaled when large
+(`cfg.anyres_max`, layout.py `downscaled_size`).
 
 An image's way through it (minillava/generate.py `generate` runs it for one question):
     PIL -> anyres.tile_image -> (1 + crops) tiles
@@ -18,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anyres import Tiles
-from .clip import VisionTower
+from .anyres import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, Tiles, tile_image
+from .clip import Tower, VisionTower
 from .config import LlavaConfig
-from .layout import compressed_sequence, crop_grid, pack, unpad_area
+from .layout import compressed_sequence, crop_grid, downscaled_size, pack, unpad_area, uncompressed_length
 from .llama import Decoder, Linear
+from .siglip import SiglipTower
 
 
 class Projector(nn.Module):
@@ -53,7 +57,7 @@ class LlavaNext(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision)
+        self.vision: Tower = SiglipTower(cfg.vision) if cfg.vision.model_type == "siglip" else VisionTower(cfg.vision)
         self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector_bias)
         self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
         self.llm = Decoder(cfg.text)
@@ -68,17 +72,24 @@ class LlavaNext(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.image_newline.dtype  # not lm_head's: a quantized lm_head holds integers (minillava/quant.py)
 
+    def tile(self, image) -> Tiles:
+        """A PIL image as this model's tiles: its pinpoints and tile size, its tower's normalisation
+        (CLIP's mean and std; SigLIP's 0.5, LLaVA-NeXT's siglip_encoder.py SigLipImageProcessor)."""
+        mean, std = (SIGLIP_MEAN, SIGLIP_STD) if self.cfg.vision.model_type == "siglip" else (CLIP_MEAN, CLIP_STD)
+        return tile_image(image, self.cfg.grid_pinpoints, self.cfg.vision.image_size, mean, std)
+
     def encode_images(self, tiles: list[Tiles], layers=(), probe: Callable | None = None) -> list[Encoded]:
         """All tiles of all images through the tower and projector in one batch, split back per image.
 
         `layers`: more hidden states of the tower to compute, for `probe`, a function of all tiles'
-        hidden states ({i: (N, 1 + P, Dv)}) to {name: (N, ...)} (a compressor's scores, computed by the
+        hidden states ({i: (N, has_cls + P, Dv)}) to {name: (N, ...)} (a compressor's scores, computed by the
         compression stage: minillava/compression.py), split per image into `Encoded.probes`.
         """
         pixels = torch.cat([t.pixels for t in tiles]).to(self.device, self.dtype)  # (sum tiles, 3, S, S)
         select = self.cfg.vision_feature_layer
         states = self.vision(pixels, (select, *layers))
-        features = self.projector(states[select][:, 1:])  # (sum tiles, P, D): [CLS] dropped
+        # (sum tiles, P, D): CLIP's [CLS] dropped (LLaVA-NeXT's "default"); SigLIP's tokens whole ("full")
+        features = self.projector(states[select][:, int(self.vision.has_cls):])
         probes = probe(states) if probe is not None else {}
         side = self.cfg.vision.patches_per_side
         out, start = [], 0
@@ -93,9 +104,17 @@ class LlavaNext(nn.Module):
         """One image's token sequence for the decoder, (T, D): LLaVA-NeXT's uncompressed one, or what a
         compressor `kept` (globalcom2.Compressed) laid out the same way; a `-paper` method's published
         sequence as it made it."""
-        if kept is None:
-            return pack(image.thumb, crop_grid(image.crops, image.grid), image.area, self.image_newline)
+        if kept is None:  # OneVision: the unpadded grid downscaled when large, as published
+            size = downscaled_size(image.area, self.cfg.vision.patches_per_side, self.cfg.anyres_max)
+            return pack(image.thumb, crop_grid(image.crops, image.grid), image.area, self.image_newline,
+                        size=size if self.cfg.anyres_max is not None else None)
+        # a compressor's choice on the full-resolution grid, packed there (layout.py)
         return compressed_sequence(kept, image.crops, image.grid, image.area, self.image_newline)
+
+    def uncompressed_length(self, image: Encoded) -> int:
+        """Tokens of `image_tokens(image)`: with OneVision's downscale, fewer than the full-resolution grid
+        a compressor selects on holds (`image.crops`' unpadded h x w and h newlines, plus P)."""
+        return uncompressed_length(image.area, self.cfg.vision.patches_per_side, self.cfg.anyres_max)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

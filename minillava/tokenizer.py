@@ -1,4 +1,5 @@
-"""Sentencepiece tokenizer with the checkpoint's added tokens, and the prompt of its conversation template.
+"""Sentencepiece tokenizer with the checkpoint's added tokens, and the prompt of its conversation template;
+and Qwen2's byte-level BPE (tokenizer.json, LLaVA-OneVision) behind the same interface (`ByteBPETokenizer`).
 
 Added tokens (tokenizer_config.json's `added_tokens_decoder`, added_tokens.json) are tokens the
 tokenizer files name outside the sentencepiece model, such as ChatML's `<|im_start|>` / `<|im_end|>` of
@@ -11,6 +12,7 @@ every added token). For every question without such strings the ids are those of
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import sentencepiece as spm
@@ -92,6 +94,7 @@ class Tokenizer:
         except RuntimeError:
             raise WeightsError(f"{path}: not a sentencepiece model (truncated or another format)") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.end_id = self.eos_id  # the tokenizer's own EOS, what a template stopping on EOS stops on
         self.n_pieces = self.sp.get_piece_size()
         if self.bos_id < 0 or self.eos_id < 0:  # every prompt starts with BOS, generation stops at EOS
             raise WeightsError(f"{path}: the tokenizer has no BOS or EOS piece, which LLaVA's prompts need")
@@ -119,7 +122,7 @@ class Tokenizer:
             if i >= vocab_size:
                 raise WeightsError(f"the tokenizer gives {text} the id {i}, past the model's {vocab_size} embeddings")
         self.template = template
-        self.eos_id = self.sp.eos_id() if template.stop == EOS else self.token_id(template.stop)
+        self.eos_id = self.end_id if template.stop == EOS else self.token_id(template.stop)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; PromptError if it is not text (a lone surrogate, which sentencepiece,
@@ -193,6 +196,90 @@ class Tokenizer:
         before, slot, after = prompt.partition(IMAGE_PLACEHOLDER)
         chunks = [[self.bos_id] + self.encode(before)]
         return chunks + [self.encode(after)] if slot else chunks
+
+
+class ByteBPETokenizer(Tokenizer):
+    """Qwen2's tokenizer (LLaVA-OneVision): byte-level BPE read from tokenizer.json by the `tokenizers`
+    library, its added tokens (<|endoftext|>, <|im_start|>, <|im_end|>, ...) from the same file. No BOS
+    (Qwen2's tokenizer adds none). As for sentencepiece, text is encoded by a copy without the added
+    tokens, so a question holding "<|im_start|>" stays text; only the template writes turn markers."""
+
+    def __init__(self, path: str | Path, added: dict[str, int] | None = None, special: set[int] = frozenset(),
+                 add_bos: bool = False):
+        """tokenizer.json from `path` (a regular file, bounded size), parsed from memory: a broken file
+        is one WeightsError. `added`, `special`: more added tokens (tokenizer_config.json's), as for
+        sentencepiece; the file's own come first. `add_bos` is ignored: Qwen2 puts no BOS first."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        data = read_regular(Path(path), MAX_TOKENIZER_BYTES, WeightsError)
+        try:
+            raw = parse_json(data, str(path), WeightsError)
+            if not isinstance(raw, dict) or not isinstance(raw.get("added_tokens", []), list):
+                raise WeightsError(f"{path}: not a tokenizer.json (a JSON object with a model)")
+            self.full = HFTokenizer.from_str(data.decode("utf-8"))
+            # the same tokenizer without its added tokens: what user text is encoded with
+            self.text_only = HFTokenizer.from_str(json.dumps({**raw, "added_tokens": []}))
+        except WeightsError:
+            raise
+        except Exception as e:  # the library raises plain Exceptions on a file it cannot read
+            raise WeightsError(f"{path}: not a tokenizer.json the tokenizers library can read ({type(e).__name__})") from None
+        file_added = {t["content"]: t["id"] for t in raw.get("added_tokens", [])
+                      if isinstance(t, dict) and isinstance(t.get("content"), str) and type(t.get("id")) is int}
+        self.added = {**dict(added or {}), **file_added}
+        self.special = set(special) | {t["id"] for t in raw.get("added_tokens", [])
+                                       if isinstance(t, dict) and t.get("special") is True and type(t.get("id")) is int}
+        self.names = {i: t for t, i in self.added.items()}
+        self.n_pieces = self.full.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.add_bos = None, False
+        self.eos_id = self.end_id = self.token_id("<|endoftext|>")  # Qwen2's end of text
+        self.template = DEFAULT_TEMPLATE
+
+    def token_id(self, text: str) -> int | None:
+        """The id of one token written `text`: an added token, or a piece of the BPE vocabulary."""
+        if text in self.added:
+            return self.added[text]
+        return self.full.token_to_id(text)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as text (no added token matched); PromptError if it is not text."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"the prompt has an unpaired surrogate \\u{ord(text[e.start]):04x} at character {e.start}, "
+                              "which is not text; remove it") from None
+        return self.text_only.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`: the stop token, special added tokens and ids past the vocabulary (embedding rows
+        the tokenizer does not have) decode to nothing, other added tokens to their text."""
+        out, run = [], []
+        for i in ids:
+            if i == self.eos_id or not 0 <= i < self.n_pieces:
+                continue
+            if i in self.names:
+                out.append(self.text_only.decode(run, skip_special_tokens=False))
+                run = []
+                if i not in self.special:
+                    out.append(self.names[i])
+            else:
+                run.append(i)
+        return "".join(out) + self.text_only.decode(run, skip_special_tokens=False)
+
+    def encode_prompt(self, prompt: str) -> list[list[int]]:
+        raise NotImplementedError("use encode_question: it writes the template's added tokens as their ids")
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The checkpoint's tokenizer: tokenizer.model (sentencepiece: LLaVA-NeXT's Vicuna, Mistral, Yi), else
+    tokenizer.json (byte-level BPE: OneVision's Qwen2), with its added tokens."""
+    sp = model_dir / "tokenizer.model"
+    if sp.exists() or sp.is_symlink():
+        return Tokenizer(sp, *read_added_tokens(model_dir))
+    bpe = model_dir / "tokenizer.json"
+    if bpe.exists() or bpe.is_symlink():
+        added, special, _ = read_added_tokens(model_dir)
+        return ByteBPETokenizer(bpe, added, special)
+    raise WeightsError(f"{model_dir}: no tokenizer.model (sentencepiece) or tokenizer.json (byte-level BPE, Qwen2)")
 
 
 class StreamDecoder:

@@ -31,11 +31,12 @@ BOUNDS = {
     "eos_token_id": (0, (1 << 20) - 1, "as bos_token_id"),
     "max_position_embeddings": (1, 1 << 20, "Mistral has 32768, 1M-context models 1010000"),
     "sliding_window": (1, 1 << 20, "as max_position_embeddings"),
-    "image_size": (1, 4096, "tile side in pixels: CLIP 224/336, SigLIP 384/448"),
+    "image_size": (1, 4096, "tile side in pixels: CLIP 224/336, SigLIP 384/448 (OneVision 384)"),
     "patch_size": (1, 4096, "patch side in pixels: at most the tile"),
     "num_channels": (3, 3, "tiles are RGB"),
     "patches_per_side": (1, 64, "4096 tokens per tile, attention quadratic per tile; CLIP-L/14-336 has 24"),
     "image_grid_pinpoints": (1, 1024, "AnyRes candidates: LLaVA-1.6 has 5, LLaVA-OneVision 36"),
+    "anyres_max": (1, 1024, "OneVision's anyres_max_9: the crop grid is downscaled to about 9 tiles' tokens"),
     "canvas_pixels": (1, 4096 * 4096, "one AnyRes canvas (w x h): LLaVA-1.6 672 x 672, OneVision 2304 x 2304"),
 }
 
@@ -120,14 +121,21 @@ def check_vision(cfg):
     v, tile = cfg.vision, cfg.vision.image_size
     for name, kind in field_kinds(type(v)).items():
         check_value(f"vision_config.{name}", getattr(v, name), name, kind)
+    if v.model_type not in ("clip", "siglip"):
+        raise ConfigError(f"vision_config.model_type {show(v.model_type)}: the tower is CLIP or SigLIP only")
+    if (v.model_type == "siglip") != (cfg.anyres_max is not None):  # what each family was trained with
+        raise ConfigError("a SigLIP tower goes with LLaVA-OneVision's anyres_max, a CLIP one with LLaVA-NeXT's "
+                          "anyres; this config mixes them")
     if v.hidden_act not in ACTIVATIONS:
         raise ConfigError(f"vision_config.hidden_act {show(v.hidden_act)} is not supported ({', '.join(ACTIVATIONS)})")
     if v.hidden_size % v.num_attention_heads:
         raise ConfigError(f"vision_config.hidden_size {v.hidden_size} is not divisible by num_attention_heads {v.num_attention_heads}")
     _, most_patches, _ = BOUNDS["patches_per_side"]
-    if v.image_size % v.patch_size or v.patches_per_side > most_patches:
-        raise ConfigError(f"vision_config.image_size {tile} must be a multiple of patch_size {v.patch_size}, "
-                          f"at most {most_patches} patches per side")
+    # SigLIP's convolution ("valid") drops a remainder: so400m's 384 px tiles are 27 patches of 14 px (378 px)
+    ragged = v.image_size % v.patch_size and v.model_type != "siglip"
+    if ragged or not 1 <= v.patches_per_side <= most_patches:
+        raise ConfigError(f"vision_config.image_size {tile} must be a multiple of patch_size {v.patch_size} "
+                          f"(SigLIP: at least one patch), at most {most_patches} patches per side")
     n = v.num_hidden_layers  # hidden states 0 (embeddings) .. n; negative ones count from the end
     if not -(n + 1) <= cfg.vision_feature_layer <= n:
         raise ConfigError(f"vision_feature_layer {cfg.vision_feature_layer} is outside the tower's hidden states "

@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .anyres import tile_image
 from .compression import compressors, encode, has_cls, needs, stage_inputs
 from .eval.files import write_atomic
 from .fastv import kept_positions, on_grid
 from .generate import DTYPES, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec, ratio_arg, seed_arg
-from .layout import uncompressed_length
 from .model import LlavaNext
 from .tokenizer import Tokenizer
 from .trust import load_image
@@ -46,25 +44,27 @@ def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: f
     from globalcom2.visualize import draw
 
     tile, side = model.cfg.vision.image_size, model.cfg.vision.patches_per_side
-    tiles = tile_image(image, model.cfg.grid_pinpoints, tile)
+    tiles = model.tile(image)
     # the score map shows the method's token score, or GlobalCom2's on this tower for a method without one
     cls = has_cls(model)
     needs(model, compressor)  # a [CLS] method on a tower without [CLS]: refused in one line, before anything runs
     shown = compressor if compressor in globalcom2.METHODS and globalcom2.score_of(compressor, cls) else "globalcom2"
     encoded = encode(model, [tiles], compressor, extra=needs(model, shown))
     features, area, note = stage_inputs(model, encoded)[0], encoded[0].area, ""
-    before = uncompressed_length(area, side)
+    before = model.uncompressed_length(encoded[0])
     if compressor == "fastv":  # the prompt and FastV's plan exactly as generate makes them (`prepare`)
         plan = prepare(model, tokenizer, prompt, model.image_tokens(encoded[0]), before, "fastv", ratio, 1)
         length, fv = plan.embeds.shape[0], plan.fastv
         model.llm.setup_cache(1, length)
         prefill(model, plan.embeds[None], fv)
-        thumb_keep, crop_keep = on_grid(kept_positions(model.llm, fv, length), tiles.grid, area, side)
+        thumb_keep, crop_keep = on_grid(kept_positions(model.llm, fv, length), tiles.grid, area, side,
+                                        model.cfg.anyres_max)
         valid = area_mask(area, crop_keep.shape, crop_keep.device)
         ratios = (to_crops(crop_keep, tiles.grid, side).sum(1).double().cpu()
                   / to_crops(valid, tiles.grid, side).sum(1).double().cpu().clamp(min=1))  # (C,)
         result, after = globalcom2.Compressed(thumb_keep, crop_keep, ratios), fv.keep_count
-        note = f"kept for decoder layers {fv.layer}+ (layers 0-{fv.layer - 1} see all) for: {prompt}"
+        note = f"kept for decoder layers {fv.layer}+ (layers 0-{fv.layer - 1} see all) for: {prompt}" + (
+            f"; {note}" if note else "")
     else:
         result = globalcom2.compress([features], compressor, ratio, seed=seed)[0]
         after = model.image_tokens(encoded[0], result).shape[0]

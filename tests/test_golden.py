@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -44,8 +45,10 @@ def fixed_tiles(grid, size, tile: int, seed: int) -> Tiles:
 @contextlib.contextmanager
 def tiles_for(images: dict):
     """Make the pipeline's tiler return the fixed tiles of each placeholder image (keyed by its size)."""
-    # the code before minillava/batch.py existed (for recording) batched in generate.py
-    modules = ["minillava.generate"] + ([] if hasattr(gen, "generate_batch") else ["minillava.batch"])
+    # wherever the code calls the tiler: generate.py and batch.py before, the model's `tile` since
+    # LLaVA-OneVision (issue 19), whose tower chooses the normalisation
+    modules = [m for m in ("minillava.generate", "minillava.batch", "minillava.model")
+               if importlib.util.find_spec(m) and hasattr(importlib.import_module(m), "tile_image")]
     saved = {m: importlib.import_module(m).tile_image for m in modules}
     for m in modules:
         importlib.import_module(m).tile_image = lambda image, *args, **kwargs: images[image.size]

@@ -14,6 +14,7 @@ BEFORE = {
     "max_position_embeddings": (1, 1 << 20), "sliding_window": (1, 1 << 20), "image_size": (1, 4096),
     "patch_size": (1, 4096), "num_channels": (3, 3), "patches_per_side": (1, 64),
     "image_grid_pinpoints": (1, 1024), "canvas_pixels": (1, 4096 * 4096),
+    "anyres_max": (1, 1024),  # added with LLaVA-OneVision (issue 19): anyres_max_N's N
 }
 
 

@@ -325,3 +325,105 @@ def train_chatml_piece_tokenizer(path: Path) -> Path:
     )
     path.write_bytes(buf.getvalue())
     return path
+
+
+# --- LLaVA-OneVision: SigLIP tower, Qwen2 decoder (q, k, v biases, GQA), anyres_max_9, byte-level BPE -------
+
+OV_PINPOINTS_WH = [[TILE * i, TILE * j] for i in range(1, 7) for j in range(1, 7)]  # OneVision's 384..2304, / (384/56)
+OV_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen2's added tokens, after the BPE pieces
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")  # Qwen2's tokenizer.json pre-tokenizer split
+OV_BPE = 300  # BPE pieces (bytes and merges); the added tokens follow
+OV_VOCAB = 320  # embedding rows, padded past the tokenizer as Qwen2's 151936 are
+OV_IMAGE_TOKEN = 319  # transformers' placeholder id (a padding row)
+
+
+def train_qwen_tokenizer(path: Path) -> Path:
+    """A tokenizer.json built as Qwen2's: NFC, the Qwen2 split and byte-level pieces, BPE, its added
+    tokens after the pieces (<|endoftext|>, <|im_start|>, <|im_end|>)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=OV_BPE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CHATML_LINES * 20, trainer)
+    tok.add_special_tokens(OV_SPECIAL)
+    tok.save(str(path))
+    return path
+
+
+def ov_hf_config(tie: bool = False, vision_aspect_ratio: str = "anyres_max_9", layers: int = 3):
+    """A tiny LlavaOnevisionConfig: SigLIP (2 layers, no head) on 56 px tiles of 4 x 4 patches, Qwen2 with
+    GQA (4 query heads on 2 KV heads) and rope_theta 1e6, the 6 x 6 pinpoints scaled to the tile."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=TILE, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=OV_VOCAB, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                       rope_theta=1e6, tie_word_embeddings=tie, bos_token_id=OV_BPE, eos_token_id=OV_BPE + 2)
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, tie_word_embeddings=tie,
+                                image_grid_pinpoints=[[h, w] for w, h in OV_PINPOINTS_WH],
+                                image_token_index=OV_IMAGE_TOKEN, video_token_index=OV_IMAGE_TOKEN - 1,
+                                vision_aspect_ratio=vision_aspect_ratio)
+
+
+def ov_hf_model(seed: int = 0, **kw):
+    """transformers' LlavaOnevisionForConditionalGeneration with random weights (as `hf_model`'s)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = randomise(LlavaOnevisionForConditionalGeneration(ov_hf_config(**kw)).eval())
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+OV_LAYOUTS = {
+    # llava-hf/llava-onevision-qwen2-*-ov-hf as published
+    "hub": [],
+    # lmms-lab/llava-onevision-qwen2-*-ov: LLaVA-NeXT's keys (llava_qwen.py)
+    "original": LAYOUTS["original"],
+}
+
+
+def ov_original_config(hf_cfg) -> dict:
+    """An lmms-lab config.json for `hf_cfg`: Qwen2's keys at the top level, model_type "llava" and the
+    class in `architectures`, anyres_max_9 and the pinpoints as (width, height), the tower by a name we
+    do not know (its sizes come from the weights)."""
+    t = hf_cfg.text_config
+    return {
+        "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava",
+        "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_attention_heads": t.num_attention_heads, "num_hidden_layers": t.num_hidden_layers,
+        "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": t.max_position_embeddings,
+        "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_parameters["rope_theta"], "vocab_size": t.vocab_size,
+        "tie_word_embeddings": t.tie_word_embeddings, "use_sliding_window": False, "sliding_window": 32768,
+        "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "hidden_act": "silu",
+        "image_aspect_ratio": hf_cfg.vision_aspect_ratio, "image_grid_pinpoints": OV_PINPOINTS_WH,
+        "mm_hidden_size": hf_cfg.vision_config.hidden_size, "mm_patch_merge_type": "spatial_unpad",
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+        "mm_vision_tower": "tiny/siglip-test", "mm_newline_position": "one_token", "use_mm_proj": True,
+    }
+
+
+def save_ov_checkpoint(model, out: Path, layout: str, tokenizer: Path) -> Path:
+    """Write a OneVision `model` to `out` in `layout` (a key of OV_LAYOUTS): config.json, safetensors,
+    tokenizer.json; the hub layout with llava-hf's kind of chat template (ChatML markers)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = rename(canonical_state(model), OV_LAYOUTS[layout])
+    if model.config.tie_word_embeddings:  # tied: the head is the embedding table, saved once
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    config = ov_original_config(model.config) if layout == "original" else model.config.to_dict()
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    save_file(state, out / "model.safetensors")
+    (out / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
+    if layout == "hub":
+        (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_CHAT_TEMPLATE}))
+    return out
