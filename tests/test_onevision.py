@@ -226,15 +226,15 @@ def test_cli_runs_the_uncompressed_and_cls_free_methods(capsys, ov_checkpoints, 
     assert (after == before) == (method == "none")
 
 
-@pytest.mark.parametrize("method", ["globalcom2", "fastervlm", "visionzip", "hired", "prumerge+", "uniform"])
+@pytest.mark.parametrize("method", ["fastervlm", "visionzip", "hired", "prumerge+", "globalcom2-paper", "globalcom2-attn"])
 def test_cls_methods_refuse_a_tower_without_cls(capsys, ov_checkpoints, big_image, method):
     code, out, err = run_json(capsys, ov_checkpoints["hub"], big_image, "--compressor", method)
     lines = err.strip().splitlines()
     assert code == 1 and out == "" and len(lines) == 1
-    assert lines[0].startswith("error:") and "[CLS]" in lines[0] and "siglip" in lines[0], lines[0]
+    assert lines[0].startswith("error:") and "[CLS]" in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("method", ["none", "random", "fastv"])
+@pytest.mark.parametrize("method", ["none", "random", "fastv", "globalcom2", "uniform"])
 def test_batch_gives_the_ids_of_one_question(ov_checkpoints, method):
     model, tok = gen.load(str(ov_checkpoints["original"]))
     items = [(noise_image(200, 200, seed=8), QUESTION), (noise_image(90, 150, seed=9), "Describe it.")]  # 4x4 grid downscaled, 2x3 not
