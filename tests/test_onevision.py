@@ -366,3 +366,21 @@ def test_eval_runs_on_onevision(capsys, ov_checkpoints, tmp_path):
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[0])
     assert (summary["questions"], summary["answered"], summary["failed"]) == (3, 3, 0)
+
+
+@pytest.mark.parametrize("size, gb", [("7b", [16.1, 9.0, 5.7]), ("72b", [146.4, 74.9, 41.4])])
+def test_readme_memory_columns_of_onevision(size, gb):
+    """README's bf16 / int8 / int4 (group 128) columns for the untied OneVision checkpoints, counted as
+    tests/test_quantize.py counts the 7B's: built on the meta device, the decoder's linears and lm_head
+    swapped for their storage form."""
+    from minillava import quant
+    from minillava.quant import Spec
+
+    sizes = []
+    for spec in (None, Spec(8), Spec(4, 128)):
+        with torch.device("meta"):
+            model = LlavaNext(parse_config(released(size, "transformers"))).to(torch.bfloat16)
+            if spec:
+                quant.swap_linears(model, spec)
+        sizes.append(round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9, 1))
+    assert sizes == gb
