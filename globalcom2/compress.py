@@ -22,6 +22,8 @@ The stage sits between the projector and the decoder. Per image it receives (`Im
     has_cls       whether the tower's tokens begin with [CLS] (CLIP: True; SigLIP: False), so that the
                   probes hold it in column 0. Without it GlobalCom2's methods score by similarity and the
                   methods that read [CLS] refuse (`score_of`)
+    grid_share    (0, 1]: the share of the unpadded crop grid the decoder would see uncompressed (1 but
+                  for LLaVA-OneVision's downscaled grid); the crops' ratio is r * grid_share
 
 Together the crops form one H x W token grid, H = gh * side, W = gw * side, of which the rows
 [top, bottom) and columns [left, right) show the image; the rest is padding.
@@ -96,7 +98,9 @@ FastV (minillava/fastv.py) is no method here: it prunes the uncompressed sequenc
 
 GlobalCom2's methods but `globalcom2-paper` keep for the model's layout. The thumbnail keeps int(P * r)
 tokens in descending score order (its part has no newlines); crop c keeps int(N_c * scale_c) of its N_c
-valid tokens.
+valid tokens, the scale_c around r * grid_share: where the model shrinks the crop grid before its decoder
+(OneVision), r stays the kept share of the tokens the decoder would otherwise see, and the selection
+is still made on the full-resolution tokens (docs/onevision.md, "Compression").
 
 Token scores are float32 on the features' device; the per-crop budget is float64 numpy on the host
 (the published arithmetic). Ties go to the earlier position in raster order, so results are
@@ -210,6 +214,9 @@ def compress_image(
     rows, cols = crop_extents(area, image.grid, side)
     n_valid = np.outer(rows, cols).ravel()  # (C,) N_c, crops row-major
 
+    if image.grid_share != 1 and (method in PEERS or method == "globalcom2-paper"):
+        raise ValueError(f"{method} reproduces a published method, which sees the crop grid whole; it does not "
+                         f"take a grid the model shrinks (grid_share {image.grid_share})")
     if method in PEERS:
         if scales is not None:
             raise ValueError(f"scales do not apply to method {method!r}")
@@ -231,7 +238,7 @@ def compress_image(
         crop_keep = valid
     else:
         thumb_keep = _keep_thumbnail(image, base, thumb_scores, ratio, seed, P)
-        ratios = _crop_ratios(image, base, thumb_scores, ratio, scales)
+        ratios = _crop_ratios(image, base, thumb_scores, ratio * image.grid_share, scales)
         crop_keep = _keep_crops(image, base, thumb_scores, crop_scores, seed, ratios, area, valid, n_valid, side)
     head = image.thumb[thumb_keep]
     sequence = None
@@ -326,6 +333,8 @@ def check_image(image: ImageFeatures, thumb_scores: Tensor | None = None, crop_s
         raise ValueError(f"thumbnail token count {P} is not a square")
     given = {"crops": image.crops, "newline": image.newline, "thumb_scores": thumb_scores, "crop_scores": crop_scores}
     expected = {"crops": (gw * gh, P, D), "newline": (D,)}
+    if not 0 < image.grid_share <= 1:  # NaN fails too
+        raise ValueError(f"grid_share must be in (0, 1], got {image.grid_share!r}")
     if thumb_scores is not None or crop_scores is not None:
         expected.update(thumb_scores=(P,), crop_scores=(gw * gh, P))
     for name, shape in expected.items():

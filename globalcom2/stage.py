@@ -30,6 +30,10 @@ class ImageFeatures:
     project: Callable[[Tensor], Tensor] | None = None  # the projector, for methods that merge before it
     has_cls: bool = True  # the tower's tokens begin with [CLS] (CLIP), held in column 0 of the probes; False
     # (SigLIP): no [CLS] anywhere, GlobalCom2 scores by similarity and the [CLS] methods refuse
+    grid_share: float = 1.0  # (0, 1]: the share of this crop grid's unpadded tokens the decoder would see
+    # uncompressed. LLaVA-OneVision shrinks a large grid before its decoder (h' w' of h w tokens); the stage
+    # selects on the full-resolution grid with the crops' ratio r * grid_share, so that r stays the kept
+    # share of what the decoder would otherwise see. 1 (LLaVA-NeXT): the grid is seen whole
 
 
 @dataclass

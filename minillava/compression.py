@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .anyres import Tiles
+from .layout import grid_share
 from .model import Encoded, LlavaNext
 from .trust import ConfigError
 
@@ -63,11 +64,15 @@ def encode(model: LlavaNext, tiles: list[Tiles], method: str, extra=()) -> list[
 
 def stage_inputs(model: LlavaNext, images: list[Encoded]) -> list:
     """What the compression stage takes for each image (globalcom2.ImageFeatures). The token scores are
-    left to the stage, which computes the method's from the probes."""
+    left to the stage, which computes the method's from the probes. On a model that downscales a large
+    crop grid (OneVision) the stage still selects on the full-resolution crops, its crops' budget scaled
+    to the downscaled grid (`grid_share`): r keeps r of the visual tokens the decoder would see."""
     import globalcom2
 
+    side, max_tiles = model.cfg.vision.patches_per_side, model.cfg.anyres_max
     return [globalcom2.ImageFeatures(im.thumb, im.crops, None, None, im.grid, im.size, im.area, model.image_newline,
-                                     im.probes, model.projector, has_cls(model)) for im in images]
+                                     im.probes, model.projector, has_cls(model), grid_share(im.area, side, max_tiles))
+            for im in images]
 
 
 def sequences(model: LlavaNext, images: list[Encoded], method: str, ratio: float,

@@ -43,6 +43,9 @@ COMPRESSOR_HELP = (
     "(prunes inside the decoder after layer 2; needs more than 2 decoder layers). Each is described in docs/methods.md"
 )
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
+RATIO_HELP = (f"fraction of visual tokens kept, in (0, 1] (default {DEFAULT_RETENTION_RATIO}, the paper's default); on "
+              "OneVision's downscaled crop grid, of the tokens the uncompressed model sees, selected on the "
+              "full-resolution crops (our choice: docs/onevision.md)")
 
 
 class NumericsError(RuntimeError):
@@ -394,7 +397,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compressor", default=DEFAULT_COMPRESSOR, choices=compressors(),
                    help=COMPRESSOR_HELP)
     p.add_argument("--retention-ratio", type=ratio_arg, default=DEFAULT_RETENTION_RATIO, metavar="R",
-                   help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")
+                   help=RATIO_HELP)
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
     p.add_argument("--temperature", type=temperature_arg, default=0.0, metavar="T",
                    help="0 is greedy, as the paper's evaluation (default 0)")

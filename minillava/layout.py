@@ -71,6 +71,16 @@ def downscaled_size(area: tuple[int, int, int, int], side: int, max_tiles: int |
     return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
 
 
+def grid_share(area: tuple[int, int, int, int], side: int, max_tiles: int | None) -> float:
+    """h' w' / (h w): the share of the unpadded grid's tokens the uncompressed sequence holds after
+    `downscaled_size` (1 when not downscaled). A compressor selects on the full-resolution grid with its
+    crops' ratio scaled by it (globalcom2.ImageFeatures.grid_share), so that r keeps r of what the
+    decoder would otherwise see."""
+    top, bottom, left, right = area
+    h, w = downscaled_size(area, side, max_tiles)
+    return h * w / ((bottom - top) * (right - left))
+
+
 def downscale(rows: Tensor, size: tuple[int, int]) -> Tensor:
     """The unpadded grid (h, w, D) resized to size (h', w') bilinearly (align_corners False, in its
     own dtype), as OneVision's `nn.functional.interpolate(..., mode="bilinear")`; unchanged if equal."""

@@ -20,7 +20,8 @@ from PIL import Image
 from .compression import compressors, encode, has_cls, needs, stage_inputs
 from .eval.files import write_atomic
 from .fastv import kept_positions, on_grid
-from .generate import DTYPES, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec, ratio_arg, seed_arg
+from .generate import (DTYPES, RATIO_HELP, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec,
+                       ratio_arg, seed_arg)
 from .model import LlavaNext
 from .tokenizer import Tokenizer
 from .trust import load_image
@@ -94,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None,
                    help="the question (required for fastv, whose choice depends on it; unused otherwise)")
     p.add_argument("--retention-ratio", type=ratio_arg, default=0.25, metavar="R",
-                   help="fraction of visual tokens kept, in (0, 1] (default 0.25, the paper's default)")
+                   help=RATIO_HELP)
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random compressor (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,

@@ -196,6 +196,25 @@ def test_tied_head_matches_transformers(tmp_path, qwen_tok):
     assert max_diff(got, ref, "Qwen2 logits, tied head") < TOL
 
 
+@pytest.mark.parametrize("spec", ["int8", "int4-g32"])
+def test_quantized_tied_head_is_its_own_copy(tmp_path, qwen_tok, spec):
+    """--quantize on a tied head (Qwen2-0.5B): lm_head is quantized from the embedding's values into a
+    copy of its own, the embedding stays in full precision, and the head's logits are the quantized
+    embedding's (what the README's 0.5B cells count)."""
+    from minillava.quant import QuantizedLinear, Spec
+
+    spec = Spec(8) if spec == "int8" else Spec(4, 32)
+    hf = tiny.ov_hf_model(seed=1, tie=True, layers=2)
+    path = tiny.save_ov_checkpoint(hf, tmp_path / "tied", "original", qwen_tok)
+    plain, model = load_model(path), load_model(path, quantize=spec)
+    assert isinstance(model.lm_head, QuantizedLinear) and not isinstance(model.llm.embed_tokens.weight, QuantizedLinear)
+    assert torch.equal(model.llm.embed_tokens.weight, plain.llm.embed_tokens.weight)
+    hidden = torch.randn(5, 128)
+    expected = QuantizedLinear.from_weight(plain.llm.embed_tokens.weight, spec)
+    with torch.no_grad():
+        assert torch.allclose(model.logits(hidden), expected(hidden).float(), atol=1e-5)
+
+
 # --- the command line and the other ways in ------------------------------------------------------------
 
 
@@ -224,6 +243,38 @@ def test_cli_runs_the_uncompressed_and_cls_free_methods(capsys, ov_checkpoints, 
     # pad 1): 22 x 24, ratio sqrt(22 * 24 / (9 * 16)) = 1.91 > 1.1 -> int(22 // 1.91) x int(24 // 1.91) = 11 x 12
     assert before == 16 + 11 * (12 + 1)
     assert (after == before) == (method == "none")
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1])
+@pytest.mark.parametrize("method", ["globalcom2", "uniform", "random", "fastv"])
+def test_cli_token_counts_follow_r_of_the_downscaled_sequence(capsys, ov_checkpoints, big_image, method, ratio):
+    """On a grid OneVision downscales (22 x 24 tokens -> 11 x 12, as above) a compressor selects on the
+    full-resolution crops but keeps r of the visual tokens the uncompressed model sees (16 + 11 x 12 =
+    148; newlines apart): the thumbnail int(16 r), each crop int(N_c r s) of its N_c valid tokens, s =
+    132 / 528 (uniform, random; GlobalCom2 moves budget between crops around the same mean), packed at
+    their full-resolution places, a newline closing each of the 22 rows; shorter than the uncompressed
+    sequence at these r (without the scaling r = 0.5 kept more than it). FastV prunes the downscaled
+    sequence itself."""
+    code, out, err = run_json(capsys, ov_checkpoints["hub"], big_image, "--compressor", method,
+                              "--retention-ratio", str(ratio))
+    assert code == 0, err
+    before, after = (json.loads(out)["visual_tokens"][k] for k in ("before", "after"))
+    assert before == 16 + 11 * (12 + 1)
+    if method == "fastv":
+        assert after == round(before * ratio) or abs(after - before * ratio) <= 1
+        return
+    heights = [3, 4, 4, 4, 4, 3]  # rows 1 .. 22 of the 24: crop row 0 loses its first, row 5 its last
+    crops = [hgt * 4 for hgt in heights for _ in range(6)]  # N_c: every crop column keeps all 4 of its columns
+    assert sum(crops) == 22 * 24
+    share = 11 * 12 / (22 * 24)
+    kept = after - 22  # the newlines closing the 22 full-resolution rows
+    if method == "globalcom2":  # crop c: int(N_c b (1 + p_c - mean p)), b = r s, never clipped here (b < 1/2);
+        # sum_c N_c (p_c - mean p) = 4 * sum over the 16-token crops of (p_c - mean p), within [-4, 4]
+        b = ratio * share
+        assert int(16 * ratio) + b * (528 - 4) - 36 < kept <= int(16 * ratio) + b * (528 + 4), kept
+    else:
+        assert kept == int(16 * ratio) + sum(int(n * ratio * share) for n in crops)
+    assert after < before
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "visionzip", "hired", "prumerge+", "globalcom2-paper", "globalcom2-attn"])
@@ -368,11 +419,12 @@ def test_eval_runs_on_onevision(capsys, ov_checkpoints, tmp_path):
     assert (summary["questions"], summary["answered"], summary["failed"]) == (3, 3, 0)
 
 
-@pytest.mark.parametrize("size, gb", [("7b", [16.1, 9.0, 5.7]), ("72b", [146.4, 74.9, 41.4])])
+@pytest.mark.parametrize("size, gb", [("0.5b", [1.8, 1.6, 1.3]), ("7b", [16.1, 9.0, 5.7]), ("72b", [146.4, 74.9, 41.4])])
 def test_readme_memory_columns_of_onevision(size, gb):
-    """README's bf16 / int8 / int4 (group 128) columns for the untied OneVision checkpoints, counted as
+    """README's bf16 / int8 / int4 (group 128) columns for the OneVision checkpoints, counted as
     tests/test_quantize.py counts the 7B's: built on the meta device, the decoder's linears and lm_head
-    swapped for their storage form."""
+    swapped for their storage form. 0.5B's tied head is the embedding in 16 bits (counted once); quantized,
+    it is a copy of its own beside the 16-bit embedding (test_quantized_tied_head_is_its_own_copy)."""
     from minillava import quant
     from minillava.quant import Spec
 
@@ -382,5 +434,8 @@ def test_readme_memory_columns_of_onevision(size, gb):
             model = LlavaNext(parse_config(released(size, "transformers"))).to(torch.bfloat16)
             if spec:
                 quant.swap_linears(model, spec)
-        sizes.append(round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9, 1))
+        state = model.state_dict()
+        if model.cfg.text.tie_word_embeddings and not spec:
+            del state["lm_head.weight"]  # loaded as the embedding tensor itself
+        sizes.append(round(sum(t.numel() * t.element_size() for t in state.values()) / 1e9, 1))
     assert sizes == gb

@@ -4,6 +4,8 @@ refusal of the methods that read [CLS] on such a tower (in the stage and, as one
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 
 import pytest
@@ -108,17 +110,32 @@ def test_without_cls_globalcom2_runs_on_similarity():
         thumb = direct_similarity(image.probes[FEATURES][0])
         assert score_of("globalcom2", has_cls=False) == "similarity"
         assert needs("globalcom2", has_cls=False) == (FEATURES,)
-        for r in (0.5, 0.25, 0.1):
+        for r, share in itertools.product((0.5, 0.25, 0.1), (1.0, 0.3)):
+            image = dataclasses.replace(image, grid_share=share)  # OneVision's downscale: r of what the decoder sees
             result = compress_image(image, "globalcom2", r)
-            assert len(result.thumb_keep) == int(36 * r)
+            assert len(result.thumb_keep) == int(36 * r)  # the thumbnail is never downscaled: its own r
             assert torch.equal(result.thumb_keep, torch.sort(thumb, descending=True, stable=True).indices[: int(36 * r)])
-            assert result.crop_ratio.tolist() == pytest.approx(reference_scales(thumb, grid, r), abs=1e-6)
+            assert result.crop_ratio.tolist() == pytest.approx(reference_scales(thumb, grid, r * share), abs=1e-6)
+            for method in ("uniform", "random"):
+                assert compress_image(image, method, r).crop_ratio.tolist() == pytest.approx([r * share] * len(image.crops))
             per_crop = valid(image).view(grid[1], 6, grid[0], 6).transpose(1, 2).reshape(-1, 36).sum(1)  # (C,)
             kept = result.crop_keep.view(grid[1], 6, grid[0], 6).transpose(1, 2).reshape(-1, 36).sum(1)
             assert kept.tolist() == [int(n * s) for n, s in zip(per_crop.tolist(), result.crop_ratio.tolist())]
             assert not (result.crop_keep & ~valid(image)).any()
         for method in NO_CLS_METHODS:
             assert torch.isfinite(tokens(image, compress_image(image, method, 0.25))).all()
+
+
+def test_grid_share_is_checked():
+    """A published method sees the crop grid whole: it refuses a grid the model shrinks; a share outside
+    (0, 1] is refused for every method."""
+    image = dataclasses.replace(case((2, 2), (100, 100), 4, 0), grid_share=0.5)
+    for method in (*PEERS, "globalcom2-paper"):
+        with pytest.raises(ValueError, match="does not take a grid the model shrinks"):
+            compress_image(image, method, 0.25)
+    for share in (0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match=r"grid_share must be in \(0, 1\]"):
+            compress_image(dataclasses.replace(image, grid_share=share), "globalcom2", 0.25)
 
 
 @pytest.mark.parametrize("method", CLS_METHODS)

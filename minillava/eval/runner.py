@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compressor", default=gen.DEFAULT_COMPRESSOR, choices=compressors(),
                    help=gen.COMPRESSOR_HELP)
     p.add_argument("--retention-ratio", type=ratio_arg, default=gen.DEFAULT_RETENTION_RATIO, metavar="R",
-                   help=f"fraction of visual tokens kept, in (0, 1] (default {gen.DEFAULT_RETENTION_RATIO})")
+                   help=gen.RATIO_HELP)
     p.add_argument("--limit", type=int, metavar="N", help="only the first N questions of the question file")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="answer length limit (default per task: 16 for yes/no, 32 for short answers and letters, 1024 for MM-Vet)")
