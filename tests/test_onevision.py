@@ -297,7 +297,7 @@ def test_batch_gives_the_ids_of_one_question(ov_checkpoints, method):
 def test_visualize_draws_a_onevision_model(ov_checkpoints, big_image, tmp_path):
     from minillava import visualize
 
-    for method in ("random",):
+    for method in ("random", "globalcom2"):  # globalcom2: its similarity score drawn as the heat map
         out = tmp_path / f"{method}.png"
         assert visualize.main(["--model", str(ov_checkpoints["hub"]), "--image", str(big_image), "--out", str(out),
                                "--compressor", method]) == 0
