@@ -39,10 +39,11 @@ does (minillava/layout.py `pack`). Only a `-paper` method emits its own `sequenc
                       equals `none`
     globalcom2-paper  token for token what the published code emits (kept tokens placed by their
                       index among the crop's valid tokens; a newline after every one of the H rows)
-    uniform           every crop keeps the ratio r (no budget guidance), global + local scores
+    uniform           every crop keeps the ratio r (r * grid_share; no budget guidance), global + local scores
     local-only        budget from the thumbnail, tokens chosen by the crop's own scores only
     global-only       budget from the thumbnail, tokens chosen by the thumbnail's map only
-    random            r of every tile's valid tokens at random (seeded), thumbnail in raster order
+    random            r of every tile's valid tokens (crops: r * grid_share) at random (seeded), thumbnail
+                      in raster order
     NAME-attn         NAME (globalcom2, uniform, local-only, global-only) with FasterVLM's token score,
                       layer -2's post-softmax [CLS] attention (mean over heads), in every step
     NAME-sim          NAME with the similarity score s_i = -cos(x_i, mean of the tile's tokens), x the
@@ -199,7 +200,7 @@ def compress_image(
     """Compress one image.
 
     `scales` (gw*gh,), if given, replaces the crop ratios scale_c of step 2 (e.g. all 1 to check that
-    `globalcom2` then keeps the crops exactly as `none` does).
+    `globalcom2` then keeps the crops exactly as `none` does): absolute ratios, `grid_share` not applied.
     """
     ratio = check_arguments(method, ratio, seed)
     score = score_of(method, image.has_cls)  # refuses a [CLS] method on a tower without [CLS]
@@ -216,7 +217,7 @@ def compress_image(
 
     if image.grid_share != 1 and (method in PEERS or method == "globalcom2-paper"):
         raise ValueError(f"{method} reproduces a published method, which sees the crop grid whole; it does not "
-                         f"take a grid the model shrinks (grid_share {image.grid_share})")
+                         f"take a grid the model shrinks (grid_share {image.grid_share}): use globalcom2, uniform or random")
     if method in PEERS:
         if scales is not None:
             raise ValueError(f"scales do not apply to method {method!r}")

@@ -204,6 +204,7 @@ def draw(
     seed: int | None = None,
     note: str = "",
     score_label: str = "thumbnail [CLS] score",
+    downscaled: tuple[int, int] | None = None,
 ) -> Image.Image:
     """The picture of one compressed image.
 
@@ -212,8 +213,12 @@ def draw(
     `globalcom2.compress` returned for this image with `method` and `ratio`; area: the unpadded
     rectangle of the crop grid (top, bottom, left, right); after: the image's token count as the
     decoder gets it. `seed` is shown for the
-    random method, `note` (e.g. "scores are synthetic") is added under the title.
-    The returned image's `info["panels"]` gives the box of each picture in it (thumbnail, scores, canvas).
+    random method, `note` (e.g. "scores are synthetic") is added under the title. `downscaled` (h', w'):
+    the model shrinks the unpadded crop grid to h' x w' tokens before its decoder when uncompressed
+    (LLaVA-OneVision); the counts are then of that sequence, and a compressor's crops' ratio r * h'w'/(hw)
+    (`ImageFeatures.grid_share`) is shown beside r.
+    The returned image's `info["panels"]` gives the box of each picture in it (thumbnail, scores, canvas),
+    `info["text"]` its title and count lines.
     """
     gw, gh = grid
     keep = result.crop_keep.detach().cpu().numpy().astype(bool)  # (H, W)
@@ -245,7 +250,9 @@ def draw(
     # Texts.
     k_thumb, k_crops, n_valid = int(thumb_keep.sum()), int((keep & valid).sum()), int(valid.sum())
     k_pad = int((keep & ~valid).sum())  # padding tokens kept: only the -paper peers emit them
-    before = P + int(valid.any(1).sum()) * (int(valid.any(0).sum()) + 1)  # uncompressed: thumbnail, rows + newlines
+    rows, cols = downscaled or (int(valid.any(1).sum()), int(valid.any(0).sum()))  # the uncompressed grid
+    before = P + rows * (cols + 1)  # uncompressed: thumbnail, rows + newlines
+    shrunk = downscaled is not None and rows * cols != n_valid
     n_merged = n_absorbing = 0
     if merges:  # merged tokens of their own (VisionZip's contextual), and kept tokens others went into (PruMerge+)
         into = np.union1d(thumb_merge[thumb_merge >= 0], crop_merge[crop_merge >= 0])
@@ -256,9 +263,15 @@ def draw(
     if method == "random" and seed is not None:
         name += f" (seed {seed})"
     title = f"{name},  r = {_number(1.0 if method == 'none' else ratio)}"
+    if shrunk and method != "none":  # the crops' budget is r of the downscaled grid's tokens
+        title += f" (crops {_number(ratio * rows * cols / n_valid)}: the grid is {rows}x{cols} uncompressed)"
+    crops = (f"crops {n_valid} tokens downscaled to {rows}x{cols} = {rows * cols}" if shrunk and method == "none"
+             else f"crops {k_crops}/{n_valid} kept (padding excluded)")
+    if shrunk and method == "none":  # the decoder's sequence is the downscaled grid, not the canvas drawn
+        k_crops = rows * cols
     counts = [
         f"thumbnail {k_thumb}/{P} kept",
-        f"crops {k_crops}/{n_valid} kept (padding excluded)",
+        crops,
         *([f"{k_pad} padding tokens kept"] if k_pad else []),
         *([*([f"{n_merged} merged tokens"] if n_merged else []),
            *([f"{n_absorbing} kept tokens with merges"] if n_absorbing else []),
@@ -309,6 +322,7 @@ def draw(
     _text_lines(d, (canvas_xy[0], canvas_xy[1] - line * len(canvas_lines)), canvas_lines, small, line)
     fig.paste(canvas, canvas_xy)
     fig = _crop_marks(fig, canvas_xy, keep, valid, ratios, grid, st)
+    fig.info["text"] = [title, *counts]
     fig.info["panels"] = {  # where each picture sits, as PIL boxes (left, top, right, bottom)
         "thumbnail": (*thumb_xy, thumb_xy[0] + T, thumb_xy[1] + T),
         "scores": (score_xy[0], score_xy[1] + line, score_xy[0] + T, score_xy[1] + line + T),

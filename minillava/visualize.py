@@ -22,6 +22,7 @@ from .eval.files import write_atomic
 from .fastv import kept_positions, on_grid
 from .generate import (DTYPES, RATIO_HELP, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec,
                        ratio_arg, seed_arg)
+from .layout import downscaled_size
 from .model import LlavaNext
 from .tokenizer import Tokenizer
 from .trust import load_image
@@ -68,11 +69,12 @@ def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: f
             f"; {note}" if note else "")
     else:
         result = globalcom2.compress([features], compressor, ratio, seed=seed)[0]
-        after = model.image_tokens(encoded[0], result).shape[0]
+        after = model.image_tokens(encoded[0], None if compressor == "none" else result).shape[0]
     score = globalcom2.score_of(shown, cls)
     drawing = draw(image, tiles.grid, tiles.size, tile, globalcom2.token_scores(features, shown)[0], result,
                    compressor, ratio, area=area, after=after, seed=seed, note=note,
-                   score_label="thumbnail [CLS] score" if score == "cls_logits" else f"thumbnail score: {score}")
+                   score_label="thumbnail [CLS] score" if score == "cls_logits" else f"thumbnail score: {score}",
+                   downscaled=downscaled_size(area, side, model.cfg.anyres_max) if model.cfg.anyres_max else None)
     return Picture(drawing, before, after)
 
 

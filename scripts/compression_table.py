@@ -111,12 +111,14 @@ def answer(model, tokenizer, image, features: globalcom2.ImageFeatures, question
     side = math.isqrt(features.thumb.shape[0])
     if method == "fastv":
         text, kept = greedy(model, tokenizer, model.image_tokens(image), question, fastv_ratio=ratio)
-        thumb_keep, crop_keep = on_grid(kept, image.grid, image.area, side)
+        thumb_keep, crop_keep = on_grid(kept, image.grid, image.area, side, model.cfg.anyres_max)
         return text, globalcom2.Compressed(thumb_keep, crop_keep, torch.zeros(0, dtype=torch.float64))
     if method == "oracle":
         rows, cols = crop_extents(image.area, image.grid, side)
         n_valid = np.outer(rows, cols).ravel()  # (C,) valid tokens per crop
-        out = globalcom2.compress_image(features, "local-only", ratio, scales=oracle_scales(n_valid, cards, ratio))
+        # uniform's crop budget: r of what the decoder would see (grid_share < 1 where the model downscales)
+        scales = oracle_scales(n_valid, cards, ratio * features.grid_share)
+        out = globalcom2.compress_image(features, "local-only", ratio, scales=scales)
     else:
         out = globalcom2.compress([features], method, ratio, seed=seed)[0]
     return greedy(model, tokenizer, model.image_tokens(image, out), question)[0], out

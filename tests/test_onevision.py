@@ -207,7 +207,7 @@ def test_quantized_tied_head_is_its_own_copy(tmp_path, qwen_tok, spec):
     hf = tiny.ov_hf_model(seed=1, tie=True, layers=2)
     path = tiny.save_ov_checkpoint(hf, tmp_path / "tied", "original", qwen_tok)
     plain, model = load_model(path), load_model(path, quantize=spec)
-    assert isinstance(model.lm_head, QuantizedLinear) and not isinstance(model.llm.embed_tokens.weight, QuantizedLinear)
+    assert isinstance(model.lm_head, QuantizedLinear) and model.llm.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(model.llm.embed_tokens.weight, plain.llm.embed_tokens.weight)
     hidden = torch.randn(5, 128)
     expected = QuantizedLinear.from_weight(plain.llm.embed_tokens.weight, spec)
@@ -295,13 +295,26 @@ def test_batch_gives_the_ids_of_one_question(ov_checkpoints, method):
 
 
 def test_visualize_draws_a_onevision_model(ov_checkpoints, big_image, tmp_path):
+    """The picture's counts are the decoder's, as generate reports them: the downscaled 11 x 12 grid
+    uncompressed (159 tokens), a compressor's crops' ratio r * 132 / 528 beside r."""
     from minillava import visualize
 
-    for method in ("random", "globalcom2"):  # globalcom2: its similarity score drawn as the heat map
+    model, tok = gen.load(str(ov_checkpoints["hub"]))
+    for method in ("none", "random", "globalcom2"):  # globalcom2: its similarity score drawn as the heat map
         out = tmp_path / f"{method}.png"
         assert visualize.main(["--model", str(ov_checkpoints["hub"]), "--image", str(big_image), "--out", str(out),
-                               "--compressor", method]) == 0
+                               "--compressor", method, "--retention-ratio", "0.5"]) == 0
         assert Image.open(out).width > 0
+        counts = gen.generate(model, tok, Image.open(big_image), QUESTION, method, 0.5, max_new_tokens=1).visual_tokens
+        picture = visualize.kept_picture(model, Image.open(big_image), method, 0.5)
+        assert (picture.before, picture.after) == (counts["before"], counts["after"])
+        text = picture.image.info["text"]
+        assert f"visual tokens {counts['before']} -> {counts['after']}" in text[-1], text
+        if method == "none":
+            assert text[2] == "crops 528 tokens downscaled to 11x12 = 132" and text[3] == "11 newlines", text
+        else:
+            assert text[0].endswith("r = 0.5 (crops 0.125: the grid is 11x12 uncompressed)"), text
+            assert text[3] == "22 newlines", text  # a newline closing each full-resolution row
     out = tmp_path / "fastv.png"
     assert visualize.main(["--model", str(ov_checkpoints["hub"]), "--image", str(big_image), "--out", str(out),
                            "--compressor", "fastv", "--prompt", QUESTION]) == 0
