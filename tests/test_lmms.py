@@ -413,3 +413,13 @@ def test_data_parallel(setup):
     rows = [json.loads(line) for line in (setup["tmp"] / "scenes.jsonl").read_text().splitlines()]
     got = {rows[s["doc_id"]]["question_id"]: s["filtered_resps"] for s in samples}
     assert got == {r["question_id"]: r["text"] for r in setup["ours"]["globalcom2"]}
+
+
+@pytest.mark.slow
+def test_compiled_answers_equal_eager(setup):
+    """compile=true (the tower, prefill and decode step torch.compile'd, warmed up for batch 3 when the
+    model is made): the eager answers, minillava.eval's. Slow: about 70 s of compiling on 2 CPU cores."""
+    run = {"name": "compiled", "task": "scenes", "batch_size": 1,
+           "model_args": f"pretrained={TINY},compressor=globalcom2,batch_size=3,compile=true"}
+    got = drive(setup["tmp"], "compiled", {"include": str(setup["tasks"]), "runs": [run]})
+    assert got["compiled"]["answers"] == {r["question_id"]: r["text"] for r in setup["ours"]["globalcom2"]}
