@@ -103,6 +103,19 @@ for name, model_args in spec.get("templates", {}).items():
     model = MiniLlava.create_from_arg_string(model_args)
     logger.remove(sink)
     out[name] = {"template": model.tokenizer.template.name, "said": said}
+if "padding" in spec:  # a question and the padding copy lmms-eval's evaluator makes of it for a rank with fewer
+    from PIL import Image
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.evaluator import _clone_padding_request
+
+    pad = spec["padding"]
+    model = MiniLlava.create_from_arg_string(pad["model_args"])
+    model.task_dict = {"t": {"test": [{"image": pad["image"]}]}}
+    visual = lambda doc: [Image.open(doc["image"]).convert("RGB")]
+    real = Instance("generate_until", (pad["question"], {"max_new_tokens": 8}, visual, 0, "t", "test"), 0,
+                    {"task": "t", "doc_id": 0, "repeats": 1})
+    out["padding"] = {"answers": model.generate_until([real, _clone_padding_request(real)]),
+                      "efficiency": model.efficiency()}
 for run in spec["runs"]:
     try:
         r = simple_evaluate(model="minillava", model_args=run["model_args"], tasks=[run["task"]],
@@ -280,7 +293,10 @@ def setup(tmp_path_factory, checkpoints):
                   "tiny": f"pretrained={TINY},device=cpu"}
     commands = shown_commands()
     assert len(commands) >= 3, commands  # README's and docs/evaluation.md's: fewer means the extraction broke
-    lmms = drive(tmp, "spec", {"include": str(tasks), "runs": runs, "templates": templates, "commands": commands})
+    padding = {"model_args": f"pretrained={TINY},compressor=globalcom2", "image": str(data / "images" / rows[0]["image"]),
+               "question": rows[0]["text"]}
+    lmms = drive(tmp, "spec", {"include": str(tasks), "runs": runs, "templates": templates, "padding": padding,
+                               "commands": commands})
     return {"tmp": tmp, "tasks": tasks, "answers": answers, "ours": ours, "noise": noise, "stop": stop,
             "quantized": quantized, "lmms": lmms}
 
@@ -342,6 +358,17 @@ def test_paper_template_by_default(setup):
                                         "LLaVA-1.6 checkpoint; conv_template=NAME overrides)"]
     assert got["vicuna-override"]["said"] == ["minillava: conv_template llava_v1 (model_args)"]
     assert got["tiny"]["said"] == ["minillava: conv_template llava_v1 (the checkpoint's)"]
+
+
+def test_padding_copies_are_answered_not_counted(setup):
+    """lmms-eval evens out the ranks' request counts with copies of a request (its __padding_only__
+    metadata): the copy is answered, as lmms-eval expects, but its cost is not counted twice."""
+    got, first = setup["lmms"]["padding"], setup["ours"]["globalcom2"][0]
+    assert got["answers"] == [first["text"]] * 2
+    e = got["efficiency"]
+    assert (e["questions"], e["failed"], e["measured"]) == (1, 0, 1)
+    assert (e["visual_tokens_before"], e["visual_tokens_after"]) == (first["visual_tokens"]["before"],
+                                                                    first["visual_tokens"]["after"])
 
 
 def test_refusals_are_one_line(setup):
