@@ -18,7 +18,7 @@ the model is made. Install and use: docs/evaluation.md, "lmms-eval".
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass, field
 
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
@@ -28,6 +28,10 @@ MANIFEST = ModelManifest(model_id="minillava", simple_class_path="minillava.lmms
 # lmms-eval's LLaVA models' default answer length when a task's generation_kwargs give none
 DEFAULT_MAX_NEW_TOKENS = 1024
 IMAGE = "<image>"
+# The template a Vicuna LLaVA-1.6 checkpoint is asked in by default: LLaVA's benchmark scripts'
+# (scripts/v1_5/eval/*.sh: --conv-mode vicuna_v1), as lmms-eval's own `llava` model's default
+# conv_template (lmms_eval/models/simple/llava.py) and minillava.eval's `paper_template`.
+PAPER_TEMPLATE = "vicuna_v1"
 
 
 class Refused(SystemExit):
@@ -46,30 +50,36 @@ class MiniLlava(lmms):
     """LLaVA-NeXT (any checkpoint `python -m minillava.generate` takes) with a visual-token compressor.
 
     model_args (as `python -m minillava.eval`'s flags): pretrained (checkpoint directory or hub id),
-    compressor, retention_ratio, conv_template, device (cpu, cuda, cuda:N; default cuda when available),
-    dtype (float32, bfloat16, float16; default as our CLI), compile (true/false), seed (of the random
-    compressor and of sampling), batch_size (questions answered together; lmms-eval's `--batch_size`
-    sets it too, model_args wins)."""
+    compressor, retention_ratio, conv_template (default: vicuna_v1 for a Vicuna LLaVA-1.6 checkpoint, as
+    LLaVA's scripts; else the checkpoint's), device (cpu, cuda, cuda:N; default cuda when available),
+    dtype (float32, bfloat16, float16; default as our CLI), quantize (int8, int4) and group_size (int4's),
+    compile (true/false), seed (of the random compressor and of sampling), batch_size (questions answered
+    together; lmms-eval's `--batch_size` sets it too, model_args wins)."""
 
     is_simple = True
 
     def __init__(self, pretrained: str | None = None, compressor: str | None = None,
                  retention_ratio: float | None = None, conv_template: str | None = None, device: str | None = None,
-                 dtype: str | None = None, compile: bool | str = False, seed: int | str = 0,
-                 batch_size: int | str = 1, max_batch_size=None, **unknown) -> None:
+                 dtype: str | None = None, quantize: str | None = None, group_size: int | str | None = None,
+                 compile: bool | str = False, seed: int | str = 0, batch_size: int | str = 1, max_batch_size=None,
+                 **unknown) -> None:
         super().__init__()
         import torch
         from accelerate import Accelerator
+        from loguru import logger
 
         from . import generate as gen
         from .compression import compressors
         from .conversation import TEMPLATES
         from .eval import distributed
-        from .eval.runner import fetch_model
+        from .eval import efficiency as E
+        from .eval.runner import eval_template, fetch_model
+        from .flops import LlmSpec
 
         if unknown:
             raise Refused(f"unknown model_args {', '.join(sorted(unknown))}; accepted: pretrained, compressor, "
-                          "retention_ratio, conv_template, device, dtype, compile, seed, batch_size")
+                          "retention_ratio, conv_template, device, dtype, quantize, group_size, compile, seed, "
+                          "batch_size")
         self.compressor = compressor or gen.DEFAULT_COMPRESSOR
         if self.compressor not in compressors():
             raise Refused(f"compressor={self.compressor} is unknown; choose one of {', '.join(compressors())}")
@@ -81,6 +91,7 @@ class MiniLlava(lmms):
             raise Refused(f"conv_template={conv_template} is unknown; choose one of {', '.join(TEMPLATES)}")
         if dtype is not None and dtype not in gen.DTYPES:
             raise Refused(f"dtype={dtype} is unknown; choose one of {', '.join(gen.DTYPES)}")
+        spec = quantization(quantize, group_size)
         compile = _checked("compile", compile, _boolean)
 
         # Data parallel as lmms-eval's own simple models (llava_hf.py): under `accelerate launch` each
@@ -99,15 +110,28 @@ class MiniLlava(lmms):
         world = distributed.World(self._rank, self._world_size, self.accelerator.local_process_index)
         try:
             model_dir = fetch_model(pretrained or gen.DEFAULT_MODEL, world)  # a hub id: rank 0 downloads
-            self.model, self.tokenizer = gen.load(model_dir, self._device, gen.DTYPES.get(dtype), conv_template)
+            # minillava.eval's rule: model_args wins; a Vicuna LLaVA-1.6 checkpoint the paper's; else its own
+            template, native = eval_template(model_dir, PAPER_TEMPLATE, conv_template)
+            self.model, self.tokenizer = gen.load(model_dir, self._device, gen.DTYPES.get(dtype), template, spec)
         except gen.USER_ERRORS as e:
             raise Refused(str(e)) from None
+        if conv_template is not None:
+            why = "model_args"
+        elif template != native:
+            why = "LLaVA's benchmark scripts' for a Vicuna LLaVA-1.6 checkpoint; conv_template=NAME overrides"
+        else:
+            why = "the checkpoint's"
+        if self._rank == 0:
+            logger.info(f"minillava: conv_template {template} ({why})")
         self.pretrained = pretrained
         self.steps = gen.Steps()
         if compile:
             self.steps = gen.compile_steps(self.model)
             gen.warm_up(self.model, self.steps, batch=self.batch_size_per_gpu, compressor=self.compressor)
-        self.stats: list[dict] = []  # one entry per answered batch: see `efficiency`
+        # what each answered question cost, counted as minillava.eval's runner.answer counts it
+        self.llm = LlmSpec.from_text(pretrained or gen.DEFAULT_MODEL, self.model.cfg.text)
+        self.fastv_layer = E.fastv_layer(self.compressor)
+        self.shares: list[Share] = []  # one per generate_until call: see `efficiency`
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -132,9 +156,12 @@ class MiniLlava(lmms):
         """One answer per request, in order: the requests grouped by their gen_kwargs (a group decodes
         with one setting), each group answered `batch_size` at a time in document order; each answer is
         cut before the first of the task's `until` strings and stripped. A question that fails (an image
-        we refuse, a prompt longer than the context) answers "" with a warning, as lmms-eval's models do."""
+        we refuse, a prompt longer than the context) answers "" with a warning, as lmms-eval's models do.
+        Logs (INFO) what answering cost: the line `log_line` writes, this process's share of the run."""
         from loguru import logger
         from tqdm import tqdm
+
+        from .eval import efficiency as E
 
         answers: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -142,22 +169,30 @@ class MiniLlava(lmms):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
         options = {key: generation_options(requests[indices[0]].args[1]) for key, indices in groups.items()}
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="minillava", unit="q")
+        share, meter = Share(), E.Meter(self._device)  # from here on: answering (after loading and warm-up)
         try:
             for key, indices in groups.items():
-                self._answer_group(requests, indices, options[key], answers, bar)
+                self._answer_group(requests, indices, options[key], answers, bar, share)
         finally:  # a refusal's message then starts a line of its own
             bar.close()
-        if self.stats:
-            logger.info(f"minillava: {summary(self.efficiency())}")
+        share.measured = meter.stop()
+        self.shares.append(share)
+        if share.questions:
+            where = f" on rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
+            logger.info(log_line(cost([[share]]), where))
         return answers
 
-    def _answer_group(self, requests, indices: list[int], options: dict, answers: list, bar):
-        """Answer requests[i] for i in `indices` (one gen_kwargs) into answers[i], batch_size at a time."""
+    def _answer_group(self, requests, indices: list[int], options: dict, answers: list, bar, share: Share):
+        """Answer requests[i] for i in `indices` (one gen_kwargs) into answers[i], batch_size at a time,
+        counting each question and what it cost into `share` (as minillava.eval's runner.answer)."""
         from loguru import logger
+
+        from .eval import efficiency as E
 
         for start in range(0, len(indices), self.batch_size):
             batch = [requests[i] for i in indices[start : start + self.batch_size]]
-            for i, request, result in zip(indices[start:], batch, self._answer(batch, options)):
+            items = [self._item(request) for request in batch]
+            for i, request, (_, text), result in zip(indices[start:], batch, items, self._answer(items, options)):
                 context, gen_kwargs, _, doc_id, task, _ = request.args
                 if isinstance(result, BaseException):
                     logger.warning(f"minillava: {task} doc {doc_id} failed: {' '.join(str(result).split())}")
@@ -165,35 +200,36 @@ class MiniLlava(lmms):
                 else:
                     answers[i] = cut(result.text, options["until"]).strip()
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answers[i])
+                # lmms-eval pads a rank's requests with copies of one of them so that ranks have equal
+                # counts (evaluator._clone_padding_request, task.build_all_requests): answered, not counted
+                if not (request.metadata or {}).get("__padding_only__"):
+                    share.questions += 1
+                    if isinstance(result, BaseException):
+                        share.failed += 1
+                    else:
+                        share.costs.append(E.question_cost(result, E.text_tokens(self.tokenizer, text), self.llm,
+                                                           self.fastv_layer))
             bar.update(len(batch))
 
-    def _answer(self, batch, options: dict) -> list:
-        """Result or exception per request of `batch`: one `generate_batch` call; a batch that runs out of
-        GPU memory is answered again one question at a time (as minillava.eval's runner does)."""
+    def _answer(self, items: list[tuple], options: dict) -> list:
+        """Result or exception per (image, question) of `items`: one `generate_batch` call; a batch that runs
+        out of GPU memory is answered again one question at a time (as minillava.eval's runner does)."""
         import torch
 
         from .batch import generate_batch
-
-        items = [self._item(request) for request in batch]
 
         def run(some):
             return generate_batch(self.model, self.tokenizer, some, self.compressor, self.retention_ratio,
                                   options["max_new_tokens"], temperature=options["temperature"],
                                   top_p=options["top_p"], seed=self.seed, steps=self.steps, return_exceptions=True)
 
-        t0 = time.perf_counter()
         try:
-            results = run(items)
+            return run(items)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(items) == 1:
                 raise
-            results = [r for item in items for r in run([item])]
-        answered = [r for r in results if not isinstance(r, BaseException)]
-        self.stats.append({"questions": len(items), "failed": len(items) - len(answered),
-                           "seconds": time.perf_counter() - t0,
-                           "visual_tokens": [r.visual_tokens for r in answered]})
-        return results
+            return [r for item in items for r in run([item])]
 
     def _item(self, request) -> tuple:
         """(PIL image, question) of a request, or Refused when it has not exactly one image."""
@@ -216,15 +252,27 @@ class MiniLlava(lmms):
         return visuals[0].convert("RGB"), text
 
     def efficiency(self) -> dict:
-        """What the batches answered so far cost: questions, failed, seconds in the model (image tiling,
-        tower, compression, prefill, decode; not lmms-eval's data loading), samples/s, and the mean
-        visual tokens before/after compression per answered question."""
-        questions = sum(s["questions"] for s in self.stats)
-        seconds = sum(s["seconds"] for s in self.stats)
-        kept = [v for s in self.stats for v in s["visual_tokens"]]
-        mean = {k: sum(v[k] for v in kept) / len(kept) for k in ("before", "after")} if kept else None
-        return {"questions": questions, "failed": sum(s["failed"] for s in self.stats), "seconds": seconds,
-                "samples_per_s": questions / seconds if seconds > 0 else 0.0, "visual_tokens": mean}
+        """What this process's generate_until calls so far cost: `cost`'s dict (questions, failed, and
+        minillava.eval's efficiency fields)."""
+        return cost([self.shares])
+
+    def clean(self):
+        """Under data parallel, rank 0 logs what the whole run cost (every rank's shares: the longest wall
+        time, the largest peak, as minillava.eval under torchrun), then lmms' clean frees the model.
+        Gathered here, not in generate_until: lmms-eval 0.7.3's evaluator calls `lm.clean()` on every rank
+        after its loop over request types, whereas a rank may skip generate_until (with --use_cache, when
+        all its requests are cached, ResponseCache.execute does not call the model), and a collective
+        call that one rank skips hangs the others."""
+        import torch.distributed as dist
+        from loguru import logger
+
+        from .eval import distributed
+
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            processes = distributed.World(self.rank, self.world_size).gather(self.shares)
+            if self.rank == 0 and any(s.questions for shares in processes for s in shares):
+                logger.info(log_line(cost(processes), f" on {self.world_size} ranks together"))
+        super().clean()
 
     def loglikelihood(self, requests):
         task = requests[0].args[4] if requests else "?"
@@ -266,11 +314,55 @@ def cut(text: str, until: list[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
-def summary(e: dict) -> str:
-    tokens = f", visual tokens {e['visual_tokens']['before']:.1f} -> {e['visual_tokens']['after']:.1f} (mean)" \
-        if e["visual_tokens"] else ""
-    return (f"{e['questions']} questions ({e['failed']} failed) in {e['seconds']:.2f}s of model time, "
-            f"{e['samples_per_s']:.2f} samples/s{tokens}")
+@dataclass
+class Share:
+    """What one generate_until call of one process answered, and what it cost."""
+
+    questions: int = 0  # lmms-eval's padding copies left out
+    failed: int = 0
+    costs: list = field(default_factory=list)  # efficiency.QuestionCost of each answered question
+    measured: dict = field(default_factory=dict)  # its efficiency.Meter's stop(): wall_s, peak_*_mib
+
+
+def cost(processes: list[list[Share]]) -> dict:
+    """{"questions", "failed", and minillava.eval's efficiency fields (eval/efficiency.py `summary`; absent
+    when no question was answered)} of each process's shares. A process's calls ran one after another
+    (their wall times add up, a peak is the largest); the processes ran side by side (`summary`)."""
+    shares = [s for p in processes for s in p]
+    meters = []
+    for p in filter(None, processes):
+        peaks = {k for s in p for k in s.measured if k.startswith("peak_")}
+        meters.append({"wall_s": sum(s.measured.get("wall_s", 0.0) for s in p),
+                       **{k: max(s.measured[k] for s in p if k in s.measured) for k in peaks}})
+    from .eval import efficiency as E
+
+    out = {"questions": sum(s.questions for s in shares), "failed": sum(s.failed for s in shares)}
+    return {**out, **(E.summary([c for s in shares for c in s.costs], meters) or {})}
+
+
+def log_line(e: dict, where: str = "") -> str:
+    """`minillava: N questions (F failed)[where], efficiency {...}`: `cost`'s fields as the summary line of
+    minillava.eval prints its `efficiency` object (4 significant digits)."""
+    from .eval.runner import significant
+
+    fields = {k: significant(v) for k, v in e.items() if k not in ("questions", "failed")}
+    return f"minillava: {e['questions']} questions ({e['failed']} failed){where}, efficiency {json.dumps(fields)}"
+
+
+def quantization(quantize, group_size):
+    """The quant.Spec of model_args quantize and group_size, as our CLIs' --quantize / --group-size
+    (generate.py quantize_args): None when not quantized; int4's group size 128 unless given."""
+    from .quant import DEFAULT_GROUP_SIZE, Spec
+
+    if quantize is not None and quantize not in ("int8", "int4"):
+        raise Refused(f"model_args quantize={quantize}: expected int8 or int4")
+    if group_size is not None and quantize != "int4":
+        raise Refused(f"model_args group_size={group_size} goes with quantize=int4")
+    if quantize is None:
+        return None
+    if quantize == "int8":
+        return Spec(8)
+    return Spec(4, DEFAULT_GROUP_SIZE if group_size is None else _checked("group_size", group_size, _group_size))
 
 
 def _flatten(visuals):
@@ -296,6 +388,14 @@ def _checked(name: str, value, parse):
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError("expected an integer >= 1 (batch_size auto is not supported)")
+    return int(text)
+
+
+def _group_size(text: str) -> int:
+    from .quant import GROUP_SIZES
+
+    if not text.isdigit() or int(text) not in GROUP_SIZES:
+        raise ValueError(f"expected one of {', '.join(map(str, GROUP_SIZES))} (inputs sharing one int4 scale)")
     return int(text)
 
 

@@ -522,26 +522,29 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def vicunas(tmp_path_factory, checkpoints):
-    """The tiny random model dressed as the released Vicuna checkpoints: llava-hf's (a chat template) and
-    liuhaotian's (original layout, its name)."""
-    root = tmp_path_factory.mktemp("vicuna")
+def dress_as_vicunas(root: Path, checkpoints: dict) -> dict[str, Path]:
+    """The tiny random model dressed as the released Vicuna checkpoints, in `root`: llava-hf's (a chat
+    template) and liuhaotian's (original layout, its name). tests/test_lmms.py uses them too."""
     hf = copy_checkpoint(checkpoints["hub"], root / "hf")
     (hf / "chat_template.json").write_text(json.dumps({"chat_template": VICUNA_CHAT}))
     original = copy_checkpoint(checkpoints["original"], root / "llava-v1.6-vicuna-7b")
     return {"hf": hf, "original": original}
 
 
+@pytest.fixture(scope="module")
+def vicunas(tmp_path_factory, checkpoints):
+    return dress_as_vicunas(tmp_path_factory.mktemp("vicuna"), checkpoints)
+
+
 def test_vicuna_checkpoints_get_the_scripts_template(checkpoints, vicunas):
     for task in ("vqav2", "mmbench-cn", "textvqa", "pope", "mme", "gqa", "scienceqa", "mmbench", "vizwiz", "mmvet"):
         assert TASKS[task].paper_template == "vicuna_v1"  # scripts/v1_5/eval/*.sh: --conv-mode vicuna_v1
         for model in vicunas.values():
-            assert runner.eval_template(model, TASKS[task], None) == ("vicuna_v1", "llava_v1")
-            assert runner.eval_template(model, TASKS[task], "llava_v1") == ("llava_v1", "llava_v1")  # the flag wins
+            assert runner.eval_template(model, TASKS[task].paper_template, None) == ("vicuna_v1", "llava_v1")
+            assert runner.eval_template(model, TASKS[task].paper_template, "llava_v1") == ("llava_v1", "llava_v1")  # the flag wins
         for model in (checkpoints["hub"], checkpoints["original"], SHIPPED):  # no released Vicuna: their own
-            assert runner.eval_template(model, TASKS[task], None) == ("llava_v1", "llava_v1")
-    assert runner.eval_template(vicunas["hf"], TASKS["synthetic"], None) == ("llava_v1", "llava_v1")  # no LLaVA script
+            assert runner.eval_template(model, TASKS[task].paper_template, None) == ("llava_v1", "llava_v1")
+    assert runner.eval_template(vicunas["hf"], TASKS["synthetic"].paper_template, None) == ("llava_v1", "llava_v1")  # no LLaVA script
     assert is_llava_vicuna(checkpoints["hub"], "hf", "llava_v1", 32000)  # Vicuna's vocabulary says it too
     assert not is_llava_vicuna(vicunas["hf"], "hf", "mistral_instruct", 32000)
 

@@ -9,8 +9,10 @@ one-line refusals. Skipped when lmms-eval is not installed (see INSTALL).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import re
@@ -22,6 +24,7 @@ import pytest
 
 from minillava.eval import runner
 from minillava.eval import synthetic as S
+from tests.test_eval_tasks import dress_as_vicunas
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = 'pip install -e ".[lmms]" && pip install --no-deps lmms-eval==0.7.3'
@@ -34,6 +37,8 @@ COMPRESSORS = ("none", "globalcom2", "fastv")
 MAX_NEW_TOKENS = 8  # minillava.eval's synthetic task answers with at most 8 tokens
 NOISE_TOKENS = 16  # the random checkpoint's answers: 16 tokens of noise, long enough to cut
 SAMPLED = "temperature=0.8,top_p=0.9,do_sample=true"  # lmms-eval's --gen_kwargs, over the task's
+QUANTIZED = {"int8": ("--quantize", "int8"), "int4": ("--quantize", "int4", "--group-size", "64")}  # 64: the
+# largest group dividing the tiny model's input widths (192, 512); as model_args: quantize=int4,group_size=64
 
 UTILS = '''
 from PIL import Image
@@ -79,16 +84,38 @@ metric_list:
   - metric: acc
 """
 
-# Runs lmms-eval's evaluator on each run of a spec file; prints {name: {answers, score} or {refused}}.
+# Runs lmms-eval's evaluator on each run of a spec file; prints {name: {answers, score} or {refused}}, the
+# template each of spec["templates"]'s models asks in and what it logged about it, and problems of commands.
 DRIVER = '''
 import json, sys
+from loguru import logger
 from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.tasks import TaskManager
-from minillava.lmms import Refused
+from minillava.lmms import MiniLlava, Refused
 
 spec = json.load(open(sys.argv[1]))
 tasks = TaskManager("WARNING", include_path=spec["include"], include_defaults=False)
 out = {}
+for name, model_args in spec.get("templates", {}).items():
+    said = []
+    sink = logger.add(lambda m: said.append(m.record["message"]), level="INFO",
+                      filter=lambda r: r["message"].startswith("minillava: conv_template"))
+    model = MiniLlava.create_from_arg_string(model_args)
+    logger.remove(sink)
+    out[name] = {"template": model.tokenizer.template.name, "said": said}
+if "padding" in spec:  # a question and the padding copy lmms-eval's evaluator makes of it for a rank with fewer
+    from PIL import Image
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.evaluator import _clone_padding_request
+
+    pad = spec["padding"]
+    model = MiniLlava.create_from_arg_string(pad["model_args"])
+    model.task_dict = {"t": {"test": [{"image": pad["image"]}]}}
+    visual = lambda doc: [Image.open(doc["image"]).convert("RGB")]
+    real = Instance("generate_until", (pad["question"], {"max_new_tokens": 8}, visual, 0, "t", "test"), 0,
+                    {"task": "t", "doc_id": 0, "repeats": 1})
+    out["padding"] = {"answers": model.generate_until([real, _clone_padding_request(real)]),
+                      "efficiency": model.efficiency()}
 for run in spec["runs"]:
     try:
         r = simple_evaluate(model="minillava", model_args=run["model_args"], tasks=[run["task"]],
@@ -108,7 +135,7 @@ from minillava.lmms import MiniLlava
 
 accepted = set(inspect.signature(MiniLlava.__init__).parameters) - {"self", "unknown"}
 problems = []
-for where, argv in spec["commands"]:  # each lmms-eval command the docs show, through lmms-eval's parser
+for where, argv in spec.get("commands", []):  # each lmms-eval command the docs show, through lmms-eval's parser
     sys.argv = ["lmms-eval", *argv]
     try:
         args = cli.parse_eval_args()[1]
@@ -165,10 +192,50 @@ def run(cmd: list[str], tmp: Path, cwd: Path = ROOT, **env: str) -> subprocess.C
 
 
 def eval_answers(data: Path, out: Path, model: Path, compressor: str, *extra: str) -> list[dict]:
-    """minillava.eval's records on the split in `data`, in question order."""
-    assert runner.main(["synthetic", "--data", str(data), "--output", str(out), "--model", str(model),
-                        "--compressor", compressor, "--batch-size", "1", *extra]) == 0
+    """minillava.eval's records on the split in `data`, in question order; the JSON line it printed (with
+    its `efficiency`) in `out`.line.json."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert runner.main(["synthetic", "--data", str(data), "--output", str(out), "--model", str(model),
+                            "--compressor", compressor, "--batch-size", "1", *extra]) == 0
+    out.with_suffix(".line.json").write_text(printed.getvalue().splitlines()[0])
     return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def eval_line(tmp: Path, compressor: str) -> dict:
+    """The JSON line of setup's minillava.eval run of `compressor`."""
+    return json.loads((tmp / f"eval-{compressor}.line.json").read_text())
+
+
+def drive(tmp: Path, name: str, spec: dict) -> dict:
+    """DRIVER's result on `spec` (include: the task folder; runs; optional templates and commands)."""
+    (tmp / f"{name}.json").write_text(json.dumps(spec))
+    (tmp / "driver.py").write_text(DRIVER)
+    done = run([sys.executable, str(tmp / "driver.py"), str(tmp / f"{name}.json")], tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+LOG = re.compile(r"minillava: (\d+) questions \((\d+) failed\)( on rank \d of \d| on \d ranks together)?, "
+                 r"efficiency (\{[^{}]*\})")
+
+
+def logged(output: str) -> list[tuple[int, int, str, dict]]:
+    """(questions, failed, where, efficiency) of each of the adapter's INFO lines of what answering cost."""
+    return [(int(m[1]), int(m[2]), (m[3] or "").strip(), json.loads(m[4])) for m in LOG.finditer(output)]
+
+
+def check_efficiency(e: dict, eval_efficiency: dict, n: int):
+    """The adapter's efficiency fields against minillava.eval's on the same questions: the counted ones
+    (visual tokens, TFLOPs) equal to the printed precision, the measured ones positive and consistent."""
+    assert e["measured"] == n
+    for key in ("visual_tokens_before", "visual_tokens_after", "prefill_tflops"):
+        assert e[key] == eval_efficiency[key], key
+    assert 0 < e["prefill_ms"] <= e["ttft_ms"]
+    assert e["decode_tokens_per_s"] > 0 and e["samples_per_s"] > 0
+    peaks = {k for k in e if k.startswith("peak_")}
+    assert peaks in ({"peak_rss_mib"}, {"peak_allocated_mib", "peak_reserved_mib"}) and all(e[k] > 0 for k in peaks)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +249,7 @@ def setup(tmp_path_factory, checkpoints):
         {"question_id": r["question_id"], "image": str(data / "images" / r["image"]), "question": r["text"],
          "answer": answers[r["question_id"]]}) + "\n" for r in rows))
     ours = {c: eval_answers(data, tmp / f"eval-{c}.jsonl", TINY, c) for c in COMPRESSORS}
+    quantized = {q: eval_answers(data, tmp / f"eval-{q}.jsonl", TINY, "globalcom2", *flags) for q, flags in QUANTIZED.items()}
     noise = eval_answers(data, tmp / "eval-noise.jsonl", checkpoints["hub"], "globalcom2",
                          "--max-new-tokens", str(NOISE_TOKENS))
     # a stop string from the middle of the first noise answer (no whitespace: the answers are stripped)
@@ -211,16 +279,26 @@ def setup(tmp_path_factory, checkpoints):
               "model_args": f"pretrained={checkpoints['hub']},compressor=globalcom2,seed=3"},
              {"name": "pair", "task": "pair", "batch_size": 1, "model_args": f"pretrained={TINY}"},
              {"name": "choice", "task": "choice", "batch_size": 1, "model_args": f"pretrained={TINY}"},
-             {"name": "ratio", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},retention_ratio=2"}]
+             {"name": "ratio", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},retention_ratio=2"},
+             {"name": "int8", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},quantize=int8"},
+             {"name": "int4", "task": "scenes", "batch_size": 1,
+              "model_args": f"pretrained={TINY},quantize=int4,group_size=64"},
+             {"name": "group-alone", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},group_size=64"},
+             {"name": "group-bad", "task": "scenes", "batch_size": 1,
+              "model_args": f"pretrained={TINY},quantize=int4,group_size=48"},
+             {"name": "bits-bad", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},quantize=int3"}]
+    vicunas = dress_as_vicunas(tmp_path_factory.mktemp("vicuna"), checkpoints)
+    templates = {f"vicuna-{k}": f"pretrained={v},device=cpu" for k, v in vicunas.items()}
+    templates |= {"vicuna-override": f"pretrained={vicunas['hf']},device=cpu,conv_template=llava_v1",
+                  "tiny": f"pretrained={TINY},device=cpu"}
     commands = shown_commands()
     assert len(commands) >= 3, commands  # README's and docs/evaluation.md's: fewer means the extraction broke
-    (tmp / "spec.json").write_text(json.dumps({"include": str(tasks), "runs": runs, "commands": commands}))
-    (tmp / "driver.py").write_text(DRIVER)
-    done = run([sys.executable, str(tmp / "driver.py"), str(tmp / "spec.json")], tmp)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    padding = {"model_args": f"pretrained={TINY},compressor=globalcom2", "image": str(data / "images" / rows[0]["image"]),
+               "question": rows[0]["text"]}
+    lmms = drive(tmp, "spec", {"include": str(tasks), "runs": runs, "templates": templates, "padding": padding,
+                               "commands": commands})
     return {"tmp": tmp, "tasks": tasks, "answers": answers, "ours": ours, "noise": noise, "stop": stop,
-            "lmms": json.loads(line[len("RESULT "):])}
+            "quantized": quantized, "lmms": lmms}
 
 
 @pytest.mark.parametrize("compressor", COMPRESSORS)
@@ -262,13 +340,49 @@ def test_sampling_follows_gen_kwargs(setup, checkpoints):
     assert expected != setup["lmms"]["noise"]["answers"]  # sampled, not greedy
 
 
+@pytest.mark.parametrize("quantize", list(QUANTIZED))
+def test_quantized_answers_equal_minillava_eval(setup, quantize):
+    """quantize (and int4's group_size) as model_args: the answers of `minillava.eval --quantize ...`."""
+    got = setup["lmms"][quantize]["answers"]
+    assert got == {r["question_id"]: r["text"] for r in setup["quantized"][quantize]}
+    assert all(r["metadata"]["quantize"] == {"int8": "int8", "int4": "int4-g64"}[quantize] for r in setup["quantized"][quantize])
+
+
+def test_paper_template_by_default(setup):
+    """minillava.eval's rule (runner.eval_template): a Vicuna LLaVA-1.6 checkpoint (llava-hf's, liuhaotian's)
+    is asked in vicuna_v1, conv_template wins, the tiny model keeps its own; said once at INFO."""
+    got = {k: setup["lmms"][k] for k in ("vicuna-hf", "vicuna-original", "vicuna-override", "tiny")}
+    assert {k: v["template"] for k, v in got.items()} == {"vicuna-hf": "vicuna_v1", "vicuna-original": "vicuna_v1",
+                                                          "vicuna-override": "llava_v1", "tiny": "llava_v1"}
+    assert got["vicuna-hf"]["said"] == ["minillava: conv_template vicuna_v1 (LLaVA's benchmark scripts' for a Vicuna "
+                                        "LLaVA-1.6 checkpoint; conv_template=NAME overrides)"]
+    assert got["vicuna-override"]["said"] == ["minillava: conv_template llava_v1 (model_args)"]
+    assert got["tiny"]["said"] == ["minillava: conv_template llava_v1 (the checkpoint's)"]
+
+
+def test_padding_copies_are_answered_not_counted(setup):
+    """lmms-eval evens out the ranks' request counts with copies of a request (its __padding_only__
+    metadata): the copy is answered, as lmms-eval expects, but its cost is not counted twice."""
+    got, first = setup["lmms"]["padding"], setup["ours"]["globalcom2"][0]
+    assert got["answers"] == [first["text"]] * 2
+    e = got["efficiency"]
+    assert (e["questions"], e["failed"], e["measured"]) == (1, 0, 1)
+    assert (e["visual_tokens_before"], e["visual_tokens_after"]) == (first["visual_tokens"]["before"],
+                                                                    first["visual_tokens"]["after"])
+
+
 def test_refusals_are_one_line(setup):
-    refused = {k: setup["lmms"][k].get("refused") for k in ("pair", "choice", "ratio")}
+    refused = {k: setup["lmms"][k].get("refused") for k in ("pair", "choice", "ratio", "group-alone", "group-bad",
+                                                            "bits-bad")}
     assert refused["pair"] == ("error: minillava: task pair, doc 0 has 2 images; the model answers questions about "
                                "exactly one image (LLaVA-NeXT's single-image prompt): choose a single-image task")
     assert refused["choice"].startswith("error: minillava: task choice asks for loglikelihood")
     assert refused["ratio"] == "error: minillava: model_args retention_ratio=2: 2 is outside (0, 1]: it is the " \
                                "fraction of visual tokens kept"
+    assert refused["group-alone"] == "error: minillava: model_args group_size=64 goes with quantize=int4"
+    assert refused["group-bad"] == "error: minillava: model_args group_size=48: expected one of 32, 64, 128, 256 " \
+                                   "(inputs sharing one int4 scale)"
+    assert refused["bits-bad"] == "error: minillava: model_args quantize=int3: expected int8 or int4"
 
 
 def test_shown_commands_parse(setup):
@@ -291,11 +405,10 @@ def test_cli(setup):
     score = sum(r["text"] == setup["answers"][r["question_id"]] for r in ours) / N
     row = next(x for x in done.stdout.splitlines() if x.startswith("|synthetic_scenes"))
     assert float(row.split("|")[6]) == pytest.approx(score), row
-    before, after = (sum(r["visual_tokens"][k] for r in ours) / N for k in ("before", "after"))
-    log = re.search(r"minillava: (\d+) questions \((\d+) failed\) in [\d.]+s of model time, ([\d.]+) samples/s, "
-                    r"visual tokens ([\d.]+) -> ([\d.]+) \(mean\)", done.stdout + done.stderr)
-    assert log and log.group(1, 2) == (str(N), "0") and float(log.group(3)) > 0
-    assert (log.group(4), log.group(5)) == (f"{before:.1f}", f"{after:.1f}")
+    ((questions, failed, where, efficiency),) = logged(done.stdout + done.stderr)
+    assert (questions, failed, where) == (N, 0, "")
+    check_efficiency(efficiency, eval_line(tmp, "globalcom2")["efficiency"], N)
+    assert "minillava: conv_template llava_v1 (the checkpoint's)" in done.stdout + done.stderr
 
     refused = run([sys.executable, "-m", "lmms_eval", "--model", "minillava", "--model_args", f"pretrained={TINY}",
                    "--include_path", str(tasks), "--tasks", "pair"], tmp)
@@ -314,9 +427,26 @@ def test_data_parallel(setup):
                 "--include_path", str(setup["tasks"]), "--tasks", "scenes", "--output_path", str(out),
                 "--log_samples"], tmp, ACCELERATE_USE_CPU="1")  # accelerate's multi-process CPU mode (gloo)
     assert done.returncode == 0, done.stderr[-3000:]
-    shares = re.findall(r"minillava: (\d+) questions", done.stdout + done.stderr)
-    assert sorted(shares) == ["2", "2"]  # N = 4 questions, two per rank
+    lines = logged(done.stdout + done.stderr)
+    shares = sorted(x for x in lines if x[2].startswith("on rank"))
+    assert [x[:3] for x in shares] == [(2, 0, "on rank 0 of 2"), (2, 0, "on rank 1 of 2")]  # N = 4, two per rank
+    (whole,) = [x for x in lines if x[2] == "on 2 ranks together"]  # rank 0 alone logs the gathered whole
+    assert whole[:2] == (N, 0)
+    check_efficiency(whole[3], eval_line(tmp, "globalcom2")["efficiency"], N)
+    # run side by side: the whole's throughput is its questions over the longest rank's wall time, its peak the largest
+    assert whole[3]["samples_per_s"] == pytest.approx(N * min(x[3]["samples_per_s"] / x[0] for x in shares), rel=2e-3)
+    assert whole[3]["peak_rss_mib"] == max(x[3]["peak_rss_mib"] for x in shares)
     samples = [json.loads(x) for f in out.rglob("*_samples_scenes.jsonl") for x in f.read_text().splitlines()]
     rows = [json.loads(line) for line in (setup["tmp"] / "scenes.jsonl").read_text().splitlines()]
     got = {rows[s["doc_id"]]["question_id"]: s["filtered_resps"] for s in samples}
     assert got == {r["question_id"]: r["text"] for r in setup["ours"]["globalcom2"]}
+
+
+@pytest.mark.slow
+def test_compiled_answers_equal_eager(setup):
+    """compile=true (the tower, prefill and decode step torch.compile'd, warmed up for batch 3 when the
+    model is made): the eager answers, minillava.eval's. Slow: about 70 s of compiling on 2 CPU cores."""
+    run = {"name": "compiled", "task": "scenes", "batch_size": 1,
+           "model_args": f"pretrained={TINY},compressor=globalcom2,batch_size=3,compile=true"}
+    got = drive(setup["tmp"], "compiled", {"include": str(setup["tasks"]), "runs": [run]})
+    assert got["compiled"]["answers"] == {r["question_id"]: r["text"] for r in setup["ours"]["globalcom2"]}

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..fastv import FastV
 from ..flops import LlmSpec, prefill_flops, pruned_prefill_flops
 from ..generate import Result
 
@@ -68,6 +69,11 @@ class QuestionCost:
 def text_tokens(tokenizer, prompt: str) -> int:
     """Token count of the template's text around the image for `prompt` (BOS included)."""
     return sum(len(chunk) for chunk in tokenizer.encode_question(prompt))
+
+
+def fastv_layer(compressor: str) -> int | None:
+    """`question_cost`'s `fastv_layer` for a run of `compressor`: FastV's K (the layer its pruning starts at)."""
+    return FastV.from_ratio(0, 1, 1.0).layer if compressor == "fastv" else None
 
 
 def question_cost(result: Result, text: int, spec: LlmSpec, fastv_layer: int | None = None) -> QuestionCost:

@@ -23,7 +23,6 @@ from ..config import load_config
 from ..batch import generate_batch
 from ..compression import compressors
 from ..conversation import is_llava_vicuna
-from ..fastv import FastV
 from ..flops import LlmSpec
 from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
     quantize_spec, ratio_arg, read_checkpoint, seed_arg, warm_up
@@ -184,7 +183,7 @@ def answer_all(args, task: Task) -> int:
         mine = todo[world.rank :: world.size]
         if todo:  # the checkpoint says which template this run asks in: a file made in another is refused here
             model_dir = fetch_model(args.model, world)
-            settings["conv_template"], native = eval_template(model_dir, task, args.conv_template)
+            settings["conv_template"], native = eval_template(model_dir, task.paper_template, args.conv_template)
             check_settings(output, done.values(), settings, native)
         if world.main:
             ranks = f" on {world.size} processes" if world.size > 1 else ""
@@ -205,11 +204,12 @@ def answer_all(args, task: Task) -> int:
     return 0
 
 
-def eval_template(model_dir: Path, task: Task, override: str | None) -> tuple[str, str | None]:
-    """(the conversation template this run asks in, the checkpoint's own). --conv-template if given; for a
-    Vicuna LLaVA-1.6 checkpoint (conversation.is_llava_vicuna) the template of LLaVA's script for the task
-    (`task.paper_template`: vicuna_v1, where the checkpoint's own is llava_v1); else the checkpoint's own,
-    as for the tiny model trained here. The checkpoint's own is None if only --conv-template says."""
+def eval_template(model_dir: Path, paper: str | None, override: str | None) -> tuple[str, str | None]:
+    """(the conversation template a run asks in, the checkpoint's own). `override` (--conv-template, the
+    lmms-eval model's conv_template) if given; for a Vicuna LLaVA-1.6 checkpoint (conversation.is_llava_vicuna)
+    `paper`, the template LLaVA's scripts ask it in (a task's `paper_template`: vicuna_v1, where the
+    checkpoint's own is llava_v1; None: no script, the checkpoint's own); else the checkpoint's own, as for
+    the tiny model trained here. The checkpoint's own is None if only `override` says."""
     try:
         cfg, tokenizer = read_checkpoint(model_dir)
     except ConfigError:
@@ -219,8 +219,8 @@ def eval_template(model_dir: Path, task: Task, override: str | None) -> tuple[st
     native = tokenizer.template.name
     if override is not None:
         return override, native
-    if task.paper_template and is_llava_vicuna(model_dir, cfg.layout, native, tokenizer.n_pieces):
-        return task.paper_template, native
+    if paper and is_llava_vicuna(model_dir, cfg.layout, native, tokenizer.n_pieces):
+        return paper, native
     return native, native
 
 
@@ -243,7 +243,7 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
         steps = compile_steps(model)
         warm_up(model, steps, batch=min(args.batch_size, len(questions)), compressor=args.compressor)
     spec = LlmSpec.from_text(args.model, model.cfg.text)
-    fastv_layer = FastV.from_ratio(0, 1, 1.0).layer if args.compressor == "fastv" else None  # its K
+    fastv_layer = E.fastv_layer(args.compressor)
     costs, meter = [], E.Meter(device)  # from here on: answering
     writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
     share = f" (rank 0 of {world.size})" if world.size > 1 else ""
