@@ -214,9 +214,9 @@ def draw(
     rectangle of the crop grid (top, bottom, left, right); after: the image's token count as the
     decoder gets it. `seed` is shown for the
     random method, `note` (e.g. "scores are synthetic") is added under the title. `downscaled` (h', w'):
-    the model shrinks the unpadded crop grid to h' x w' tokens before its decoder when uncompressed
-    (LLaVA-OneVision); the counts are then of that sequence, and a compressor's crops' ratio r * h'w'/(hw)
-    (`ImageFeatures.grid_share`) is shown beside r.
+    the uncompressed sequence's grid; where the model shrinks the unpadded crop grid to it before its
+    decoder (LLaVA-OneVision), the counts are of that sequence and a compressor's crops' ratio
+    r * h'w'/(hw) (`ImageFeatures.grid_share`) is shown beside r. None: the unpadded grid itself.
     The returned image's `info["panels"]` gives the box of each picture in it (thumbnail, scores, canvas),
     `info["text"]` its title and count lines.
     """

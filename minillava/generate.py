@@ -376,11 +376,10 @@ def quantize_args(p: argparse.ArgumentParser):
 
 def quantize_spec(p: argparse.ArgumentParser, args: argparse.Namespace) -> Spec | None:
     """The Spec of --quantize / --group-size (None: not quantized); a usage error for --group-size alone."""
-    if args.group_size is not None and args.quantize != "int4":
+    try:
+        return Spec.of({None: None, "int8": 8, "int4": 4}[args.quantize], args.group_size)
+    except ValueError:
         p.error("--group-size goes with --quantize int4")
-    if args.quantize is None:
-        return None
-    return Spec(8) if args.quantize == "int8" else Spec(4, args.group_size or DEFAULT_GROUP_SIZE)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

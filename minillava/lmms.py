@@ -328,14 +328,14 @@ def cost(processes: list[list[Share]]) -> dict:
     """{"questions", "failed", and minillava.eval's efficiency fields (eval/efficiency.py `summary`; absent
     when no question was answered)} of each process's shares. A process's calls ran one after another
     (their wall times add up, a peak is the largest); the processes ran side by side (`summary`)."""
+    from .eval import efficiency as E
+
     shares = [s for p in processes for s in p]
     meters = []
     for p in filter(None, processes):
         peaks = {k for s in p for k in s.measured if k.startswith("peak_")}
         meters.append({"wall_s": sum(s.measured.get("wall_s", 0.0) for s in p),
                        **{k: max(s.measured[k] for s in p if k in s.measured) for k in peaks}})
-    from .eval import efficiency as E
-
     out = {"questions": sum(s.questions for s in shares), "failed": sum(s.failed for s in shares)}
     return {**out, **(E.summary([c for s in shares for c in s.costs], meters) or {})}
 
@@ -352,17 +352,17 @@ def log_line(e: dict, where: str = "") -> str:
 def quantization(quantize, group_size):
     """The quant.Spec of model_args quantize and group_size, as our CLIs' --quantize / --group-size
     (generate.py quantize_args): None when not quantized; int4's group size 128 unless given."""
-    from .quant import DEFAULT_GROUP_SIZE, Spec
+    from .quant import Spec
 
-    if quantize is not None and quantize not in ("int8", "int4"):
+    bits = {None: None, "int8": 8, "int4": 4}
+    if quantize not in bits:
         raise Refused(f"model_args quantize={quantize}: expected int8 or int4")
-    if group_size is not None and quantize != "int4":
-        raise Refused(f"model_args group_size={group_size} goes with quantize=int4")
-    if quantize is None:
-        return None
-    if quantize == "int8":
-        return Spec(8)
-    return Spec(4, DEFAULT_GROUP_SIZE if group_size is None else _checked("group_size", group_size, _group_size))
+    if group_size is not None and quantize == "int4":
+        group_size = _checked("group_size", group_size, _group_size)
+    try:
+        return Spec.of(bits[quantize], group_size)
+    except ValueError:
+        raise Refused(f"model_args group_size={group_size} goes with quantize=int4") from None
 
 
 def _flatten(visuals):

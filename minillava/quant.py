@@ -47,6 +47,17 @@ class Spec:
     bits: int
     group_size: int | None = None
 
+    @classmethod
+    def of(cls, bits: int | None, group_size: int | None = None) -> Spec | None:
+        """The Spec of a bits / group size choice (--quantize / --bits and --group-size of our CLIs, the
+        lmms-eval model_args): None without bits; int4's group DEFAULT_GROUP_SIZE unless given. ValueError
+        for a group size without 4 bits (each caller words it for its own flags)."""
+        if group_size is not None and bits != 4:
+            raise ValueError("a group size goes with 4 bits")
+        if bits is None:
+            return None
+        return cls(8) if bits == 8 else cls(4, group_size or DEFAULT_GROUP_SIZE)
+
     @property
     def name(self) -> str:
         return f"int{self.bits}" + (f" (group size {self.group_size})" if self.bits == 4 else "")

@@ -130,9 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"int4: inputs sharing one scale and zero, one of {', '.join(map(str, GROUP_SIZES))} "
                    f"(default {DEFAULT_GROUP_SIZE}; it must divide the model's widths)")
     args = p.parse_args(argv)
-    if args.group_size is not None and args.bits != 4:
+    try:
+        args.spec = Spec.of(args.bits, args.group_size)
+    except ValueError:
         p.error("--group-size goes with --bits 4")
-    args.spec = Spec(8) if args.bits == 8 else Spec(4, args.group_size or DEFAULT_GROUP_SIZE)
     return args
 
 

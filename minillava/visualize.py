@@ -74,7 +74,7 @@ def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: f
     drawing = draw(image, tiles.grid, tiles.size, tile, globalcom2.token_scores(features, shown)[0], result,
                    compressor, ratio, area=area, after=after, seed=seed, note=note,
                    score_label="thumbnail [CLS] score" if score == "cls_logits" else f"thumbnail score: {score}",
-                   downscaled=downscaled_size(area, side, model.cfg.anyres_max) if model.cfg.anyres_max else None)
+                   downscaled=downscaled_size(area, side, model.cfg.anyres_max))
     return Picture(drawing, before, after)
 
 
