@@ -77,6 +77,8 @@ def grid_share(area: tuple[int, int, int, int], side: int, max_tiles: int | None
     crops' ratio scaled by it (globalcom2.ImageFeatures.grid_share), so that r keeps r of what the
     decoder would otherwise see."""
     top, bottom, left, right = area
+    if bottom == top or right == left:  # a sliver image: no crop token to scale (LLaVA packs only newlines)
+        return 1.0
     h, w = downscaled_size(area, side, max_tiles)
     return h * w / ((bottom - top) * (right - left))
 

@@ -253,3 +253,17 @@ def test_the_uncompressed_model_runs_without_the_compression_stage(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["none 6 336", "fastv 6 168"]
+
+
+def test_sliver_images_answer_with_every_compressor(capsys, tmp_path):
+    """A 9 x 3000 strip on the shipped model: its unpadded crop area has no column left (LLaVA's
+    `unpad_image` keeps zero columns; the sequence holds a newline per row). Every compressor answers
+    (OneVision's `grid_share` divided by that zero area: issue 32)."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (9, 3000), (200, 40, 40)).save(path)
+    for compressor in gen.compressors():
+        code, out, err = run_cli(capsys, "--image", path, "--prompt", QUESTION, "--max-new-tokens", 1, "--json",
+                                 "--compressor", compressor)
+        assert code == 0, (compressor, err)
+        visual = json.loads(out)["visual_tokens"]
+        assert 0 < visual["after"] <= visual["before"], (compressor, visual)
