@@ -9,7 +9,7 @@ The stage sits between the projector and the decoder. Per image it receives (`Im
                                the model passes): computed from `probes` by the method's score
                                (`score_of`, globalcom2/scores.py; the paper's is the last CLIP layer's
                                pre-softmax q_cls . k_j / sqrt(head_dim), mean over heads: docs/globalcom2.md
-                               "Inputs", the probe `SCORES`). Given scores stand for the method's score
+                               "Inputs", the probe `SCORE_PROBE`). Given scores stand for the method's score
     crop_scores   (C, P)       the same for every crop
     grid          (gw, gh)     columns and rows of crops (AnyRes best resolution / tile size)
     size          (w0, h0)     original image size in pixels
@@ -30,7 +30,8 @@ Together the crops form one H x W token grid, H = gh * side, W = gw * side, of w
 
 It returns (`Compressed`) what was kept: the tokens before the crop grid (`head`), the kept grid
 positions (`crop_keep`), merged tokens where a method merges; the model lays them out as LLaVA-NeXT
-does (minillava/layout.py `pack`). Only a `-paper` method emits its own `sequence`. Methods (`METHODS`):
+does (minillava/layout.py `pack`). Only a `-paper` method emits its own `sequence`. Methods (`STAGE_METHODS`;
+globalcom2/methods.py names them beside the methods that prune elsewhere):
 
     none              everything: the thumbnail in raster order and every unpadded crop token; packed,
                       the uncompressed LLaVA-NeXT sequence
@@ -95,7 +96,7 @@ default layout (unpadding), so the default emits at most, the `-paper` exactly, 
 VisionZip's and PruMerge+'s merges (`Compressed.thumb_merge` / `crop_merge`) say which positions each
 merged token stands for (PruMerge+ merges into kept tokens; a position in several clusters shows the
 first, and every non-kept position also goes into its tile's extra token, not recorded there).
-FastV (minillava/fastv.py) is no method here: it prunes the uncompressed sequence inside the decoder.
+FastV (globalcom2/fastv.py) is no method of this stage: it prunes the uncompressed sequence inside the decoder.
 
 GlobalCom2's methods but `globalcom2-paper` keep for the model's layout. The thumbnail keeps int(P * r)
 tokens in descending score order (its part has no newlines); crop c keeps int(N_c * scale_c) of its N_c
@@ -132,10 +133,10 @@ from .scoring import (
 
 SCORED = ("globalcom2", "uniform", "local-only", "global-only")  # the methods that take any token score
 SCORE_SUFFIX = {"attn": "cls_attn", "sim": "similarity"}  # NAME-attn, NAME-sim: NAME with that score
-METHODS = ("none", "globalcom2", "globalcom2-paper", "uniform", "local-only", "global-only", "random",
+STAGE_METHODS = ("none", "globalcom2", "globalcom2-paper", "uniform", "local-only", "global-only", "random",
            *(f"{m}-{s}" for m in SCORED for s in SCORE_SUFFIX), *PEERS)
 
-SCORES = TOKEN_SCORES[DEFAULT_SCORE].probe  # the paper's token score, the last layer's [CLS] logits
+SCORE_PROBE = TOKEN_SCORES[DEFAULT_SCORE].probe  # the probe of the paper's token score: the last layer's [CLS] logits
 
 
 def _base(method: str) -> str:
@@ -308,8 +309,8 @@ def check_arguments(method: str, ratio: float, seed: int = 0) -> float:
     (the random method's torch.Generator overflows at 2**64); return the ratio as a float."""
     if not 0 <= seed <= 2**63 - 1:
         raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed!r}")
-    if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; expected one of {', '.join(METHODS)}")
+    if method not in STAGE_METHODS:
+        raise ValueError(f"unknown compression method {method!r}; expected one of {', '.join(STAGE_METHODS)}")
     try:
         value = float(ratio)
     except (TypeError, ValueError):

@@ -63,7 +63,7 @@ def generate_batch(
     Result carries them); decode_tokens_per_s is the row's tokens over the batch's decode time. Each
     Result's timings also hold its own (minillava/eval/efficiency.py reads them): `first_token`, seconds
     from the batch's start to the row's first answer token; `own_prefill`, the prefill that computed it
-    (the batch's, or the row's own for FastV); `own_decode`, the row's share of its decode time.
+    (the batch's, or the row's own for a decoder-side method); `own_decode`, the row's share of its decode time.
 
     Greedy (temperature 0) ids of a row are those of the question answered alone (tests/test_batch.py);
     with a temperature each row samples from its own generator seeded with `seed`, as alone, so only
@@ -73,9 +73,9 @@ def generate_batch(
     in its row) fails alone: with `return_exceptions` its place holds the exception (a USER_ERRORS
     one) and the other rows are answered; otherwise the first failure is raised.
 
-    `compressor` "fastv" prunes inside the prefill, whose kept count differs per image, so the layers
-    from K on would hold a different number of slots per row: its questions are decoded one at a time
-    (the tower still runs once for all of them)."""
+    A decoder-side method (`fastv`: a prompt with a `schedule`) prunes inside the prefill, whose kept
+    count differs per image, so its pruned layers would hold a different number of slots per row: its
+    questions are decoded one at a time (the tower still runs once for all of them)."""
     device, steps = model.device, steps or Steps()
     limits = [max_new_tokens] * len(items) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(limits) != len(items):
@@ -104,15 +104,15 @@ def generate_batch(
             rows.append(_Row(i, prompt))
         except USER_ERRORS as e:
             out[i] = e
-    # FastV rows one by one (see the docstring); all others in one batch
-    groups = [[r] for r in rows] if compressor == "fastv" else [rows] if rows else []
+    # rows pruned in the decoder one by one (see the docstring); all others in one batch
+    groups = [[r] for r in rows] if any(r.prompt.schedule for r in rows) else [rows] if rows else []
     decoded, own = {}, {}
     for group in groups:
         spent = timings["prefill"], timings["decode"]
         for row, ids in zip(group, decode_batch(model, tokenizer, group, temperature, top_p, seed, on_text, steps,
                                                 timings), strict=True):
             decoded[row.index] = (row, ids)
-        # this group's own timings (per row: FastV's groups are single rows); decode_batch times the
+        # this group's own timings (per row: pruned rows' groups are single rows); decode_batch times the
         # decode up to its return, so its first tokens were out `decode` seconds before now
         prefill, decode = timings["prefill"] - spent[0], timings["decode"] - spent[1]
         first = time.perf_counter() - decode - t0
@@ -164,8 +164,8 @@ def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], tempe
     t, n = embeds.shape[1], max(r.prompt.limit for r in rows)
     # slots, not positions: past the context only when rows' lengths differ so much that the longest
     # prompt plus the longest answer exceeds it
-    fastv = rows[0].prompt.fastv if b == 1 else None
-    slots = cache_slots(model, t + n, fastv)
+    schedule = rows[0].prompt.schedule if b == 1 else ()
+    slots = cache_slots(model, t + n, schedule)
     model.llm.setup_cache(b, slots[0], layer_lengths=slots)
     generators = [torch.Generator(device).manual_seed(seed) for _ in rows] if temperature > 0 else None
     lengths = torch.tensor([r.prompt.embeds.shape[0] for r in rows], device=device)
@@ -175,7 +175,7 @@ def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], tempe
     reader = TokenReader(device, n, b)
 
     t0 = time.perf_counter()
-    logits = steps.prefill(model, embeds, fastv) if input_pos.dim() == 1 else steps.prefill(model, embeds, None, input_pos)
+    logits = steps.prefill(model, embeds, schedule) if input_pos.dim() == 1 else steps.prefill(model, embeds, (), input_pos)
     next_id = sample_rows(logits, temperature, top_p, generators)
     reader.start(0, next_id)
     _sync(device)

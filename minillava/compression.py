@@ -1,8 +1,9 @@
 """Between the projector and the decoder: each image's token sequence, uncompressed or compressed.
 
-The one module of minillava that calls the compression stage (`globalcom2`: tensors in, tensors out),
-and only for a compressor: the uncompressed model (`none`, and `fastv`, which prunes inside the
-decoder: minillava/fastv.py) never imports it. A compressor asks the tower for what it reads
+Where minillava calls the compression stage (`globalcom2`: tensors in, tensors out), and only for a
+method that compresses here (globalcom2/methods.py, place "stage"): the uncompressed model (`none`)
+never imports it, and a method that prunes inside the decoder (`fastv`) gets the plain sequence here
+and its schedule from minillava/schedule.py. A compressor asks the tower for what it reads
 (`globalcom2.needs`: [CLS] attention, keys, hidden states), computed from the tower's hidden states in
 its one pass over all tiles, then keeps a subset of each image's tokens, which the model lays out as
 LLaVA-NeXT does (minillava/layout.py `pack`). The stage is told whether the tower has a [CLS] token
@@ -18,14 +19,33 @@ from .layout import grid_share
 from .model import Encoded, LlavaNext
 from .trust import ConfigError
 
-UNCOMPRESSED = ("none", "fastv")  # no stage: the plain sequence (FastV prunes it in the decoder)
-
-
 def compressors() -> tuple[str, ...]:
-    """Every name `--compressor` takes: the stage's methods, and fastv."""
+    """Every name `--compressor` takes: the method table's (globalcom2/methods.py)."""
     import globalcom2
 
-    return (*globalcom2.METHODS, "fastv")
+    return tuple(globalcom2.METHODS)
+
+
+def compressor_help() -> str:
+    """`--compressor`'s help: the method table's (globalcom2/methods.py `HELP`)."""
+    import globalcom2
+
+    return globalcom2.HELP
+
+
+def place(method: str) -> str | None:
+    """Where `method` drops tokens (globalcom2/methods.py: "tower", "stage" or "decoder"); None for `none`,
+    the plain sequence, which never imports the compression package."""
+    if method == "none":
+        return None
+    import globalcom2
+
+    return globalcom2.method(method).place
+
+
+def in_stage(method: str) -> bool:
+    """Whether `method` compresses between the projector and the decoder."""
+    return place(method) == "stage"
 
 
 def has_cls(model: LlavaNext) -> bool:
@@ -36,7 +56,7 @@ def has_cls(model: LlavaNext) -> bool:
 def needs(model: LlavaNext, method: str) -> tuple:
     """The tower probes `method` reads on this model's tower (globalcom2.needs); a method that reads
     [CLS] attention is refused on a tower without [CLS], as a one-line ConfigError."""
-    if method in UNCOMPRESSED:
+    if method == "none":
         return ()
     import globalcom2
 
@@ -80,7 +100,7 @@ def sequences(model: LlavaNext, images: list[Encoded], method: str, ratio: float
     """Each image's token sequence (T, D) for the decoder, and the uncompressed one's length (OneVision:
     after its downscale, `LlavaNext.uncompressed_length`). Each image is compressed on its own (the random
     method seeded per image, as answered alone)."""
-    if method in UNCOMPRESSED:
+    if not in_stage(method):
         return [(model.image_tokens(im), model.uncompressed_length(im)) for im in images]
     import globalcom2
 

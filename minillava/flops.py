@@ -56,15 +56,16 @@ def prefill_flops(spec: LlmSpec, tokens: int, causal: bool = False) -> dict[str,
     return {"linear": linear, "attention": attention, "lm_head": lm_head, "total": linear + attention + lm_head}
 
 
-def pruned_prefill_flops(spec: LlmSpec, tokens: int, layer: int, kept: int) -> int:
-    """`prefill_flops` total of a prefill whose layers from `layer` on see only `kept` of the `tokens`
-    positions (FastV: layers 0 .. K-1 at T, K .. L-1 at T - dropped; the lm_head once), as FastV's paper
-    counts its own savings. The cost of the K-1 layer's attention row that picks the tokens is not counted."""
-    early = prefill_flops(LlmSpec(spec.name, layer, spec.hidden, spec.intermediate, spec.heads, spec.kv_heads,
-                                  spec.vocab), tokens)
-    late = prefill_flops(LlmSpec(spec.name, spec.layers - layer, spec.hidden, spec.intermediate, spec.heads,
-                                 spec.kv_heads, spec.vocab), kept)
-    return early["linear"] + early["attention"] + late["linear"] + late["attention"] + early["lm_head"]
+def layered_prefill_flops(spec: LlmSpec, layer_tokens: list[int]) -> int:
+    """`prefill_flops` total of a prefill whose layer i sees `layer_tokens[i]` positions (a decoder-side
+    method's schedule: minillava/schedule.py `layer_lengths`; FastV: T in layers 0 .. K-1, T - dropped
+    from K on, as FastV's paper counts its own savings); the lm_head once. What a stage reads to choose
+    its tokens (FastV: layer K-1's attention row) is not counted."""
+    if len(layer_tokens) != spec.layers:
+        raise ValueError(f"{len(layer_tokens)} layer token counts for a decoder of {spec.layers} layers")
+    one = LlmSpec(spec.name, 1, spec.hidden, spec.intermediate, spec.heads, spec.kv_heads, spec.vocab)
+    layers = sum(prefill_flops(one, t)["linear"] + prefill_flops(one, t)["attention"] for t in layer_tokens)
+    return layers + prefill_flops(one, 0)["lm_head"]
 
 
 def kv_cache_bytes(spec: LlmSpec, tokens: int, bytes_per_value: int = 2) -> int:

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from .anyres import Tiles
-from .compression import compressors, encode, sequences
+from .compression import compressor_help, compressors, encode, sequences
 from .config import LlavaConfig, load_config
-from .fastv import FastV
 from .model import LlavaNext
+from .schedule import build as build_schedule, layer_lengths
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, Spec
 from .conversation import FLAG as CONV_FLAG, TEMPLATES, choose_template
 from .tokenizer import PromptError, StreamDecoder, Tokenizer, load_tokenizer
@@ -31,17 +31,6 @@ from .weights import DEFAULT_MODEL, checkpoint_files, load_model, read_layout, r
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_COMPRESSOR = "globalcom2"
-COMPRESSOR_HELP = (
-    "visual-token compression: globalcom2 (default) and globalcom2-paper (token for token the published "
-    "code); the paper's ablations uniform, local-only, global-only; each of those four also as NAME-attn "
-    "(token score: FasterVLM's layer -2 [CLS] attention instead of the paper's last-layer [CLS] logits) and "
-    "NAME-sim (score -cos(x_i, mean of the tile's tokens), x the projector's input: our choice of layer and "
-    "mean, docs/globalcom2.md); on a tower without [CLS] (SigLIP) the plain names score by similarity and "
-    "the [CLS] methods (-paper, -attn, the peers) refuse; a seeded random floor; none (plain "
-    "LLaVA-NeXT); the peers fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is "
-    "ignored: PruMerge+ chooses its own count), each also as NAME-paper (the published sequence), and fastv "
-    "(prunes inside the decoder after layer 2; needs more than 2 decoder layers). Each is described in docs/methods.md"
-)
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
 RATIO_HELP = (f"fraction of visual tokens kept, in (0, 1] (default {DEFAULT_RETENTION_RATIO}, the paper's default); on "
               "OneVision's downscaled crop grid, of the tokens the uncompressed model sees, selected on the "
@@ -94,13 +83,14 @@ def read_checkpoint(model_dir: Path, conv_template: str | None = None) -> tuple[
     return cfg, tokenizer
 
 
-def prefill(model: LlavaNext, embeds: torch.Tensor, fastv: FastV | None = None,
+def prefill(model: LlavaNext, embeds: torch.Tensor, schedule: tuple = (),
             input_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the prompts (B, T, D) from position 0, filling the cache (with `fastv`: pruning the image
-    tokens before layer K); logits of the last position (B, V). `input_pos` (B, T): per-row positions
-    of left-padded prompts, PAD (-1) on the padding (minillava/batch.py `pad_left`); default 0 .. T-1."""
+    """Run the prompts (B, T, D) from position 0, filling the cache (with a decoder-side method's
+    `schedule`: pruning between layers, minillava/schedule.py); logits of the last position (B, V).
+    `input_pos` (B, T): per-row positions of left-padded prompts, PAD (-1) on the padding
+    (minillava/batch.py `pad_left`); default 0 .. T-1."""
     pos = torch.arange(embeds.shape[1], device=embeds.device) if input_pos is None else input_pos
-    hidden = model.llm(embeds, pos, prefill=True, prune=fastv)
+    hidden = model.llm(embeds, pos, prefill=True, schedule=schedule)
     return model.logits(hidden[:, -1])
 
 
@@ -225,14 +215,15 @@ class Prompt:
 
     embeds: torch.Tensor  # (T, D)
     limit: int  # answer tokens at most: max_new_tokens, cut to the context
-    fastv: FastV | None  # where FastV prunes it, for the fastv compressor
+    schedule: tuple  # a decoder-side method's stages for it (minillava/schedule.py); () for the others
     visual_tokens: dict[str, int]  # "before" and "after" compression
 
 
 def prepare(model: LlavaNext, tokenizer: Tokenizer, question: str, image: torch.Tensor, before: int,
             compressor: str, retention_ratio: float, max_new_tokens: int) -> Prompt:
     """The decoder input of one question about its image's tokens (T_img, D) (`before` of them
-    uncompressed); PromptError if it does not fit the context, ConfigError if FastV cannot prune this model."""
+    uncompressed); PromptError if it does not fit the context, ConfigError if a decoder-side method
+    cannot prune this model."""
     chunks = tokenizer.encode_question(question)  # the checkpoint's conversation template (`load`)
     embeds = model.prompt_embeds(chunks, [image])[0]
     length, context = embeds.shape[0], model.cfg.text.max_position_embeddings
@@ -241,27 +232,20 @@ def prepare(model: LlavaNext, tokenizer: Tokenizer, question: str, image: torch.
             f"the prompt and image take {length} tokens but the model's context is {context}; "
             "shorten the prompt or compress the image (--compressor globalcom2 --retention-ratio 0.25)"
         )
-    layers, fastv = model.cfg.text.num_hidden_layers, None
-    if compressor == "fastv":  # the uncompressed image, pruned by the decoder in its prefill
-        fastv = FastV.from_ratio(len(chunks[0]), image.shape[0], retention_ratio)
-        if fastv.layer >= layers:
-            raise ConfigError(f"FastV prunes after decoder layer {fastv.layer}, but this model has only {layers} "
-                              "decoder layers; use another --compressor")
-    # fastv: `after` is what the layers from K on see (the layers before K see all `before`)
-    visual = {"before": before, "after": fastv.keep_count if fastv else image.shape[0]}
-    return Prompt(embeds, min(max_new_tokens, context - length), fastv, visual)
+    # a decoder-side method prunes the image in the prefill; `after` is what its last layers see
+    stages = build_schedule(compressor, len(chunks[0]), image.shape[0], retention_ratio,
+                            model.cfg.text.num_hidden_layers)
+    visual = {"before": before, "after": image.shape[0] - sum(stage.dropped for stage in stages)}
+    return Prompt(embeds, min(max_new_tokens, context - length), stages, visual)
 
 
-def cache_slots(model: LlavaNext, length: int, fastv: FastV | None = None) -> list[int]:
+def cache_slots(model: LlavaNext, length: int, schedule: tuple = ()) -> list[int]:
     """KV cache slots of each decoder layer for `length` positions (prompt and answer), rounded up to
     CACHE_BUCKET so that a compiled decode step is reused, never past the context unless `length` is;
-    FastV's layers from K on never hold the image tokens it drops."""
-    context, layers = model.cfg.text.max_position_embeddings, model.cfg.text.num_hidden_layers
+    the layers after a decoder-side method's stage never hold what it dropped (`layer_lengths`)."""
+    context = model.cfg.text.max_position_embeddings
     bucket = lambda k: max(k, min(context, -(-k // CACHE_BUCKET) * CACHE_BUCKET))  # noqa: E731
-    slots = [bucket(length)] * layers
-    if fastv is not None:
-        slots[fastv.layer :] = [bucket(length - fastv.dropped)] * (layers - fastv.layer)
-    return slots
+    return [bucket(k) for k in layer_lengths(schedule, length, model.cfg.text.num_hidden_layers)]
 
 
 @torch.inference_mode()
@@ -295,14 +279,14 @@ def generate(
     t2 = time.perf_counter()
     prompt = prepare(model, tokenizer, question, tokens, before, compressor, retention_ratio, max_new_tokens)
     t, n = prompt.embeds.shape[0], prompt.limit
-    slots = cache_slots(model, t + n, prompt.fastv)
+    slots = cache_slots(model, t + n, prompt.schedule)
     model.llm.setup_cache(1, slots[0], layer_lengths=slots)
     generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
     positions = torch.arange(t, t + n, device=device).view(n, 1, 1)  # answer token s at [s]: (1, 1) each
     reader = TokenReader(device, n)
 
     t3 = time.perf_counter()  # the prompt's tokenisation and the cache set-up above are in no timing
-    next_id = sample(steps.prefill(model, prompt.embeds[None], prompt.fastv), temperature, top_p, generator)
+    next_id = sample(steps.prefill(model, prompt.embeds[None], prompt.schedule), temperature, top_p, generator)
     reader.start(0, next_id)
     _sync(device)
     t4 = time.perf_counter()
@@ -394,7 +378,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--prompt", required=True, help="the question about the image")
     p.add_argument("--compressor", default=DEFAULT_COMPRESSOR, choices=compressors(),
-                   help=COMPRESSOR_HELP)
+                   help=compressor_help())
     p.add_argument("--retention-ratio", type=ratio_arg, default=DEFAULT_RETENTION_RATIO, metavar="R",
                    help=RATIO_HELP)
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")

@@ -149,6 +149,19 @@ def sequence_places(grid: tuple[int, int], area: tuple[int, int, int, int], side
     return torch.cat([torch.arange(P), cells.flatten()])
 
 
+def on_grid(kept: torch.Tensor, grid: tuple[int, int], area: tuple[int, int, int, int],
+            side: int, max_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a decoder-side method (FastV) kept of the uncompressed image sequence, `kept` (k,) long
+    indices into it (minillava/schedule.py `kept_positions`), on the
+    thumbnail (its positions (k0,) long) and the crop grid ((H, W) bool); kept newlines have no place.
+    `max_tiles`: OneVision's downscaled grid, each token marked at the cell under its centre."""
+    places = sequence_places(grid, area, side, max_tiles).to(kept.device)[kept]
+    P, H, W = side * side, grid[1] * side, grid[0] * side
+    crop_keep = torch.zeros(H * W, dtype=torch.bool, device=kept.device)
+    crop_keep[places[places >= P] - P] = True
+    return places[(places >= 0) & (places < P)], crop_keep.view(H, W)
+
+
 def uncompressed_length(area: tuple[int, int, int, int], side: int, max_tiles: int | None = None) -> int:
     """Tokens of the uncompressed sequence: the thumbnail's P, then h rows of w tokens and a newline
     (OneVision, `max_tiles`: the downscaled h' x w' grid's rows)."""

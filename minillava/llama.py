@@ -6,6 +6,8 @@ Parameter names follow transformers' `LlamaModel` (`embed_tokens`, `layers.N.sel
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -87,8 +89,9 @@ class KVCache(nn.Module):
     length x length.
 
     Slots fill in order and are shared by the rows: slot = position - `skipped`, where `skipped` (B,)
-    counts the prompt positions this row's layer does not hold: the image tokens FastV drops, in its
-    layers from K on (0 everywhere else); negative for a left-padded row (it starts later in the slots).
+    counts the prompt positions this row's layer does not hold: the tokens a decoder-side method's
+    stages dropped before this layer (FastV's image tokens, in its layers from K on; 0 everywhere else);
+    negative for a left-padded row (it starts later in the slots).
     Left padding aligns every row's last prompt token on the same slot, so a decode step writes one slot
     for all rows.
     """
@@ -224,7 +227,8 @@ class Decoder(nn.Module):
 
     def setup_cache(self, batch: int, length: int, device=None, dtype=None, layer_lengths: list[int] | None = None):
         """Allocate the KV cache for positions 0 .. `length`-1, and the RoPE table that goes with it.
-        `layer_lengths`: slots per layer, `length` each by default (FastV's layers from K on hold fewer).
+        `layer_lengths`: slots per layer, `length` each by default (a schedule's pruned layers hold fewer:
+        minillava/schedule.py).
         Memory is linear in the length: no length x length mask."""
         param = self.embed_tokens.weight
         device, dtype = torch.device(device or param.device), dtype or param.dtype
@@ -257,35 +261,75 @@ class Decoder(nn.Module):
         cos, sin = self.rope[:, input_pos.clamp(min=0)]
         return (cos, sin) if input_pos.dim() == 1 else (cos[:, None], sin[:, None])  # broadcast over heads
 
+    def query_key(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's queries and keys for its input x (B, T, D) at the positions of cos, sin: (B, H, T, hd)
+        each, the key heads repeated to the query heads (GQA). What a pruning stage reads of a layer's
+        attention, without running it."""
+        layer = self.layers[i]
+        attn = layer.self_attn
+        q, k = attn.qk(layer.input_layernorm(x), cos, sin)
+        return q, k.repeat_interleave(attn.heads // attn.kv_heads, dim=1)
+
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, prefill: bool = False,
-                prune: Prune | None = None) -> torch.Tensor:
+                schedule: Sequence[Stage] = ()) -> torch.Tensor:
         """Hidden states after the final norm, (B, T, D), for `embeds` (B, T, D) at positions `input_pos`:
         (T,) shared by every row, or (B, T) per row, PAD (-1) for a left-padding token (prefill only).
 
         `prefill`: the positions are 0 .. T-1, so attention is plain causal over the new tokens (no
         mask over the whole cache). Otherwise each query sees the cache up to its own position.
-        `prune` (prefill only): a method that drops tokens between two layers (FastV, minillava/fastv.py);
-        the layers from `prune.layer` on see and cache only what it keeps, so the result is (B, T', D).
+        `schedule` (a prefill of positions shared by the rows): a decoder-side method's stages
+        (globalcom2/methods.py), each before its layer K, layers ascending; the layers from K on see and
+        cache only what the stage keeps, at the positions it keeps (or its merged tokens there), so the
+        result is (B, T', D). minillava/schedule.py derives each layer's cache length from the same stages.
         """
-        if prune is not None and not (prefill and 0 < prune.layer < len(self.layers)):
-            raise ValueError(f"tokens are pruned in a prefill, before one of layers 1 .. {len(self.layers) - 1}")
+        check_schedule(schedule, len(self.layers), prefill and input_pos.dim() == 1)
+        stages = {stage.layer: stage for stage in schedule}
         cos, sin = self.positions(input_pos)
         x = layer_input = embeds
         for i, layer in enumerate(self.layers):
-            if prune is not None and i == prune.layer:  # keep what the method keeps, at its positions
-                keep = prune.keep(self.layers[i - 1], layer_input, cos, sin)
-                x, input_pos = x[:, keep], input_pos[keep]
+            if i in stages:  # keep what the stage keeps, at its positions
+                between = Between(layer_input, x, input_pos, lambda j, h, c=cos, s=sin: self.query_key(j, h, c, s))
+                kept = stages[i].keep(between)
+                index, merged = kept if isinstance(kept, tuple) else (kept, None)
+                x, input_pos = (x[:, index] if merged is None else merged), input_pos[index]
                 cos, sin = self.positions(input_pos)
-            layer_input = x  # for a method that reads this layer's attention
+            layer_input = x  # for a stage that reads this layer's attention
             x = layer(x, cos, sin, input_pos, prefill)
         return self.norm(x)
 
 
-class Prune(Protocol):
-    """A method that prunes the prompt inside the decoder (minillava/fastv.py): before decoder layer
-    `layer`, it reads the previous layer (its input `x` (B, T, D), positions' cos, sin) and returns the
-    prompt positions that the layers from `layer` on keep, ascending (T',) long."""
+class Stage(Protocol):
+    """One stage of a decoder-side method's schedule (globalcom2/fastv.py `FastV`): before decoder layer
+    `layer` it reads what the decoder lends it (`Between`) and returns the prompt positions the layers
+    from `layer` on keep, ascending (T',) long; or, where it merges, (positions (T',), the tokens (B, T', D)
+    that stand at them). `dropped`: how many positions it removes, known before the prefill (each later
+    layer's KV cache is sized by it: minillava/schedule.py)."""
 
     layer: int
+    dropped: int
 
-    def keep(self, previous: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor: ...
+    def keep(self, between: Between) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class Between:
+    """What a stage before layer K reads: layer K-1's input `previous_input` and output `x` (B, T, D), their
+    positions (T,), and `query_key(i, h)`, layer i's queries and keys (B, H, T, hd) for an input h at
+    those positions (`Decoder.query_key`)."""
+
+    previous_input: torch.Tensor
+    x: torch.Tensor
+    input_pos: torch.Tensor
+    query_key: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_schedule(schedule: Sequence[Stage], n_layers: int, shared_prefill: bool):
+    """A schedule prunes a prefill of positions shared by the rows, before layers 1 .. n_layers - 1, each
+    layer at most once, ascending."""
+    layers = [stage.layer for stage in schedule]
+    if not layers:
+        return
+    if not shared_prefill:
+        raise ValueError("tokens are pruned in a prefill of one prompt (positions (T,) shared by the rows)")
+    if layers != sorted(set(layers)) or not 0 < layers[0] <= layers[-1] < n_layers:
+        raise ValueError(f"a schedule prunes before layers 1 .. {n_layers - 1}, each once, ascending; got {layers}")

@@ -130,7 +130,6 @@ class MiniLlava(lmms):
             gen.warm_up(self.model, self.steps, batch=self.batch_size_per_gpu, compressor=self.compressor)
         # what each answered question cost, counted as minillava.eval's runner.answer counts it
         self.llm = LlmSpec.from_text(pretrained or gen.DEFAULT_MODEL, self.model.cfg.text)
-        self.fastv_layer = E.fastv_layer(self.compressor)
         self.shares: list[Share] = []  # one per generate_until call: see `efficiency`
 
     @classmethod
@@ -208,7 +207,7 @@ class MiniLlava(lmms):
                         share.failed += 1
                     else:
                         share.costs.append(E.question_cost(result, E.text_tokens(self.tokenizer, text), self.llm,
-                                                           self.fastv_layer))
+                                                           self.compressor, self.retention_ratio))
             bar.update(len(batch))
 
     def _answer(self, items: list[tuple], options: dict) -> list:

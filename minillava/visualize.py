@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .compression import compressors, encode, has_cls, needs, stage_inputs
+from .compression import compressors, encode, has_cls, needs, place, stage_inputs
 from .eval.files import write_atomic
-from .fastv import kept_positions, on_grid
 from .generate import (DTYPES, RATIO_HELP, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec,
                        ratio_arg, seed_arg)
-from .layout import downscaled_size
+from .layout import downscaled_size, on_grid
 from .model import LlavaNext
+from .schedule import kept_positions
 from .tokenizer import Tokenizer
 from .trust import load_image
 from .weights import DEFAULT_MODEL, load_model, resolve_model
@@ -33,14 +33,15 @@ from .weights import DEFAULT_MODEL, load_model, resolve_model
 class Picture:
     image: Image.Image  # the drawing
     before: int  # the image's tokens uncompressed
-    after: int  # the image's tokens as the decoder gets them (FastV: as its layers from K on see them)
+    after: int  # the image's tokens as the decoder gets them (a decoder-side method: as its last pruned layers see them)
 
 
 @torch.inference_mode()
 def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: float, seed: int = 0,
                  tokenizer: Tokenizer | None = None, prompt: str | None = None) -> Picture:
-    """The picture of what `compressor` keeps of the PIL `image` at retention ratio `ratio`. FastV's
-    choice depends on the question: it needs `tokenizer` and `prompt`, and runs the decoder's prefill."""
+    """The picture of what `compressor` keeps of the PIL `image` at retention ratio `ratio`. A decoder-side
+    method's (FastV's) choice depends on the question: it needs `tokenizer` and `prompt`, and runs the
+    decoder's prefill."""
     import globalcom2
     from globalcom2.layout import area_mask, to_crops
     from globalcom2.visualize import draw
@@ -50,23 +51,24 @@ def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: f
     # the score map shows the method's token score, or GlobalCom2's on this tower for a method without one
     cls = has_cls(model)
     needs(model, compressor)  # a [CLS] method on a tower without [CLS]: refused in one line, before anything runs
-    shown = compressor if compressor in globalcom2.METHODS and globalcom2.score_of(compressor, cls) else "globalcom2"
+    shown = compressor if compressor in globalcom2.STAGE_METHODS and globalcom2.score_of(compressor, cls) else "globalcom2"
     encoded = encode(model, [tiles], compressor, extra=needs(model, shown))
     features, area, note = stage_inputs(model, encoded)[0], encoded[0].area, ""
     before = model.uncompressed_length(encoded[0])
-    if compressor == "fastv":  # the prompt and FastV's plan exactly as generate makes them (`prepare`)
-        plan = prepare(model, tokenizer, prompt, model.image_tokens(encoded[0]), before, "fastv", ratio, 1)
-        length, fv = plan.embeds.shape[0], plan.fastv
+    if place(compressor) == "decoder":  # the prompt and its schedule exactly as generate makes them (`prepare`)
+        tokens = model.image_tokens(encoded[0])
+        plan = prepare(model, tokenizer, prompt, tokens, before, compressor, ratio, 1)
+        length, stages = plan.embeds.shape[0], plan.schedule
         model.llm.setup_cache(1, length)
-        prefill(model, plan.embeds[None], fv)
-        thumb_keep, crop_keep = on_grid(kept_positions(model.llm, fv, length), tiles.grid, area, side,
-                                        model.cfg.anyres_max)
+        prefill(model, plan.embeds[None], stages)
+        start = len(tokenizer.encode_question(prompt)[0])  # the image's first position in the prompt
+        kept = kept_positions(model.llm, stages, start, tokens.shape[0], length)
+        thumb_keep, crop_keep = on_grid(kept, tiles.grid, area, side, model.cfg.anyres_max)
         valid = area_mask(area, crop_keep.shape, crop_keep.device)
         ratios = (to_crops(crop_keep, tiles.grid, side).sum(1).double().cpu()
                   / to_crops(valid, tiles.grid, side).sum(1).double().cpu().clamp(min=1))  # (C,)
-        result, after = globalcom2.Compressed(thumb_keep, crop_keep, ratios), fv.keep_count
-        note = f"kept for decoder layers {fv.layer}+ (layers 0-{fv.layer - 1} see all) for: {prompt}" + (
-            f"; {note}" if note else "")
+        result, after = globalcom2.Compressed(thumb_keep, crop_keep, ratios), plan.visual_tokens["after"]
+        note = f"kept for decoder layers {stages[-1].layer}+ (layers 0-{stages[0].layer - 1} see all) for: {prompt}"
     else:
         result = globalcom2.compress([features], compressor, ratio, seed=seed)[0]
         after = model.image_tokens(encoded[0], None if compressor == "none" else result).shape[0]
@@ -105,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     quantize_args(p)
     args = p.parse_args(argv)
     args.spec = quantize_spec(p, args)
-    if args.compressor == "fastv" and args.prompt is None:
-        p.error("--compressor fastv needs --prompt: FastV keeps the image tokens the question attends to")
+    if place(args.compressor) == "decoder" and args.prompt is None:
+        p.error(f"--compressor {args.compressor} needs --prompt: it prunes inside the decoder, by the question's attention")
     return args
 
 
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     try:
         image = load_image(args.image)
         tokenizer = None
-        if args.compressor == "fastv":  # FastV's choice needs the decoder and the question
+        if place(args.compressor) == "decoder":  # its choice needs the decoder and the question
             model, tokenizer = load(args.model, device, dtype, quantize=args.spec)
         else:
             model = load_model(resolve_model(args.model), device, dtype, args.spec)  # no tokenizer needed

@@ -448,8 +448,8 @@ def bench_vision(plan: Plan, pixels: torch.Tensor, log) -> dict:
 
     def run_ours():  # the feature layer and GlobalCom2's [CLS] scores, as generate computes them
         x = ours(pixels, (-2,))[-2]  # the last layer's input
-        scores = globalcom2.tower_probes((globalcom2.SCORES,), {n_layers - 1: x}, ours.query_key, n_layers)
-        return x[:, 1:], scores[globalcom2.SCORES][:, 1:]
+        scores = globalcom2.tower_probes((globalcom2.SCORE_PROBE,), {n_layers - 1: x}, ours.query_key, n_layers)
+        return x[:, 1:], scores[globalcom2.SCORE_PROBE][:, 1:]
 
     def run_hf():  # what transformers' LLaVA-NeXT does: all hidden states, take -2
         return hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]

@@ -46,14 +46,15 @@ from globalcom2.scoring import TEMPERATURE, crop_scales, kept_counts, region_sum
 from minillava.anyres import tile_image  # noqa: E402
 from minillava.compression import encode, stage_inputs  # noqa: E402
 from minillava.eval import synthetic as S  # noqa: E402
-from minillava.fastv import FastV, kept_positions, on_grid  # noqa: E402
 from minillava.generate import decode_one_token, load, prefill  # noqa: E402
+from minillava.layout import on_grid  # noqa: E402
+from minillava.schedule import build as build_schedule, kept_positions  # noqa: E402
 from minillava.tokenizer import build_prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "weights" / "llava-next-tiny-scenes"
 RATIOS = (0.5, 0.25, 0.1)
-METHODS = (*(m for m in globalcom2.METHODS if m != "none"), "fastv")  # every compressor, the peers included
+METHODS = tuple(m for m in globalcom2.METHODS if m != "none")  # every compressor, the peers and fastv included
 EVERY_NEED = tuple(dict.fromkeys(need for m in globalcom2.METHODS for need in globalcom2.needs(m)))
 ROWS = (*METHODS, "oracle")  # the table's rows after none and the thumbnail alone
 GUIDANCE = {"cls_logits": "globalcom2", "cls_attn": "globalcom2-attn", "similarity": "globalcom2-sim"}  # score: method
@@ -64,17 +65,17 @@ FASTV_NOTE = ("FastV prunes before decoder layer K = 2; the tiny model's decoder
 
 
 @torch.inference_mode()
-def greedy(model, tokenizer, tokens: torch.Tensor, question: str, max_new_tokens: int = 8, fastv_ratio=None):
-    """The answer to `question` about an image given as its token sequence (T, D), greedy. With
-    `fastv_ratio` r, `tokens` is the uncompressed image and FastV keeps r of it in the prefill; then also
-    the indices into `tokens` it kept (else None)."""
+def greedy(model, tokenizer, tokens: torch.Tensor, question: str, max_new_tokens: int = 8, pruned=("none", 1.0)):
+    """The answer to `question` about an image given as its token sequence (T, D), greedy. With `pruned`
+    (a decoder-side method, r), `tokens` is the uncompressed image and the method keeps r of it in the
+    prefill; then also the indices into `tokens` its last pruned layers see (else None)."""
     chunks = tokenizer.encode_prompt(build_prompt(question))
     embeds = model.prompt_embeds(chunks, [tokens])
-    length = embeds.shape[1]
-    fastv = None if fastv_ratio is None else FastV.from_ratio(len(chunks[0]), tokens.shape[0], fastv_ratio)
-    model.llm.setup_cache(1, length + max_new_tokens)  # every layer this long: FastV's need fewer slots
-    token = prefill(model, embeds, fastv).argmax(-1)
-    kept = None if fastv is None else kept_positions(model.llm, fastv, length)
+    length, start = embeds.shape[1], len(chunks[0])
+    stages = build_schedule(pruned[0], start, tokens.shape[0], pruned[1], model.cfg.text.num_hidden_layers)
+    model.llm.setup_cache(1, length + max_new_tokens)  # every layer this long: pruned ones need fewer slots
+    token = prefill(model, embeds, stages).argmax(-1)
+    kept = kept_positions(model.llm, stages, start, tokens.shape[0], length) if stages else None
     ids = []
     for step in range(max_new_tokens):
         if token.item() == tokenizer.eos_id:
@@ -104,13 +105,13 @@ def oracle_scales(n_valid: np.ndarray, cards: np.ndarray, ratio: float) -> np.nd
 def answer(model, tokenizer, image, features: globalcom2.ImageFeatures, question: str, method: str, ratio: float,
            seed: int = 0, cards=None):
     """The answer with one compressor, and what it kept (a `Compressed`; None for the thumbnail alone).
-    `image` is the model's encoded image (minillava.model.Encoded), whose uncompressed sequence FastV
-    prunes in the decoder; `cards` (C,) the number of cards in each crop, which only the oracle reads."""
+    `image` is the model's encoded image (minillava.model.Encoded), whose uncompressed sequence a
+    decoder-side method (FastV) prunes in the decoder; `cards` (C,) the number of cards in each crop, which only the oracle reads."""
     if method == "thumbnail":
         return greedy(model, tokenizer, features.thumb, question)[0], None
     side = math.isqrt(features.thumb.shape[0])
-    if method == "fastv":
-        text, kept = greedy(model, tokenizer, model.image_tokens(image), question, fastv_ratio=ratio)
+    if method in globalcom2.METHODS and globalcom2.method(method).place == globalcom2.DECODER:
+        text, kept = greedy(model, tokenizer, model.image_tokens(image), question, pruned=(method, ratio))
         thumb_keep, crop_keep = on_grid(kept, image.grid, image.area, side, model.cfg.anyres_max)
         return text, globalcom2.Compressed(thumb_keep, crop_keep, torch.zeros(0, dtype=torch.float64))
     if method == "oracle":

@@ -45,13 +45,13 @@ def peer_case(grid, size, side, seed, heads=2, Dv=8, dtype=torch.float32):
 def tower_run(tower, pixels, feature_layer=-2, needs=()):
     """A tower's feature layer (without [CLS]), GlobalCom2's [CLS] scores (N, P) and the probes of `needs`,
     computed as minillava.compression does: hidden states from the tower, probes by globalcom2.probes."""
-    from globalcom2 import SCORES, hidden_states_needed, tower_probes
+    from globalcom2 import SCORE_PROBE, hidden_states_needed, tower_probes
 
     n = len(tower.encoder.layers)
-    asked = tuple(dict.fromkeys((SCORES, *needs)))
+    asked = tuple(dict.fromkeys((SCORE_PROBE, *needs)))
     states = tower(pixels, (feature_layer, *hidden_states_needed(asked, n)))
     probes = tower_probes(asked, states, tower.query_key, n)
-    return states[feature_layer][:, 1:], probes[SCORES][:, 1:], {need: probes[need] for need in needs}
+    return states[feature_layer][:, 1:], probes[SCORE_PROBE][:, 1:], {need: probes[need] for need in needs}
 
 
 def tokens(image, result):

@@ -25,7 +25,7 @@ from minillava.conversation import is_llava_vicuna
 from minillava.eval import TASKS, runner
 from minillava.eval import efficiency as E
 from minillava.eval import metrics as M
-from minillava.flops import LLAVA_7B, LLAVA_13B, LlmSpec, prefill_flops, pruned_prefill_flops
+from minillava.flops import LLAVA_7B, LLAVA_13B, LlmSpec, layered_prefill_flops, prefill_flops
 from minillava.generate import Result
 from tests import tiny
 from tests.test_eval import SHORT, llava_answers, one_error_line, png_b64, pope_data, write_json, write_jsonl
@@ -600,8 +600,10 @@ def test_flops_per_question_are_the_tables():
     # FastV: layers 0 .. K-1 see every token, K .. L-1 the kept ones; the lm_head once
     spec = LlmSpec("hand", layers=4, hidden=8, intermediate=16, heads=2, kv_heads=2, vocab=10)
     per_layer = lambda t: (prefill_flops(spec, t)["total"] - 2 * 8 * 10) // 4  # noqa: E731
-    assert pruned_prefill_flops(spec, 50, 2, 20) == 2 * per_layer(50) + 2 * per_layer(20) + 2 * 8 * 10
-    assert pruned_prefill_flops(LLAVA_13B, 900, 0, 900) == prefill_flops(LLAVA_13B, 900)["total"]
+    assert layered_prefill_flops(spec, [50, 50, 20, 20]) == 2 * per_layer(50) + 2 * per_layer(20) + 2 * 8 * 10
+    assert layered_prefill_flops(LLAVA_13B, [900] * 40) == prefill_flops(LLAVA_13B, 900)["total"]
+    with pytest.raises(ValueError, match="3 layer token counts for a decoder of 4 layers"):
+        layered_prefill_flops(spec, [50, 50, 20])
 
 
 def test_summary_arithmetic():
@@ -645,13 +647,15 @@ def test_run_reports_what_each_question_cost(tmp_path, capsys, deep, monkeypatch
 
     spec = LlmSpec.from_text("tiny", runner.load_config(model).text)
     assert len(costs) == 7
-    for length, ((result, text, _, fastv_layer), cost) in zip(lengths, costs, strict=True):
+    for length, ((result, text, _, method, ratio), cost) in zip(lengths, costs, strict=True):
         kept = text + result.visual_tokens["after"]
+        assert (method, ratio) == (compressor, 0.25)  # the run's, from which the schedule is rebuilt
         if compressor == "fastv":  # the decoder gets every token; layers from K = 2 on keep `kept`
-            assert fastv_layer == 2 and length == text + result.visual_tokens["before"]
-            assert cost.prefill_flops == pruned_prefill_flops(spec, length, 2, kept) < prefill_flops(spec, length)["total"]
+            assert length == text + result.visual_tokens["before"]
+            pruned = layered_prefill_flops(spec, [length, length, kept, kept])
+            assert cost.prefill_flops == pruned < prefill_flops(spec, length)["total"]
         else:
-            assert fastv_layer is None and length == kept
+            assert length == kept
             assert cost.prefill_flops == prefill_flops(spec, length)["total"]
         assert 0 < cost.prefill_s <= cost.ttft_s and cost.decode_s >= 0 and 0 <= cost.decode_tokens <= 3
     eff = line["efficiency"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from minillava import generate as gen
 from minillava.anyres import tile_image
-from minillava.fastv import FastV
+from globalcom2.fastv import FastV
 from minillava.llama import EMPTY
 from minillava.tokenizer import build_prompt
 from minillava.weights import load_model
@@ -167,7 +167,7 @@ def test_r_1_is_plain_llava_next(capsys, monkeypatch, deep_checkpoint, image_pat
         embeds, start, length = prompt_embeds(model, tokenizer, image_path)
         model.llm.setup_cache(1, embeds.shape[0])
         plain = gen.prefill(model, embeds[None])
-        pruned = gen.prefill(model, embeds[None], FastV.from_ratio(start, length, 1.0))
+        pruned = gen.prefill(model, embeds[None], (FastV.from_ratio(start, length, 1.0),))
     assert torch.equal(plain, pruned)
 
 
@@ -181,7 +181,7 @@ def test_grouped_query_attention_decoder_equals_the_naive_reference(tmp_path, to
     with torch.no_grad():
         ids, kept = fastv_reference(model, prompt, 5, 30, 0.3, eos_id=-1, max_new_tokens=6)
         model.llm.setup_cache(1, 64, layer_lengths=[64] * K + [64 - fastv.dropped])
-        got = [int(gen.prefill(model, prompt[None], fastv).argmax())]
+        got = [int(gen.prefill(model, prompt[None], (fastv,)).argmax())]
         for step in range(5):
             token = torch.tensor([[got[-1]]])
             got.append(int(gen.decode_one_token(model, token, torch.tensor([40 + step])).argmax()))
@@ -202,7 +202,7 @@ def test_fastv_needs_layers_after_k(capsys, monkeypatch, checkpoints, image_path
                      "--compressor", "fastv"])
     out, err = capsys.readouterr()
     assert code == 1 and out == ""
-    assert err.startswith("error: FastV prunes after decoder layer 2") and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: fastv prunes after decoder layer 2") and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

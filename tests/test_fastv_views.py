@@ -1,4 +1,4 @@
-"""FastV in the tools that show what a compressor kept: `minillava.fastv.on_grid` (sequence positions ->
+"""FastV in the tools that show what a compressor kept: `minillava.layout.on_grid` (sequence positions ->
 true grid), `python -m minillava.visualize --compressor fastv --prompt`, and `scripts/compression_table.py`."""
 
 import sys
@@ -12,7 +12,7 @@ import minillava.generate as gen
 from globalcom2.layout import area_mask, to_grid
 from minillava.anyres import tile_image
 from minillava.compression import encode, stage_inputs
-from minillava.fastv import on_grid
+from minillava.layout import on_grid
 from minillava.layout import crop_grid, pack, uncompressed_length
 from minillava.tokenizer import build_prompt
 from minillava.trust import load_image
@@ -70,6 +70,6 @@ def test_visualize_cli(capsys, deep_checkpoint, checkpoints, image_path, tmp_pat
         vis.main(["--model", str(deep_checkpoint), *args])
     assert e.value.code == 2 and "needs --prompt" in capsys.readouterr().err
     assert vis.main(["--model", str(checkpoints["hub"]), *args, "--prompt", QUESTION]) == 1  # 2 decoder layers
-    assert capsys.readouterr().err.startswith("error: FastV prunes after decoder layer 2") and not out.exists()
+    assert capsys.readouterr().err.startswith("error: fastv prunes after decoder layer 2") and not out.exists()
     assert vis.main(["--model", str(deep_checkpoint), *args, "--prompt", QUESTION]) == 0
     assert f"fastv, visual tokens 52 -> {round(52 * 0.25)}" in capsys.readouterr().out and out.exists()

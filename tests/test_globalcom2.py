@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from globalcom2 import METHODS, ImageFeatures, compress, compress_image
+from globalcom2 import STAGE_METHODS, ImageFeatures, compress, compress_image
 from globalcom2.layout import area_mask
 from globalcom2.peers import PEERS
 from minillava.layout import uncompressed_length, unpad_area
@@ -22,7 +22,7 @@ from tests.peers_cases import tokens
 
 # GlobalCom2's methods; the peers are tested in tests/test_peers*.py, the NAME-attn and NAME-sim variants
 # (the same algorithms with another token score) in tests/test_scores.py
-OWN = [m for m in METHODS if m not in PEERS and not m.endswith(("-attn", "-sim"))]
+OWN = [m for m in STAGE_METHODS if m not in PEERS and not m.endswith(("-attn", "-sim"))]
 
 NEWLINE = torch.tensor([-1.0, -1.0, -1.0])
 NL = "NL"
@@ -468,7 +468,7 @@ def test_ratio_outside_range_is_refused(ratio):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError) as error:
         compress([hand_image()], "globalcom3")
-    assert all(m in str(error.value) for m in METHODS)
+    assert all(m in str(error.value) for m in STAGE_METHODS)
 
 
 def test_shape_mismatch_is_refused():

@@ -38,7 +38,7 @@ def wide(tmp_path_factory, image_path):
 
 def test_every_peer_is_a_method():
     assert set(PEERS) <= set(globalcom2.METHODS)
-    assert globalcom2.needs("globalcom2") == (globalcom2.SCORES,) and globalcom2.needs("none") == ()
+    assert globalcom2.needs("globalcom2") == (globalcom2.SCORE_PROBE,) and globalcom2.needs("none") == ()
     assert globalcom2.needs("fastervlm") == (("cls_attn", -2),)
     assert set(globalcom2.needs("visionzip")) == {("cls_attn", -2), ("keys", -2), ("hidden", -2)}
     assert globalcom2.needs("hired") == (("cls_attn", 0), ("cls_attn", -2))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import globalcom2
-from globalcom2 import FEATURES, METHODS, SCORES, ImageFeatures, compress_image, needs, score_of, token_scores
+from globalcom2 import FEATURES, STAGE_METHODS, SCORE_PROBE, ImageFeatures, compress_image, needs, score_of, token_scores
 from globalcom2.compress import SCORED
 from globalcom2.peers import PEERS
 from minillava import generate as gen
@@ -27,7 +27,7 @@ from tests.test_globalcom2 import CASES, reference_scales, valid
 
 ATTN = ("cls_attn", -2)
 CLS_METHODS = [*PEERS, "globalcom2-paper", *(f"{m}-attn" for m in SCORED)]  # read a [CLS] token
-NO_CLS_METHODS = [m for m in METHODS if m not in CLS_METHODS]  # run on a tower without [CLS]
+NO_CLS_METHODS = [m for m in STAGE_METHODS if m not in CLS_METHODS]  # run on a tower without [CLS]
 
 
 def direct_similarity(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def case(grid, size, side, seed, has_cls=True, heads=2, Dv=8):
     features = torch.randn(N, c + P, Dv, generator=g)
     probes = {FEATURES: features}
     if has_cls:
-        probes[SCORES] = torch.randn(N, 1 + P, generator=g) * 3
+        probes[SCORE_PROBE] = torch.randn(N, 1 + P, generator=g) * 3
         probes[ATTN] = (torch.randn(N, heads, 1 + P, generator=g) * 2).softmax(-1)
     projected = project(features[:, c:])  # (N, P, 12)
     return ImageFeatures(projected[0], projected[1:], None, None, grid, size, unpad_area(grid, size, side),
@@ -74,7 +74,7 @@ def test_attention_and_logits_are_the_probes_patch_columns():
     assert torch.equal(thumb, attn[0, :, 1:].mean(0)) and torch.equal(crops, attn[1:, :, 1:].mean(1))
     for method in ("globalcom2", "globalcom2-paper", "uniform", "local-only", "global-only"):
         thumb, crops = token_scores(image, method)
-        assert torch.equal(thumb, image.probes[SCORES][0, 1:]) and torch.equal(crops, image.probes[SCORES][1:, 1:])
+        assert torch.equal(thumb, image.probes[SCORE_PROBE][0, 1:]) and torch.equal(crops, image.probes[SCORE_PROBE][1:, 1:])
 
 
 @pytest.mark.parametrize("has_cls", [True, False])
@@ -96,8 +96,8 @@ def test_a_score_is_a_parameter_not_a_copy(has_cls):
             same = compress_image(image, f"{base}-sim" if not has_cls else base, 0.25)
             assert torch.equal(tokens(image, plain), tokens(image, same))
         if has_cls:  # the model's former slicing of the [CLS] logits gives the same globalcom2-paper sequence
-            sliced = ImageFeatures(**{**image.__dict__, "probes": {}, "thumb_scores": image.probes[SCORES][0, 1:],
-                                      "crop_scores": image.probes[SCORES][1:, 1:]})
+            sliced = ImageFeatures(**{**image.__dict__, "probes": {}, "thumb_scores": image.probes[SCORE_PROBE][0, 1:],
+                                      "crop_scores": image.probes[SCORE_PROBE][1:, 1:]})
             assert torch.equal(compress_image(image, "globalcom2-paper", 0.25).sequence,
                                compress_image(sliced, "globalcom2-paper", 0.25).sequence)
 

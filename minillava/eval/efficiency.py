@@ -1,16 +1,16 @@
 """What a run cost, from the run that scored it: per-question measurements in, one summary out.
 
     meter = Meter(device)                    # after loading and warm-up: peaks reset, clock started
-    costs = [question_cost(result, text, spec, fastv_layer) for each answered question]
+    costs = [question_cost(result, text, spec, method, ratio) for each answered question]
     summary(costs, meter.stop())             # the `efficiency` object of the summary line
 
 The fields of `summary` (means over the questions this run answered; FIELDS says the same for --help):
-- visual_tokens_before / _after: visual tokens per question before and after compression (FastV: what
-  its layers from K on see).
+- visual_tokens_before / _after: visual tokens per question before and after compression (a
+  decoder-side method, FastV: what its last pruned layers see).
 - prefill_tflops: the theoretical TFLOPs of the question's real prefill, LLM-Viewer's count
   (minillava/flops.py `prefill_flops`, the docs/speed.md table's function) for its own token count:
-  template text, question and image tokens after compression, newlines included; FastV's layers from
-  K on at their pruned count. Batch padding is not counted (it is the question's own cost).
+  template text, question and image tokens after compression, newlines included; a decoder-side
+  method's layers at the counts its schedule leaves them (FastV: from layer K on). Batch padding is not counted (it is the question's own cost).
 - prefill_ms: wall time of the prefill that computed the question's first answer token (its batch's:
   shared by the rows of a --batch-size batch, which are prefilled together), device synchronised.
 - ttft_ms: time to first token: from the start of the question's batch (tiling its images) through
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from ..fastv import FastV
-from ..flops import LlmSpec, prefill_flops, pruned_prefill_flops
+from ..flops import LlmSpec, layered_prefill_flops
 from ..generate import Result
+from ..schedule import build as build_schedule, layer_lengths
 
 MIB = 1 << 20
 
@@ -71,19 +71,15 @@ def text_tokens(tokenizer, prompt: str) -> int:
     return sum(len(chunk) for chunk in tokenizer.encode_question(prompt))
 
 
-def fastv_layer(compressor: str) -> int | None:
-    """`question_cost`'s `fastv_layer` for a run of `compressor`: FastV's K (the layer its pruning starts at)."""
-    return FastV.from_ratio(0, 1, 1.0).layer if compressor == "fastv" else None
-
-
-def question_cost(result: Result, text: int, spec: LlmSpec, fastv_layer: int | None = None) -> QuestionCost:
+def question_cost(result: Result, text: int, spec: LlmSpec, method: str = "none", ratio: float = 1.0) -> QuestionCost:
     """The cost of one answered question from its Result (generate_batch's) and its `text` token count.
-    `fastv_layer`: K when FastV pruned it (its layers from K on see `after` instead of `before` image tokens)."""
+    `method` at `ratio`: a decoder-side method's layers see what its schedule leaves them (rebuilt here
+    for the question's `before` image tokens, as generate.prepare built it); the others' every layer
+    sees `after`."""
     before, after = result.visual_tokens["before"], result.visual_tokens["after"]
-    if fastv_layer is None:
-        flops = prefill_flops(spec, text + after)["total"]
-    else:
-        flops = pruned_prefill_flops(spec, text + before, fastv_layer, text + after)
+    stages = build_schedule(method, 0, before, ratio, spec.layers)
+    image = layer_lengths(stages, before, spec.layers) if stages else [after] * spec.layers
+    flops = layered_prefill_flops(spec, [text + n for n in image])
     t = result.timings_s
     return QuestionCost(before, after, flops, t["own_prefill"], t["first_token"], max(len(result.token_ids) - 1, 0),
                         t["own_decode"])

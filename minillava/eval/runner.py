@@ -21,7 +21,7 @@ from .. import generate as gen
 from ..trust import check_regular
 from ..config import load_config
 from ..batch import generate_batch
-from ..compression import compressors
+from ..compression import compressor_help, compressors
 from ..conversation import is_llava_vicuna
 from ..flops import LlmSpec
 from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=gen.DEFAULT_MODEL,
                    help=f"checkpoint directory or hub id (default {gen.DEFAULT_MODEL})")
     p.add_argument("--compressor", default=gen.DEFAULT_COMPRESSOR, choices=compressors(),
-                   help=gen.COMPRESSOR_HELP)
+                   help=compressor_help())
     p.add_argument("--retention-ratio", type=ratio_arg, default=gen.DEFAULT_RETENTION_RATIO, metavar="R",
                    help=gen.RATIO_HELP)
     p.add_argument("--limit", type=int, metavar="N", help="only the first N questions of the question file")
@@ -243,7 +243,6 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
         steps = compile_steps(model)
         warm_up(model, steps, batch=min(args.batch_size, len(questions)), compressor=args.compressor)
     spec = LlmSpec.from_text(args.model, model.cfg.text)
-    fastv_layer = E.fastv_layer(args.compressor)
     costs, meter = [], E.Meter(device)  # from here on: answering
     writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
     share = f" (rank 0 of {world.size})" if world.size > 1 else ""
@@ -259,7 +258,8 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
                 tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
             else:
                 record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
-                costs.append(E.question_cost(result, E.text_tokens(tokenizer, q.prompt), spec, fastv_layer))
+                costs.append(E.question_cost(result, E.text_tokens(tokenizer, q.prompt), spec, args.compressor,
+                                              args.retention_ratio))
             record.update(model_id=args.model, metadata=settings)
             writer.write(record)
             bar.update(1)

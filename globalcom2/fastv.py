@@ -1,5 +1,5 @@
 """FastV (Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2"): prune the image tokens inside
-the decoder, once, in the prefill.
+the decoder, once, in the prefill. A decoder-side method: a schedule of one stage (globalcom2/methods.py).
 
 As its KV-cache code prunes (pkunlp-icler/FastV: `LlamaModel.fastv_forward`, its `use_cache` branch, in
 src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py; and
@@ -7,7 +7,8 @@ src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py;
 span [start, start + length) keep the `keep` tokens that the prompt's last token attends to most in
 layer K-1 (mean over heads), and every text token. Layers from K on see and cache only those, in prompt
 order, at their original positions (RoPE and mask); layers before K see and cache everything. The
-decoder calls `FastV.keep` between layers K-1 and K (minillava/llama.py `Decoder.forward`, `prune`).
+decoder calls `FastV.keep` between layers K-1 and K (minillava/llama.py `Decoder.forward`, its
+`schedule`), lending it the queries and keys of its layers; nothing here imports the model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import sequence_places
 
 
 def last_query_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -62,33 +62,14 @@ class FastV:
         text = torch.arange(self.start, device=device), torch.arange(end, t, device=device)
         return torch.cat([text[0], top, text[1]]).sort().values
 
-    def keep(self, previous, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The decoder's pruning point: `previous` is layer K-1, x (B, T, D) its input, cos and sin (T, hd)
-        its positions'. Its queries and keys are computed again from x (the same numbers the layer
-        computed; one more q and k projection of one layer, against reading them out of every layer)."""
-        if cos.dim() != 2:
-            raise ValueError("FastV reads one prompt: pass positions (T,) shared by the rows")
-        attn = previous.self_attn
-        q, k = attn.qk(previous.input_layernorm(x), cos, sin)
-        scores = last_query_attention(q, k.repeat_interleave(attn.heads // attn.kv_heads, dim=1))
-        return self.kept(scores)
+    def keep(self, between) -> torch.Tensor:
+        """The decoder's pruning point (minillava/llama.py `Between`): the queries and keys of layer K-1
+        for its input, computed again (the same numbers the layer computed; one more q and k projection
+        of one layer, against reading them out of every layer), rank the image tokens."""
+        q, k = between.query_key(self.layer - 1, between.previous_input)
+        return self.kept(last_query_attention(q, k))
 
 
-def kept_positions(llm, fastv: FastV, length: int) -> torch.Tensor:
-    """Indices into the uncompressed image sequence (ascending) of the image tokens FastV kept, read from
-    the KV cache of decoder layer K after the prefill of a `length`-token prompt: its first slots hold
-    the positions the layers from K on see (minillava/llama.py `KVCache`)."""
-    pos = llm.layers[fastv.layer].self_attn.cache.pos[: length - fastv.dropped]
-    return pos[(pos >= fastv.start) & (pos < fastv.start + fastv.length)] - fastv.start
-
-
-def on_grid(kept: torch.Tensor, grid: tuple[int, int], area: tuple[int, int, int, int],
-            side: int, max_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What FastV kept of the uncompressed image sequence, `kept` (k,) long indices into it, on the
-    thumbnail (its positions (k0,) long) and the crop grid ((H, W) bool); kept newlines have no place.
-    `max_tiles`: OneVision's downscaled grid, each token marked at the cell under its centre."""
-    places = sequence_places(grid, area, side, max_tiles).to(kept.device)[kept]
-    P, H, W = side * side, grid[1] * side, grid[0] * side
-    crop_keep = torch.zeros(H * W, dtype=torch.bool, device=kept.device)
-    crop_keep[places[places >= P] - P] = True
-    return places[(places >= 0) & (places < P)], crop_keep.view(H, W)
+def fastv_schedule(start: int, length: int, ratio: float) -> tuple[FastV]:
+    """FastV's schedule for a prompt whose image tokens are [start, start + length): one stage."""
+    return (FastV.from_ratio(start, length, ratio),)

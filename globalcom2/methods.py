@@ -1,0 +1,75 @@
+"""Every method in one table: where it prunes, what it reads from the tower, and its function.
+
+Tokens can be dropped or merged at three places, each with one mechanism in the model:
+
+    tower    between the vision tower's layers (minillava/clip.py `Tower.forward`, its `schedule`)
+    stage    between the projector and the decoder: `compress_image` (globalcom2/compress.py) on one
+             image's features, what it keeps laid out by the model (minillava/layout.py)
+    decoder  between the decoder's layers, in the prefill (minillava/llama.py `Decoder.forward`, its
+             `schedule`): the method builds a schedule of stages for one prompt, each at a layer
+
+`METHODS` names every method (`none` included: the stage's identity). A stage method's function is
+`compress_image(image, name, ratio, seed)`; a decoder method's, `schedule(start, length, ratio)` -> its
+stages for a prompt whose image tokens are [start, start + length). What follows from a schedule (each
+layer's cache length, positions, the FLOPs count) is derived from it in one place on the model's side
+(minillava/schedule.py). No tower method exists yet; the tower's mechanism takes one the same way.
+
+The CLI's choices, its help (`HELP`), the evaluation, the demo, visualize and the FLOPs count all read
+this table; nothing else tests a method's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .compress import STAGE_METHODS, compress_image
+from .compress import needs as stage_needs
+from .fastv import fastv_schedule
+
+TOWER, STAGE, DECODER = "tower", "stage", "decoder"
+
+
+@dataclass(frozen=True)
+class Method:
+    place: str  # TOWER, STAGE or DECODER: where it drops tokens
+    run: Callable  # STAGE: compress_image(image, name, ratio, seed); DECODER: (start, length, ratio) -> stages
+
+
+METHODS = {
+    **{name: Method(STAGE, compress_image) for name in STAGE_METHODS},
+    "fastv": Method(DECODER, fastv_schedule),  # FastV: one stage before decoder layer 2 (globalcom2/fastv.py)
+}
+
+HELP = (
+    "visual-token compression: globalcom2 (default) and globalcom2-paper (token for token the published "
+    "code); the paper's ablations uniform, local-only, global-only; each of those four also as NAME-attn "
+    "(token score: FasterVLM's layer -2 [CLS] attention instead of the paper's last-layer [CLS] logits) and "
+    "NAME-sim (score -cos(x_i, mean of the tile's tokens), x the projector's input: our choice of layer and "
+    "mean, docs/globalcom2.md); on a tower without [CLS] (SigLIP) the plain names score by similarity and "
+    "the [CLS] methods (-paper, -attn, the peers) refuse; a seeded random floor; none (plain "
+    "LLaVA-NeXT); the peers fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is "
+    "ignored: PruMerge+ chooses its own count), each also as NAME-paper (the published sequence), and fastv "
+    "(prunes inside the decoder after layer 2; needs more than 2 decoder layers). Each is described in docs/methods.md"
+)
+
+
+def method(name: str) -> Method:
+    """The table's entry, or a one-line ValueError naming every method."""
+    if name not in METHODS:
+        raise ValueError(f"unknown compression method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def needs(name: str, has_cls: bool = True) -> tuple[tuple[str, int], ...]:
+    """The tower probes (globalcom2/probes.py) `name` reads, on a tower with or without [CLS]: a stage
+    method's (`compress.needs`, which refuses a [CLS] method on a tower without it); none for a decoder
+    method, which reads the decoder."""
+    return stage_needs(name, has_cls) if method(name).place == STAGE else ()
+
+
+def schedule(name: str, start: int, length: int, ratio: float) -> tuple:
+    """A decoder method's stages for one prompt whose image tokens are [start, start + length); () for a
+    method that prunes elsewhere."""
+    entry = method(name)
+    return entry.run(start, length, ratio) if entry.place == DECODER else ()
