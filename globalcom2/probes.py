@@ -20,7 +20,7 @@ A tower without [CLS] (SigLIP) gives every kind without the [CLS] entry: 1 + P b
 
 All of them come from the tower's hidden states (`hidden_states_needed` says which) and, for the
 attention kinds, the layer's [CLS] query and keys for its input (`query_key(layer, x)`, the tower's:
-minillava/clip.py `VisionTower.query_key`). One query row, never the T x T attention matrix.
+minillava/clip.py `ClipTower.query_key`). One query row, never the T x T attention matrix.
 """
 
 from __future__ import annotations

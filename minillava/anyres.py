@@ -84,9 +84,11 @@ def _normalise(pixels: np.ndarray, mean, std) -> torch.Tensor:
 
 @dataclass
 class Tiles:
-    pixels: torch.Tensor  # (1 + gw*gh, 3, tile, tile) float32, normalised; 0 = thumbnail, then crops row-major
+    pixels: torch.Tensor  # (1 + gw*gh, 3, tile, tile) float32, normalised: the thumbnail at `thumb`, the crops
+    # row-major around it
     grid: tuple[int, int]  # (gw, gh): columns, rows of crops
     size: tuple[int, int]  # (w0, h0): original image size
+    thumb: int = 0  # the thumbnail's index among the tiles (LLaVA-NeXT and OneVision: first; config.Family)
 
 
 def tile_image(

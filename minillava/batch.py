@@ -17,7 +17,7 @@ from .compression import encode, sequences
 from .generate import (USER_ERRORS, NumericsError, Prompt, Result, Steps, TokenReader, _sync, cache_slots,
                        check_token, prepare, sample)
 from .llama import PAD
-from .model import LlavaNext
+from .model import Llava
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -41,7 +41,7 @@ class _Row:
 
 @torch.inference_mode()
 def generate_batch(
-    model: LlavaNext,
+    model: Llava,
     tokenizer: Tokenizer,
     items: list[tuple],
     compressor: str = "none",
@@ -154,7 +154,7 @@ def pad_left(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return padded, pos.clamp(min=PAD)
 
 
-def decode_batch(model: LlavaNext, tokenizer: Tokenizer, rows: list[_Row], temperature: float, top_p: float,
+def decode_batch(model: Llava, tokenizer: Tokenizer, rows: list[_Row], temperature: float, top_p: float,
                  seed: int, on_text, steps: Steps, timings: dict) -> list[list[int] | NumericsError]:
     """Prefill the rows as one left-padded batch, then decode them together through one static KV
     cache until every row has stopped (EOS or its own limit); each row's ids, or the NumericsError of a

@@ -16,19 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import ACTIVATIONS
+from .anyres import CLIP_MEAN, CLIP_STD
 from .config import VisionConfig
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# config.json's hidden_act -> the function (transformers' ACT2FN names); SigLIP's is gelu_pytorch_tanh
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 class Embeddings(nn.Module):
@@ -96,9 +86,12 @@ class Encoder(nn.Module):
 class Tower(nn.Module):
     """What CLIP and SigLIP share: an embedding (the subclass's `embed`), the encoder layers, and the
     hidden states read off them. `has_cls`: whether every tile's tokens begin with a [CLS] token (CLIP
-    yes, SigLIP no); the P patch tokens follow it in raster order either way."""
+    yes, SigLIP no); the P patch tokens follow it in raster order either way. `mean` and `std`: the
+    normalisation its tiles are given (minillava/model.py `Llava.tile`)."""
 
     has_cls: bool
+    mean: tuple[float, float, float]  # the tiles' normalisation (pixels in [0, 1]): (x - mean) / std per channel
+    std: tuple[float, float, float]
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -143,10 +136,11 @@ class Tower(nn.Module):
         return attn.split(attn.q_proj(h[:, :1])), attn.split(attn.k_proj(h))
 
 
-class VisionTower(Tower):
+class ClipTower(Tower):
     """CLIP ViT. `forward` returns what LLaVA-NeXT and GlobalCom2 need from it, and no more."""
 
     has_cls = True
+    mean, std = CLIP_MEAN, CLIP_STD  # its image normalisation (CLIP's image processor)
 
     def __init__(self, cfg: VisionConfig):
         super().__init__(cfg)

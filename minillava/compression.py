@@ -16,7 +16,7 @@ import torch
 
 from .anyres import Tiles
 from .layout import grid_share
-from .model import Encoded, LlavaNext
+from .model import Encoded, Llava
 from .trust import ConfigError
 
 def compressors() -> tuple[str, ...]:
@@ -48,12 +48,12 @@ def in_stage(method: str) -> bool:
     return place(method) == "stage"
 
 
-def has_cls(model: LlavaNext) -> bool:
+def has_cls(model: Llava) -> bool:
     """Whether the model's vision tower puts a [CLS] token first (CLIP does; SigLIP has none)."""
     return getattr(model.vision, "has_cls", True)
 
 
-def needs(model: LlavaNext, method: str) -> tuple:
+def needs(model: Llava, method: str) -> tuple:
     """The tower probes `method` reads on this model's tower (globalcom2.needs); a method that reads
     [CLS] attention is refused on a tower without [CLS], as a one-line ConfigError."""
     if method == "none":
@@ -66,7 +66,7 @@ def needs(model: LlavaNext, method: str) -> tuple:
         raise ConfigError(str(e)) from None
 
 
-def encode(model: LlavaNext, tiles: list[Tiles], method: str, extra=()) -> list[Encoded]:
+def encode(model: Llava, tiles: list[Tiles], method: str, extra=()) -> list[Encoded]:
     """The images through the tower and projector, with what `method` reads from the tower (and the
     probes `extra`, e.g. GlobalCom2's scores for a picture, from the same pass)."""
     own = needs(model, method)  # refuses before the tower runs
@@ -82,23 +82,27 @@ def encode(model: LlavaNext, tiles: list[Tiles], method: str, extra=()) -> list[
     return model.encode_images(tiles, layers, probe)
 
 
-def stage_inputs(model: LlavaNext, images: list[Encoded]) -> list:
-    """What the compression stage takes for each image (globalcom2.ImageFeatures). The token scores are
+def stage_inputs(model: Llava, images: list[Encoded]) -> list:
+    """What the compression stage takes for each image (globalcom2.ImageFeatures): the model's `Encoded`
+    (what the tower and projector made of the image) and what the model lends the stage (its newline,
+    its projector, whether its tower has [CLS], how much of the crop grid its decoder sees). The token scores are
     left to the stage, which computes the method's from the probes. On a model that downscales a large
     crop grid (OneVision) the stage still selects on the full-resolution crops, its crops' budget scaled
     to the downscaled grid (`grid_share`): r keeps r of the visual tokens the decoder would see."""
     import globalcom2
 
     side, max_tiles = model.cfg.vision.patches_per_side, model.cfg.anyres_max
-    return [globalcom2.ImageFeatures(im.thumb, im.crops, None, None, im.grid, im.size, im.area, model.image_newline,
-                                     im.probes, model.projector, has_cls(model), grid_share(im.area, side, max_tiles))
+    return [globalcom2.ImageFeatures(thumb=im.thumb, crops=im.crops, thumb_scores=None, crop_scores=None, grid=im.grid,
+                                     size=im.size, area=im.area, newline=model.image_newline, probes=im.probes,
+                                     project=model.projector, has_cls=has_cls(model),
+                                     grid_share=grid_share(im.area, side, max_tiles))
             for im in images]
 
 
-def sequences(model: LlavaNext, images: list[Encoded], method: str, ratio: float,
+def sequences(model: Llava, images: list[Encoded], method: str, ratio: float,
               seed: int = 0) -> list[tuple[torch.Tensor, int]]:
     """Each image's token sequence (T, D) for the decoder, and the uncompressed one's length (OneVision:
-    after its downscale, `LlavaNext.uncompressed_length`). Each image is compressed on its own (the random
+    after its downscale, `Llava.uncompressed_length`). Each image is compressed on its own (the random
     method seeded per image, as answered alone)."""
     if not in_stage(method):
         return [(model.image_tokens(im), model.uncompressed_length(im)) for im in images]

@@ -47,7 +47,7 @@ class VisionConfig:
     patch_size: int = 32  # patch side in pixels (a token per patch)
     num_channels: int = 3  # tiles are RGB
     layer_norm_eps: float = 1e-5  # floats: finite and > 0
-    hidden_act: str = "quick_gelu"  # MLP activation, one of clip.ACTIVATIONS
+    hidden_act: str = "quick_gelu"  # MLP activation, one of activations.ACTIVATIONS
     model_type: str = "clip"  # "clip" (clip.py: [CLS] first) or "siglip" (siglip.py: no [CLS])
 
     @property
@@ -91,9 +91,27 @@ class TextConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
 
+@dataclass(frozen=True)
+class Family:
+    """How a model family sees an image: the towers it is released with (VisionConfig.model_type; each
+    tower carries its own normalisation, minillava/model.py `TOWERS`) and how it packs the crop grid. Both
+    tile with AnyRes, thumbnail first (anyres.py; `Tiles.thumb` says where a tiler put it) and project
+    with LLaVA's mlp2x_gelu."""
+
+    towers: tuple[str, ...]
+    downscales: bool  # packs a crop grid of more than about `anyres_max` tiles downscaled (layout.py)
+
+
+FAMILIES = {
+    "llava-next": Family(towers=("clip",), downscales=False),  # LLaVA-1.6
+    "llava-onevision": Family(towers=("siglip",), downscales=True),  # anyres_max_N (docs/onevision.md)
+}
+
+
 @dataclass
 class LlavaConfig:
-    """The whole LLaVA-NeXT model: tower, projector, AnyRes settings and decoder."""
+    """The whole LLaVA-NeXT model: tower, projector, AnyRes settings and decoder; `family` says which of
+    FAMILIES it is."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -107,8 +125,13 @@ class LlavaConfig:
     # LLaVA-OneVision's anyres_max_N: the unpadded crop grid is bilinearly downscaled to about N tiles'
     # tokens when larger (layout.downscaled_size). None: LLaVA-NeXT, never downscaled.
     anyres_max: int | None = None
+    family: str = "llava-next"  # a FAMILIES key, decided once when config.json is parsed
     vision_from_shapes: bool = False  # original layout with an unknown tower: sizes come from the weights
     quantization: Spec | None = None  # quantization_config of a checkpoint from python -m minillava.quantize
+
+    @property
+    def family_spec(self) -> Family:
+        return FAMILIES[self.family]
 
 
 # transformers' MistralConfig defaults where they differ from LlamaConfig's (transformers 5.24,
@@ -276,6 +299,7 @@ def _onevision_hf(raw: dict) -> LlavaConfig:
         projector_bias=bias,
         layout="transformers",
         anyres_max=_anyres_max(raw.get("vision_aspect_ratio", "anyres_max_9"), "vision_aspect_ratio"),
+        family="llava-onevision",
     )
 
 
@@ -327,6 +351,7 @@ def parse_config(raw) -> LlavaConfig:
             layout="original",
             vision_from_shapes=known is None,
             anyres_max=anyres_max,
+            family="llava-next" if anyres_max is None else "llava-onevision",
         )
     else:
         raise ConfigError("config.json is neither a transformers LLaVA-NeXT config nor an original LLaVA one")

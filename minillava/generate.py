@@ -21,7 +21,7 @@ import torch
 from .anyres import Tiles
 from .compression import compressor_help, compressors, encode, sequences
 from .config import LlavaConfig, load_config
-from .model import LlavaNext
+from .model import Llava
 from .schedule import build as build_schedule, layer_lengths
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, Spec
 from .conversation import FLAG as CONV_FLAG, TEMPLATES, choose_template
@@ -55,7 +55,7 @@ class Result:
 
 
 def load(model: str, device="cpu", dtype: torch.dtype | None = None,
-         conv_template: str | None = None, quantize: Spec | None = None) -> tuple[LlavaNext, Tokenizer]:
+         conv_template: str | None = None, quantize: Spec | None = None) -> tuple[Llava, Tokenizer]:
     """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`;
     `quantize`: the decoder's linears weight-only int8 / int4, quantized while loading (minillava/quant.py).
     The config is validated whole, the tokenizer checked against it and the conversation template chosen
@@ -83,7 +83,7 @@ def read_checkpoint(model_dir: Path, conv_template: str | None = None) -> tuple[
     return cfg, tokenizer
 
 
-def prefill(model: LlavaNext, embeds: torch.Tensor, schedule: tuple = (),
+def prefill(model: Llava, embeds: torch.Tensor, schedule: tuple = (),
             input_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompts (B, T, D) from position 0, filling the cache (with a decoder-side method's
     `schedule`: pruning between layers, minillava/schedule.py); logits of the last position (B, V).
@@ -94,7 +94,7 @@ def prefill(model: LlavaNext, embeds: torch.Tensor, schedule: tuple = (),
     return model.logits(hidden[:, -1])
 
 
-def decode_one_token(model: LlavaNext, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def decode_one_token(model: Llava, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """One step: token ids (B, 1) at positions `pos` ((B, 1) per row, or (1,) for every row) -> logits (B, V)."""
     hidden = model.llm(model.llm.embed_tokens(token), pos)
     return model.logits(hidden[:, -1])
@@ -155,7 +155,7 @@ class Steps:
     compiled: bool = False
 
 
-def compile_steps(model: LlavaNext) -> Steps:
+def compile_steps(model: Llava) -> Steps:
     """torch.compile the decode step (fixed shapes: static cache, one token; CUDA graphs on CUDA), and
     the vision tower and prefill with dynamic shapes (tile counts and prompt lengths vary)."""
     mode = "reduce-overhead" if model.device.type == "cuda" else None
@@ -168,7 +168,7 @@ def compile_steps(model: LlavaNext) -> Steps:
 
 
 @torch.inference_mode()
-def warm_up(model: LlavaNext, steps: Steps, cache_length: int = CACHE_BUCKET, batch: int = 1,
+def warm_up(model: Llava, steps: Steps, cache_length: int = CACHE_BUCKET, batch: int = 1,
             compressor: str = "none") -> float:
     """Run each compiled call once on dummy inputs so compilation is paid here, not in the timings
     of the first answer: the tower as `compressor` will call it (the hidden states it reads), `batch`
@@ -219,7 +219,7 @@ class Prompt:
     visual_tokens: dict[str, int]  # "before" and "after" compression
 
 
-def prepare(model: LlavaNext, tokenizer: Tokenizer, question: str, image: torch.Tensor, before: int,
+def prepare(model: Llava, tokenizer: Tokenizer, question: str, image: torch.Tensor, before: int,
             compressor: str, retention_ratio: float, max_new_tokens: int) -> Prompt:
     """The decoder input of one question about its image's tokens (T_img, D) (`before` of them
     uncompressed); PromptError if it does not fit the context, ConfigError if a decoder-side method
@@ -239,7 +239,7 @@ def prepare(model: LlavaNext, tokenizer: Tokenizer, question: str, image: torch.
     return Prompt(embeds, min(max_new_tokens, context - length), stages, visual)
 
 
-def cache_slots(model: LlavaNext, length: int, schedule: tuple = ()) -> list[int]:
+def cache_slots(model: Llava, length: int, schedule: tuple = ()) -> list[int]:
     """KV cache slots of each decoder layer for `length` positions (prompt and answer), rounded up to
     CACHE_BUCKET so that a compiled decode step is reused, never past the context unless `length` is;
     the layers after a decoder-side method's stage never hold what it dropped (`layer_lengths`)."""
@@ -250,7 +250,7 @@ def cache_slots(model: LlavaNext, length: int, schedule: tuple = ()) -> list[int
 
 @torch.inference_mode()
 def generate(
-    model: LlavaNext,
+    model: Llava,
     tokenizer: Tokenizer,
     image,
     question: str,

@@ -5,8 +5,8 @@ the prompt -> decoder. OneVision (docs/onevision.md) is the same model with a Si
 
 An image's way through it (minillava/generate.py `generate` runs it for one question):
     PIL -> anyres.tile_image -> (1 + crops) tiles
-        -> VisionTower: the hidden states of every tile (clip.py)
-        -> Projector: the feature layer (-2) without [CLS], into the decoder's width
+        -> the tower (`TOWERS`: clip.py, siglip.py): the hidden states of every tile
+        -> Projector: the feature layer (CLIP: -2 without [CLS]), into the decoder's width
         -> layout.pack: the thumbnail's tokens, then the crop grid unpadded, a newline closing each row
            (a compressor, minillava/compression.py, decides which of them are kept)
         -> spliced between the prompt's text embeddings -> Decoder prefill -> decode loop
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anyres import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, Tiles, tile_image
-from .clip import Tower, VisionTower
+from .anyres import Tiles, tile_image
+from .clip import ClipTower, Tower
 from .config import LlavaConfig
 from .layout import compressed_sequence, crop_grid, downscaled_size, pack, unpad_area, uncompressed_length
 from .llama import Decoder, Linear
@@ -50,14 +50,24 @@ class Encoded:
     grid: tuple[int, int]  # (gw, gh) columns, rows of crops
     size: tuple[int, int]  # (w0, h0) original image size in pixels
     area: tuple[int, int, int, int]  # (top, bottom, left, right) the unpadded part of the crop grid
-    probes: dict = field(default_factory=dict)  # {name: (1 + gw*gh, ...)} what a compressor asked of the tower
+    probes: dict = field(default_factory=dict)  # {name: (1 + gw*gh, ...)} what a compressor asked of the tower,
+    # the thumbnail's row first
 
 
-class LlavaNext(nn.Module):
+# The vision towers by VisionConfig.model_type; each carries its own normalisation (`mean`, `std`) and says
+# whether its tokens begin with [CLS] (`has_cls`). A family names the towers it is released with
+# (config.py `FAMILIES`).
+TOWERS: dict[str, type[Tower]] = {"clip": ClipTower, "siglip": SiglipTower}
+
+
+class Llava(nn.Module):
+    """A LLaVA-family model of any of config.py's FAMILIES (LLaVA-NeXT, LLaVA-OneVision): tower, projector,
+    the image's token sequence, decoder."""
+
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision: Tower = SiglipTower(cfg.vision) if cfg.vision.model_type == "siglip" else VisionTower(cfg.vision)
+        self.vision: Tower = TOWERS[cfg.vision.model_type](cfg.vision)
         self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector_bias)
         self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
         self.llm = Decoder(cfg.text)
@@ -74,9 +84,8 @@ class LlavaNext(nn.Module):
 
     def tile(self, image) -> Tiles:
         """A PIL image as this model's tiles: its pinpoints and tile size, its tower's normalisation
-        (CLIP's mean and std; SigLIP's 0.5, LLaVA-NeXT's siglip_encoder.py SigLipImageProcessor)."""
-        mean, std = (SIGLIP_MEAN, SIGLIP_STD) if self.cfg.vision.model_type == "siglip" else (CLIP_MEAN, CLIP_STD)
-        return tile_image(image, self.cfg.grid_pinpoints, self.cfg.vision.image_size, mean, std)
+        (`TOWERS`: CLIP's mean and std; SigLIP's 0.5)."""
+        return tile_image(image, self.cfg.grid_pinpoints, self.cfg.vision.image_size, self.vision.mean, self.vision.std)
 
     def encode_images(self, tiles: list[Tiles], layers=(), probe: Callable | None = None) -> list[Encoded]:
         """All tiles of all images through the tower and projector in one batch, split back per image.
@@ -95,8 +104,11 @@ class LlavaNext(nn.Module):
         out, start = [], 0
         for t in tiles:
             n = t.pixels.shape[0]
-            out.append(Encoded(features[start], features[start + 1 : start + n], t.grid, t.size,
-                               unpad_area(t.grid, t.size, side), {k: p[start : start + n] for k, p in probes.items()}))
+            # the thumbnail first, then the crops row-major, wherever the family put its thumbnail
+            order = torch.tensor([t.thumb, *(i for i in range(n) if i != t.thumb)], device=features.device) + start
+            mine = features[order]  # (1 + C, P, D)
+            out.append(Encoded(mine[0], mine[1:], t.grid, t.size, unpad_area(t.grid, t.size, side),
+                               {k: p[order.to(p.device)] for k, p in probes.items()}))
             start += n
         return out
 
@@ -104,10 +116,10 @@ class LlavaNext(nn.Module):
         """One image's token sequence for the decoder, (T, D): LLaVA-NeXT's uncompressed one, or what a
         compressor `kept` (globalcom2.Compressed) laid out the same way; a `-paper` method's published
         sequence as it made it."""
-        if kept is None:  # OneVision: the unpadded grid downscaled when large, as published
+        if kept is None:  # a family that downscales (OneVision): the unpadded grid downscaled when large
             size = downscaled_size(image.area, self.cfg.vision.patches_per_side, self.cfg.anyres_max)
             return pack(image.thumb, crop_grid(image.crops, image.grid), image.area, self.image_newline,
-                        size=size if self.cfg.anyres_max is not None else None)
+                        size=size if self.cfg.family_spec.downscales else None)
         # a compressor's choice on the full-resolution grid, packed there (layout.py)
         return compressed_sequence(kept, image.crops, image.grid, image.area, self.image_newline)
 

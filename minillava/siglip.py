@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .anyres import SIGLIP_MEAN, SIGLIP_STD
 from .clip import Encoder, Tower
 from .config import VisionConfig
 
@@ -32,6 +33,7 @@ class SiglipTower(Tower):
     """SigLIP ViT without its pooling head: hidden states of P = side * side patch tokens per tile."""
 
     has_cls = False
+    mean, std = SIGLIP_MEAN, SIGLIP_STD  # 0.5 each: LLaVA-NeXT's siglip_encoder.py SigLipImageProcessor
 
     def __init__(self, cfg: VisionConfig):
         super().__init__(cfg)

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import typing
 
+from .activations import ACTIVATIONS
 from .trust import ConfigError, show
 
 # name -> (lowest, highest, why the highest). The highest values are generous (several times the
@@ -116,14 +117,13 @@ def check_vision(cfg):
     """The tower's rules and what depends on it (feature layer, pinpoints); `cfg` is a LlavaConfig.
     Separate from parsing because an original-layout config with an unknown tower learns the tower's
     sizes from the weights, which come through here too."""
-    from .clip import ACTIVATIONS  # clip imports config, which imports this module: imported here
-
     v, tile = cfg.vision, cfg.vision.image_size
     for name, kind in field_kinds(type(v)).items():
         check_value(f"vision_config.{name}", getattr(v, name), name, kind)
     if v.model_type not in ("clip", "siglip"):
         raise ConfigError(f"vision_config.model_type {show(v.model_type)}: the tower is CLIP or SigLIP only")
-    if (v.model_type == "siglip") != (cfg.anyres_max is not None):  # what each family was trained with
+    family = cfg.family_spec  # what each family was trained with
+    if v.model_type not in family.towers or family.downscales != (cfg.anyres_max is not None):
         raise ConfigError("a SigLIP tower goes with LLaVA-OneVision's anyres_max, a CLIP one with LLaVA-NeXT's "
                           "anyres; this config mixes them")
     if v.hidden_act not in ACTIVATIONS:

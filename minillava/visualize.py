@@ -22,7 +22,7 @@ from .eval.files import write_atomic
 from .generate import (DTYPES, RATIO_HELP, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec,
                        ratio_arg, seed_arg)
 from .layout import downscaled_size, on_grid
-from .model import LlavaNext
+from .model import Llava
 from .schedule import kept_positions
 from .tokenizer import Tokenizer
 from .trust import load_image
@@ -37,7 +37,7 @@ class Picture:
 
 
 @torch.inference_mode()
-def kept_picture(model: LlavaNext, image: Image.Image, compressor: str, ratio: float, seed: int = 0,
+def kept_picture(model: Llava, image: Image.Image, compressor: str, ratio: float, seed: int = 0,
                  tokenizer: Tokenizer | None = None, prompt: str | None = None) -> Picture:
     """The picture of what `compressor` keeps of the PIL `image` at retention ratio `ratio`. A decoder-side
     method's (FastV's) choice depends on the question: it needs `tokenizer` and `prompt`, and runs the

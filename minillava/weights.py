@@ -17,7 +17,7 @@ import torch
 
 from . import quant
 from .config import LlavaConfig, load_config, vision_config_from_shapes
-from .model import LlavaNext
+from .model import Llava
 from .quant import Spec, swap_linears
 from .trust import ConfigError, Entry, WeightsError, checkpoint_paths, is_hub_id, map_file, read_header, read_index, show
 from .validate import check_vision
@@ -100,7 +100,7 @@ class Plan:
     which linears are quantized: while loading (from float weights) or stored so (`stored`)."""
 
     cfg: LlavaConfig
-    model: LlavaNext
+    model: Llava
     layout: dict[str, Entry]
     spec: Spec | None
     quantized: set[str]  # module names (llm.layers.0.self_attn.q_proj, lm_head)
@@ -122,7 +122,7 @@ def plan_load(model_dir: str | Path, quantize: Spec | None = None) -> Plan:
     if cfg.text.tie_word_embeddings and "lm_head.weight" not in layout:
         layout["lm_head.weight"] = layout["llm.embed_tokens.weight"]
     with torch.device("meta"):
-        model = LlavaNext(cfg)
+        model = Llava(cfg)
     quantized = set(swap_linears(model, spec)) if spec else set()
     expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
     if spec and cfg.quantization is None:  # quantized while loading: the checkpoint holds each linear's (N, K) float weight
@@ -149,7 +149,7 @@ def plan_load(model_dir: str | Path, quantize: Spec | None = None) -> Plan:
     return Plan(cfg, model, layout, spec, quantized, cfg.quantization is not None)
 
 
-def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantize: Spec | None = None) -> LlavaNext:
+def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantize: Spec | None = None) -> Llava:
     """Build the model from `model_dir` (config.json + safetensors) on `device` in `dtype`.
 
     The model is built on the meta device, and each file is memory-mapped. A tensor already in the

@@ -39,12 +39,12 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import globalcom2  # noqa: E402
 from minillava.anyres import tile_image  # noqa: E402
-from minillava.clip import VisionTower  # noqa: E402
+from minillava.clip import ClipTower  # noqa: E402
 from minillava.config import KNOWN_TOWERS, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from minillava.flops import LLAVA_7B, LLAVA_13B, LlmSpec, kv_cache_bytes, prefill_flops, tower_flops  # noqa: E402,F401
 from minillava.generate import CACHE_BUCKET, Steps, TokenReader, compile_steps, decode_one_token, prefill, sample  # noqa: E402
 from minillava.layout import compressed_sequence, uncompressed_length, unpad_area  # noqa: E402
-from minillava.model import LlavaNext  # noqa: E402
+from minillava.model import Llava  # noqa: E402
 from minillava.quant import DEFAULT_GROUP_SIZE, QuantizedLinear, Spec, quantize_model  # noqa: E402
 
 CLIP_L336 = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]
@@ -439,7 +439,7 @@ def bench_vision(plan: Plan, pixels: torch.Tensor, log) -> dict:
     eager = hf_clip(plan.vision, "eager")
     eager.load_state_dict(hf.state_dict(), strict=True, assign=True)  # share hf's tensors
     with torch.device("meta"):
-        ours = VisionTower(plan.vision)
+        ours = ClipTower(plan.vision)
     state = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
     ours.load_state_dict(state, strict=True, assign=True)
     ours.eval()
@@ -490,7 +490,7 @@ STUB_VISION = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_laye
 
 
 def build_decoders(text: TextConfig):
-    """transformers' LlamaForCausalLM with random weights, and our LlavaNext whose decoder and lm_head are
+    """transformers' LlamaForCausalLM with random weights, and our Llava whose decoder and lm_head are
     the very same tensors (so only one copy is in memory)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -502,7 +502,7 @@ def build_decoders(text: TextConfig):
         rms_norm_eps=text.rms_norm_eps, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )).eval().requires_grad_(False)
     with torch.device("meta"):
-        ours = LlavaNext(LlavaConfig(vision=STUB_VISION, text=text))
+        ours = Llava(LlavaConfig(vision=STUB_VISION, text=text))
     for module in (ours.vision, ours.projector):
         module.to_empty(device="cpu")
         for p in module.parameters():
@@ -515,7 +515,7 @@ def build_decoders(text: TextConfig):
     return ours, hf
 
 
-def decoder_weight_bytes(model: LlavaNext) -> int:
+def decoder_weight_bytes(model: Llava) -> int:
     """Bytes of weights a decode step reads: every block, the final norm, lm_head and one embedding row."""
     llm = model.llm
     blocks = sum(p.numel() * p.element_size() for p in llm.layers.parameters())
@@ -525,7 +525,7 @@ def decoder_weight_bytes(model: LlavaNext) -> int:
     return blocks + norm + head + row
 
 
-def decoder_params(model: LlavaNext) -> int:
+def decoder_params(model: Llava) -> int:
     return sum(p.numel() for p in model.llm.parameters()) + model.lm_head.weight.numel()
 
 
@@ -546,7 +546,7 @@ def random_embeds(hf, length: int, seed: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def bench_prefill(plan: Plan, ours: LlavaNext, hf, compressed_lengths: dict[str, int], log) -> dict:
+def bench_prefill(plan: Plan, ours: Llava, hf, compressed_lengths: dict[str, int], log) -> dict:
     """Rows 3 and 5 (ours vs transformers at each prefill length, and the bare matmul), row 7 (ours at the
     real token counts of the image, compressed vs not)."""
     lengths = list(plan.prefill_lengths) + list(compressed_lengths.values())
@@ -599,7 +599,7 @@ def bench_prefill(plan: Plan, ours: LlavaNext, hf, compressed_lengths: dict[str,
 
 
 @torch.inference_mode()
-def bench_decode(plan: Plan, ours: LlavaNext, hf, log) -> dict:
+def bench_decode(plan: Plan, ours: Llava, hf, log) -> dict:
     """Row 4 (greedy decode tokens/s, ours with compile_steps vs transformers' generate) and row 6 (bytes/s)."""
     prompt, n = plan.decode_prompt, plan.new_tokens
     cache = -(-(prompt + n) // CACHE_BUCKET) * CACHE_BUCKET  # as generate() sizes it
@@ -717,17 +717,17 @@ def bench_batch_eval(plan: Plan, log, model_name: str = "llava-next-tiny-scenes"
 BATCH_DTYPES = ("bfloat16", "float32")  # row 11a, row 11b
 
 
-def in_dtype(ours: LlavaNext, dtype: torch.dtype) -> LlavaNext:
+def in_dtype(ours: Llava, dtype: torch.dtype) -> Llava:
     """A copy of `ours` with every weight in `dtype` (built on the meta device, so the copy is the only new
     memory)."""
     with torch.device("meta"):
-        copy = LlavaNext(ours.cfg)
+        copy = Llava(ours.cfg)
     copy.load_state_dict({k: v.to(dtype) for k, v in ours.state_dict().items()}, strict=True, assign=True)
     return copy.eval().requires_grad_(False)
 
 
 @torch.inference_mode()
-def bench_batch_decode(plan: Plan, ours: LlavaNext, hf, log, sizes=(1, 8), dtypes=BATCH_DTYPES) -> dict:
+def bench_batch_decode(plan: Plan, ours: Llava, hf, log, sizes=(1, 8), dtypes=BATCH_DTYPES) -> dict:
     """Rows 11a and 11b: greedy decode tokens/s (all rows' tokens) at batch 1 and 8, eager steps (a compiled
     step would compile once per batch size), in bfloat16 and float32, all four sides alternated in one
     run: every row the same prompt, so every row's ids must equal batch 1's. The prefill is not timed;
@@ -805,15 +805,15 @@ def quant_specs(text: TextConfig) -> dict[str, Spec]:
     return {"int8": Spec(8), "int4": Spec(4, group)}
 
 
-def clone_as(model: LlavaNext, dtype: torch.dtype) -> LlavaNext:
+def clone_as(model: Llava, dtype: torch.dtype) -> Llava:
     """A second model of `model`'s config with its tensors in `dtype` (shared where already so)."""
     with torch.device("meta"):
-        out = LlavaNext(model.cfg)
+        out = Llava(model.cfg)
     out.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, strict=True, assign=True)
     return out.eval().requires_grad_(False)
 
 
-def step_bytes(model: LlavaNext) -> int:
+def step_bytes(model: Llava) -> int:
     """Bytes of weights a decode step reads, quantized or not: every block's weights (and scales), the
     final norm, lm_head and one embedding row (the KV cache is not in a state_dict)."""
     llm = model.llm

@@ -25,16 +25,16 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from minillava.config import LlavaConfig  # noqa: E402
 from minillava.generate import decode_one_token, prefill  # noqa: E402
-from minillava.model import LlavaNext  # noqa: E402
+from minillava.model import Llava  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench import STUB_VISION, bare_copy, decoder_1b, decoder_weight_bytes  # noqa: E402
 
 
-def build() -> LlavaNext:
-    """Our LlavaNext with the 0.95B decoder, random N(0, 0.02) weights, float32."""
+def build() -> Llava:
+    """Our Llava with the 0.95B decoder, random N(0, 0.02) weights, float32."""
     with torch.device("meta"):
-        model = LlavaNext(LlavaConfig(vision=STUB_VISION, text=decoder_1b()))
+        model = Llava(LlavaConfig(vision=STUB_VISION, text=decoder_1b()))
     model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

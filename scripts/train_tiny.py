@@ -56,7 +56,7 @@ from minillava.anyres import Tiles, tile_image  # noqa: E402
 from minillava.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from minillava.eval import synthetic as S  # noqa: E402
 from minillava.layout import unpad_area  # noqa: E402
-from minillava.model import Encoded, LlavaNext  # noqa: E402
+from minillava.model import Encoded, Llava  # noqa: E402
 from minillava.tokenizer import Tokenizer, build_prompt  # noqa: E402
 
 NAME = "llava-next-tiny-scenes"
@@ -96,7 +96,7 @@ def train_tokenizer(path: Path) -> Tokenizer:
     return tok
 
 
-def init_weights(model: LlavaNext, seed: int):
+def init_weights(model: Llava, seed: int):
     """GPT-style init: normal(0, 0.02) matrices and embeddings, zero biases, unit norms."""
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
@@ -182,10 +182,10 @@ def make_heads(width: int) -> nn.ModuleDict:
                           "patch_digit": nn.Linear(width, len(S.DIGITS) + 1)})
 
 
-def tower_forward(model: LlavaNext, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tower_forward(model: Llava, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiles (N, 3, S, S) -> (features of layer -2 without [CLS] (N, P, Dv), pooled last-layer [CLS] (N, Dv)).
 
-    VisionTower.forward runs only up to the feature layer; the [CLS] objective needs the last layer's output."""
+    ClipTower.forward runs only up to the feature layer; the [CLS] objective needs the last layer's output."""
     tower = model.vision
     x = tower.pre_layrnorm(tower.embeddings(pixels))  # (N, 1 + P, Dv)
     for layer in tower.encoder.layers[:-1]:
@@ -195,7 +195,7 @@ def tower_forward(model: LlavaNext, pixels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def tower_features(model: LlavaNext, seed: int, start: int, n: int, family: str = "card") -> list[tuple[S.Sample, tuple, tuple, torch.Tensor]]:
+def tower_features(model: Llava, seed: int, start: int, n: int, family: str = "card") -> list[tuple[S.Sample, tuple, tuple, torch.Tensor]]:
     """Stage-2 scenes start .. start+n-1 of a family (as held out: one card, or a dense region) through
     the frozen tower once: (sample, crop grid, image size, layer -2 features (tiles, P, Dv) in float16)."""
     out = []
@@ -208,7 +208,7 @@ def tower_features(model: LlavaNext, seed: int, start: int, n: int, family: str 
     return out
 
 
-def answer_loss(model: LlavaNext, tok: Tokenizer, batch, rng: np.random.Generator):
+def answer_loss(model: Llava, tok: Tokenizer, batch, rng: np.random.Generator):
     """Answer cross-entropy of a batch of (sample, grid, size, tower features): each prompt token for
     token what generate() feeds the model with the uncompressed image, then the answer and </s>. Also
     the loss of each family's tokens alone, as measures: (loss, {"card": ..., "dense": ...})."""
@@ -277,7 +277,7 @@ def run_stage(name, steps, make_batch, loss_fn, optimizer, log, every=25):
         g["lr"] = lr
 
 
-def save(model: LlavaNext, tok_path: Path, out: Path, image_token: int):
+def save(model: Llava, tok_path: Path, out: Path, image_token: int):
     """config.json, model.safetensors (float16, transformers hub key names) and tokenizer.model."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -359,7 +359,7 @@ def main(argv=None):
     tok_path = args.out / "tokenizer.model"
     tok = train_tokenizer(tok_path)
     vocab = -(-(tok.n_pieces + 1) // 64) * 64  # embedding rows: the pieces, then padding; the last is <image>
-    model = LlavaNext(model_config(vocab))
+    model = Llava(model_config(vocab))
     init_weights(model, args.seed)
     head = make_heads(model.cfg.vision.hidden_size)
     n_params = sum(p.numel() for p in model.parameters())

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from minillava.clip import VisionTower
+from minillava.clip import ClipTower
 from minillava.config import KNOWN_TOWERS
 from tests.conftest import PARITY
 from tests.peers_cases import tower_run
@@ -16,7 +16,7 @@ def test_vit_l14_336_matches_transformers():
     torch.manual_seed(0)
     hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                           num_attention_heads=16, image_size=336, patch_size=14)).eval()
-    ours = VisionTower(KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]).eval()
+    ours = ClipTower(KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]).eval()
     state = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
     ours.load_state_dict(state, strict=True)
     pixels = torch.randn(2, 3, 336, 336)

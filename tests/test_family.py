@@ -126,7 +126,7 @@ def chatml_tokenizer_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory, tokenizer_path):
-    """(model, {layout: checkpoint}) of a tiny Mistral LlavaNext."""
+    """(model, {layout: checkpoint}) of a tiny Mistral Llava."""
     model = tiny.hf_family_model(tiny.mistral_text_config(), seed=1)
     root = tmp_path_factory.mktemp("mistral")
     return model, {
@@ -153,7 +153,7 @@ def hf_greedy(model, ids: list[int], image_path, **kwargs) -> list[int]:
 
 @pytest.fixture(scope="module")
 def chatml(tmp_path_factory, chatml_tokenizer_path, image_path):
-    """(model, checkpoint, transformers' greedy ids) of a tiny Yi-like LlavaNext whose greedy answer ends
+    """(model, checkpoint, transformers' greedy ids) of a tiny Yi-like Llava whose greedy answer ends
     in <|im_end|> after a few tokens."""
     model = tiny.hf_family_model(tiny.yi_text_config(), seed=2)
     out = tmp_path_factory.mktemp("chatml") / "hub"

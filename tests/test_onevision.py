@@ -13,7 +13,7 @@ from minillava import generate as gen
 from minillava.batch import generate_batch
 from minillava.config import parse_config
 from minillava.layout import downscaled_size
-from minillava.model import LlavaNext
+from minillava.model import Llava
 from minillava.tokenizer import ByteBPETokenizer
 from minillava.weights import load_model
 from tests import tiny
@@ -395,7 +395,7 @@ def test_released_configs_parse_and_build(size, layout):
     assert t.sliding_window is None and t.max_position_embeddings == 32768
     assert t.tie_word_embeddings == QWEN2[size]["tie_word_embeddings"]
     with torch.device("meta"):
-        model = LlavaNext(cfg)
+        model = Llava(cfg)
     if t.tie_word_embeddings:  # the loader makes the head the embedding table (weights.load_model)
         model.lm_head.weight = model.llm.embed_tokens.weight
     n = sum(p.numel() for p in model.parameters())
@@ -444,7 +444,7 @@ def test_readme_memory_columns_of_onevision(size, gb):
     sizes = []
     for spec in (None, Spec(8), Spec(4, 128)):
         with torch.device("meta"):
-            model = LlavaNext(parse_config(released(size, "transformers"))).to(torch.bfloat16)
+            model = Llava(parse_config(released(size, "transformers"))).to(torch.bfloat16)
             if spec:
                 quant.swap_linears(model, spec)
         state = model.state_dict()

@@ -4,7 +4,7 @@ eager CLIP: [CLS] attention rows, keys and hidden states per layer."""
 import pytest
 import torch
 
-from minillava.clip import VisionTower
+from minillava.clip import ClipTower
 from minillava.config import VisionConfig
 from tests.conftest import PARITY
 from tests.peers_cases import tower_run
@@ -24,7 +24,7 @@ def towers():
     with torch.no_grad():
         for p in hf.parameters():  # weights big enough that the attention rows are far from uniform
             p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    ours = VisionTower(VisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=LAYERS,
+    ours = ClipTower(VisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=LAYERS,
                                     num_attention_heads=3, image_size=56, patch_size=14)).eval()
     state = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
     ours.load_state_dict(state, strict=True)

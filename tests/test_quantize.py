@@ -443,14 +443,14 @@ def test_readme_memory_columns_of_the_7b():
     """README's int8 / int4 columns for Vicuna-7B: the model built on the meta device, its decoder's linears
     and lm_head swapped for the storage form, every other tensor in bfloat16 (docs/checkpoints.md)."""
     from minillava.config import KNOWN_TOWERS, LlavaConfig
-    from minillava.model import LlavaNext
+    from minillava.model import Llava
 
     text = TextConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, max_position_embeddings=4096)
     sizes = []
     for spec in (None, Spec(8), Spec(4, 128)):
         with torch.device("meta"):
-            model = LlavaNext(LlavaConfig(vision=KNOWN_TOWERS["openai/clip-vit-large-patch14-336"], text=text))
+            model = Llava(LlavaConfig(vision=KNOWN_TOWERS["openai/clip-vit-large-patch14-336"], text=text))
             model = model.to(torch.bfloat16)
             if spec:
                 quant.swap_linears(model, spec)

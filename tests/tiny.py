@@ -74,7 +74,7 @@ def hf_config(**text_overrides):
 
 
 def hf_model(seed: int = 0, **text_overrides):
-    """transformers' LlavaNext with random weights large enough that outputs depend on them."""
+    """transformers' Llava with random weights large enough that outputs depend on them."""
     from transformers import LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -222,7 +222,7 @@ def train_chatml_tokenizer(path: Path) -> Path:
 
 
 def hf_family_model(text_config, seed: int = 0):
-    """transformers' LlavaNext with the tiny tower and `text_config` (a LlamaConfig or MistralConfig),
+    """transformers' Llava with the tiny tower and `text_config` (a LlamaConfig or MistralConfig),
     weights initialised as `hf_model`'s."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
@@ -266,7 +266,7 @@ CHATML_CHAT_TEMPLATE = (  # llava-hf's 34B chat template, in its parts that matt
 
 
 def save_mistral_checkpoint(model, out: Path, layout: str, tokenizer: Path) -> Path:
-    """A Mistral LlavaNext in the hub layout with llava-hf's kind of chat_template.json, or in the
+    """A Mistral Llava in the hub layout with llava-hf's kind of chat_template.json, or in the
     original layout (model_type llava_mistral, no chat template, as liuhaotian/llava-v1.6-mistral-7b)."""
     save_checkpoint(model, out, layout, tokenizer)
     if layout == "original":
@@ -281,7 +281,7 @@ def save_mistral_checkpoint(model, out: Path, layout: str, tokenizer: Path) -> P
 
 
 def save_chatml_checkpoint(model, out: Path, tokenizer: Path) -> Path:
-    """A Yi-like LlavaNext in the hub layout: <|im_start|> / <|im_end|> only in tokenizer_config.json's
+    """A Yi-like Llava in the hub layout: <|im_start|> / <|im_end|> only in tokenizer_config.json's
     added_tokens_decoder, no BOS added (Yi's tokenizer adds none), llava-hf's kind of chat template."""
     save_checkpoint(model, out, "hub", tokenizer)
     (out / "tokenizer_config.json").write_text(json.dumps({
