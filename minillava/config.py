@@ -108,7 +108,7 @@ class LlavaConfig:
     # tokens when larger (layout.downscaled_size). None: LLaVA-NeXT, never downscaled.
     anyres_max: int | None = None
     vision_from_shapes: bool = False  # original layout with an unknown tower: sizes come from the weights
-    quantization: Spec | None = None  # quantization_config of a checkpoint from python -m minillava.quantize
+    quantization: Spec | None = None  # quantization_config of a checkpoint from python -m minillava.apps.quantize
 
 
 # transformers' MistralConfig defaults where they differ from LlamaConfig's (transformers 5.24,
