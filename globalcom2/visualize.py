@@ -1,6 +1,6 @@
 """Draw what a compressor kept: the thumbnail, its [CLS] score map, and the high-resolution crops.
 
-    python -m minillava.visualize --model DIR_OR_HUB_ID --image PATH --out kept.png [--retention-ratio 0.25]
+    python -m minillava.apps.visualize --model DIR_OR_HUB_ID --image PATH --out kept.png [--retention-ratio 0.25]
 
 One PNG, drawn with PIL only:
     top       method, r and the token counts: thumbnail, crops, newlines, total before -> after; a legend
@@ -18,7 +18,7 @@ Thumbnail and scores stand in a column left of the canvas, or side by side above
 row. Small tiles are blown up by a whole factor (a 56 px tile shows as 336 px); 336 px tiles are 1:1.
 
 `draw` takes plain inputs and returns a PIL image, so this module, like the rest of the package,
-imports nothing from the model; the command that loads a model to draw is minillava/visualize.py.
+imports nothing from the model; the command that loads a model to draw is minillava/apps/visualize.py.
 """
 
 from __future__ import annotations

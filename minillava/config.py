@@ -127,7 +127,7 @@ class LlavaConfig:
     anyres_max: int | None = None
     family: str = "llava-next"  # a FAMILIES key, decided once when config.json is parsed
     vision_from_shapes: bool = False  # original layout with an unknown tower: sizes come from the weights
-    quantization: Spec | None = None  # quantization_config of a checkpoint from python -m minillava.quantize
+    quantization: Spec | None = None  # quantization_config of a checkpoint from python -m minillava.apps.quantize
 
     @property
     def family_spec(self) -> Family:

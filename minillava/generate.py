@@ -352,7 +352,7 @@ def quantize_args(p: argparse.ArgumentParser):
                    help="weight-only quantization of the decoder's linear layers and lm_head, done while loading "
                    "(int8 per output channel, int4 group-wise; activations stay in --dtype): half / a quarter of "
                    "the 16-bit weights' memory, and faster decoding. A checkpoint written by python -m "
-                   "minillava.quantize is quantized already and needs no flag")
+                   "minillava.apps.quantize is quantized already and needs no flag")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None, metavar="G",
                    help=f"int4: inputs sharing one scale and zero, one of {', '.join(map(str, GROUP_SIZES))} "
                    f"(default {DEFAULT_GROUP_SIZE}; it must divide the model's widths)")

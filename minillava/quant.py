@@ -8,7 +8,7 @@ it), nor the projector: 21M parameters, 0.3% of a 7B's bytes, run once per image
 5% of the image's FLOPs, none of a decode step's reads), so quantizing it would save 21-32 MB and no
 measurable time; nor the embedding (one row read per token) or the norms.
 
-Storage form (the quantized checkpoint, python -m minillava.quantize; the same on every device):
+Storage form (the quantized checkpoint, python -m minillava.apps.quantize; the same on every device):
     int8  weight (N, K) int8, w[n, k] ~= weight[n, k] * scales[n]          (per output channel, symmetric)
     int4  weight (N, K/2) uint8: byte j of row n holds q[n, 2j] in its high nibble, q[n, 2j+1] in its low
           (the input layout of aten._convert_weight_to_int4pack); scales_and_zeros (K/G, N, 2):
@@ -91,7 +91,7 @@ def parse_spec(raw) -> Spec | None:
         raise ConfigError(f"quantization_config must be a JSON object, got {show(raw)}")
     if raw.get("quant_method") != METHOD:
         raise ConfigError(f"quantization_config.quant_method {show(raw.get('quant_method'))}: only {METHOD!r} "
-                          "(written by python -m minillava.quantize) is supported")
+                          "(written by python -m minillava.apps.quantize) is supported")
     unknown = sorted(set(raw) - {"quant_method", "bits", "group_size"})
     if unknown:
         raise ConfigError(f"quantization_config has unknown key {show(unknown[0])}")

@@ -104,7 +104,7 @@ class Plan:
     layout: dict[str, Entry]
     spec: Spec | None
     quantized: set[str]  # module names (llm.layers.0.self_attn.q_proj, lm_head)
-    stored: bool  # the checkpoint holds them quantized (python -m minillava.quantize)
+    stored: bool  # the checkpoint holds them quantized (python -m minillava.apps.quantize)
 
 
 def plan_load(model_dir: str | Path, quantize: Spec | None = None) -> Plan:
@@ -160,7 +160,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
     it converted from: loading a 1 GiB float32 file as bfloat16 through `safe_open` or
     `safetensors.torch.load_file` peaked 1.5 GiB above the interpreter's start, this 0.53 GiB.
 
-    `quantize` (or the checkpoint's own quantization_config, from python -m minillava.quantize): the
+    `quantize` (or the checkpoint's own quantization_config, from python -m minillava.apps.quantize): the
     decoder's linears become weight-only int8 / int4 (minillava/quant.py). A full-precision weight is
     quantized as it is read, a block of rows at a time, and its pages handed back: the full-precision
     model is never held, only one matrix of it at most.

@@ -903,9 +903,9 @@ def bench_quant(plan: Plan, log) -> dict:
 
 def bench_quant_loading(plan: Plan, log) -> dict:
     """Row 13: peak RSS of loading the plan's float16 checkpoint with --quantize int4 (group 128, bfloat16),
-    in a fresh process, against the bytes of the same checkpoint written quantized by minillava.quantize
+    in a fresh process, against the bytes of the same checkpoint written quantized by minillava.apps.quantize
     (which also loads, as information)."""
-    from minillava.quantize import quantize_checkpoint
+    from minillava.apps.quantize import quantize_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         ckpt = write_checkpoint(plan, Path(tmp) / "ckpt")
@@ -1306,7 +1306,7 @@ def quant_rows(r: dict) -> list[Row]:
                                  _join(f"the float16 checkpoint of row 9 ({ql['ckpt_bytes'] / GB:.2f} GB) loaded into "
                                        f"bfloat16 with int4 linears (group {ql['group_size']}) in a fresh process in "
                                        f"{w['load_s']:.1f} s; peak = VmHWM - RSS before, after reading every weight once",
-                                       f"python -m minillava.quantize wrote the int4 checkpoint in {ql['quantize_s']:.1f} s",
+                                       f"python -m minillava.apps.quantize wrote the int4 checkpoint in {ql['quantize_s']:.1f} s",
                                        direct)))
     return rows
 

@@ -1,4 +1,4 @@
-"""The demo page (minillava/demo.py): its handlers on the shipped tiny model (an answer, the kept-token
+"""The demo page (minillava/apps/demo.py): its handlers on the shipped tiny model (an answer, the kept-token
 picture, the counts, the side-by-side tab, bad uploads and settings as one-line messages), the app
 through Gradio's own client, the command line, and (slow) the page in headless Chromium.
 
@@ -23,7 +23,7 @@ from PIL import Image
 
 pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e \".[demo]\"")
 
-from minillava import demo  # noqa: E402
+from minillava.apps import demo  # noqa: E402
 from minillava.weights import DEFAULT_MODEL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,8 +172,8 @@ def test_the_app_through_gradios_client(session):
 def test_the_core_never_imports_gradio():
     code = ("import sys, pkgutil, importlib, minillava, globalcom2\n"
             "for m in pkgutil.walk_packages(minillava.__path__, 'minillava.'):\n"
-            "    if m.name != 'minillava.demo' and not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
-            "import minillava.demo\n"  # importing the page's module does not import gradio either
+            "    if m.name != 'minillava.apps.demo' and not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+            "import minillava.apps.demo\n"  # importing the page's module does not import gradio either
             "assert 'gradio' not in sys.modules, 'gradio imported'\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
@@ -229,7 +229,7 @@ def test_the_page_in_headless_chromium(tmp_path):
         pytest.skip("no headless browser: apt-get install -y chromium chromium-driver")
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "-m", "minillava.demo", "--port", str(port), "--max-new-tokens", "16"],
+    server = subprocess.Popen([sys.executable, "-m", "minillava.apps.demo", "--port", str(port), "--max-new-tokens", "16"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url, driver = f"http://127.0.0.1:{port}/", None
     try:

@@ -29,11 +29,11 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # CLI without such an entry (every CLI the docs show has one now).
 PARSERS = {
     "minillava.generate": "minillava.generate",
-    "minillava.visualize": "minillava.visualize",
-    "minillava.demo": "minillava.demo",
+    "minillava.apps.visualize": "minillava.apps.visualize",
+    "minillava.apps.demo": "minillava.apps.demo",
     "minillava.eval": "minillava.eval.runner",
     "minillava.eval.synthetic": "minillava.eval.synthetic",
-    "minillava.quantize": "minillava.quantize",
+    "minillava.apps.quantize": "minillava.apps.quantize",
     "scripts/bench.py": "bench",
     "scripts/compression_table.py": "compression_table",
     "scripts/cuda_check.py": "cuda_check",

@@ -1,5 +1,5 @@
 """FastV in the tools that show what a compressor kept: `minillava.layout.on_grid` (sequence positions ->
-true grid), `python -m minillava.visualize --compressor fastv --prompt`, and `scripts/compression_table.py`."""
+true grid), `python -m minillava.apps.visualize --compressor fastv --prompt`, and `scripts/compression_table.py`."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import minillava.visualize as vis
+import minillava.apps.visualize as vis
 import minillava.generate as gen
 from globalcom2.layout import area_mask, to_grid
 from minillava.anyres import tile_image

@@ -91,7 +91,7 @@ import json, sys
 from loguru import logger
 from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.tasks import TaskManager
-from minillava.lmms import MiniLlava, Refused
+from minillava.apps.lmms import MiniLlava, Refused
 
 spec = json.load(open(sys.argv[1]))
 tasks = TaskManager("WARNING", include_path=spec["include"], include_defaults=False)
@@ -131,7 +131,7 @@ for run in spec["runs"]:
 import inspect
 import lmms_eval.__main__ as cli
 from lmms_eval.utils import simple_parse_args_string
-from minillava.lmms import MiniLlava
+from minillava.apps.lmms import MiniLlava
 
 accepted = set(inspect.signature(MiniLlava.__init__).parameters) - {"self", "unknown"}
 problems = []
@@ -157,7 +157,7 @@ def lmms_env(tmp: Path) -> dict:
     import tomllib
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
-    assert declared == {"minillava": "minillava.lmms:MANIFEST"}
+    assert declared == {"minillava": "minillava.apps.lmms:MANIFEST"}
     path = [str(ROOT)]
     installed = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="lmms_eval.models")}
     if installed.get("minillava") != declared["minillava"]:

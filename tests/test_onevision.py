@@ -297,7 +297,7 @@ def test_batch_gives_the_ids_of_one_question(ov_checkpoints, method):
 def test_visualize_draws_a_onevision_model(ov_checkpoints, big_image, tmp_path):
     """The picture's counts are the decoder's, as generate reports them: the downscaled 11 x 12 grid
     uncompressed (159 tokens), a compressor's crops' ratio r * 132 / 528 beside r."""
-    from minillava import visualize
+    from minillava.apps import visualize
 
     model, tok = gen.load(str(ov_checkpoints["hub"]))
     for method in ("none", "random", "globalcom2"):  # globalcom2: its similarity score drawn as the heat map

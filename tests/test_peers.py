@@ -10,7 +10,7 @@ from PIL import Image
 import globalcom2
 import globalcom2.visionzip
 import globalcom2.visualize as vis
-import minillava.visualize as cli
+import minillava.apps.visualize as cli
 from globalcom2.peers import PEERS
 import minillava.generate as gen
 from globalcom2.layout import area_mask

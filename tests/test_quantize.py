@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 (minillava/quant.py, minillava/quantize.py): the rounding bounds of the storage
+"""Weight-only int8 / int4 (minillava/quant.py, minillava/apps/quantize.py): the rounding bounds of the storage
 form, every matmul path against a dequantize-and-matmul written here from the documented format, the
 quantized checkpoint (written, loaded, equal to quantizing while loading, refused when tampered with), the
 command lines' errors, and at LLaVA-1.6-7B's widths (slow) the error against float32 and, for int8,
@@ -16,7 +16,7 @@ from minillava.config import TextConfig
 from minillava.generate import generate, load
 from minillava.llama import Decoder
 from minillava.quant import QuantizedLinear, Spec
-from minillava.quantize import main as quantize_main
+from minillava.apps.quantize import main as quantize_main
 from minillava.trust import ConfigError, WeightsError
 from minillava.weights import load_model
 from tests import conftest
@@ -142,7 +142,7 @@ def hub(checkpoints):
 
 @pytest.fixture(scope="module")
 def written(hub, tmp_path_factory):
-    """The tiny hub checkpoint written as int8 and as int4 (group 32) by python -m minillava.quantize."""
+    """The tiny hub checkpoint written as int8 and as int4 (group 32) by python -m minillava.apps.quantize."""
     root = tmp_path_factory.mktemp("quantized")
     out = {}
     for bits, extra in ((8, []), (4, ["--group-size", "32"])):
@@ -293,7 +293,7 @@ def cli(capsys, module: str, *args) -> tuple[int, str, str]:
 
 def test_command_line_errors(hub, written, tmp_path, capsys):
     before = set(tmp_path.iterdir())
-    code, _, err = cli(capsys, "minillava.quantize", "--model", str(hub), "--out", str(tmp_path / "x"), "--bits", "8",
+    code, _, err = cli(capsys, "minillava.apps.quantize", "--model", str(hub), "--out", str(tmp_path / "x"), "--bits", "8",
                        "--group-size", "32")
     assert code == 2 and "--group-size goes with --bits 4" in err
     for args, message in [
@@ -303,7 +303,7 @@ def test_command_line_errors(hub, written, tmp_path, capsys):
         (["--out", str(tmp_path / "z"), "--bits", "4", "--group-size", "256"], "has 128 inputs: use --group-size 128"),
     ]:
         args = args if "--model" in args else ["--model", str(hub), *args]
-        code, out, err = cli(capsys, "minillava.quantize", *args)
+        code, out, err = cli(capsys, "minillava.apps.quantize", *args)
         lines = err.strip().splitlines()
         assert code == 1 and out == "" and len(lines) == 1 and message in lines[0], err
     assert set(tmp_path.iterdir()) == before  # nothing half-written, no temporary folder left
@@ -313,7 +313,7 @@ def test_command_line_errors(hub, written, tmp_path, capsys):
     code, _, err = cli(capsys, "minillava.generate", "--model", str(hub), "--image", "x.png", "--prompt", "x",
                        "--group-size", "64")
     assert code == 2 and "--group-size goes with --quantize int4" in err
-    for module in ("minillava.generate", "minillava.eval", "minillava.visualize", "minillava.demo", "minillava.quantize"):
+    for module in ("minillava.generate", "minillava.eval", "minillava.apps.visualize", "minillava.apps.demo", "minillava.apps.quantize"):
         code, out, _ = cli(capsys, module, "--help")
         assert code == 0 and "--group-size" in out
 

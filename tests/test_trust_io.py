@@ -464,7 +464,7 @@ def test_submission_file_is_written_atomically(tmp_path, capsys, monkeypatch):
 
 
 def test_visualize_writes_atomically_and_checks_out_first(tmp_path, capsys, checkpoints, image_path, monkeypatch):
-    from minillava import visualize as vis
+    from minillava.apps import visualize as vis
 
     out = tmp_path / "kept.png"
     out.write_bytes(b"the old picture")
@@ -576,7 +576,7 @@ def test_answers_with_a_lone_surrogate_are_written_and_read_back(tmp_path):
 
 @pytest.mark.parametrize("seed", [str(2**64), str(2**63), "-1", "1e3", "x"])
 def test_seed_out_of_range_is_a_usage_error(seed, capsys):
-    from minillava import visualize as vis
+    from minillava.apps import visualize as vis
 
     for parse in (lambda: runner.parse_args(["pope", "--data", "d", "--output", "o.jsonl", "--seed", seed]),
                   lambda: vis.parse_args(["--image", "x.png", "--out", "y.png", "--seed", seed])):

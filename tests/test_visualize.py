@@ -1,4 +1,4 @@
-"""The picture of what a compressor kept: `python -m minillava.visualize` writes it, the drawing
+"""The picture of what a compressor kept: `python -m minillava.apps.visualize` writes it, the drawing
 (globalcom2.visualize) tells kept from dropped, errors are one line; globalcom2 imports nothing of minillava."""
 
 import os
@@ -14,7 +14,7 @@ from PIL import Image
 
 import globalcom2
 from globalcom2 import visualize as vis
-from minillava import visualize as cli
+from minillava.apps import visualize as cli
 from globalcom2.layout import area_mask
 from minillava.anyres import CLIP_MEAN, CLIP_STD, _normalise, tile_image
 from minillava.layout import compressed_sequence, unpad_area
@@ -165,10 +165,10 @@ def test_bad_inputs(capsys, checkpoints, image_path, tmp_path):
 
 
 def test_module_entry_point_and_import_rule(tmp_path):
-    """`python -m minillava.visualize` fails in one line; the stage imports nothing of the model package:
+    """`python -m minillava.apps.visualize` fails in one line; the stage imports nothing of the model package:
     importing all of globalcom2 loads no minillava module, and no file of it names minillava in an import."""
     env, root = {**os.environ, "HF_HUB_OFFLINE": "1"}, Path(__file__).resolve().parent.parent
-    bad = subprocess.run([sys.executable, "-m", "minillava.visualize", "--model", str(tmp_path), "--image",
+    bad = subprocess.run([sys.executable, "-m", "minillava.apps.visualize", "--model", str(tmp_path), "--image",
                           str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "x.png")],
                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
-MANIFEST = ModelManifest(model_id="minillava", simple_class_path="minillava.lmms.MiniLlava")
+MANIFEST = ModelManifest(model_id="minillava", simple_class_path="minillava.apps.lmms.MiniLlava")
 
 # lmms-eval's LLaVA models' default answer length when a task's generation_kwargs give none
 DEFAULT_MAX_NEW_TOKENS = 1024
@@ -68,13 +68,13 @@ class MiniLlava(lmms):
         from accelerate import Accelerator
         from loguru import logger
 
-        from . import generate as gen
-        from .compression import compressors
-        from .conversation import TEMPLATES
-        from .eval import distributed
-        from .eval import efficiency as E
-        from .eval.runner import eval_template, fetch_model
-        from .flops import LlmSpec
+        from .. import generate as gen
+        from ..compression import compressors
+        from ..conversation import TEMPLATES
+        from ..eval import distributed
+        from ..eval import efficiency as E
+        from ..eval.runner import eval_template, fetch_model
+        from ..flops import LlmSpec
 
         if unknown:
             raise Refused(f"unknown model_args {', '.join(sorted(unknown))}; accepted: pretrained, compressor, "
@@ -160,7 +160,7 @@ class MiniLlava(lmms):
         from loguru import logger
         from tqdm import tqdm
 
-        from .eval import efficiency as E
+        from ..eval import efficiency as E
 
         answers: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -186,7 +186,7 @@ class MiniLlava(lmms):
         counting each question and what it cost into `share` (as minillava.eval's runner.answer)."""
         from loguru import logger
 
-        from .eval import efficiency as E
+        from ..eval import efficiency as E
 
         for start in range(0, len(indices), self.batch_size):
             batch = [requests[i] for i in indices[start : start + self.batch_size]]
@@ -215,7 +215,7 @@ class MiniLlava(lmms):
         out of GPU memory is answered again one question at a time (as minillava.eval's runner does)."""
         import torch
 
-        from .batch import generate_batch
+        from ..batch import generate_batch
 
         def run(some):
             return generate_batch(self.model, self.tokenizer, some, self.compressor, self.retention_ratio,
@@ -265,7 +265,7 @@ class MiniLlava(lmms):
         import torch.distributed as dist
         from loguru import logger
 
-        from .eval import distributed
+        from ..eval import distributed
 
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             processes = distributed.World(self.rank, self.world_size).gather(self.shares)
@@ -327,7 +327,7 @@ def cost(processes: list[list[Share]]) -> dict:
     """{"questions", "failed", and minillava.eval's efficiency fields (eval/efficiency.py `summary`; absent
     when no question was answered)} of each process's shares. A process's calls ran one after another
     (their wall times add up, a peak is the largest); the processes ran side by side (`summary`)."""
-    from .eval import efficiency as E
+    from ..eval import efficiency as E
 
     shares = [s for p in processes for s in p]
     meters = []
@@ -342,7 +342,7 @@ def cost(processes: list[list[Share]]) -> dict:
 def log_line(e: dict, where: str = "") -> str:
     """`minillava: N questions (F failed)[where], efficiency {...}`: `cost`'s fields as the summary line of
     minillava.eval prints its `efficiency` object (4 significant digits)."""
-    from .eval.runner import significant
+    from ..eval.runner import significant
 
     fields = {k: significant(v) for k, v in e.items() if k not in ("questions", "failed")}
     return f"minillava: {e['questions']} questions ({e['failed']} failed){where}, efficiency {json.dumps(fields)}"
@@ -351,7 +351,7 @@ def log_line(e: dict, where: str = "") -> str:
 def quantization(quantize, group_size):
     """The quant.Spec of model_args quantize and group_size, as our CLIs' --quantize / --group-size
     (generate.py quantize_args): None when not quantized; int4's group size 128 unless given."""
-    from .quant import Spec
+    from ..quant import Spec
 
     bits = {None: None, "int8": 8, "int4": 4}
     if quantize not in bits:
@@ -391,7 +391,7 @@ def _positive(text: str) -> int:
 
 
 def _group_size(text: str) -> int:
-    from .quant import GROUP_SIZES
+    from ..quant import GROUP_SIZES
 
     if not text.isdigit() or int(text) not in GROUP_SIZES:
         raise ValueError(f"expected one of {', '.join(map(str, GROUP_SIZES))} (inputs sharing one int4 scale)")

@@ -2,7 +2,7 @@
 `kept_picture`, which the demo page calls too. The drawing itself is the stage's
 (globalcom2/visualize.py `draw`); this module tiles the image, runs the tower and the compressor.
 
-    python -m minillava.visualize --model DIR_OR_HUB_ID --image PATH --out kept.png [--retention-ratio 0.25]
+    python -m minillava.apps.visualize --model DIR_OR_HUB_ID --image PATH --out kept.png [--retention-ratio 0.25]
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .compression import compressors, encode, has_cls, needs, place, stage_inputs
-from .eval.files import write_atomic
-from .generate import (DTYPES, RATIO_HELP, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec,
+from ..compression import compressors, encode, has_cls, needs, place, stage_inputs
+from ..eval.files import write_atomic
+from ..generate import (DTYPES, RATIO_HELP, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec,
                        ratio_arg, seed_arg)
-from .layout import downscaled_size, on_grid
-from .model import Llava
-from .schedule import kept_positions
-from .tokenizer import Tokenizer
-from .trust import load_image
-from .weights import DEFAULT_MODEL, load_model, resolve_model
+from ..layout import downscaled_size, on_grid
+from ..model import Llava
+from ..schedule import kept_positions
+from ..tokenizer import Tokenizer
+from ..trust import load_image
+from ..weights import DEFAULT_MODEL, load_model, resolve_model
 
 
 @dataclass
@@ -82,7 +82,7 @@ def kept_picture(model: Llava, image: Image.Image, compressor: str, ratio: float
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m minillava.visualize",
+        prog="python -m minillava.apps.visualize",
         description="Draw which visual tokens a compressor keeps for one image: the thumbnail, its [CLS] "
         "score map, and the high-resolution crops with their retention ratios, as one PNG.",
     )

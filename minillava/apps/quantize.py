@@ -1,6 +1,6 @@
 """Write a weight-only quantized checkpoint that loads directly (no --quantize needed):
 
-    python -m minillava.quantize --model liuhaotian/llava-v1.6-vicuna-7b --out weights/vicuna-7b-int4 --bits 4
+    python -m minillava.apps.quantize --model liuhaotian/llava-v1.6-vicuna-7b --out weights/vicuna-7b-int4 --bits 4
 
 The output is the source checkpoint with its decoder's linears and lm_head in minillava/quant.py's
 storage form (int8 + scales, or int4 nibbles + scales_and_zeros, the scales in the dtype of the weight
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from . import quant
-from .config import load_config
-from .generate import USER_ERRORS, fail
-from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, Spec
-from .trust import SAFETENSORS_DTYPES, ConfigError, map_file, parse_json, read_regular
-from .weights import DEFAULT_MODEL, internal_name, plan_load, release, resolve_model
+from .. import quant
+from ..config import load_config
+from ..generate import USER_ERRORS, fail
+from ..quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, Spec
+from ..trust import SAFETENSORS_DTYPES, ConfigError, map_file, parse_json, read_regular
+from ..weights import DEFAULT_MODEL, internal_name, plan_load, release, resolve_model
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # Small files of a checkpoint that travel with it: tokenizer, its added tokens, chat templates.
@@ -116,7 +116,7 @@ def quantize_checkpoint(model: str, out: Path, spec: Spec) -> Path:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m minillava.quantize",
+        prog="python -m minillava.apps.quantize",
         description="Write a weight-only quantized copy of a LLaVA-NeXT checkpoint (the decoder's linear layers "
         "and lm_head: int8 per output channel, or int4 group-wise; the rest as it is) that every command loads "
         "directly with --model OUT. Quantizing while loading (--quantize on generate, eval, visualize, demo) "

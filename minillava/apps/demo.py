@@ -1,10 +1,10 @@
 """A local web page to ask a question about an image, under a chosen visual-token compressor.
 
-    python -m minillava.demo [--model DIR_OR_HUB_ID] [--port 7860]   # needs: pip install -e ".[demo]"
+    python -m minillava.apps.demo [--model DIR_OR_HUB_ID] [--port 7860]   # needs: pip install -e ".[demo]"
 
 The page (Gradio, as LLaVA's own demo) takes an uploaded or example image and a question, streams the
 answer, and shows the kept-token picture (`visualize.kept_picture`, the drawing `python -m
-minillava.visualize` writes), the token counts and timings. A second tab answers the same question
+minillava.apps.visualize` writes), the token counts and timings. A second tab answers the same question
 under two settings side by side. Gradio is imported only here and only when the page is built: the
 rest of the package never needs it.
 
@@ -30,18 +30,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .compression import compressors
-from .generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, conv_template_arg, fail,
+from ..compression import compressors
+from ..generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, conv_template_arg, fail,
                        generate, load, quantize_args, quantize_spec, ratio_arg)
-from .quant import Spec
-from .trust import URL_MAX_BYTES, ImageError, decode_image, open_regular
+from ..quant import Spec
+from ..trust import URL_MAX_BYTES, ImageError, decode_image, open_regular
+from ..weights import DEFAULT_MODEL
 from .visualize import kept_picture
-from .weights import DEFAULT_MODEL
 
 DEFAULT_PORT = 7860
 DEFAULT_HOST = "127.0.0.1"  # local only: the page runs a model on the machine of whoever starts it
 INSTALL_HINT = 'the page needs the demo extra: pip install -e ".[demo]"'
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLES = [("scene.png", "What digit is on the red card?"), ("dense_scene.png", "What is the largest digit?")]
 MAX_UPLOAD_BYTES = URL_MAX_BYTES  # the same cap as an image download: Gradio refuses larger uploads itself
 
@@ -302,7 +302,7 @@ def build_app(model=DEFAULT_MODEL, device=None, dtype=None, max_new_tokens: int 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m minillava.demo",
+        prog="python -m minillava.apps.demo",
         description="A local web page (Gradio) to ask LLaVA-NeXT about an image: upload or pick an image, type "
         "a question, choose a compressor and retention ratio r, and get the streamed answer, the picture of "
         "the kept visual tokens, token counts and timings; a side-by-side tab compares two settings. "
