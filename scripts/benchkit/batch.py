@@ -11,7 +11,7 @@ import torch
 from minillava.generate import CACHE_BUCKET, Steps, decode_one_token, prefill, sample
 from minillava.model import LlavaNext
 
-from .decoders import random_embeds
+from .decoders import clone_as, random_embeds
 from .fmt import fmt_dict
 from .plan import Plan
 from .timing import alternate
@@ -53,15 +53,6 @@ def bench_batch_eval(plan: Plan, log, model_name: str = "llava-next-tiny-scenes"
 BATCH_DTYPES = ("bfloat16", "float32")  # row 11a, row 11b
 
 
-def in_dtype(ours: LlavaNext, dtype: torch.dtype) -> LlavaNext:
-    """A copy of `ours` with every weight in `dtype` (built on the meta device, so the copy is the only new
-    memory)."""
-    with torch.device("meta"):
-        copy = LlavaNext(ours.cfg)
-    copy.load_state_dict({k: v.to(dtype) for k, v in ours.state_dict().items()}, strict=True, assign=True)
-    return copy.eval().requires_grad_(False)
-
-
 @torch.inference_mode()
 def bench_batch_decode(plan: Plan, ours: LlavaNext, hf, log, sizes=(1, 8), dtypes=BATCH_DTYPES) -> dict:
     """Rows 11a and 11b: greedy decode tokens/s (all rows' tokens) at batch 1 and 8, eager steps (a compiled
@@ -72,7 +63,7 @@ def bench_batch_decode(plan: Plan, ours: LlavaNext, hf, log, sizes=(1, 8), dtype
     ratio would be if attention, norms and sampling were free."""
     prompt, n = plan.decode_prompt, plan.new_tokens
     cache = -(-(prompt + n) // CACHE_BUCKET) * CACHE_BUCKET
-    models = {name: ours if getattr(torch, name) == ours.dtype else in_dtype(ours, getattr(torch, name)) for name in dtypes}
+    models = {name: ours if getattr(torch, name) == ours.dtype else clone_as(ours, getattr(torch, name)) for name in dtypes}
     ids: dict[str, list[list[int]]] = {}
     prefilled = {}  # (dtype, batch size): (each layer's cache, first ids). A prefill costs b x a long decode:
     # done once per side; rerunning the steps rewrites the same slots, and the mask hides the later ones

@@ -40,7 +40,8 @@ def build_decoders(text: TextConfig):
 
 
 def clone_as(model: LlavaNext, dtype: torch.dtype) -> LlavaNext:
-    """A second model of `model`'s config with its tensors in `dtype` (shared where already so)."""
+    """A second model of `model`'s config with its tensors in `dtype` (shared where already so; built on the
+    meta device, so the converted tensors are the only new memory)."""
     with torch.device("meta"):
         out = LlavaNext(model.cfg)
     out.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, strict=True, assign=True)
