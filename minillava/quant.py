@@ -167,7 +167,7 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: Spec, dtype: torch.dtype)
 
 # --- the layer ----------------------------------------------------------------------------------------
 
-# Which matmul each device uses, chosen by measurement (docs/speed.md; scripts/bench.py `quant_kernels`).
+# Which matmul each device uses, chosen by measurement (docs/speed.md; scripts/benchkit/quant.py `quant_kernels`).
 # CPU: PyTorch's packed kernels. One 5632 x 2048 matrix, one row, bf16 activations, 2 threads: int8
 #   `_weight_int8pack_mm` 0.81 ms and int4 `_weight_int4pack_mm_for_cpu` 0.38 ms against bf16 F.linear's
 #   1.59 ms (issue 21's table); dequantize-and-matmul is slower than bf16 itself (it reads the integers,
