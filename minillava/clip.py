@@ -11,6 +11,7 @@ layers are CLIP's with another activation; the towers differ in their embeddings
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 from .activations import ACTIVATIONS
 from .anyres import CLIP_MEAN, CLIP_STD
 from .config import VisionConfig
+from .schedule import Between, Stage, apply_stage, check_schedule
 
 
 class Embeddings(nn.Module):
@@ -103,25 +105,39 @@ class Tower(nn.Module):
         """Tiles (N, 3, S, S) -> hidden state 0, (N, has_cls + P, D)."""
         raise NotImplementedError
 
-    def forward(self, pixels: torch.Tensor, layers=(-2,)) -> dict[int, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, layers=(-2,), schedule: Sequence[Stage] = ()) -> dict[int, torch.Tensor]:
         """Tiles (N, 3, S, S) -> {i: hidden state i, (N, has_cls + P, D), [CLS] first if any} for each i
         of `layers`.
 
         Transformers' `hidden_states` indexing: 0 is the embeddings (CLIP's after pre_layrnorm), i the
         output of layer i, negative from the end (-1 the last layer's output, -2 the penultimate one's:
         LLaVA-NeXT's feature layer). Keys are as asked. Layers past the deepest state asked are not run.
+        `schedule`: a method's stages between the layers (minillava/schedule.py `Stage`): the layers from a
+        stage's K on see only the tokens it keeps (or merged), so the hidden states from K on hold T' tokens.
         """
         n_layers = len(self.encoder.layers)
         if not all(-n_layers - 1 <= i <= n_layers for i in layers):
             raise ValueError(f"hidden states {tuple(layers)} asked of a tower with {n_layers} layers (0 .. {n_layers})")
+        check_schedule(schedule, n_layers)
+        stages = {stage.layer: stage for stage in schedule}
         wanted = {i % (n_layers + 1) for i in layers}
-        x = self.embed(pixels)  # (N, has_cls + P, D)
+        x = layer_input = self.embed(pixels)  # (N, has_cls + P, D)
         states = {0: x} if 0 in wanted else {}
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
+            if i - 1 in stages:  # before layer i - 1 (python index): keep what the stage keeps
+                x, _ = apply_stage(stages[i - 1], Between(layer_input, x, self.layer_query_key))
+            layer_input = x  # for a stage that reads this layer's attention
             x = layer(x)
             if i in wanted:  # only what was asked stays alive
                 states[i] = x
         return {i: states[i % (n_layers + 1)] for i in layers}
+
+    def layer_query_key(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every query and key (N, heads, T, hd) of encoder layer `layer` for its input x (N, T, D): what
+        a pruning stage reads of a layer's attention (minillava/schedule.py `Between`), without running it."""
+        block = self.encoder.layers[layer]
+        attn, h = block.self_attn, block.layer_norm1(x)
+        return attn.split(attn.q_proj(h)), attn.split(attn.k_proj(h))
 
     def query_key(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The [CLS] query (N, heads, 1, hd) and every key (N, heads, T, hd) of encoder layer `layer`

@@ -6,15 +6,14 @@ Parameter names follow transformers' `LlamaModel` (`embed_tokens`, `layers.N.sel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .schedule import Between, Stage, apply_stage, check_schedule
 
 
 class RMSNorm(nn.Module):
@@ -288,48 +287,10 @@ class Decoder(nn.Module):
         x = layer_input = embeds
         for i, layer in enumerate(self.layers):
             if i in stages:  # keep what the stage keeps, at its positions
-                between = Between(layer_input, x, input_pos, lambda j, h, c=cos, s=sin: self.query_key(j, h, c, s))
-                kept = stages[i].keep(between)
-                index, merged = kept if isinstance(kept, tuple) else (kept, None)
-                x, input_pos = (x[:, index] if merged is None else merged), input_pos[index]
+                between = Between(layer_input, x, lambda j, h, c=cos, s=sin: self.query_key(j, h, c, s), input_pos)
+                x, index = apply_stage(stages[i], between)
+                input_pos = input_pos[index]
                 cos, sin = self.positions(input_pos)
             layer_input = x  # for a stage that reads this layer's attention
             x = layer(x, cos, sin, input_pos, prefill)
         return self.norm(x)
-
-
-class Stage(Protocol):
-    """One stage of a decoder-side method's schedule (globalcom2/fastv.py `FastV`): before decoder layer
-    `layer` it reads what the decoder lends it (`Between`) and returns the prompt positions the layers
-    from `layer` on keep, ascending (T',) long; or, where it merges, (positions (T',), the tokens (B, T', D)
-    that stand at them). `dropped`: how many positions it removes, known before the prefill (each later
-    layer's KV cache is sized by it: minillava/schedule.py)."""
-
-    layer: int
-    dropped: int
-
-    def keep(self, between: Between) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@dataclass
-class Between:
-    """What a stage before layer K reads: layer K-1's input `previous_input` and output `x` (B, T, D), their
-    positions (T,), and `query_key(i, h)`, layer i's queries and keys (B, H, T, hd) for an input h at
-    those positions (`Decoder.query_key`)."""
-
-    previous_input: torch.Tensor
-    x: torch.Tensor
-    input_pos: torch.Tensor
-    query_key: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def check_schedule(schedule: Sequence[Stage], n_layers: int, shared_prefill: bool):
-    """A schedule prunes a prefill of positions shared by the rows, before layers 1 .. n_layers - 1, each
-    layer at most once, ascending."""
-    layers = [stage.layer for stage in schedule]
-    if not layers:
-        return
-    if not shared_prefill:
-        raise ValueError("tokens are pruned in a prefill of one prompt (positions (T,) shared by the rows)")
-    if layers != sorted(set(layers)) or not 0 < layers[0] <= layers[-1] < n_layers:
-        raise ValueError(f"a schedule prunes before layers 1 .. {n_layers - 1}, each once, ascending; got {layers}")

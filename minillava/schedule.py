@@ -1,8 +1,11 @@
-"""A decoder-side method's schedule for one prompt, and all that follows from it in one place.
+"""Pruning between layers: what a stage is, and all that follows from a schedule in one place.
 
-A method that prunes between the decoder's layers (FastV; globalcom2/methods.py names them) hands the
-decoder a schedule: stages, each before a layer K, each keeping a subset of the prompt's positions
-(minillava/llama.py `Decoder.forward` applies them, `Stage` says what one is). From the same stages
+Two places prune between layers with one mechanism: the vision tower (minillava/clip.py `Tower.forward`)
+and the decoder (minillava/llama.py `Decoder.forward`). Each takes a schedule: stages, each before a
+layer K, each reading what the model lends it (`Between`) and keeping a subset of the tokens, or merged
+tokens in their place (`Stage`, `apply_stage`). A method that prunes in the decoder (FastV;
+globalcom2/methods.py names every method and its place) builds its schedule for one prompt (`build`).
+From the same stages
 come each layer's token count (`layer_lengths`: the KV cache's slots, generate.py `cache_slots`, and the
 FLOPs count, eval/efficiency.py) and, after the prefill, what the last stage kept (`kept_positions`,
 read from the cache: visualize and scripts/compression_table.py show it on the grid, layout.py `on_grid`).
@@ -10,9 +13,62 @@ read from the cache: visualize and scripts/compression_table.py show it on the g
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
 from .trust import ConfigError
+
+
+@dataclass
+class Between:
+    """What a stage before layer K reads: layer K-1's input `previous_input` and output `x` (N, T, D), and
+    `query_key(i, h)`: layer i's queries and keys (N, H, T, hd) for an input h (the layer's own norm
+    applied; the decoder's rotated to the positions `input_pos` (T,), its key heads repeated to the
+    query heads). The tower's tokens have no positions (None)."""
+
+    previous_input: torch.Tensor
+    x: torch.Tensor
+    query_key: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    input_pos: torch.Tensor | None = None
+
+
+class Stage(Protocol):
+    """One stage of a schedule (globalcom2/fastv.py `FastV`). Before layer `layer` it reads `Between` and
+    returns the token indices the layers from `layer` on keep, ascending (T',) long, the same for every
+    row; or, where it merges or chooses per row, (indices (T',), the tokens (N, T', D) that stand there).
+    In the decoder the indices are prompt positions, kept by the layers after (RoPE, mask, cache).
+    `dropped`: how many tokens it removes, known before the pass (each later layer's KV cache is sized
+    by it: `layer_lengths`)."""
+
+    layer: int
+    dropped: int
+
+    def keep(self, between: Between) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def check_schedule(schedule: Sequence[Stage], n_layers: int, shared: bool = True):
+    """A schedule prunes before layers 1 .. n_layers - 1, each layer at most once, ascending; in the
+    decoder only a prefill of positions shared by the rows (`shared`)."""
+    layers = [stage.layer for stage in schedule]
+    if not layers:
+        return
+    if not shared:
+        raise ValueError("tokens are pruned in a prefill of one prompt (positions (T,) shared by the rows)")
+    if layers != sorted(set(layers)) or not 0 < layers[0] <= layers[-1] < n_layers:
+        raise ValueError(f"a schedule prunes before layers 1 .. {n_layers - 1}, each once, ascending; got {layers}")
+
+
+def apply_stage(stage: Stage, between: Between) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens (N, T', D) the layers from `stage.layer` on see, and the indices (T',) they stand at."""
+    kept = stage.keep(between)
+    index, merged = kept if isinstance(kept, tuple) else (kept, None)
+    if len(index) != between.x.shape[1] - stage.dropped:
+        raise ValueError(f"a stage before layer {stage.layer} said it drops {stage.dropped} of "
+                         f"{between.x.shape[1]} tokens but kept {len(index)}")
+    return (between.x[:, index] if merged is None else merged), index
 
 
 def build(method: str, start: int, length: int, ratio: float, n_layers: int) -> tuple:
