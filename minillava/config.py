@@ -110,8 +110,8 @@ FAMILIES = {
 
 @dataclass
 class LlavaConfig:
-    """The whole LLaVA-NeXT model: tower, projector, AnyRes settings and decoder; `family` says which of
-    FAMILIES it is."""
+    """The whole model, LLaVA-NeXT or LLaVA-OneVision: tower, projector, AnyRes settings and decoder;
+    `family` says which of FAMILIES it is."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)

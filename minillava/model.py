@@ -4,7 +4,7 @@ the prompt -> decoder. OneVision (docs/onevision.md) is the same model with a Si
 (`cfg.anyres_max`, layout.py `downscaled_size`).
 
 An image's way through it (minillava/generate.py `generate` runs it for one question):
-    PIL -> anyres.tile_image -> (1 + crops) tiles
+    PIL -> Llava.tile (anyres.tile_image, the tower's normalisation) -> (1 + crops) tiles
         -> the tower (`TOWERS`: clip.py, siglip.py): the hidden states of every tile
         -> Projector: the feature layer (CLIP: -2 without [CLS]), into the decoder's width
         -> layout.pack: the thumbnail's tokens, then the crop grid unpadded, a newline closing each row
