@@ -70,6 +70,7 @@ class FastV:
         return self.kept(last_query_attention(q, k))
 
 
-def fastv_schedule(start: int, length: int, ratio: float) -> tuple[FastV]:
-    """FastV's schedule for a prompt whose image tokens are [start, start + length): one stage."""
+def fastv_schedule(start: int, length: int, ratio: float, n_layers: int) -> tuple[FastV]:
+    """FastV's schedule for a prompt whose image tokens are [start, start + length): one stage before layer
+    K = 2 whatever the decoder's depth (the paper's setting; the caller refuses a decoder of 2 layers)."""
     return (FastV.from_ratio(start, length, ratio),)

@@ -9,13 +9,13 @@ Tokens can be dropped or merged at three places, each with one mechanism in the 
              `schedule`): the method builds a schedule of stages for one prompt, each at a layer
 
 `METHODS` names every method (`none` included: the stage's identity). A stage method's function is
-`compress_image(image, name, ratio, seed)`; a decoder method's, `schedule(start, length, ratio)` -> its
-stages for a prompt whose image tokens are [start, start + length). What follows from a schedule (each
+`compress_image(image, name, ratio, seed)`; a decoder method's, `schedule(start, length, ratio, n_layers)`
+-> its stages for a prompt whose image tokens are [start, start + length), on a decoder of n_layers layers. What follows from a schedule (each
 layer's cache length, positions, the FLOPs count) is derived from it in one place on the model's side
 (minillava/schedule.py). No tower method exists yet; the tower's mechanism takes one the same way.
 
 The CLI's choices, its help (`HELP`), the evaluation, the demo, visualize and the FLOPs count all read
-this table; nothing else tests a method's name.
+this table; nothing else tests a method's name (but `none`, the plain sequence, which needs no table).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Callable
 from .compress import STAGE_METHODS, compress_image
 from .compress import needs as stage_needs
 from .fastv import fastv_schedule
+from .pdrop import pdrop_schedule
 
 TOWER, STAGE, DECODER = "tower", "stage", "decoder"
 
@@ -33,12 +34,13 @@ TOWER, STAGE, DECODER = "tower", "stage", "decoder"
 @dataclass(frozen=True)
 class Method:
     place: str  # TOWER, STAGE or DECODER: where it drops tokens
-    run: Callable  # STAGE: compress_image(image, name, ratio, seed); DECODER: (start, length, ratio) -> stages
+    run: Callable  # STAGE: compress_image(image, name, ratio, seed); DECODER: (start, length, ratio, n_layers) -> stages
 
 
 METHODS = {
     **{name: Method(STAGE, compress_image) for name in STAGE_METHODS},
     "fastv": Method(DECODER, fastv_schedule),  # FastV: one stage before decoder layer 2 (globalcom2/fastv.py)
+    "pdrop": Method(DECODER, pdrop_schedule),  # PyramidDrop: three stages, renumbered (globalcom2/pdrop.py)
 }
 
 HELP = (
@@ -49,8 +51,10 @@ HELP = (
     "mean, docs/globalcom2.md); on a tower without [CLS] (SigLIP) the plain names score by similarity and "
     "the [CLS] methods (-paper, -attn, the peers) refuse; a seeded random floor; none (plain "
     "LLaVA-NeXT); the peers fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is "
-    "ignored: PruMerge+ chooses its own count), each also as NAME-paper (the published sequence), and fastv "
-    "(prunes inside the decoder after layer 2; needs more than 2 decoder layers). Each is described in docs/methods.md"
+    "ignored: PruMerge+ chooses its own count), each also as NAME-paper (the published sequence); inside the "
+    "decoder fastv (prunes after layer 2; needs more than 2 decoder layers) and pdrop (PyramidDrop: after a quarter, "
+    "half and three quarters of the layers, r^(1/3) of the image each time, so r at the end; needs 4 or more "
+    "decoder layers). Each is described in docs/methods.md"
 )
 
 
@@ -68,8 +72,9 @@ def needs(name: str, has_cls: bool = True) -> tuple[tuple[str, int], ...]:
     return stage_needs(name, has_cls) if method(name).place == STAGE else ()
 
 
-def schedule(name: str, start: int, length: int, ratio: float) -> tuple:
-    """A decoder method's stages for one prompt whose image tokens are [start, start + length); () for a
-    method that prunes elsewhere."""
+def schedule(name: str, start: int, length: int, ratio: float, n_layers: int) -> tuple:
+    """A decoder method's stages for one prompt whose image tokens are [start, start + length), on a decoder
+    of `n_layers` layers (a ValueError where it has too few for the method); () for a method that prunes
+    elsewhere."""
     entry = method(name)
-    return entry.run(start, length, ratio) if entry.place == DECODER else ()
+    return entry.run(start, length, ratio, n_layers) if entry.place == DECODER else ()

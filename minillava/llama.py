@@ -102,6 +102,9 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("pos", torch.full((batch, length), EMPTY, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("skipped", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+        # how far this layer's positions lie below the prompt's: 0, but after a stage that renumbers the
+        # kept tokens (PyramidDrop), by what the stages dropped; a decode step at position p is at p - shift here
+        self.register_buffer("shift", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
 
     def prefill(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Start afresh with the prompt's k, v (B, H, T, hd) at positions `input_pos` ((T,) shared by the
@@ -223,6 +226,8 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("rope", torch.empty(0), persistent=False)
+        self.renumbered = False  # the last prefill's schedule renumbered positions (each layer's KVCache.shift)
+        self.kept: torch.Tensor | None = None  # the prompt positions the last layers kept, after a schedule
 
     def setup_cache(self, batch: int, length: int, device=None, dtype=None, layer_lengths: list[int] | None = None):
         """Allocate the KV cache for positions 0 .. `length`-1, and the RoPE table that goes with it.
@@ -278,19 +283,37 @@ class Decoder(nn.Module):
         mask over the whole cache). Otherwise each query sees the cache up to its own position.
         `schedule` (a prefill of positions shared by the rows): a decoder-side method's stages
         (globalcom2/methods.py), each before its layer K, layers ascending; the layers from K on see and
-        cache only what the stage keeps, at the positions it keeps (or its merged tokens there), so the
-        result is (B, T', D). minillava/schedule.py derives each layer's cache length from the same stages.
+        cache only what the stage keeps (or its merged tokens there), so the result is (B, T', D), at the
+        positions it keeps, or renumbered 0 .. T'-1 for a stage that says `renumber` (PyramidDrop), whose
+        layers then decode at p - what was dropped (`KVCache.shift`). minillava/schedule.py derives each
+        layer's cache length from the same stages.
         """
         check_schedule(schedule, len(self.layers), prefill and input_pos.dim() == 1)
+        if prefill:
+            self.renumbered = any(getattr(stage, "renumber", False) for stage in schedule)
         stages = {stage.layer: stage for stage in schedule}
         cos, sin = self.positions(input_pos)
         x = layer_input = embeds
+        source, shift, shifts = input_pos, 0, []  # the prompt positions x holds; each layer's KVCache.shift
         for i, layer in enumerate(self.layers):
-            if i in stages:  # keep what the stage keeps, at its positions
+            if i in stages:  # keep what the stage keeps, at its positions or renumbered from 0
                 between = Between(layer_input, x, lambda j, h, c=cos, s=sin: self.query_key(j, h, c, s), input_pos)
                 x, index = apply_stage(stages[i], between)
-                input_pos = input_pos[index]
+                source, input_pos = source[index], input_pos[index]
+                if getattr(stages[i], "renumber", False):  # the positions a prompt of this length has
+                    input_pos = torch.arange(x.shape[1], device=x.device)
+                    shift = embeds.shape[1] - x.shape[1]  # a prefill's positions are 0 .. T-1
                 cos, sin = self.positions(input_pos)
+            pos, c, s = input_pos, cos, sin
+            if not prefill and self.renumbered:  # a decode step after a renumbering schedule: this layer's positions
+                pos = input_pos - layer.self_attn.cache.shift[:, None]
+                c, s = self.positions(pos)
             layer_input = x  # for a stage that reads this layer's attention
-            x = layer(x, cos, sin, input_pos, prefill)
+            shifts.append(shift)
+            x = layer(x, c, s, pos, prefill)
+        if prefill:  # what the last layers see, for the tools that show it (minillava/schedule.py `kept_positions`)
+            self.kept = source if schedule else None
+            for layer, n in zip(self.layers, shifts):
+                if layer.self_attn.cache is not None:
+                    layer.self_attn.cache.shift.fill_(n)
         return self.norm(x)

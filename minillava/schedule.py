@@ -39,9 +39,10 @@ class Stage(Protocol):
     """One stage of a schedule (globalcom2/fastv.py `FastV`). Before layer `layer` it reads `Between` and
     returns the token indices the layers from `layer` on keep, ascending (T',) long, the same for every
     row; or, where it merges or chooses per row, (indices (T',), the tokens (N, T', D) that stand there).
-    In the decoder the indices are prompt positions, kept by the layers after (RoPE, mask, cache).
-    `dropped`: how many tokens it removes, known before the pass (each later layer's KV cache is sized
-    by it: `layer_lengths`)."""
+    In the decoder the indices are prompt positions, kept by the layers after (RoPE, mask, cache), or,
+    where the stage has `renumber` True (PyramidDrop), the kept tokens renumbered 0 .. T'-1 as a prompt of
+    that length (minillava/llama.py `Decoder.forward`). `dropped`: how many tokens it removes, known
+    before the pass (each later layer's KV cache is sized by it: `layer_lengths`)."""
 
     layer: int
     dropped: int
@@ -79,7 +80,10 @@ def build(method: str, start: int, length: int, ratio: float, n_layers: int) -> 
         return ()
     import globalcom2
 
-    stages = globalcom2.schedule(method, start, length, ratio)
+    try:
+        stages = globalcom2.schedule(method, start, length, ratio, n_layers)
+    except ValueError as e:  # e.g. a decoder too shallow for the method's layers
+        raise ConfigError(str(e)) from None
     if stages and stages[-1].layer >= n_layers:
         raise ConfigError(f"{method} prunes after decoder layer {stages[-1].layer}, but this model has only {n_layers} "
                           "decoder layers; use another --compressor")
@@ -97,10 +101,8 @@ def layer_lengths(stages, length: int, n_layers: int) -> list[int]:
     return out
 
 
-def kept_positions(llm, stages, start: int, length: int, prompt_length: int) -> torch.Tensor:
+def kept_positions(llm, start: int, length: int) -> torch.Tensor:
     """Indices into the image's token sequence [start, start + length) (ascending) of what the layers after
-    the last stage see, read from that stage's layer's KV cache after the prefill of a `prompt_length`
-    prompt: its first slots hold the positions that layer keeps (minillava/llama.py `KVCache`)."""
-    last = stages[-1].layer
-    pos = llm.layers[last].self_attn.cache.pos[0, : layer_lengths(stages, prompt_length, last + 1)[-1]]
+    the last stage saw in the last scheduled prefill (`Decoder.kept`: the prompt positions they hold)."""
+    pos = llm.kept
     return pos[(pos >= start) & (pos < start + length)] - start

@@ -75,7 +75,7 @@ def greedy(model, tokenizer, tokens: torch.Tensor, question: str, max_new_tokens
     stages = build_schedule(pruned[0], start, tokens.shape[0], pruned[1], model.cfg.text.num_hidden_layers)
     model.llm.setup_cache(1, length + max_new_tokens)  # every layer this long: pruned ones need fewer slots
     token = prefill(model, embeds, stages).argmax(-1)
-    kept = kept_positions(model.llm, stages, start, tokens.shape[0], length) if stages else None
+    kept = kept_positions(model.llm, start, tokens.shape[0]) if stages else None
     ids = []
     for step in range(max_new_tokens):
         if token.item() == tokenizer.eos_id:

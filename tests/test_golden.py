@@ -66,6 +66,20 @@ def compressors() -> tuple[str, ...]:
     return names()
 
 
+def runs_on(method: str, layers: int) -> bool:
+    """Whether `method` can prune a decoder of `layers` layers (FastV needs 3, PyramidDrop 4)."""
+    if method == "fastv":  # the code before minillava/schedule.py existed, for recording
+        return layers > 2
+    from minillava.schedule import build
+    from minillava.trust import ConfigError
+
+    try:
+        build(method, 0, 1, 1.0, layers)
+    except ConfigError:
+        return False
+    return True
+
+
 def generate_batch(*args, **kwargs):
     if hasattr(gen, "generate_batch"):  # the code before minillava/batch.py existed, for recording
         return gen.generate_batch(*args, **kwargs)
@@ -80,7 +94,7 @@ def answers(model, tokenizer, specs, batch: bool, max_new_tokens: int) -> dict:
     layers, out = model.cfg.text.num_hidden_layers, {}
     with tiles_for(tiles):
         for method in compressors():
-            if method == "fastv" and layers <= 2:  # FastV prunes before layer 2: it needs more layers
+            if not runs_on(method, layers):  # a decoder-side method on a decoder too shallow for it
                 continue
             for r in RATIOS:
                 if batch:

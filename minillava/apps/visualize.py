@@ -62,7 +62,7 @@ def kept_picture(model: Llava, image: Image.Image, compressor: str, ratio: float
         model.llm.setup_cache(1, length)
         prefill(model, plan.embeds[None], stages)
         start = len(tokenizer.encode_question(prompt)[0])  # the image's first position in the prompt
-        kept = kept_positions(model.llm, stages, start, tokens.shape[0], length)
+        kept = kept_positions(model.llm, start, tokens.shape[0])
         thumb_keep, crop_keep = on_grid(kept, tiles.grid, area, side, model.cfg.anyres_max)
         valid = area_mask(area, crop_keep.shape, crop_keep.device)
         ratios = (to_crops(crop_keep, tiles.grid, side).sum(1).double().cpu()
