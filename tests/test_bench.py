@@ -50,6 +50,13 @@ def test_tiny_run_writes_every_row_json_and_png(bench, tmp_path):
     assert saved["plan"]["representative"] is False
     assert [r["key"] for r in saved["rows"]] == [r["key"] for r in results["rows"]]
     assert len(saved["theory"]["rows"]) == 2 * len(bench.RATIOS)
+    # the decoder-side methods, every layer counted: FastV at r keeps round(2928 r) from layer 2 of 32 on
+    fastv = {(t["model"], t["r"]): t for t in saved["theory"]["decoder"] if t["method"] == "fastv"}
+    seven = fastv["LLaVA-NeXT-7B", 0.25]
+    assert seven["stage_layers"] == [2] and seven["last_share"] == round(2928 * 0.25) / 2928
+    assert seven["mean_share"] == (2 * 2928 + 30 * round(2928 * 0.25)) / (32 * 2928)
+    pdrop = {(t["model"], t["r"]): t for t in saved["theory"]["decoder"] if t["method"] == "pdrop"}
+    assert pdrop["LLaVA-NeXT-13B", 0.1]["stage_layers"] == [10, 20, 30]
     assert saved["token_counts"]["none"] == 2928  # 576 + 48 rows of (48 tokens + newline)
     text = (tmp_path / "bench.md").read_text()
     assert "NOT representative" in text and "| 9 |" in text and "LLaVA-NeXT-13B" in text

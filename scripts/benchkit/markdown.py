@@ -60,6 +60,13 @@ def markdown(r: dict, rows: list[Row]) -> str:
             )
         lines.append("")
         lines += [f"- {line}" for line in th["explanation"]]
+        lines += ["", "Methods that prune inside the decoder: the uncompressed image enters the prefill, each layer "
+                  "counted at what the method's schedule leaves it (text tokens as above).", "",
+                  "| model | method | r | stage layers | image share, last layers | image share, mean over layers | TFLOPs |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in th["decoder"]:
+            lines.append(f"| {t['model']} | {t['method']} | {t['r']:g} | {', '.join(map(str, t['stage_layers']))} | "
+                         f"{t['last_share']:.3f} | {t['mean_share']:.3f} | {t['tflops']:.1f} |")
     if "run_s" in r:
         lines += ["", f"Run time: {r['run_s'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"

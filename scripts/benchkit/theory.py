@@ -4,7 +4,9 @@ KV-cache MB of LLaVA-NeXT-7B and 13B at every ratio, next to the GlobalCom2 pape
 
 from __future__ import annotations
 
-from minillava.flops import LLAVA_7B, LLAVA_13B, LlmSpec, kv_cache_bytes, prefill_flops, tower_flops
+import globalcom2
+from minillava.flops import LLAVA_7B, LLAVA_13B, LlmSpec, kv_cache_bytes, layered_prefill_flops, prefill_flops, tower_flops
+from minillava.schedule import build, layer_lengths
 
 from .plan import CLIP_L336, PROMPT_NOTE, RATIOS
 
@@ -49,7 +51,25 @@ def theory(counts: dict[str, int], prompt_tokens: int, scores_note: str) -> dict
                            implied_tokens_kv=p_mb * 1e6 / kv_cache_bytes(spec, 1))
             rows.append(row)
     return {"rows": rows, "explanation": explain(rows, counts, prompt_tokens), "prompt_note": PROMPT_NOTE,
-            "scores_note": scores_note, "counts": counts}
+            "scores_note": scores_note, "counts": counts, "decoder": decoder_rows(counts["none"], prompt_tokens)}
+
+
+def decoder_rows(image: int, prompt_tokens: int) -> list[dict]:
+    """The methods that prune inside the decoder (globalcom2/methods.py), each at every r < 1: the uncompressed
+    image enters the prefill and every layer is counted at what the method's schedule leaves it
+    (minillava/schedule.py `layer_lengths`, the count `python -m minillava.eval` makes per question); the
+    image share the last layers see, and the share averaged over the layers."""
+    rows = []
+    for spec in (LLAVA_7B, LLAVA_13B):
+        for method in (m for m, entry in globalcom2.METHODS.items() if entry.place == globalcom2.DECODER):
+            for r in (r for r in RATIOS if r < 1.0):
+                stages = build(method, 0, image, r, spec.layers)
+                per_layer = layer_lengths(stages, image, spec.layers)
+                tflops = layered_prefill_flops(spec, [prompt_tokens + n for n in per_layer]) / 1e12
+                rows.append({"model": spec.name, "method": method, "r": r, "tflops": tflops,
+                             "last_share": per_layer[-1] / image, "mean_share": sum(per_layer) / (image * spec.layers),
+                             "stage_layers": [stage.layer for stage in stages]})
+    return rows
 
 
 def explain(rows: list[dict], counts: dict[str, int], prompt_tokens: int) -> list[str]:
