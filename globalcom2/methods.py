@@ -12,7 +12,9 @@ Tokens can be dropped or merged at three places, each with one mechanism in the 
 `compress_image(image, name, ratio, seed)`; a decoder method's, `schedule(start, length, ratio, n_layers)`
 -> its stages for a prompt whose image tokens are [start, start + length), on a decoder of n_layers layers. What follows from a schedule (each
 layer's cache length, positions, the FLOPs count) is derived from it in one place on the model's side
-(minillava/schedule.py). No tower method exists yet; the tower's mechanism takes one the same way.
+(minillava/schedule.py). A tower method's function is `(ratio, patches, n_layers, feature_layer, has_cls)`
+-> the stages every tile goes through in the tower (`tower_schedule`; FiCoCo-V); its tiles come out with
+fewer tokens, which the model lays out tile by tile (minillava/layout.py `merged_sequence`).
 
 The CLI's choices, its help (`HELP`), the evaluation, the demo, visualize and the FLOPs count all read
 this table; nothing else tests a method's name (but `none`, the plain sequence, which needs no table).
@@ -26,6 +28,7 @@ from typing import Callable
 from .compress import STAGE_METHODS, compress_image
 from .compress import needs as stage_needs
 from .fastv import fastv_schedule
+from .ficoco import ficoco_v_schedule
 from .pdrop import pdrop_schedule
 
 TOWER, STAGE, DECODER = "tower", "stage", "decoder"
@@ -34,13 +37,15 @@ TOWER, STAGE, DECODER = "tower", "stage", "decoder"
 @dataclass(frozen=True)
 class Method:
     place: str  # TOWER, STAGE or DECODER: where it drops tokens
-    run: Callable  # STAGE: compress_image(image, name, ratio, seed); DECODER: (start, length, ratio, n_layers) -> stages
+    run: Callable  # STAGE: compress_image(image, name, ratio, seed); DECODER: (start, length, ratio, n_layers) -> stages;
+    # TOWER: (ratio, patches, n_layers, feature_layer, has_cls) -> the tower's stages (every tile)
 
 
 METHODS = {
     **{name: Method(STAGE, compress_image) for name in STAGE_METHODS},
     "fastv": Method(DECODER, fastv_schedule),  # FastV: one stage before decoder layer 2 (globalcom2/fastv.py)
     "pdrop": Method(DECODER, pdrop_schedule),  # PyramidDrop: three stages, renumbered (globalcom2/pdrop.py)
+    "ficoco": Method(TOWER, ficoco_v_schedule),  # FiCoCo-V: merges inside the tower's layers (globalcom2/ficoco.py)
 }
 
 HELP = (
@@ -54,7 +59,10 @@ HELP = (
     "ignored: PruMerge+ chooses its own count), each also as NAME-paper (the published sequence); inside the "
     "decoder fastv (prunes after layer 2; needs more than 2 decoder layers) and pdrop (PyramidDrop: after a quarter, "
     "half and three quarters of the layers, r^(1/3) of the image each time, so r at the end; needs 4 or more "
-    "decoder layers). Each is described in docs/methods.md"
+    "decoder layers); inside the vision tower ficoco (FiCoCo-V: merges tokens of every tile in each layer from "
+    "half the tower to the feature layer, r the share of a tile's tokens left; a layer merges at most half its "
+    "tokens, so r >= about 1 / (merging layers + 1): 0.5 on the tiny models, 0.083 on LLaVA's tower). Each is "
+    "described in docs/methods.md"
 )
 
 
@@ -70,6 +78,14 @@ def needs(name: str, has_cls: bool = True) -> tuple[tuple[str, int], ...]:
     method's (`compress.needs`, which refuses a [CLS] method on a tower without it); none for a decoder
     method, which reads the decoder."""
     return stage_needs(name, has_cls) if method(name).place == STAGE else ()
+
+
+def tower_schedule(name: str, ratio: float, patches: int, n_layers: int, feature_layer: int, has_cls: bool) -> tuple:
+    """A tower method's stages for every tile (`patches` patch tokens each) of a tower of `n_layers` layers
+    read at hidden state `feature_layer` (a ValueError where the method cannot run there); () for a method
+    that prunes elsewhere."""
+    entry = method(name)
+    return entry.run(ratio, patches, n_layers, feature_layer, has_cls) if entry.place == TOWER else ()
 
 
 def schedule(name: str, start: int, length: int, ratio: float, n_layers: int) -> tuple:

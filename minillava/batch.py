@@ -89,7 +89,7 @@ def generate_batch(
             tiles[i] = model.tile(image)
         except USER_ERRORS as e:
             out[i] = e
-    encoded = encode(model, list(tiles.values()), compressor) if tiles else []  # one tower pass for all
+    encoded = encode(model, list(tiles.values()), compressor, ratio=retention_ratio) if tiles else []  # one tower pass for all
     _sync(device)
     t1 = time.perf_counter()
     images = dict(zip(tiles, sequences(model, encoded, compressor, retention_ratio, seed) if tiles else []))

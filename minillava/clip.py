@@ -75,7 +75,14 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+        return self.feed(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's first half: x plus its attention (a stage `inside` the layer reads this)."""
+        return x + self.self_attn(self.layer_norm1(x))
+
+    def feed(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's second half: x plus its MLP."""
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -114,20 +121,29 @@ class Tower(nn.Module):
         LLaVA-NeXT's feature layer). Keys are as asked. Layers past the deepest state asked are not run.
         `schedule`: a method's stages between the layers (minillava/schedule.py `Stage`): the layers from a
         stage's K on see only the tokens it keeps (or merged), so the hidden states from K on hold T' tokens.
+        A stage `inside` layer K (token merging: globalcom2/ficoco.py) runs between K's attention and its MLP,
+        so hidden state K + 1 on holds T' tokens; it reads K's input (`previous_input`) and the stream after
+        K's attention (`x`).
         """
         n_layers = len(self.encoder.layers)
         if not all(-n_layers - 1 <= i <= n_layers for i in layers):
             raise ValueError(f"hidden states {tuple(layers)} asked of a tower with {n_layers} layers (0 .. {n_layers})")
-        check_schedule(schedule, n_layers)
+        check_schedule(schedule, n_layers, inside=True)
         stages = {stage.layer: stage for stage in schedule}
         wanted = {i % (n_layers + 1) for i in layers}
         x = layer_input = self.embed(pixels)  # (N, has_cls + P, D)
         states = {0: x} if 0 in wanted else {}
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
-            if i - 1 in stages:  # before layer i - 1 (python index): keep what the stage keeps
-                x, _ = apply_stage(stages[i - 1], Between(layer_input, x, self.layer_query_key))
-            layer_input = x  # for a stage that reads this layer's attention
-            x = layer(x)
+            stage = stages.get(i - 1)
+            if stage is not None and getattr(stage, "inside", False):  # inside layer i - 1 (python index)
+                layer_input, x = x, layer.attend(x)
+                x, _ = apply_stage(stage, Between(layer_input, x, self.layer_query_key))
+                x = layer.feed(x)
+            else:
+                if stage is not None:  # before layer i - 1 (python index): keep what the stage keeps
+                    x, _ = apply_stage(stage, Between(layer_input, x, self.layer_query_key))
+                layer_input = x  # for a stage that reads this layer's attention
+                x = layer(x)
             if i in wanted:  # only what was asked stays alive
                 states[i] = x
         return {i: states[i % (n_layers + 1)] for i in layers}

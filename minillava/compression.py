@@ -3,7 +3,9 @@
 Where minillava calls the compression stage (`globalcom2`: tensors in, tensors out), and only for a
 method that compresses here (globalcom2/methods.py, place "stage"): the uncompressed model (`none`)
 never imports it, and a method that prunes inside the decoder (`fastv`) gets the plain sequence here
-and its schedule from minillava/schedule.py. A compressor asks the tower for what it reads
+and its schedule from minillava/schedule.py. A method that prunes inside the tower (`ficoco`) gives its
+stages to the tower here (`tower_schedule`, `encode`); its shorter tiles are laid out tile by tile
+(minillava/layout.py `merged_sequence`), and the stage passes them on. A compressor asks the tower for what it reads
 (`globalcom2.needs`: [CLS] attention, keys, hidden states), computed from the tower's hidden states in
 its one pass over all tiles, then keeps a subset of each image's tokens, which the model lays out as
 LLaVA-NeXT does (minillava/layout.py `pack`). The stage is told whether the tower has a [CLS] token
@@ -66,12 +68,29 @@ def needs(model: Llava, method: str) -> tuple:
         raise ConfigError(str(e)) from None
 
 
-def encode(model: Llava, tiles: list[Tiles], method: str, extra=()) -> list[Encoded]:
+def tower_schedule(model: Llava, method: str, ratio: float) -> tuple:
+    """A method that prunes inside the tower (globalcom2/methods.py, place "tower"): its stages for every
+    tile at `ratio`; () for any other. What it cannot run on this tower is a one-line ConfigError."""
+    if place(method) != "tower":
+        return ()
+    import globalcom2
+
+    vision = model.cfg.vision
+    try:
+        return globalcom2.tower_schedule(method, ratio, vision.patches_per_side**2, vision.num_hidden_layers,
+                                         model.cfg.vision_feature_layer, has_cls(model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def encode(model: Llava, tiles: list[Tiles], method: str, extra=(), ratio: float = 1.0) -> list[Encoded]:
     """The images through the tower and projector, with what `method` reads from the tower (and the
-    probes `extra`, e.g. GlobalCom2's scores for a picture, from the same pass)."""
+    probes `extra`, e.g. GlobalCom2's scores for a picture, from the same pass). A method that prunes
+    inside the tower runs there at `ratio` (its tiles come out shorter: `Encoded.merged`)."""
     own = needs(model, method)  # refuses before the tower runs
+    stages = tower_schedule(model, method, ratio)
     if not own and not extra:
-        return model.encode_images(tiles)
+        return model.encode_images(tiles, schedule=stages)
     import globalcom2
 
     asked = tuple(dict.fromkeys((*own, *extra)))
@@ -79,7 +98,7 @@ def encode(model: Llava, tiles: list[Tiles], method: str, extra=()) -> list[Enco
     layers = globalcom2.hidden_states_needed(asked, n_layers, feature_layer)
     probe = lambda states: globalcom2.tower_probes(asked, states, model.vision.query_key, n_layers,  # noqa: E731
                                                    feature_layer)
-    return model.encode_images(tiles, layers, probe)
+    return model.encode_images(tiles, layers, probe, schedule=stages)
 
 
 def stage_inputs(model: Llava, images: list[Encoded]) -> list:

@@ -271,7 +271,7 @@ def generate(
     device, steps = model.device, steps or Steps()
     t0 = time.perf_counter()
     tiles = model.tile(image)  # thumbnail + crops
-    encoded = encode(model, [tiles], compressor)  # tower and projector, and what the compressor reads
+    encoded = encode(model, [tiles], compressor, ratio=retention_ratio)  # tower and projector, and what the compressor reads
     _sync(device)
     t1 = time.perf_counter()
     tokens, before = sequences(model, encoded, compressor, retention_ratio, seed)[0]  # keep, then lay out

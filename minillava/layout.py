@@ -19,6 +19,13 @@ first (`downscaled_size`, LLaVA-NeXT's llava_arch.py `prepare_inputs_labels_for_
 the downscaled rows. Our decision for compression (docs/onevision.md): a compressor selects on the
 full-resolution crop grid, as for LLaVA-NeXT, and its kept tokens are packed at their true positions
 with a newline closing every full-resolution row; nothing it kept is resampled.
+
+A method that merges inside the tower (FiCoCo-V, globalcom2/ficoco.py) leaves each tile T' tokens that
+no longer stand on its side x side grid (merged, and in the method's own order). Our decision
+(`merged_sequence`, docs/methods.md): the tiles' tokens one tile after another, as the published
+LLaVA-1.5 code feeds its one view's tokens, the thumbnail first, then the crops row-major, each tile's
+tokens in the tower's order; no unpadding (the padding's tokens are merged with the others) and no
+newlines (there are no rows to close); OneVision's downscale does not apply.
 """
 
 from __future__ import annotations
@@ -118,6 +125,11 @@ def pack(head: Tensor, grid: Tensor, area: tuple[int, int, int, int], newline: T
         rows = rows[torch.cat([kept, kept.new_ones(h, 1)], dim=1)]  # (n, D), row-major
     parts = [head, rows] if tail is None else [head, rows, tail.to(head.dtype)]
     return torch.cat(parts)
+
+
+def merged_sequence(thumb: Tensor, crops: Tensor) -> Tensor:
+    """A tower method's shorter tiles in sequence: thumb (T', D), then crops (C, T', D) row-major -> ((1 + C) T', D)."""
+    return torch.cat([thumb, crops.reshape(-1, crops.shape[-1])])
 
 
 def compressed_sequence(kept, crops: Tensor, grid: tuple[int, int], area: tuple[int, int, int, int],

@@ -8,7 +8,8 @@ An image's way through it (minillava/generate.py `generate` runs it for one ques
         -> the tower (`TOWERS`: clip.py, siglip.py): the hidden states of every tile
         -> Projector: the feature layer (CLIP: -2 without [CLS]), into the decoder's width
         -> layout.pack: the thumbnail's tokens, then the crop grid unpadded, a newline closing each row
-           (a compressor, minillava/compression.py, decides which of them are kept)
+           (a compressor, minillava/compression.py, decides which of them are kept; a tower method's
+           merged tiles, which form no grid, go tile by tile: layout.merged_sequence)
         -> spliced between the prompt's text embeddings -> Decoder prefill -> decode loop
 """
 
@@ -24,7 +25,8 @@ from torch import nn
 from .anyres import Tiles, tile_image
 from .clip import ClipTower, Tower
 from .config import LlavaConfig
-from .layout import compressed_sequence, crop_grid, downscaled_size, pack, unpad_area, uncompressed_length
+from .layout import (compressed_sequence, crop_grid, downscaled_size, merged_sequence, pack, unpad_area,
+                     uncompressed_length)
 from .llama import Decoder, Linear
 from .siglip import SiglipTower
 
@@ -52,6 +54,8 @@ class Encoded:
     area: tuple[int, int, int, int]  # (top, bottom, left, right) the unpadded part of the crop grid
     probes: dict = field(default_factory=dict)  # {name: (1 + gw*gh, ...)} what a compressor asked of the tower,
     # the thumbnail's row first
+    merged: bool = False  # a tower method changed the tiles' token count: thumb (T', D), crops (C, T', D),
+    # no longer side x side grids (laid out tile by tile: layout.py `merged_sequence`)
 
 
 # The vision towers by VisionConfig.model_type; each carries its own normalisation (`mean`, `std`) and says
@@ -87,8 +91,12 @@ class Llava(nn.Module):
         (`TOWERS`: CLIP's mean and std; SigLIP's 0.5)."""
         return tile_image(image, self.cfg.grid_pinpoints, self.cfg.vision.image_size, self.vision.mean, self.vision.std)
 
-    def encode_images(self, tiles: list[Tiles], layers=(), probe: Callable | None = None) -> list[Encoded]:
+    def encode_images(self, tiles: list[Tiles], layers=(), probe: Callable | None = None, schedule=()) -> list[Encoded]:
         """All tiles of all images through the tower and projector in one batch, split back per image.
+
+        `schedule`: a tower method's stages (minillava/schedule.py, between or inside the tower's layers,
+        minillava/compression.py `tower_schedule`), applied to every tile; where they change the tiles'
+        token count the `Encoded` is `merged`.
 
         `layers`: more hidden states of the tower to compute, for `probe`, a function of all tiles'
         hidden states ({i: (N, has_cls + P, Dv)}) to {name: (N, ...)} (a compressor's scores, computed by the
@@ -96,11 +104,12 @@ class Llava(nn.Module):
         """
         pixels = torch.cat([t.pixels for t in tiles]).to(self.device, self.dtype)  # (sum tiles, 3, S, S)
         select = self.cfg.vision_feature_layer
-        states = self.vision(pixels, (select, *layers))
+        states = self.vision(pixels, (select, *layers), schedule)
         # (sum tiles, P, D): CLIP's [CLS] dropped (LLaVA-NeXT's "default"); SigLIP's tokens whole ("full")
         features = self.projector(states[select][:, int(self.vision.has_cls):])
         probes = probe(states) if probe is not None else {}
         side = self.cfg.vision.patches_per_side
+        merged = features.shape[1] != side * side
         out, start = [], 0
         for t in tiles:
             n = t.pixels.shape[0]
@@ -108,7 +117,7 @@ class Llava(nn.Module):
             order = torch.tensor([t.thumb, *(i for i in range(n) if i != t.thumb)], device=features.device) + start
             mine = features[order]  # (1 + C, P, D)
             out.append(Encoded(mine[0], mine[1:], t.grid, t.size, unpad_area(t.grid, t.size, side),
-                               {k: p[order.to(p.device)] for k, p in probes.items()}))
+                               {k: p[order.to(p.device)] for k, p in probes.items()}, merged))
             start += n
         return out
 
@@ -116,6 +125,8 @@ class Llava(nn.Module):
         """One image's token sequence for the decoder, (T, D): LLaVA-NeXT's uncompressed one, or what a
         compressor `kept` (globalcom2.Compressed) laid out the same way; a `-paper` method's published
         sequence as it made it."""
+        if image.merged:  # a tower method's shorter tiles: no grid left to unpad, downscale or close by newlines
+            return merged_sequence(image.thumb, image.crops)
         if kept is None:  # a family that downscales (OneVision): the unpadded grid downscaled when large
             size = downscaled_size(image.area, self.cfg.vision.patches_per_side, self.cfg.anyres_max)
             return pack(image.thumb, crop_grid(image.crops, image.grid), image.area, self.image_newline,

@@ -42,7 +42,13 @@ class Stage(Protocol):
     In the decoder the indices are prompt positions, kept by the layers after (RoPE, mask, cache), or,
     where the stage has `renumber` True (PyramidDrop), the kept tokens renumbered 0 .. T'-1 as a prompt of
     that length (minillava/llama.py `Decoder.forward`). `dropped`: how many tokens it removes, known
-    before the pass (each later layer's KV cache is sized by it: `layer_lengths`)."""
+    before the pass (each later layer's KV cache is sized by it: `layer_lengths`).
+
+    In the tower only, a stage may sit *inside* layer `layer` (an attribute `inside` True; absent means
+    False): between that layer's attention and its MLP, where token-merging methods merge (ToMe,
+    FiCoCo-V: globalcom2/ficoco.py). There `Between.previous_input` is the layer's input (its own
+    attention is `query_key(layer, previous_input)`) and `x` the stream after the attention's residual;
+    the layer's MLP, and every later layer, see what the stage keeps."""
 
     layer: int
     dropped: int
@@ -50,12 +56,15 @@ class Stage(Protocol):
     def keep(self, between: Between) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def check_schedule(schedule: Sequence[Stage], n_layers: int, shared: bool = True):
-    """A schedule prunes before layers 1 .. n_layers - 1, each layer at most once, ascending; in the
-    decoder only a prefill of positions shared by the rows (`shared`)."""
+def check_schedule(schedule: Sequence[Stage], n_layers: int, shared: bool = True, inside: bool = False):
+    """A schedule prunes before (or, where `inside` is allowed, the tower's, inside) layers 1 .. n_layers - 1,
+    each layer at most once, ascending; in the decoder only a prefill of positions shared by the rows
+    (`shared`)."""
     layers = [stage.layer for stage in schedule]
     if not layers:
         return
+    if not inside and any(getattr(stage, "inside", False) for stage in schedule):
+        raise ValueError("a stage inside a layer (between its attention and its MLP) is the tower's only")
     if not shared:
         raise ValueError("tokens are pruned in a prefill of one prompt (positions (T,) shared by the rows)")
     if layers != sorted(set(layers)) or not 0 < layers[0] <= layers[-1] < n_layers:

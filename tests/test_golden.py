@@ -80,6 +80,22 @@ def runs_on(method: str, layers: int) -> bool:
     return True
 
 
+def runs_at(model, method: str, r: float) -> bool:
+    """Whether a method that prunes inside the tower (FiCoCo-V) can run at r on this tower (it refuses an r
+    that would merge more than half a layer's tokens); every other method runs at every r."""
+    try:
+        from minillava.compression import tower_schedule
+    except ImportError:  # the code before tower methods existed, for recording
+        return True
+    from minillava.trust import ConfigError
+
+    try:
+        tower_schedule(model, method, r)
+    except ConfigError:
+        return False
+    return True
+
+
 def generate_batch(*args, **kwargs):
     if hasattr(gen, "generate_batch"):  # the code before minillava/batch.py existed, for recording
         return gen.generate_batch(*args, **kwargs)
@@ -97,6 +113,8 @@ def answers(model, tokenizer, specs, batch: bool, max_new_tokens: int) -> dict:
             if not runs_on(method, layers):  # a decoder-side method on a decoder too shallow for it
                 continue
             for r in RATIOS:
+                if not runs_at(model, method, r):  # a tower method at an r its tower cannot merge to
+                    continue
                 if batch:
                     results = generate_batch(model, tokenizer, [(p, QUESTION) for p in placeholders], method, r,
                                              max_new_tokens=max_new_tokens)
