@@ -58,6 +58,15 @@ def test_ask_answers_with_a_picture_and_counts(session, compressor, ratio, count
     assert steps[0][0] == "" and steps[0][1] is not None and counts in steps[0][2]
 
 
+def test_a_tower_method_answers_without_a_picture(session):
+    """ficoco merges inside the tower: its tokens have no grid cell to draw, so the page answers with the
+    counts and no picture (python -m minillava.apps.visualize refuses it in one line)."""
+    steps = list(demo.ask(session, str(SCENE), QUESTION, "ficoco", 0.5))
+    answer, picture, line, message = steps[-1]
+    assert answer.strip() and message == "" and picture is None
+    assert "visual tokens 336 -> 160" in line and "picture" not in line
+
+
 def test_side_by_side_answers_under_two_settings(session):
     answer_a, picture_a, counts_a, answer_b, picture_b, counts_b, message = last(
         demo.compare(session, str(SCENE), QUESTION, "none", 1.0, "globalcom2", 0.1))

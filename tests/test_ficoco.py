@@ -15,6 +15,7 @@
 
 import json
 import math
+from pathlib import Path
 from typing import Callable, Tuple, Union, Any
 
 import pytest
@@ -383,3 +384,15 @@ def test_batch_rows_equal_their_question_alone(deep_checkpoint, image_path):
         alone = [gen.generate(model, tokenizer, im, q, "ficoco", 0.5, max_new_tokens=5) for im, q in zip(images, questions)]
     for got, want in zip(batch, alone, strict=True):
         assert got.token_ids == want.token_ids and got.visual_tokens == want.visual_tokens
+
+
+def test_visualize_refuses_a_tower_method_in_one_line(capsys, tmp_path):
+    """Merged tokens stand for several patches: nothing on the grid to mark, so one error line, no file."""
+    from minillava.apps import visualize as vis
+
+    out = tmp_path / "kept.png"
+    scene = Path(__file__).parent.parent / "examples" / "scene.png"
+    assert vis.main(["--image", str(scene), "--out", str(out), "--compressor", "ficoco", "--retention-ratio", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ficoco merges tokens inside the vision tower") and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..compression import compressors
+from ..compression import compressors, place
 from ..generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, conv_template_arg, fail,
                        generate, load, quantize_args, quantize_spec, ratio_arg)
 from ..quant import Spec
@@ -156,15 +156,19 @@ def counts_line(before: int, after: int, result=None, picture_s: float | None = 
 def _answer(session: Session, image, question: str, compressor: str, ratio: float):
     """Yield (answer so far, picture, counts) for one setting: the picture first, then the streamed answer."""
     t0 = time.perf_counter()
-    pic = kept_picture(session.model, image, compressor, ratio, tokenizer=session.tokenizer, prompt=question)
-    picture_s = time.perf_counter() - t0
-    yield "", pic.image, counts_line(pic.before, pic.after)
+    pic, picture_s = None, None
+    if place(compressor) != "tower":  # a tower method's merged tokens have no cell to draw (apps/visualize.py)
+        pic = kept_picture(session.model, image, compressor, ratio, tokenizer=session.tokenizer, prompt=question)
+        picture_s = time.perf_counter() - t0
+        yield "", pic.image, counts_line(pic.before, pic.after)
     call = partial(generate, session.model, session.tokenizer, image, question, compressor, ratio,
                    session.max_new_tokens)
     for text, result in _stream(lambda on_text: call(on_text=on_text)):
-        counts = (counts_line(result.visual_tokens["before"], result.visual_tokens["after"], result, picture_s)
-                  if result is not None else counts_line(pic.before, pic.after))
-        yield text, pic.image, counts
+        if result is not None:
+            counts = counts_line(result.visual_tokens["before"], result.visual_tokens["after"], result, picture_s)
+        else:
+            counts = counts_line(pic.before, pic.after) if pic is not None else ""
+        yield text, pic and pic.image, counts
 
 
 def _guarded(run, blank: tuple) -> Iterator[tuple]:

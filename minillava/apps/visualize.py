@@ -25,7 +25,7 @@ from ..layout import downscaled_size, on_grid
 from ..model import Llava
 from ..schedule import kept_positions
 from ..tokenizer import Tokenizer
-from ..trust import load_image
+from ..trust import ConfigError, load_image
 from ..weights import DEFAULT_MODEL, load_model, resolve_model
 
 
@@ -46,6 +46,9 @@ def kept_picture(model: Llava, image: Image.Image, compressor: str, ratio: float
     from globalcom2.layout import area_mask, to_crops
     from globalcom2.visualize import draw
 
+    if place(compressor) == "tower":  # merged tokens stand for several patches each: no cell of theirs to mark
+        raise ConfigError(f"{compressor} merges tokens inside the vision tower, so what it keeps has no place on "
+                          "the grid to draw; picture another --compressor")
     tile, side = model.cfg.vision.image_size, model.cfg.vision.patches_per_side
     tiles = model.tile(image)
     # the score map shows the method's token score, or GlobalCom2's on this tower for a method without one
