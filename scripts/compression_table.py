@@ -47,6 +47,7 @@ from minillava.anyres import tile_image  # noqa: E402
 from minillava.compression import encode, stage_inputs  # noqa: E402
 from minillava.eval import synthetic as S  # noqa: E402
 from minillava.generate import decode_one_token, load, prefill  # noqa: E402
+from minillava.trust import ConfigError  # noqa: E402
 from minillava.layout import on_grid  # noqa: E402
 from minillava.schedule import build as build_schedule, kept_positions  # noqa: E402
 from minillava.tokenizer import build_prompt  # noqa: E402
@@ -103,12 +104,18 @@ def oracle_scales(n_valid: np.ndarray, cards: np.ndarray, ratio: float) -> np.nd
 
 
 def answer(model, tokenizer, image, features: globalcom2.ImageFeatures, question: str, method: str, ratio: float,
-           seed: int = 0, cards=None):
-    """The answer with one compressor, and what it kept (a `Compressed`; None for the thumbnail alone).
-    `image` is the model's encoded image (minillava.model.Encoded), whose uncompressed sequence a
-    decoder-side method (FastV) prunes in the decoder; `cards` (C,) the number of cards in each crop, which only the oracle reads."""
+           seed: int = 0, cards=None, tiles=None):
+    """The answer with one compressor, and what it kept (a `Compressed`; None for the thumbnail alone and
+    for a method that merges inside the tower, whose tokens have no grid cell). `image` is the model's
+    encoded image (minillava.model.Encoded), whose uncompressed sequence a decoder-side method (FastV)
+    prunes in the decoder; `tiles` the image's tiles, which a tower method (FiCoCo-V) runs through the
+    tower again with its schedule (ConfigError where it refuses this r); `cards` (C,) the number of cards
+    in each crop, which only the oracle reads."""
     if method == "thumbnail":
         return greedy(model, tokenizer, features.thumb, question)[0], None
+    if method in globalcom2.METHODS and globalcom2.method(method).place == globalcom2.TOWER:
+        merged = encode(model, [tiles], method, ratio=ratio)[0]
+        return greedy(model, tokenizer, model.image_tokens(merged), question)[0], None
     side = math.isqrt(features.thumb.shape[0])
     if method in globalcom2.METHODS and globalcom2.method(method).place == globalcom2.DECODER:
         text, kept = greedy(model, tokenizer, model.image_tokens(image), question, pruned=(method, ratio))
@@ -136,6 +143,8 @@ class Results(NamedTuple):
     merged: dict
     share: dict
     guidance: dict  # score -> per scene (max ratio / r, card crops' ratio / r, card crop has the largest, sums max - min)
+    refused: dict  # (method, ratio) -> the one-line reason, for a setting the method cannot run (FiCoCo-V's small r)
+    located: set  # the (method, ratio) whose kept tokens have grid cells (not a tower method's merged ones)
 
 
 @torch.inference_mode()
@@ -147,6 +156,7 @@ def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: in
     side = cfg.vision.image_size // cfg.vision.patch_size
     correct, kept, merged, share = ({c: 0.0 for c in configs} for _ in range(4))
     guidance = {score: [] for score in GUIDANCE}
+    refused, located = {}, set()
     for i in tqdm(range(n), desc=f"held-out, {family}", dynamic_ncols=True, file=sys.stderr):
         s = S.sample(S.DEFAULT_SEED, "test", i, family=family)
         tiles = tile_image(s.scene.image, cfg.grid_pinpoints, cfg.vision.image_size)
@@ -164,16 +174,24 @@ def evaluate(model_dir: Path, n: int, configs: list[tuple[str, float]], seed: in
             sums = region_sums(thumb_scores, features.grid)
             guidance[score].append((scale.max(), scale[cards > 0].mean(), bool(cards[np.argmax(scale)] > 0), np.ptp(sums)))
         for method, ratio in configs:
-            text, out = answer(model, tokenizer, image, features, S.prompt(s.question), method, ratio, seed, cards)
+            if (method, ratio) in refused:
+                continue
+            try:
+                text, out = answer(model, tokenizer, image, features, S.prompt(s.question), method, ratio, seed, cards,
+                                   tiles)
+            except ConfigError as e:  # the method cannot run at this r on this model: the same for every scene
+                refused[(method, ratio)] = str(e)
+                continue
             correct[(method, ratio)] += text.strip().lower() == s.answer
             if out is not None:
+                located.add((method, ratio))
                 into = out.crop_merge is not None and bool(out.crop_merge[cell] >= 0)
                 kept[(method, ratio)] += bool(out.crop_keep[cell])
                 merged[(method, ratio)] += bool(out.crop_keep[cell]) or into
                 per_crop = to_crops(out.crop_keep & valid, features.grid, side).sum(1).numpy()  # (C,)
                 share[(method, ratio)] += per_crop[cards > 0].sum() / max(per_crop.sum(), 1)
     percent = lambda counts: {c: 100.0 * k / n for c, k in counts.items()}  # noqa: E731
-    return Results(percent(correct), percent(kept), percent(merged), percent(share), guidance)
+    return Results(percent(correct), percent(kept), percent(merged), percent(share), guidance, refused, located)
 
 
 def guidance_summary(guidance: list, score: str = "cls_logits") -> str:
@@ -221,8 +239,9 @@ def plot(accuracy: dict, path: Path, title: str = "synthetic scenes", rows=ROWS)
         legend_y += 22
     for i, method in enumerate(rows):
         colour = colours[i % len(colours)]
-        points = [(x_of(r), y_of(accuracy[(method, r)])) for r in RATIOS]
-        d.line(points, fill=colour, width=3)
+        points = [(x_of(r), y_of(accuracy[(method, r)])) for r in RATIOS if (method, r) in accuracy]  # not refused
+        if len(points) > 1:
+            d.line(points, fill=colour, width=3)
         for x, y in points:
             d.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
         d.line((width - right + 12, legend_y + 7, width - right + 36, legend_y + 7), fill=colour, width=3)
@@ -245,8 +264,13 @@ def table(results: Results, methods=ROWS) -> str:
     for method in methods:
         for r in RATIOS:
             a = accuracy[(method, r)]
-            rows.append(f"| {method} | {r} | {a:.1f}% | {vs(a)} | {kept[(method, r)]:.1f}% "
-                        f"| {merged[(method, r)]:.1f}% | {share[(method, r)]:.1f}% |")
+            if (method, r) in results.refused:
+                rows.append(f"| {method} | {r} | refused: {results.refused[(method, r)]} | - | - | - | - |")
+            elif (method, r) not in results.located and method != "oracle":  # merged in the tower: no grid cell
+                rows.append(f"| {method} | {r} | {a:.1f}% | {vs(a)} | - | - | - |")
+            else:
+                rows.append(f"| {method} | {r} | {a:.1f}% | {vs(a)} | {kept[(method, r)]:.1f}% "
+                            f"| {merged[(method, r)]:.1f}% | {share[(method, r)]:.1f}% |")
     return "\n".join(rows)
 
 
@@ -289,7 +313,8 @@ def main(argv=None):
             print(guidance_summary(guidance, score) + "\n")
         if args.plot is not None:
             path = args.plot if family == "card" else args.plot.with_name(f"{args.plot.stem}_dense{args.plot.suffix}")
-            plot(results.accuracy, path, TITLES[family].split(":")[0], args.methods)
+            ran = {c: a for c, a in results.accuracy.items() if c not in results.refused}
+            plot(ran, path, TITLES[family].split(":")[0], args.methods)
             print(f"wrote {path}\n")
 
 
