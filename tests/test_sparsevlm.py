@@ -246,9 +246,9 @@ def test_cluster_and_merge_equals_the_published_without_its_noise():
     with the published noise on, how often the result is still the same is printed (it can differ only
     where densities are within 1e-6)."""
     g = torch.Generator().manual_seed(0)
-    same_with_noise, cases = 0, 45
+    same_with_noise, cases = 0, 24
     for case in range(cases):
-        n = int(torch.randint(1, 120, (1,), generator=g))
+        n = int(torch.randint(1, 100, (1,), generator=g))
         x = torch.randn(2, n, 16, generator=g)
         if case % 3 == 0 and n > 4:
             x[:, n // 2 :] = x[:, : n - n // 2]  # duplicates
@@ -370,7 +370,7 @@ def sparsevlm_reference(model, prompt, start, length, r, eos_id, max_new_tokens=
     return ids, v
 
 
-@pytest.mark.parametrize("r", [0.5, 0.1])
+@pytest.mark.parametrize("r", [0.25])
 def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image_path, r):
     """The 4-layer tiny model: ranked by layers 0, 1, 2, pruned before layers 1, 2, 3."""
     result = run_json(capsys, deep_checkpoint, image_path, "--compressor", "sparsevlm", "--retention-ratio", r)
