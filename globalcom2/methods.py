@@ -30,6 +30,7 @@ from .compress import needs as stage_needs
 from .fastv import fastv_schedule
 from .ficoco import ficoco_v_schedule
 from .pdrop import pdrop_schedule
+from .sparsevlm import sparsevlm_schedule
 
 TOWER, STAGE, DECODER = "tower", "stage", "decoder"
 
@@ -45,6 +46,7 @@ METHODS = {
     **{name: Method(STAGE, compress_image) for name in STAGE_METHODS},
     "fastv": Method(DECODER, fastv_schedule),  # FastV: one stage before decoder layer 2 (globalcom2/fastv.py)
     "pdrop": Method(DECODER, pdrop_schedule),  # PyramidDrop: three stages, renumbered (globalcom2/pdrop.py)
+    "sparsevlm": Method(DECODER, sparsevlm_schedule),  # SparseVLM: three stages, text raters, recycled tokens added
     "ficoco": Method(TOWER, ficoco_v_schedule),  # FiCoCo-V: merges inside the tower's layers (globalcom2/ficoco.py)
 }
 
@@ -57,9 +59,12 @@ HELP = (
     "the [CLS] methods (-paper, -attn, the peers) refuse; a seeded random floor; none (plain "
     "LLaVA-NeXT); the peers fastervlm, visionzip, hired (r = HiRED's token budget rate), prumerge+ (r is "
     "ignored: PruMerge+ chooses its own count), each also as NAME-paper (the published sequence); inside the "
-    "decoder fastv (prunes after layer 2; needs more than 2 decoder layers) and pdrop (PyramidDrop: after a quarter, "
+    "decoder fastv (prunes after layer 2; needs more than 2 decoder layers), pdrop (PyramidDrop: after a quarter, "
     "half and three quarters of the layers, r^(1/3) of the image each time, so r at the end; needs 4 or more "
-    "decoder layers); inside the vision tower ficoco (FiCoCo-V: merges tokens of every tile in each layer from "
+    "decoder layers) and sparsevlm (SparseVLM v1.5: after layers 2, 6, 15 of 32, scaled, text-guided, the "
+    "pruned tokens' best recycled into merged ones; r is the layer-averaged share its settings are named by, "
+    "r = 1/3, 2/9, 1/9 its 192, 128, 64 of 576; needs 4 or more decoder layers); "
+    "inside the vision tower ficoco (FiCoCo-V: merges tokens of every tile in each layer from "
     "half the tower to the feature layer, r the share of a tile's tokens left; a layer merges at most half its "
     "tokens, so r >= about 1 / (merging layers + 1): 0.5 on the tiny models, 0.083 on LLaVA's tower). Each is "
     "described in docs/methods.md"

@@ -297,9 +297,9 @@ class Decoder(nn.Module):
         source, shift, shifts = input_pos, 0, []  # the prompt positions x holds; each layer's KVCache.shift
         for i, layer in enumerate(self.layers):
             if i in stages:  # keep what the stage keeps, at its positions or renumbered from 0
-                between = Between(layer_input, x, lambda j, h, c=cos, s=sin: self.query_key(j, h, c, s), input_pos)
+                between = Between(layer_input, x, lambda j, h, c=cos, s=sin: self.query_key(j, h, c, s), input_pos, embeds)
                 x, index = apply_stage(stages[i], between)
-                source, input_pos = source[index], input_pos[index]
+                source, input_pos = source[index].masked_fill(index < 0, -1), input_pos[index]  # -1: an added token
                 if getattr(stages[i], "renumber", False):  # the positions a prompt of this length has
                     input_pos = torch.arange(x.shape[1], device=x.device)
                     shift = embeds.shape[1] - x.shape[1]  # a prefill's positions are 0 .. T-1

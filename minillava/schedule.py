@@ -27,12 +27,15 @@ class Between:
     """What a stage before layer K reads: layer K-1's input `previous_input` and output `x` (N, T, D), and
     `query_key(i, h)`: layer i's queries and keys (N, H, T, hd) for an input h (the layer's own norm
     applied; the decoder's rotated to the positions `input_pos` (T,), its key heads repeated to the
-    query heads). The tower's tokens have no positions (None)."""
+    query heads). The tower's tokens have no positions (None). `embeds`: the decoder's input (N, T0, D),
+    the prompt as it entered layer 0, for a stage that reads the prompt itself (SparseVLM's text raters);
+    None in the tower."""
 
     previous_input: torch.Tensor
     x: torch.Tensor
     query_key: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     input_pos: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
 
 
 class Stage(Protocol):
@@ -41,8 +44,11 @@ class Stage(Protocol):
     row; or, where it merges or chooses per row, (indices (T',), the tokens (N, T', D) that stand there).
     In the decoder the indices are prompt positions, kept by the layers after (RoPE, mask, cache), or,
     where the stage has `renumber` True (PyramidDrop), the kept tokens renumbered 0 .. T'-1 as a prompt of
-    that length (minillava/llama.py `Decoder.forward`). `dropped`: how many tokens it removes, known
-    before the pass (each later layer's KV cache is sized by it: `layer_lengths`).
+    that length (minillava/llama.py `Decoder.forward`). A renumbering stage may also put tokens that stand
+    at no single position (SparseVLM's recycled tokens, merged from several) in the sequence: index -1
+    there, the merged tokens given, the other indices ascending. `dropped`: how many tokens it removes net
+    (removed less added), known before the pass (each later layer's KV cache is sized by it:
+    `layer_lengths`).
 
     In the tower only, a stage may sit *inside* layer `layer` (an attribute `inside` True; absent means
     False): between that layer's attention and its MLP, where token-merging methods merge (ToMe,
@@ -72,9 +78,13 @@ def check_schedule(schedule: Sequence[Stage], n_layers: int, shared: bool = True
 
 
 def apply_stage(stage: Stage, between: Between) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens (N, T', D) the layers from `stage.layer` on see, and the indices (T',) they stand at."""
+    """The tokens (N, T', D) the layers from `stage.layer` on see, and the indices (T',) they stand at (-1:
+    an added token, `Stage`)."""
     kept = stage.keep(between)
     index, merged = kept if isinstance(kept, tuple) else (kept, None)
+    if (index < 0).any() and (merged is None or not getattr(stage, "renumber", False)):
+        raise ValueError(f"a stage before layer {stage.layer} added tokens (index -1) without giving them, or "
+                         "without renumbering (an added token has no position of its own)")
     if len(index) != between.x.shape[1] - stage.dropped:
         raise ValueError(f"a stage before layer {stage.layer} said it drops {stage.dropped} of "
                          f"{between.x.shape[1]} tokens but kept {len(index)}")

@@ -122,6 +122,103 @@ def test_two_stages_in_the_decoder_equal_the_uncached_reference(merge):
     assert pos[-4:] == [20, 21, 22, 23] and pos[:7] == sorted(pos[:7]) and set(pos[:7]) <= set(first.index)
 
 
+@dataclass(frozen=True)
+class Adding:
+    """A renumbering stage that keeps fixed indices and puts `added` tokens (the mean of the tokens it
+    dropped, times 1 .. added) after position `after` of what it keeps (index -1): SparseVLM's recycling."""
+
+    layer: int
+    index: tuple[int, ...]
+    length: int
+    after: int
+    added: int
+    renumber: bool = True
+
+    @property
+    def dropped(self) -> int:
+        return self.length - len(self.index) - self.added
+
+    def keep(self, between):
+        x, keep = between.x, list(self.index)
+        assert between.embeds.shape[1] == 20  # the decoder's input, whatever earlier stages did
+        gone = x[:, [i for i in range(self.length) if i not in keep]].mean(1, keepdim=True)
+        new = torch.cat([gone * (j + 1) for j in range(self.added)], dim=1)
+        tokens = torch.cat([x[:, keep[: self.after]], new, x[:, keep[self.after :]]], dim=1)
+        index = torch.tensor(keep[: self.after] + [-1] * self.added + keep[self.after :])
+        return index, tokens
+
+
+def test_a_stage_that_adds_tokens_equals_the_uncached_renumbered_reference():
+    """Added tokens (index -1) in a renumbered sequence: the cached prefill and decode steps equal the
+    whole sequence run again at contiguous positions; `dropped` counts net; kept positions skip them."""
+    torch.manual_seed(2)
+    decoder = Decoder(TEXT).eval()
+    embeds = torch.randn(1, 20, TEXT.hidden_size)
+    steps = [torch.randn(1, 1, TEXT.hidden_size) for _ in range(3)]
+    first = Adding(2, tuple(i for i in range(20) if i % 4), 20, after=6, added=2)  # 15 kept + 2 = 17
+    second = Adding(4, tuple(range(0, 17, 2)), 17, after=3, added=1)  # 9 kept + 1 = 10
+    stages = (first, second)
+    assert layer_lengths(stages, 23, 5) == [23, 23, 20, 20, 13]
+    with torch.no_grad():
+        got = cached(decoder, embeds, stages, steps)
+        # the reference: the prompt's pass gives each stage's tokens; then every step renumbered 0 .. n-1
+        x, layer_input, seen = embeds, embeds, {}
+        for i, layer in enumerate(decoder.layers):
+            if i in (2, 4):
+                stage = first if i == 2 else second
+                cos, sin = decoder.positions(torch.arange(x.shape[1]))
+                x, index = apply_stage(stage, Between(layer_input, x, lambda j, h, c=cos, s=sin: decoder.query_key(j, h, c, s),
+                                                      torch.arange(x.shape[1]), embeds))
+                seen[i] = index
+            layer_input = x
+            decoder.setup_rope(64)
+            cos, sin = decoder.positions(torch.arange(x.shape[1]))
+            x = layer(x, cos, sin, torch.arange(x.shape[1]), prefill=True)
+        want = [decoder.norm(x)[:, -1]]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    # decode steps: the cached layers hold the renumbered prompt, each step at the next contiguous position
+    with torch.no_grad():
+        lengths = layer_lengths(stages, 23, 5)
+        decoder.setup_cache(1, lengths[0], layer_lengths=lengths)
+        decoder(embeds, torch.arange(20), prefill=True, schedule=stages)
+        assert decoder.kept.tolist() == [1, 3, 6, -1, -1, 9, 11, 14, 17, 19]  # an added token kept again stays -1
+        prompts = {}  # layer -> the prompt's tokens that layer's input held, from a cacheless replay
+        x, layer_input = embeds, embeds
+        for i, layer in enumerate(decoder.layers):
+            if i in (2, 4):
+                stage = first if i == 2 else second
+                cos, sin = decoder.positions(torch.arange(x.shape[1]))
+                x, _ = apply_stage(stage, Between(layer_input, x, lambda j, h, c=cos, s=sin: decoder.query_key(j, h, c, s),
+                                                  torch.arange(x.shape[1]), embeds))
+            prompts[i] = x
+            layer_input = x
+            cos, sin = decoder.positions(torch.arange(prompts[i].shape[1]))
+            saved, layer.self_attn.cache = layer.self_attn.cache, None  # the cache untouched
+            x = layer(prompts[i], cos, sin, torch.arange(prompts[i].shape[1]), prefill=True)
+            layer.self_attn.cache = saved
+        outs = []
+        for n, step in enumerate(steps):
+            outs.append(decoder(step, torch.tensor([20 + n]))[:, -1])
+        for n in range(1, len(steps) + 1):
+            h = None
+            for i, layer in enumerate(decoder.layers):
+                answer = torch.cat(steps[:n], dim=1) if h is None else h
+                seq = torch.cat([prompts[i], answer], dim=1)
+                pos = torch.arange(seq.shape[1])
+                cos, sin = decoder.positions(pos)
+                saved, layer.self_attn.cache = layer.self_attn.cache, None
+                h = layer(seq, cos, sin, pos, prefill=True)[:, -n:]
+                layer.self_attn.cache = saved
+            torch.testing.assert_close(outs[n - 1], decoder.norm(h)[:, -1], rtol=1e-5, atol=1e-5)
+
+    class Unnumbered(Adding):
+        renumber = False
+
+    decoder.setup_cache(1, 32)
+    with pytest.raises(ValueError, match="added tokens"):
+        decoder(embeds, torch.arange(20), prefill=True, schedule=(Unnumbered(2, first.index, 20, 6, 2, False),))
+
+
 def test_schedules_are_checked():
     decoder = Decoder(TEXT).eval()
     embeds, pos = torch.randn(1, 10, TEXT.hidden_size), torch.arange(10)
