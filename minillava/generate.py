@@ -434,7 +434,9 @@ def main(argv=None) -> int:
         result = generate(model, tokenizer, image, args.prompt, args.compressor, args.retention_ratio,
                           args.max_new_tokens, args.temperature, args.top_p, args.seed, on_text, steps)
     except USER_ERRORS as e:
-        return fail(str(e)) if tensor_parallel.speaks(shard) else 1
+        # every rank fails the same way: rank 0 says it and carries the status (a rank > 0 exiting 1 first
+        # would have torchrun stop rank 0 before it speaks)
+        return fail(str(e)) if tensor_parallel.speaks(shard) else 0
     finally:
         tensor_parallel.stop(shard)
     if quiet:

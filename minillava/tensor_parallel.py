@@ -116,8 +116,10 @@ def check(cfg: TextConfig, n: int, spec: Spec | None = None):
     if spec is not None and spec.bits == 4:  # int4 groups run along the inputs: a row-parallel shard must hold whole groups
         for name, k in (("o_proj", h * cfg.head_dim), ("down_proj", f)):
             if (k // n) % spec.group_size:
+                fits = [g for g in quant.GROUP_SIZES if (h * cfg.head_dim // n) % g == 0 and (f // n) % g == 0]
                 raise ConfigError(f"int4 groups of {spec.group_size} do not divide {name}'s {k // n} inputs per rank "
-                                  f"at --tensor-parallel {n}: use a smaller --group-size, --quantize int8 or fewer ranks")
+                                  f"at --tensor-parallel {n}: use " + (f"--group-size {max(fits)}" if fits else
+                                                                       "--quantize int8 or fewer ranks"))
         for name, rows in (("q_proj", h // n * cfg.head_dim), ("gate_proj", f // n)):
             if rows % 16:
                 raise ConfigError(f"int4 needs output widths divisible by 16, but {name} has {rows} per rank at "

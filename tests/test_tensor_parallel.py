@@ -160,3 +160,29 @@ def test_bad_launches_end_in_one_line(capsys, monkeypatch, image_path):
     assert capsys.readouterr().err.strip() == "error: --tensor-parallel 2 under torchrun with 4 processes: they must be equal"
     assert gen.main(args + ["0"]) == 1
     assert capsys.readouterr().err.strip() == "error: --tensor-parallel must be at least 1, got 0"
+
+
+# docs/tensor-parallel.md's table: GB per rank of the released configs, built on the meta device and split
+PER_RANK_GB = {("34b", None): [69.5, 36.0, 19.3, 10.9], ("34b", 8): [35.6, 18.8, 10.5, 6.3],
+               ("72b", None): [146.4, 76.1, 41.0, 23.5], ("72b", 8): [74.9, 39.8, 22.2, 13.5]}
+
+
+@pytest.mark.parametrize("size,bits", list(PER_RANK_GB))
+def test_per_rank_bytes_of_the_released_34b_and_72b(size, bits):
+    from minillava import quant
+    from minillava.config import parse_config
+    from minillava.model import Llava
+    from tests.test_onevision import released
+    from tests.test_trust_loaders import REAL
+
+    raw = REAL["34b hf"] if size == "34b" else released("72b", "transformers")
+    gb = []
+    for n in (1, 2, 4, 8):
+        with torch.device("meta"):
+            model = Llava(parse_config(raw)).to(torch.bfloat16)
+            if bits:
+                quant.swap_linears(model, Spec(bits))
+        if n > 1:
+            tensor_parallel.shard_model(model, Shard(0, n))
+        gb.append(round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9, 1))
+    assert gb == PER_RANK_GB[size, bits]
