@@ -23,6 +23,7 @@ from .compression import compressor_help, compressors, encode, sequences
 from .config import LlavaConfig, load_config
 from .model import Llava
 from .schedule import build as build_schedule, layer_lengths
+from . import tensor_parallel
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, Spec
 from .conversation import FLAG as CONV_FLAG, TEMPLATES, choose_template
 from .tokenizer import PromptError, StreamDecoder, Tokenizer, load_tokenizer
@@ -55,16 +56,18 @@ class Result:
 
 
 def load(model: str, device="cpu", dtype: torch.dtype | None = None,
-         conv_template: str | None = None, quantize: Spec | None = None) -> tuple[Llava, Tokenizer]:
+         conv_template: str | None = None, quantize: Spec | None = None,
+         shard: tensor_parallel.Shard | None = None) -> tuple[Llava, Tokenizer]:
     """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`;
-    `quantize`: the decoder's linears weight-only int8 / int4, quantized while loading (minillava/quant.py).
+    `quantize`: the decoder's linears weight-only int8 / int4, quantized while loading (minillava/quant.py);
+    `shard`: only this rank's part of a tensor-parallel decoder (minillava/tensor_parallel.py).
     The config is validated whole, the tokenizer checked against it and the conversation template chosen
     (`read_checkpoint`) before any weight is read."""
     model_dir = resolve_model(model)
     _, tokenizer = read_checkpoint(model_dir, conv_template)
     device = torch.device(device)
     dtype = dtype or default_dtype(model_dir, device)
-    return load_model(model_dir, device, dtype, quantize), tokenizer
+    return load_model(model_dir, device, dtype, quantize, shard), tokenizer
 
 
 def read_checkpoint(model_dir: Path, conv_template: str | None = None) -> tuple[LlavaConfig, Tokenizer]:
@@ -397,6 +400,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile the tower, prefill and decode step (pays off on long answers; "
                    "compile time is reported apart)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids, token counts and timings")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the decoder over N processes, by attention heads and MLP columns (launch with "
+                   "torchrun --nproc-per-node N; each rank reads only its part of the weights; docs/tensor-parallel.md)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
@@ -411,20 +417,30 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda was asked for but CUDA is not available here; use --device cpu")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shard = None
     try:
+        shard, rank_device = tensor_parallel.start(args.tensor_parallel, device.type)
+        device = rank_device or device
         image = load_image(args.image)
         t0 = time.perf_counter()
-        model, tokenizer = load(args.model, device, DTYPES.get(args.dtype), args.conv_template, args.spec)
+        model, tokenizer = load(args.model, device, DTYPES.get(args.dtype), args.conv_template, args.spec, shard)
         load_s = time.perf_counter() - t0
         steps, compile_s = Steps(), {}
         if args.compile:
             steps = compile_steps(model)
             compile_s = {"compile": warm_up(model, steps, compressor=args.compressor)}
-        on_text = None if args.json else (lambda s: print(s, end="", flush=True))
+        quiet = shard is not None and shard.rank > 0  # every rank computes the answer; rank 0 prints it
+        on_text = None if args.json or quiet else (lambda s: print(s, end="", flush=True))
         result = generate(model, tokenizer, image, args.prompt, args.compressor, args.retention_ratio,
                           args.max_new_tokens, args.temperature, args.top_p, args.seed, on_text, steps)
     except USER_ERRORS as e:
-        return fail(str(e))
+        # every rank fails the same way: rank 0 says it and carries the status (a rank > 0 exiting 1 first
+        # would have torchrun stop rank 0 before it speaks)
+        return fail(str(e)) if tensor_parallel.speaks(shard) else 0
+    finally:
+        tensor_parallel.stop(shard)
+    if quiet:
+        return 0
     result.timings_s = {"load": load_s, **compile_s, **result.timings_s}
     if args.json:
         print(json.dumps(result.__dict__))

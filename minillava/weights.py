@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import quant
+from . import quant, tensor_parallel
 from .config import LlavaConfig, load_config, vision_config_from_shapes
 from .model import Llava
 from .quant import Spec, swap_linears
@@ -149,7 +149,8 @@ def plan_load(model_dir: str | Path, quantize: Spec | None = None) -> Plan:
     return Plan(cfg, model, layout, spec, quantized, cfg.quantization is not None)
 
 
-def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantize: Spec | None = None) -> Llava:
+def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantize: Spec | None = None,
+               shard: tensor_parallel.Shard | None = None) -> Llava:
     """Build the model from `model_dir` (config.json + safetensors) on `device` in `dtype`.
 
     The model is built on the meta device, and each file is memory-mapped. A tensor already in the
@@ -164,9 +165,15 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
     decoder's linears become weight-only int8 / int4 (minillava/quant.py). A full-precision weight is
     quantized as it is read, a block of rows at a time, and its pages handed back: the full-precision
     model is never held, only one matrix of it at most.
+
+    `shard`: this process's part of a tensor-parallel decoder (minillava/tensor_parallel.py), read as
+    slices of the mapped files: the whole checkpoint is checked, but only this rank's part is read.
     """
     plan = plan_load(model_dir, quantize)
     model, layout, spec, quantized = plan.model, plan.layout, plan.spec, plan.quantized
+    if shard is not None:  # the meta model's decoder split; each tensor below is cut to its part as it is read
+        tensor_parallel.check(plan.cfg.text, shard.size, spec)
+        tensor_parallel.shard_model(model, shard)
     device = torch.device(device)
     sizes = {e.path: e.file_size for e in layout.values()}
     maps = {path: map_file(path, size) for path, size in sizes.items()}
@@ -186,12 +193,17 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
         if quantizing:  # on the device (fast there), a block of rows at a time (quant.ROWS), and packed for
             # its kernel at once: one matrix's storage form at a time, never the whole model's
             layer = model.get_submodule(module)
-            for suffix, t in quant.quantize(view.to(device) if device.type != "cpu" else view, spec, dtype).items():
+            move = (lambda w: w.to(device)) if device.type != "cpu" else (lambda w: w)
+            storage = (quant.quantize(move(view), spec, dtype) if shard is None
+                       else tensor_parallel.quantize_local(name, view, plan.cfg.text, shard, spec, dtype, move))
+            for suffix, t in storage.items():
                 setattr(layer, suffix, t)
             layer.pack()
             state.update({f"{module}.{k}": getattr(layer, k) for k in spec.shapes(1, 1)})
             release(mm, e.start, e.end)
             continue
+        if shard is not None:  # this rank's part: a view of the map (rows), or a copy of its columns
+            view = tensor_parallel.local(name, view, plan.cfg.text, shard, spec if plan.stored else None)
         if not e.dtype.is_floating_point:  # a stored quantized weight: as it is (`pack` lays it out for the device)
             tensor = view if device.type == "cpu" else view.to(device)
         elif device.type == "cpu" and e.dtype == dtype:
