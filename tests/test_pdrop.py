@@ -12,6 +12,7 @@
 """
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -372,3 +373,23 @@ def test_batch_rows_equal_their_question_alone_and_the_flops_count_every_stage(d
     n, ratios = result.visual_tokens["before"], stage_ratios(0.25)
     cost = E.question_cost(result, 30, spec, "pdrop", 0.25)
     assert cost.prefill_flops == layered_prefill_flops(spec, [30 + int(n * x) for x in ratios])
+
+
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm"])
+def test_visualize_draws_what_the_last_pruned_layers_keep(method):
+    """The picture of a multi-stage decoder method: the image tokens the last stage's layers hold, on the
+    grid (SparseVLM's recycled tokens, merged from several, have no cell), and generate's token counts."""
+    from PIL import Image
+
+    from minillava.apps.visualize import kept_picture
+
+    model, tokenizer = gen.load(gen.DEFAULT_MODEL, dtype=torch.float32)
+    image = Image.open(Path(__file__).parent.parent / "examples" / "scene.png")
+    question = "What digit is on the red card?"
+    picture = kept_picture(model, image, method, 0.25, tokenizer=tokenizer, prompt=question)
+    result = gen.generate(model, tokenizer, image, question, method, 0.25, max_new_tokens=1)
+    assert (picture.before, picture.after) == (result.visual_tokens["before"], result.visual_tokens["after"])
+    start = len(tokenizer.encode_question(question)[0])
+    kept = model.llm.kept  # the prompt positions the last layers saw (-1: a recycled token)
+    on_grid = int(((kept >= start) & (kept < start + picture.before)).sum())
+    assert 0 < on_grid <= picture.after and picture.image.width > 400
