@@ -30,6 +30,9 @@ from .trust import ConfigError, ImageError, WeightsError, load_image
 from .weights import DEFAULT_MODEL, checkpoint_files, load_model, read_layout, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_HELP = ("weights and activations (default on cuda: float16 for a checkpoint saved in float16, else bfloat16 "
+              "where the GPU has it natively, else float32; on cpu: float32, or bfloat16 when float32 weights would "
+              "take over half the memory)")
 DEFAULT_COMPRESSOR = "globalcom2"
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
 RATIO_HELP = (f"fraction of visual tokens kept, in (0, 1] (default {DEFAULT_RETENTION_RATIO}, the paper's default); on "
@@ -389,8 +392,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seed of sampling and of the random compressor, in [0, 2**63 - 1] (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="weights and activations (default: float16 on cuda; float32 on cpu, or bfloat16 "
-                   "when float32 weights would take over half the memory)")
+                   help=DTYPE_HELP)
     conv_template_arg(p)
     quantize_args(p)
     p.add_argument("--compile", action="store_true",
@@ -444,10 +446,24 @@ def main(argv=None) -> int:
 
 
 def default_dtype(model_dir, device: torch.device) -> torch.dtype:
-    """float16 on CUDA. On the CPU float32, unless the weights in float32 would take more than half
-    the machine's memory (a 7B model: 28 GB), then bfloat16."""
+    """The dtype a model runs in when --dtype does not say.
+
+    CUDA: float16 if the checkpoint was saved in float16 (config.json's torch_dtype: llava-hf's
+    LLaVA-1.6), else bfloat16 where the GPU computes in it natively (compute capability 8.0 and up),
+    else float32. Never float16 for a checkpoint saved otherwise: Qwen2 (LLaVA-OneVision, saved in
+    bfloat16) overflows float16's range (NaN logits, "!!!!" answers), and float16 is then a choice
+    the user makes with --dtype float16.
+    On the CPU float32, unless the weights in float32 would take more than half the machine's memory
+    (a 7B model: 28 GB), then bfloat16."""
     if device.type == "cuda":
-        return torch.float16
+        saved = load_config(model_dir).torch_dtype
+        if saved == "float16":
+            return torch.float16
+        if native_bfloat16(device):
+            return torch.bfloat16
+        print(f"note: this GPU has no native bfloat16 and the checkpoint was saved in {saved or 'an unstated dtype'}; "
+              "using float32 (pass --dtype float16 to halve the memory, at the risk of overflow)", file=sys.stderr)
+        return torch.float32
     n_params = sum(math.prod(e.shape) for e in read_layout(checkpoint_files(Path(model_dir))).values())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if 4 * n_params > memory / 2:
@@ -455,6 +471,15 @@ def default_dtype(model_dir, device: torch.device) -> torch.dtype:
               f"{memory / 2**30:.0f} GiB; using bfloat16 (pass --dtype float32 to insist)", file=sys.stderr)
         return torch.bfloat16
     return torch.float32
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether CUDA `device` computes in bfloat16 natively: compute capability 8.0 (Ampere) and up, the
+    test torch.cuda.is_bf16_supported(including_emulation=False) makes (torch/cuda/__init__.py), asked
+    of this device rather than the current one; ROCm's GPUs all do (the same function's first test)."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
 
 
 def fail(message: str) -> int:

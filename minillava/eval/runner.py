@@ -24,7 +24,7 @@ from ..batch import generate_batch
 from ..compression import compressor_help, compressors
 from ..conversation import is_llava_vicuna
 from ..flops import LlmSpec
-from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
+from ..generate import DTYPE_HELP, DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
     quantize_spec, ratio_arg, read_checkpoint, seed_arg, warm_up
 from ..trust import ConfigError
 from ..weights import resolve_model
@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random compressor (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="default: float16 on cuda; float32 on cpu, or bfloat16 when float32 would not fit")
+                   help=DTYPE_HELP)
     conv_template_arg(p, "the template of LLaVA's script for the task (vicuna_v1) for a Vicuna LLaVA-1.6 "
                       "checkpoint (liuhaotian's or llava-hf's), as the paper; otherwise the checkpoint's")
     quantize_args(p)
