@@ -22,6 +22,8 @@ from minillava import batch as engine
 from minillava import generate as gen
 from minillava import llama
 from minillava.config import TextConfig
+from minillava.quant import (TINYGEMM_ROWS, QuantizedLinear, Spec, dequantize, int4_cuda_matmul, int8_matmul,
+                             quantize_int4, unpack_tinygemm)
 from tests import tiny
 
 CUDA = torch.device("cuda")
@@ -66,3 +68,108 @@ def test_default_dtype_rocm_and_cpu(tmp_path, monkeypatch):
     assert gen.default_dtype(checkpoint_with(tmp_path, torch_dtype="bfloat16"), CUDA) == torch.bfloat16
     # the CPU's rule is unchanged: float32 for a model that fits, whatever the checkpoint says
     assert gen.default_dtype(gen.resolve_model(gen.DEFAULT_MODEL), torch.device("cpu")) == torch.float32
+
+
+# --- int8 on CUDA: dequantize-and-matmul ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_int8_cuda_form_sums_scaled_weights(dtype):
+    """Outputs near 35 from rows whose largest weight is about 0.05: 700 times it, past float16's
+    65504 / 127 = 516 for a sum of raw integers. gpt-fast's F.linear(x, q.to(dtype)) * scales then
+    gives inf (checked below, so the inputs do reach it); ours stays within float16's rounding of a
+    float32 reference made from the same stored integers (tensors in, F.linear in float32)."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.05 / 3
+    layer = QuantizedLinear.from_weight(w, Spec(8))
+    x = 10 * torch.sign(w[:8])  # row i's output i sums |w| of a whole row: about 35
+    ref = F.linear(x, dequantize({"weight": layer.weight, "scales": layer.scales}, Spec(8), torch.float32))
+    assert ref.diagonal().min() > 30
+    old = F.linear(x.to(dtype), layer.weight.to(dtype)) * layer.scales.to(dtype)
+    if dtype == torch.float16:
+        assert (~old.isfinite()).sum() == 8  # each large output overflowed the old form
+    got = int8_matmul(x.to(dtype), layer.weight, layer.scales)
+    layer.kernel = "dequant"  # the layer's CUDA branch, on the CPU
+    via_layer = layer(x.to(dtype))
+    assert torch.equal(got, via_layer) and got.dtype == dtype and got.isfinite().all()
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # a few roundings of the dtype, relative
+    assert ((got.float() - ref).abs().max() / ref.abs().max()) < tol
+
+
+def test_int8_float32_form_is_unchanged():
+    """float32 (the CPU's dequantize path for several rows) keeps its numbers, bit for bit."""
+    torch.manual_seed(1)
+    layer = QuantizedLinear.from_weight(torch.randn(48, 64), Spec(8))
+    x = torch.randn(5, 64)
+    assert torch.equal(int8_matmul(x, layer.weight, layer.scales), F.linear(x, layer.weight.float()) * layer.scales)
+
+
+# --- int4 on CUDA: tinygemm's packing, and the rows it is used for ---------------------------------------
+
+def pack_like_cuda(storage: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """aten._convert_weight_to_int4pack on CUDA, transcribed from its kernel as written
+    (aten/src/ATen/native/cuda/int4mm.cu, `matrix_to_m16n8k16_Bint4_layout`, the NVIDIA branch): grid
+    (k super-tile, n-tile), 32 lanes t, inner k-tiles two at a time; n0 = nTile * 8 + t / 4;
+    ks = kBase0 + t % 4, + 4, kBase1 + t % 4, + 4 with kBase0 = (kOuterTile * InnerKTiles + innerKTile)
+    * 16 / 2 and kBase1 = kBase0 + 8; the int32 = v3 low << 28 | v2 low << 24 | v1 low << 20 | v0 low << 16
+    | v3 high << 8 | v2 high << 4 | v1 high | v0 high >> 4 (high: the byte & 0xF0)."""
+    n, k_bytes = storage.shape
+    n_tiles, supers = n // 8, k_bytes * 2 // (inner_k_tiles * 16)
+    out = torch.zeros(n_tiles, supers, 32, inner_k_tiles // 2, dtype=torch.int64)
+    t = torch.arange(32)
+    w = storage.long()
+    for k_outer in range(supers):
+        for inner in range(0, inner_k_tiles, 2):
+            n0 = torch.arange(n_tiles)[:, None] * 8 + t // 4  # (n-tile, lane)
+            base0 = (k_outer * inner_k_tiles + inner) * 16 // 2
+            k0, k2 = base0 + t % 4, base0 + 8 + t % 4
+            v0, v1, v2, v3 = (w[n0, k] for k in (k0, k0 + 4, k2, k2 + 4))
+            out[:, k_outer, :, inner // 2] = ((v3 & 0xF) << 28 | (v2 & 0xF) << 24 | (v1 & 0xF) << 20 | (v0 & 0xF) << 16
+                                              | (v3 & 0xF0) << 8 | (v2 & 0xF0) << 4 | (v1 & 0xF0) | (v0 & 0xF0) >> 4)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)  # the bits as int32
+
+
+@pytest.mark.parametrize("n, k", [(16, 32), (48, 128), (64, 256), (128, 512)])
+def test_unpack_tinygemm_inverts_the_cuda_packing(n, k):
+    for tiles in (2, 4, 8):
+        if k % (tiles * 16):
+            continue
+        storage = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
+        packed = pack_like_cuda(storage, tiles)
+        # the shape the real op gives (its meta function)
+        assert packed.shape == torch.ops.aten._convert_weight_to_int4pack(storage.to("meta"), tiles).shape
+        assert torch.equal(unpack_tinygemm(packed), storage)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_int4_cuda_form_for_many_rows(dtype):
+    """More than TINYGEMM_ROWS rows (a prefill): the weight from the kernel's packing, dequantized, and
+    F.linear in the activations' dtype, against float32 from the storage form; activations large enough
+    that outputs reach hundreds (an unscaled or wrongly unpacked weight would be far off)."""
+    torch.manual_seed(2)
+    spec, w = Spec(4, 64), torch.randn(96, 256) * 0.05
+    weight, sz = quantize_int4(w, spec.group_size, torch.bfloat16)  # CUDA keeps scales in bfloat16 (pack)
+    packed = pack_like_cuda(weight, 8)
+    x = 50 * torch.randn(TINYGEMM_ROWS + 72, 256)
+    ref = F.linear(x, dequantize({"weight": weight, "scales_and_zeros": sz}, spec, torch.float32))
+    got = int4_cuda_matmul(x.to(dtype), packed, sz, spec)
+    assert got.dtype == dtype and ref.abs().max() > 100
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert ((got.float() - ref).abs().max() / ref.abs().max()) < tol
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_cuda_pack_and_kernel_contracts(group):
+    """QuantizedLinear on (fake) CUDA: pack's call of aten._convert_weight_to_int4pack and forward's of
+    aten._weight_int4pack_mm at a decode step and at TINYGEMM_ROWS rows pass the checks of the ops' meta
+    functions (dtypes, ranks, sizes; torch/_meta_registrations.py), at LLaVA-1.6-7B's MLP widths, for
+    float16 and bfloat16 models."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad(), FakeTensorMode():
+        for dtype in (torch.float16, torch.bfloat16):
+            layer = QuantizedLinear(4096, 11008, False, Spec(4, group), dtype, "cuda")
+            layer.pack()
+            assert layer.kernel == "int4pack_cuda" and layer.scales_and_zeros.dtype == torch.bfloat16
+            for rows in (1, TINYGEMM_ROWS):
+                y = layer(torch.empty(rows, 4096, dtype=dtype, device="cuda"))
+                assert y.shape == (rows, 11008) and y.dtype == dtype and y.device.type == "cuda"
