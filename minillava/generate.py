@@ -161,13 +161,26 @@ class Steps:
 def compile_steps(model: Llava) -> Steps:
     """torch.compile the decode step (fixed shapes: static cache, one token; CUDA graphs on CUDA), and
     the vision tower and prefill with dynamic shapes (tile counts and prompt lengths vary)."""
-    mode = "reduce-overhead" if model.device.type == "cuda" else None
     model.vision.compile(dynamic=True)
     return Steps(
         prefill=torch.compile(prefill, dynamic=True),
-        decode=torch.compile(decode_one_token, mode=mode, fullgraph=True),
+        decode=torch.compile(decode_one_token, options=decode_options(model.device), fullgraph=True),
         compiled=True,
     )
+
+
+def decode_options(device: torch.device) -> dict | None:
+    """Inductor's options for the decode step on `device` (None: the defaults). CUDA: mode
+    "reduce-overhead"'s one option, CUDA graphs (torch._inductor.list_mode_options), and
+    coordinate_descent_tuning, which gpt-fast sets (generate.py): with it inductor turns a one-row
+    matrix product into a reduction (torch/_inductor/decomposition.py `mm`: "Our matrix vector multiplies
+    only achieve peak bandwidth with coordinate descent tuning"), into which an int8 weight's
+    dequantization fuses, instead of writing a 16-bit copy of the weight each step. Given as options,
+    because torch.compile takes a mode or options, not both; the flag then holds for this step alone
+    (on the CPU and for the prefill the decomposition does not apply: compile time for nothing)."""
+    if device.type != "cuda":
+        return None
+    return {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
 @torch.inference_mode()

@@ -173,3 +173,23 @@ def test_int4_cuda_pack_and_kernel_contracts(group):
             for rows in (1, TINYGEMM_ROWS):
                 y = layer(torch.empty(rows, 4096, dtype=dtype, device="cuda"))
                 assert y.shape == (rows, 11008) and y.dtype == dtype and y.device.type == "cuda"
+
+
+# --- the compiled decode step on CUDA -------------------------------------------------------------------
+
+def test_cuda_decode_step_keeps_cuda_graphs_and_tunes_one_row_products(monkeypatch):
+    """compile_steps on CUDA gives the decode step what mode="reduce-overhead" gave it (CUDA graphs) and
+    inductor's coordinate_descent_tuning (gpt-fast's flag: a one-row product becomes a reduction an int8
+    weight's dequantization fuses into); on the CPU the defaults, as before."""
+    from torch._inductor import list_mode_options
+
+    assert gen.decode_options(torch.device("cpu")) is None
+    options = gen.decode_options(CUDA)
+    assert list_mode_options("reduce-overhead").items() <= options.items() and options["coordinate_descent_tuning"]
+    torch.compile(lambda x: x, options=options)  # torch.compile checks every name against inductor's config
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn.__name__, kw)) or fn)
+    vision = SimpleNamespace(compile=lambda **kw: compiled.append(("vision", kw)))
+    steps = gen.compile_steps(SimpleNamespace(device=torch.device("cuda", 1), vision=vision))
+    assert compiled == [("vision", {"dynamic": True}), ("prefill", {"dynamic": True}),
+                        ("decode_one_token", {"options": options, "fullgraph": True})] and steps.compiled
