@@ -193,3 +193,75 @@ def test_cuda_decode_step_keeps_cuda_graphs_and_tunes_one_row_products(monkeypat
     steps = gen.compile_steps(SimpleNamespace(device=torch.device("cuda", 1), vision=vision))
     assert compiled == [("vision", {"dynamic": True}), ("prefill", {"dynamic": True}),
                         ("decode_one_token", {"options": options, "fullgraph": True})] and steps.compiled
+
+
+# --- attention with grouped KV heads --------------------------------------------------------------------
+
+def reference_attention(q, k, v, mask):
+    """torch's documented math (F.scaled_dot_product_attention's docstring), in float64."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    scores = q.double() @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_grouped_attention_is_enable_gqa(dtype):
+    """The fold (a decode step's G query heads of a key head as G x T rows of one) against the call it
+    replaces, F.scaled_dot_product_attention(..., attn_mask, enable_gqa=True): equal up to the order of
+    float sums (the kernels block M = T and M = G T rows differently), both as close to float64 math."""
+    torch.manual_seed(3)
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for b, h, kv, t, s in [(2, 8, 2, 1, 40), (3, 28, 4, 1, 300), (2, 4, 2, 5, 33), (1, 32, 8, 3, 100)]:
+        q, k, v = (torch.randn(b, n, m, 64, dtype=dtype) for n, m in ((h, t), (kv, s), (kv, s)))
+        mask = (torch.arange(s)[None, None, :] <= torch.randint(0, s, (b, t))[:, :, None])[:, None]
+        mask[..., 0] = True  # every row sees a key
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        got = llama.grouped_attention(q, k, v, mask)
+        ref = reference_attention(q, k, v, mask)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert (got.float() - want.float()).abs().max() <= ulp
+        assert (got.double() - ref).abs().max() <= (want.double() - ref).abs().max() + ulp
+
+
+def gqa_decoder(seed=0) -> llama.Decoder:
+    """A random decoder with grouped KV heads (8 query heads on 2) and Qwen2's q, k, v biases."""
+    torch.manual_seed(seed)
+    cfg = TextConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                     num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, qkv_bias=True)
+    dec = llama.Decoder(cfg).eval()
+    tiny.randomise(dec)
+    return dec
+
+
+@torch.inference_mode()
+def run_padded_batch(dec: llama.Decoder) -> torch.Tensor:
+    """A left-padded batch of 3 prompts (lengths 9, 4, 6) prefilled, then 5 cached decode steps; logits."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randn(n, 64, generator=g) for n in (9, 4, 6)]
+    embeds, pos = engine.pad_left(prompts)
+    dec.setup_cache(3, 32)
+    out = [dec(embeds, pos, prefill=True)[:, -1:]]
+    lengths = torch.tensor([9, 4, 6])
+    for s in range(5):
+        out.append(dec(torch.randn(3, 1, 64, generator=g), (lengths + s)[:, None]))
+    return torch.cat(out, dim=1)
+
+
+def test_decoder_off_the_cpu_never_passes_a_mask_with_enable_gqa(monkeypatch):
+    """The whole decoder (padded prefill, cached steps) as it runs off the CPU (llama.attend's branch for
+    CUDA, taken here by emptying ENABLE_GQA_DEVICES): every attention call is one any backend takes (no
+    enable_gqa at all), and the outputs are the CPU path's up to float32 rounding."""
+    dec = gqa_decoder()
+    want = run_padded_batch(dec)
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, enable_gqa, q.shape[1] == k.shape[1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(llama, "ENABLE_GQA_DEVICES", ())
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    got = run_padded_batch(dec)
+    assert len(calls) == 2 * 6 and all(masked and not gqa and heads_match for masked, gqa, heads_match in calls)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
