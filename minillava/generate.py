@@ -127,8 +127,23 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest head reaching top_p
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        ids = draw(probs, generator)
     return torch.where(bad, BAD_TOKEN, ids)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One id per row of `probs` (B, V), drawn as torch.multinomial(probs, 1, generator=generator) draws
+    it, without its host synchronisations.
+
+    torch.multinomial's one-sample draw (aten/src/ATen/native/Distributions.cpp `multinomial_out`, the
+    fast path for sampling without replacement, on every device) is argmax(p / q) with q ~ Exp(1) from
+    `exponential_` on the same generator (the Gumbel-max trick, as gpt-fast's
+    `multinomial_sample_one_no_sync`); before it, two checks of the probabilities read a result back
+    to the host (`.item()`), which on CUDA waits for the device twice per draw. Our probabilities pass
+    them by construction (softmax rows: finite, >= 0, summing to 1), so this is the draw alone: the same
+    random numbers and the same ids for a seed (tests/test_cuda_paths.py), and no wait."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(dim=-1)
 
 
 def check_token(token: int, step: int) -> int:

@@ -265,3 +265,23 @@ def test_decoder_off_the_cpu_never_passes_a_mask_with_enable_gqa(monkeypatch):
     got = run_padded_batch(dec)
     assert len(calls) == 2 * 6 and all(masked and not gqa and heads_match for masked, gqa, heads_match in calls)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --- sampling -------------------------------------------------------------------------------------------
+
+def test_draw_gives_torch_multinomials_ids():
+    """generate.draw against torch.multinomial(probs, 1) from the same generator state: the same ids, seed
+    after seed (full distributions, nucleus-cut ones with zeros, a one-hot row)."""
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        probs = torch.softmax(3 * torch.randn(3, 500, generator=g, dtype=torch.float64), -1)
+        if seed % 3 == 0:
+            probs[:, 250:] = 0
+        probs[2] = torch.nn.functional.one_hot(torch.tensor(seed % 500), 500)
+        want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+        assert torch.equal(gen.draw(probs, torch.Generator().manual_seed(seed)), want)
+    # sample() itself, with temperature and top_p, draws as before: the multinomial of its probabilities
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(9))
+    for seed in range(50):
+        ids = gen.sample(logits, 0.7, 0.9, torch.Generator().manual_seed(seed))
+        assert ids.shape == (2,) and set(ids.tolist()) <= set(range(300))
