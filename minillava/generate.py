@@ -220,10 +220,11 @@ def warm_up(model: Llava, steps: Steps, cache_length: int = CACHE_BUCKET, batch:
 
 class TokenReader:
     """Brings sampled ids to the host without stalling the device: the ids are copied out before the
-    next step is queued, and read after, so on CUDA the next step runs while the host handles this one."""
+    next step is queued, and read after, so on CUDA the next step runs while the host handles this one.
+    `device`: the model's, where the ids are."""
 
     def __init__(self, device: torch.device, n: int, batch: int = 1):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.host = torch.empty(n, batch, dtype=torch.long, pin_memory=self.cuda)
         self.event = torch.cuda.Event() if self.cuda else None
 
@@ -231,7 +232,12 @@ class TokenReader:
         """ids (B,) of step `step`."""
         self.host[step].copy_(ids.view(-1), non_blocking=self.cuda)
         if self.cuda:
-            self.event.record()
+            # the copy is queued on the current stream of the ids' device, not of the current device
+            # (aten/src/ATen/native/cuda/Copy.cu `copy_kernel_cuda`: a guard sets the source device, then
+            # getCurrentCUDAStream()); the event must follow it there, or `read` may see the slot before
+            # the copy lands (a model on cuda:1 while the current device is cuda:0). A torch.cuda.Event is
+            # created on the device of the stream it is first recorded on.
+            self.event.record(torch.cuda.current_stream(self.device))
 
     def read(self, step: int) -> list[int]:
         """The B ids of step `step`."""

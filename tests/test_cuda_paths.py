@@ -285,3 +285,41 @@ def test_draw_gives_torch_multinomials_ids():
     for seed in range(50):
         ids = gen.sample(logits, 0.7, 0.9, torch.Generator().manual_seed(seed))
         assert ids.shape == (2,) and set(ids.tolist()) <= set(range(300))
+
+
+# --- TokenReader ----------------------------------------------------------------------------------------
+
+def test_token_reader_event_follows_the_model_device(monkeypatch):
+    """On cuda:1 the ids' copy is queued on cuda:1's current stream (Copy.cu), so the event that says it
+    landed must be recorded there, whatever the current device is. Event and streams are faked: only
+    where the reader records is checked."""
+    recorded = []
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **kw: empty(*a, **kw))  # no pinned memory here
+    reader = gen.TokenReader(torch.device("cuda", 1), 3, 2)
+    reader.start(0, torch.tensor([5, 7]))
+    assert recorded == [("stream of", torch.device("cuda", 1))] and reader.read(0) == [5, 7]
+
+
+def test_lmms_model_makes_its_gpu_current(monkeypatch):
+    pytest.importorskip("lmms_eval")
+    from minillava.apps.lmms import Refused, choose_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert choose_device("cuda:1", 1, 0) == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert choose_device("cuda", 2, 1) == torch.device("cuda", 1)  # data parallel: the local rank's
+    assert choose_device("cpu", 1, 0) == torch.device("cpu") and len(current) == 2
+    with pytest.raises(Refused):
+        choose_device("cuda:x", 1, 0)

@@ -46,6 +46,29 @@ class Refused(SystemExit):
         super().__init__(f"error: minillava: {message}")
 
 
+def choose_device(device: str | None, world_size: int, local_index: int):
+    """The torch.device of model_args' `device` (cpu, cuda, cuda:N; default cuda when available, under data
+    parallel the GPU of the process's local index), made the current CUDA device: what is made without a
+    device (pinned buffers, events, CUDA graphs, the current stream that generate.TokenReader and the
+    compiled steps run on) then belongs to the model's GPU, not to cuda:0. Refused for anything else."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not (device in ("cpu", "cuda") or device.startswith("cuda:")):
+        raise Refused(f"device={device}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Refused(f"device={device} was asked for but CUDA is not available here; use device=cpu")
+    if device.startswith("cuda") and world_size > 1:
+        device = f"cuda:{local_index}"
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:  # "cuda:x"
+        raise Refused(f"device={device}: expected cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and chosen.index is not None:
+        torch.cuda.set_device(chosen)
+    return chosen
+
+
 class MiniLlava(lmms):
     """LLaVA-NeXT (any checkpoint `python -m minillava.generate` takes) with a visual-token compressor.
 
@@ -64,7 +87,6 @@ class MiniLlava(lmms):
                  compile: bool | str = False, seed: int | str = 0, batch_size: int | str = 1, max_batch_size=None,
                  **unknown) -> None:
         super().__init__()
-        import torch
         from accelerate import Accelerator
         from loguru import logger
 
@@ -99,14 +121,7 @@ class MiniLlava(lmms):
         # the documents (task.build_all_requests(rank, world_size)) and gathers the answers.
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if not (device in ("cpu", "cuda") or device.startswith("cuda:")):
-            raise Refused(f"device={device}: expected cpu, cuda or cuda:N")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise Refused(f"device={device} was asked for but CUDA is not available here; use device=cpu")
-        if device.startswith("cuda") and self._world_size > 1:
-            device = f"cuda:{self.accelerator.local_process_index}"
-        self._device = torch.device(device)
+        self._device = choose_device(device, self._world_size, self.accelerator.local_process_index)
         world = distributed.World(self._rank, self._world_size, self.accelerator.local_process_index)
         try:
             model_dir = fetch_model(pretrained or gen.DEFAULT_MODEL, world)  # a hub id: rank 0 downloads

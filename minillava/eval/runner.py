@@ -163,6 +163,7 @@ def answer_all(args, task: Task) -> int:
     try:
         if device.type == "cuda":
             device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device)  # what is made without a device (streams, events, graphs) goes there too
         all_questions = task.load(args.data, args.questions, args.images)
         task.check(args.data)
         questions = select(all_questions, args.limit)
