@@ -9,6 +9,7 @@ length (`pad_left`) and decoded together through one static KV cache, each row s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,42 @@ def generate_batch(
             if isinstance(r, Exception):
                 raise r
     return out
+
+
+def retry_alone(run: Callable[[list], list], keys: list) -> list:
+    """`run(keys)`, one result per key; if the batch runs out of GPU memory, each key again alone, so only a
+    question too large alone fails: its result is then its OutOfMemoryError (the eval runner records it,
+    the lmms-eval model answers "" for it).
+
+    The retries run after the `except` block, not inside it: there the exception's traceback still holds
+    the frames of the failed batch, and with them its tensors (activations, the KV cache of the batch),
+    so the retry would run next to them and empty_cache could not give their memory back. The
+    exception kept as a result loses its traceback for the same reason."""
+    try:
+        return run(keys)
+    except torch.cuda.OutOfMemoryError as e:
+        failed = _released(e)
+    torch.cuda.empty_cache()  # the failed batch's blocks, freed now, back to the device
+    if len(keys) == 1:
+        return [failed]
+    del failed
+    return [result for key in keys for result in _run_alone(run, key)]
+
+
+def _run_alone(run: Callable[[list], list], key) -> list:
+    try:
+        return run([key])
+    except torch.cuda.OutOfMemoryError as e:
+        failed = _released(e)
+    torch.cuda.empty_cache()
+    return [failed]
+
+
+def _released(error: BaseException) -> BaseException:
+    """`error` without its traceback or the exceptions it was raised while handling: nothing of the frames
+    it was raised through stays reachable from it."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
 
 
 def pad_left(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -323,3 +323,30 @@ def test_lmms_model_makes_its_gpu_current(monkeypatch):
     assert choose_device("cpu", 1, 0) == torch.device("cpu") and len(current) == 2
     with pytest.raises(Refused):
         choose_device("cuda:x", 1, 0)
+
+
+# --- the out-of-memory retry ----------------------------------------------------------------------------
+
+def test_retry_alone_runs_after_the_failed_batch_is_released():
+    """A batch that runs out of memory is answered one key at a time; when each retry starts, nothing of
+    the failed batch is alive any more (the tensors its frames held). Inside the `except` block they
+    were: its traceback holds those frames."""
+    alive_at_retry, held = [], []
+
+    def run(keys):
+        activations = torch.zeros(1000)  # what the failed batch's frames hold
+        held.append(weakref.ref(activations))
+        if len(keys) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        alive_at_retry.append(held[0]() is not None)
+        if keys == ["huge"]:
+            raise torch.cuda.OutOfMemoryError("too large alone")
+        return [f"answer {keys[0]}"]
+
+    out = engine.retry_alone(run, ["a", "huge", "b"])
+    assert alive_at_retry == [False, False, False]
+    assert out[0] == "answer a" and out[2] == "answer b"
+    assert isinstance(out[1], torch.cuda.OutOfMemoryError) and out[1].__traceback__ is None
+    assert engine.retry_alone(run, ["c"]) == ["answer c"]
+    (alone,) = engine.retry_alone(run, ["huge"])
+    assert isinstance(alone, torch.cuda.OutOfMemoryError) and str(alone) == "too large alone"

@@ -228,22 +228,14 @@ class MiniLlava(lmms):
     def _answer(self, items: list[tuple], options: dict) -> list:
         """Result or exception per (image, question) of `items`: one `generate_batch` call; a batch that runs
         out of GPU memory is answered again one question at a time (as minillava.eval's runner does)."""
-        import torch
-
-        from ..batch import generate_batch
+        from ..batch import generate_batch, retry_alone
 
         def run(some):
             return generate_batch(self.model, self.tokenizer, some, self.compressor, self.retention_ratio,
                                   options["max_new_tokens"], temperature=options["temperature"],
                                   top_p=options["top_p"], seed=self.seed, steps=self.steps, return_exceptions=True)
 
-        try:
-            return run(items)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if len(items) == 1:
-                raise
-            return [r for item in items for r in run([item])]
+        return retry_alone(run, items)
 
     def _item(self, request) -> tuple:
         """(PIL image, question) of a request, or Refused when it has not exactly one image."""

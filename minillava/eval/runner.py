@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .. import generate as gen
 from ..trust import check_regular
 from ..config import load_config
-from ..batch import generate_batch
+from ..batch import generate_batch, retry_alone
 from ..compression import compressor_help, compressors
 from ..conversation import is_llava_vicuna
 from ..flops import LlmSpec
@@ -310,17 +310,7 @@ def answer_batch(args, task: Task, batch: list[Question], settings: dict, model,
                               steps=steps, return_exceptions=True)
 
     keys = list(images)
-    try:
-        done = run(keys) if keys else []
-    except torch.cuda.OutOfMemoryError as e:
-        torch.cuda.empty_cache()
-        done = [e] if len(keys) == 1 else []
-        for i in keys if len(keys) > 1 else []:
-            try:
-                done += run([i])
-            except torch.cuda.OutOfMemoryError as alone:
-                torch.cuda.empty_cache()
-                done.append(alone)
+    done = retry_alone(run, keys) if keys else []
     for i, r in zip(keys, done, strict=True):
         results[i] = r
     return results
