@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from .anyres import Tiles
 from .compression import compressor_help, compressors, encode, sequences
 from .config import LlavaConfig, load_config
 from .model import Llava
@@ -196,26 +195,6 @@ def decode_options(device: torch.device) -> dict | None:
     if device.type != "cuda":
         return None
     return {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-
-
-@torch.inference_mode()
-def warm_up(model: Llava, steps: Steps, cache_length: int = CACHE_BUCKET, batch: int = 1,
-            compressor: str = "none") -> float:
-    """Run each compiled call once on dummy inputs so compilation is paid here, not in the timings
-    of the first answer: the tower as `compressor` will call it (the hidden states it reads), `batch`
-    rows, as `generate_batch` will call them. Returns the seconds it took."""
-    t0 = time.perf_counter()
-    device, side = model.device, model.cfg.vision.image_size
-    encode(model, [Tiles(torch.zeros(2, 3, side, side), (1, 1), (side, side))], compressor)
-    model.llm.setup_cache(batch, cache_length)
-    embeds = model.embed(torch.zeros(8, dtype=torch.long))[None].expand(batch, -1, -1)
-    steps.prefill(model, embeds)
-    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    pos = torch.full((batch, 1), 8, device=device)
-    for _ in range(3):  # CUDA graphs are recorded after a warm-up call
-        steps.decode(model, token, pos)
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 class TokenReader:
@@ -453,9 +432,12 @@ def main(argv=None) -> int:
         model, tokenizer = load(args.model, device, DTYPES.get(args.dtype), args.conv_template, args.spec)
         load_s = time.perf_counter() - t0
         steps, compile_s = Steps(), {}
-        if args.compile:
+        if args.compile:  # compiled and warmed up on this very question: nothing compiles inside its answer
+            from .batch import warm_up  # batch.py builds on this module
+
             steps = compile_steps(model)
-            compile_s = {"compile": warm_up(model, steps, compressor=args.compressor)}
+            compile_s = {"compile": warm_up(model, steps, tokenizer, [(image, args.prompt)], args.compressor,
+                                            args.retention_ratio, args.max_new_tokens, args.seed)}
         on_text = None if args.json else (lambda s: print(s, end="", flush=True))
         result = generate(model, tokenizer, image, args.prompt, args.compressor, args.retention_ratio,
                           args.max_new_tokens, args.temperature, args.top_p, args.seed, on_text, steps)

@@ -350,3 +350,39 @@ def test_retry_alone_runs_after_the_failed_batch_is_released():
     assert engine.retry_alone(run, ["c"]) == ["answer c"]
     (alone,) = engine.retry_alone(run, ["huge"])
     assert isinstance(alone, torch.cuda.OutOfMemoryError) and str(alone) == "too large alone"
+
+
+# --- warm-up at the real shapes -------------------------------------------------------------------------
+
+def recording_steps(seen: list) -> gen.Steps:
+    """Eager steps that note the shapes each call is compiled for (the KV cache's slots included)."""
+    def prefill(model, embeds, schedule=(), input_pos=None):
+        seen.append(("prefill", tuple(embeds.shape), None if input_pos is None else input_pos.dim(),
+                     model.llm.cache_length))
+        return gen.prefill(model, embeds, schedule, input_pos)
+
+    def decode(model, token, pos):
+        seen.append(("decode", tuple(token.shape), tuple(pos.shape), model.llm.cache_length))
+        return gen.decode_one_token(model, token, pos)
+
+    return gen.Steps(prefill, decode, compiled=True)
+
+
+def test_warm_up_runs_the_shapes_the_answers_run():
+    """warm_up on the first batch compiles every shape its answers then use: the prefill's (a padded batch,
+    and rows of one length), the decode step's batch and KV-cache length (512 slots here for 128 answer
+    tokens, not the 256 of a fixed warm-up), for one question as for a batch of 3."""
+    from PIL import Image
+
+    model, tok = gen.load(gen.DEFAULT_MODEL)
+    images = [Image.new("RGB", size, colour) for size, colour in (((448, 448), "red"), ((300, 500), "blue"),
+                                                                  ((500, 300), "green"))]
+    questions = ["What digit is on the red card?", "What is the largest digit?", "Which card is red?"]
+    for items in ([(images[0], questions[0])], list(zip(images, questions))):
+        warm, real = [], []
+        engine.warm_up(model, recording_steps(warm), tok, items, "globalcom2", 0.25, 128)
+        engine.generate_batch(model, tok, items, "globalcom2", 0.25, 128, steps=recording_steps(real))
+        if len(items) == 1:
+            gen.generate(model, tok, *items[0], "globalcom2", 0.25, 128, steps=recording_steps(real))
+        assert set(real) <= set(warm), set(real) - set(warm)
+        assert {s[-1] for s in real} == {512}

@@ -139,10 +139,8 @@ class MiniLlava(lmms):
         if self._rank == 0:
             logger.info(f"minillava: conv_template {template} ({why})")
         self.pretrained = pretrained
-        self.steps = gen.Steps()
-        if compile:
-            self.steps = gen.compile_steps(self.model)
-            gen.warm_up(self.model, self.steps, batch=self.batch_size_per_gpu, compressor=self.compressor)
+        self.steps = gen.compile_steps(self.model) if compile else gen.Steps()
+        self.warm = not compile  # compiled steps are warmed up on the first batch asked (`generate_until`)
         # what each answered question cost, counted as minillava.eval's runner.answer counts it
         self.llm = LlmSpec.from_text(pretrained or gen.DEFAULT_MODEL, self.model.cfg.text)
         self.shares: list[Share] = []  # one per generate_until call: see `efficiency`
@@ -182,6 +180,14 @@ class MiniLlava(lmms):
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
         options = {key: generation_options(requests[indices[0]].args[1]) for key, indices in groups.items()}
+        if not self.warm and groups:  # at the first batch's shapes, before answering is measured
+            from ..batch import warm_up
+
+            key, indices = next(iter(groups.items()))
+            items = [self._item(requests[i]) for i in indices[: self.batch_size]]
+            warm_up(self.model, self.steps, self.tokenizer, items, self.compressor, self.retention_ratio,
+                    options[key]["max_new_tokens"], self.seed)
+            self.warm = True
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="minillava", unit="q")
         share, meter = Share(), E.Meter(self._device)  # from here on: answering (after loading and warm-up)
         try:

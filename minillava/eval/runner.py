@@ -20,12 +20,12 @@ from tqdm import tqdm
 from .. import generate as gen
 from ..trust import check_regular
 from ..config import load_config
-from ..batch import generate_batch, retry_alone
+from ..batch import generate_batch, retry_alone, warm_up
 from ..compression import compressor_help, compressors
 from ..conversation import is_llava_vicuna
 from ..flops import LlmSpec
 from ..generate import DTYPE_HELP, DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
-    quantize_spec, ratio_arg, read_checkpoint, seed_arg, warm_up
+    quantize_spec, ratio_arg, read_checkpoint, seed_arg
 from ..trust import ConfigError
 from ..weights import resolve_model
 from . import distributed
@@ -240,9 +240,12 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
     Returns what answering cost: each answered question's `efficiency.QuestionCost`, and the Meter's."""
     model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), settings["conv_template"], args.spec)
     steps = Steps()
-    if args.compile:
+    if args.compile:  # warmed up on the first batch: its shapes (tiles, prompt lengths, batch, cache) compile here
         steps = compile_steps(model)
-        warm_up(model, steps, batch=min(args.batch_size, len(questions)), compressor=args.compressor)
+        first = [(image, q.prompt) for q, image in zip(questions, open_images(task, questions[: args.batch_size]))
+                 if not isinstance(image, BaseException)]
+        warm_up(model, steps, tokenizer, first, args.compressor, args.retention_ratio, settings["max_new_tokens"],
+                args.seed)
     spec = LlmSpec.from_text(args.model, model.cfg.text)
     costs, meter = [], E.Meter(device)  # from here on: answering
     writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
