@@ -185,8 +185,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """Attention of queries (B, H, T, hd) over keys and values (B, Hkv, S, hd), Hkv dividing H (grouped
     KV heads: Mistral, Yi, Qwen2), with a mask (B, 1, T, S) (True: may look) or causal without one.
 
-    On the CPU: F.scaled_dot_product_attention with enable_gqa, which reads each key head for its
-    query heads without repeating the cache per step. Elsewhere enable_gqa is never passed: torch
+    On the CPU: F.scaled_dot_product_attention with enable_gqa, as before (the CPU's numbers are
+    unchanged). Elsewhere enable_gqa is never passed: torch
     documents GQA on CUDA "only for Flash_attention and math kernel" (F.scaled_dot_product_attention's
     docstring, torch 2.13), and a mask rules out flash, so every masked step (each decode step, a padded
     batch's prefill) would fall to the math kernel, which writes B x H x T x S scores (48 GB for a
