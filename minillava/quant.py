@@ -230,6 +230,7 @@ def unpack_tinygemm(packed: torch.Tensor) -> torch.Tensor:
 def int4_cuda_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, spec: "Spec") -> torch.Tensor:
     """x (M, K) @ the int4 weight in CUDA's packing: tinygemm for up to TINYGEMM_ROWS rows (bfloat16
     activations; float16 ones cast around it), else the weight dequantized from the packing and F.linear."""
+    # under torch.compile's dynamic prefill this is a guard: a prompt on the other side of it compiles once more
     if x.shape[0] <= TINYGEMM_ROWS:
         return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), packed, spec.group_size,
                                                   scales_and_zeros).to(x.dtype)
