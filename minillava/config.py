@@ -128,6 +128,7 @@ class LlavaConfig:
     family: str = "llava-next"  # a FAMILIES key, decided once when config.json is parsed
     vision_from_shapes: bool = False  # original layout with an unknown tower: sizes come from the weights
     quantization: Spec | None = None  # quantization_config of a checkpoint from python -m minillava.apps.quantize
+    torch_dtype: str | None = None  # the dtype the checkpoint was saved in ("float16", "bfloat16", "float32"), if it says
 
     @property
     def family_spec(self) -> Family:
@@ -358,7 +359,24 @@ def parse_config(raw) -> LlavaConfig:
     if not cfg.vision_from_shapes:  # otherwise checked once the weights have told the tower's sizes
         check_vision(cfg)
     cfg.quantization = parse_spec(raw.get("quantization_config"))
+    cfg.torch_dtype = _saved_dtype(raw)
     return cfg
+
+
+SAVED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _saved_dtype(raw: dict) -> str | None:
+    """The dtype config.json says the weights were saved in: the top level's `torch_dtype`, or `dtype`
+    (the key transformers writes since 4.56), else text_config's; None when absent. Only a hint for
+    the default dtype (generate.default_dtype): a value we do not know is ignored, not refused."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    for section in (raw, text):
+        for key in ("torch_dtype", "dtype"):
+            value = section.get(key)
+            if isinstance(value, str) and value.removeprefix("torch.") in SAVED_DTYPES:
+                return value.removeprefix("torch.")
+    return None
 
 
 # LlavaOnevisionConfig's default tower (its sub_configs_defaults), as a vision_config.

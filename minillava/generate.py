@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from .anyres import Tiles
 from .compression import compressor_help, compressors, encode, sequences
 from .config import LlavaConfig, load_config
 from .model import Llava
@@ -31,6 +30,9 @@ from .trust import ConfigError, ImageError, WeightsError, load_image
 from .weights import DEFAULT_MODEL, checkpoint_files, load_model, read_layout, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_HELP = ("weights and activations (default on cuda: float16 for a checkpoint saved in float16, else bfloat16 "
+              "where the GPU has it natively, else float32; on cpu: float32, or bfloat16 when float32 weights would "
+              "take over half the memory)")
 DEFAULT_COMPRESSOR = "globalcom2"
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
 RATIO_HELP = (f"fraction of visual tokens kept, in (0, 1] (default {DEFAULT_RETENTION_RATIO}, the paper's default); on "
@@ -127,8 +129,23 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest head reaching top_p
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        ids = draw(probs, generator)
     return torch.where(bad, BAD_TOKEN, ids)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One id per row of `probs` (B, V), drawn as torch.multinomial(probs, 1, generator=generator) draws
+    it, without its host synchronisations.
+
+    torch.multinomial's one-sample draw (aten/src/ATen/native/Distributions.cpp `multinomial_out`, the
+    fast path for sampling without replacement, on every device) is argmax(p / q) with q ~ Exp(1) from
+    `exponential_` on the same generator (the Gumbel-max trick, as gpt-fast's
+    `multinomial_sample_one_no_sync`); before it, two checks of the probabilities read a result back
+    to the host (`.item()`), which on CUDA waits for the device twice per draw. Our probabilities pass
+    them by construction (softmax rows: finite, >= 0, summing to 1), so this is the draw alone: the same
+    random numbers and the same ids for a seed (tests/test_cuda_paths.py), and no wait."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(dim=-1)
 
 
 def check_token(token: int, step: int) -> int:
@@ -161,41 +178,35 @@ class Steps:
 def compile_steps(model: Llava) -> Steps:
     """torch.compile the decode step (fixed shapes: static cache, one token; CUDA graphs on CUDA), and
     the vision tower and prefill with dynamic shapes (tile counts and prompt lengths vary)."""
-    mode = "reduce-overhead" if model.device.type == "cuda" else None
     model.vision.compile(dynamic=True)
     return Steps(
         prefill=torch.compile(prefill, dynamic=True),
-        decode=torch.compile(decode_one_token, mode=mode, fullgraph=True),
+        decode=torch.compile(decode_one_token, options=decode_options(model.device), fullgraph=True),
         compiled=True,
     )
 
 
-@torch.inference_mode()
-def warm_up(model: Llava, steps: Steps, cache_length: int = CACHE_BUCKET, batch: int = 1,
-            compressor: str = "none") -> float:
-    """Run each compiled call once on dummy inputs so compilation is paid here, not in the timings
-    of the first answer: the tower as `compressor` will call it (the hidden states it reads), `batch`
-    rows, as `generate_batch` will call them. Returns the seconds it took."""
-    t0 = time.perf_counter()
-    device, side = model.device, model.cfg.vision.image_size
-    encode(model, [Tiles(torch.zeros(2, 3, side, side), (1, 1), (side, side))], compressor)
-    model.llm.setup_cache(batch, cache_length)
-    embeds = model.embed(torch.zeros(8, dtype=torch.long))[None].expand(batch, -1, -1)
-    steps.prefill(model, embeds)
-    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    pos = torch.full((batch, 1), 8, device=device)
-    for _ in range(3):  # CUDA graphs are recorded after a warm-up call
-        steps.decode(model, token, pos)
-    _sync(device)
-    return time.perf_counter() - t0
+def decode_options(device: torch.device) -> dict | None:
+    """Inductor's options for the decode step on `device` (None: the defaults). CUDA: mode
+    "reduce-overhead"'s one option, CUDA graphs (torch._inductor.list_mode_options), and
+    coordinate_descent_tuning, which gpt-fast sets (generate.py): with it inductor turns a one-row
+    matrix product into a reduction (torch/_inductor/decomposition.py `mm`: "Our matrix vector multiplies
+    only achieve peak bandwidth with coordinate descent tuning"), into which an int8 weight's
+    dequantization fuses, instead of writing a 16-bit copy of the weight each step. Given as options,
+    because torch.compile takes a mode or options, not both; the flag then holds for this step alone
+    (on the CPU and for the prefill the decomposition does not apply: compile time for nothing)."""
+    if device.type != "cuda":
+        return None
+    return {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
 class TokenReader:
     """Brings sampled ids to the host without stalling the device: the ids are copied out before the
-    next step is queued, and read after, so on CUDA the next step runs while the host handles this one."""
+    next step is queued, and read after, so on CUDA the next step runs while the host handles this one.
+    `device`: the model's, where the ids are."""
 
     def __init__(self, device: torch.device, n: int, batch: int = 1):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.host = torch.empty(n, batch, dtype=torch.long, pin_memory=self.cuda)
         self.event = torch.cuda.Event() if self.cuda else None
 
@@ -203,7 +214,12 @@ class TokenReader:
         """ids (B,) of step `step`."""
         self.host[step].copy_(ids.view(-1), non_blocking=self.cuda)
         if self.cuda:
-            self.event.record()
+            # the copy is queued on the current stream of the ids' device, not of the current device
+            # (aten/src/ATen/native/cuda/Copy.cu `copy_kernel_cuda`: a guard sets the source device, then
+            # getCurrentCUDAStream()); the event must follow it there, or `read` may see the slot before
+            # the copy lands (a model on cuda:1 while the current device is cuda:0). A torch.cuda.Event is
+            # created on the device of the stream it is first recorded on.
+            self.event.record(torch.cuda.current_stream(self.device))
 
     def read(self, step: int) -> list[int]:
         """The B ids of step `step`."""
@@ -392,8 +408,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seed of sampling and of the random compressor, in [0, 2**63 - 1] (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="weights and activations (default: float16 on cuda; float32 on cpu, or bfloat16 "
-                   "when float32 weights would take over half the memory)")
+                   help=DTYPE_HELP)
     conv_template_arg(p)
     quantize_args(p)
     p.add_argument("--compile", action="store_true",
@@ -426,9 +441,12 @@ def main(argv=None) -> int:
         model, tokenizer = load(args.model, device, DTYPES.get(args.dtype), args.conv_template, args.spec, shard)
         load_s = time.perf_counter() - t0
         steps, compile_s = Steps(), {}
-        if args.compile:
+        if args.compile:  # compiled and warmed up on this very question: nothing compiles inside its answer
+            from .batch import warm_up  # batch.py builds on this module
+
             steps = compile_steps(model)
-            compile_s = {"compile": warm_up(model, steps, compressor=args.compressor)}
+            compile_s = {"compile": warm_up(model, steps, tokenizer, [(image, args.prompt)], args.compressor,
+                                            args.retention_ratio, args.max_new_tokens, args.seed)}
         quiet = shard is not None and shard.rank > 0  # every rank computes the answer; rank 0 prints it
         on_text = None if args.json or quiet else (lambda s: print(s, end="", flush=True))
         result = generate(model, tokenizer, image, args.prompt, args.compressor, args.retention_ratio,
@@ -460,10 +478,24 @@ def main(argv=None) -> int:
 
 
 def default_dtype(model_dir, device: torch.device) -> torch.dtype:
-    """float16 on CUDA. On the CPU float32, unless the weights in float32 would take more than half
-    the machine's memory (a 7B model: 28 GB), then bfloat16."""
+    """The dtype a model runs in when --dtype does not say.
+
+    CUDA: float16 if the checkpoint was saved in float16 (config.json's torch_dtype: llava-hf's
+    LLaVA-1.6), else bfloat16 where the GPU computes in it natively (compute capability 8.0 and up),
+    else float32. Never float16 for a checkpoint saved otherwise: Qwen2 (LLaVA-OneVision, saved in
+    bfloat16) overflows float16's range (NaN logits, "!!!!" answers), and float16 is then a choice
+    the user makes with --dtype float16.
+    On the CPU float32, unless the weights in float32 would take more than half the machine's memory
+    (a 7B model: 28 GB), then bfloat16."""
     if device.type == "cuda":
-        return torch.float16
+        saved = load_config(model_dir).torch_dtype
+        if saved == "float16":
+            return torch.float16
+        if native_bfloat16(device):
+            return torch.bfloat16
+        print(f"note: this GPU has no native bfloat16 and the checkpoint was saved in {saved or 'an unstated dtype'}; "
+              "using float32 (pass --dtype float16 to halve the memory, at the risk of overflow)", file=sys.stderr)
+        return torch.float32
     n_params = sum(math.prod(e.shape) for e in read_layout(checkpoint_files(Path(model_dir))).values())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if 4 * n_params > memory / 2:
@@ -471,6 +503,15 @@ def default_dtype(model_dir, device: torch.device) -> torch.dtype:
               f"{memory / 2**30:.0f} GiB; using bfloat16 (pass --dtype float32 to insist)", file=sys.stderr)
         return torch.bfloat16
     return torch.float32
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether CUDA `device` computes in bfloat16 natively: compute capability 8.0 (Ampere) and up, the
+    test torch.cuda.is_bf16_supported(including_emulation=False) makes (torch/cuda/__init__.py), asked
+    of this device rather than the current one; ROCm's GPUs all do (the same function's first test)."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
 
 
 def fail(message: str) -> int:

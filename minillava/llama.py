@@ -177,10 +177,47 @@ class Attention(nn.Module):
                 self.cache.prefill(input_pos, k, v)
             else:
                 k_all, v_all, mask = self.cache.update(input_pos, k, v)
-        # Grouped-query attention without repeating the cache's keys and values per step
-        gqa = self.kv_heads != self.heads
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        out = attend(q, k_all, v_all, mask, prefill)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+
+
+ENABLE_GQA_DEVICES = ("cpu",)  # where `attend` passes enable_gqa (the CPU's numbers as they were); a test empties it
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, prefill: bool) -> torch.Tensor:
+    """Attention of queries (B, H, T, hd) over keys and values (B, Hkv, S, hd), Hkv dividing H (grouped
+    KV heads: Mistral, Yi, Qwen2), with a mask (B, 1, T, S) (True: may look) or causal without one.
+
+    On the CPU: F.scaled_dot_product_attention with enable_gqa, as before (the CPU's numbers are
+    unchanged). Elsewhere enable_gqa is never passed: torch
+    documents GQA on CUDA "only for Flash_attention and math kernel" (F.scaled_dot_product_attention's
+    docstring, torch 2.13), and a mask rules out flash, so every masked step (each decode step, a padded
+    batch's prefill) would fall to the math kernel, which writes B x H x T x S scores (48 GB for a
+    OneVision batch of 8 prompts). Instead a prefill repeats its keys and values to the query heads (the
+    prompt's own, small next to its scores), and a cached step folds each key head's query heads into
+    its query rows (`grouped_attention`), so any backend the GPU has (flash, memory-efficient, cuDNN) may
+    take the call. The numbers are enable_gqa's: the same rows against the same keys (tests/test_cuda_paths.py)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1 or q.device.type in ENABLE_GQA_DEVICES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=groups > 1)
+    if prefill:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # enable_gqa's order
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    return grouped_attention(q, k, v, mask)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention with grouped KV heads, without enable_gqa and without repeating k and v: query
+    head h reads key head h // G (G = H / Hkv, enable_gqa's repeat_interleave), so the G query heads of
+    a key head become G x T query rows of one head, each with its own row of the mask.
+    q (B, H, T, hd), k, v (B, Hkv, S, hd), mask (B, 1, T, S) -> (B, H, T, hd)."""
+    b, h, t, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    rows = q.reshape(b, kv, g * t, d)  # row j * T + i: query head kv * G + j at position i
+    mask = mask.expand(b, 1, t, s)[:, :, None].expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
+    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask)  # (B, Hkv, G T, hd)
+    return out.reshape(b, h, t, d)
 
 
 def prefill_mask(input_pos: torch.Tensor) -> torch.Tensor:

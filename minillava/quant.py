@@ -177,13 +177,65 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: Spec, dtype: torch.dtype)
 #   uses them for one row only (a batch-1 decode step) and dequantizes for more (`FLOAT32_ROWS`); an int4
 #   layer of a float32 model keeps its storage form for that beside the packing (the packing's layout
 #   depends on the CPU's vector width, so it is not unpacked).
-# CUDA: int4 is aten._weight_int4pack_mm (tinygemm, gpt-fast's int4 path); it takes bf16 activations
-#   only, so float16 ones are cast around it. int8 is dequantize-and-matmul, F.linear(x, w.to(dtype)) *
-#   scales, gpt-fast's int8 form: under torch.compile (--compile) Inductor fuses the conversion into the
-#   matmul; eager, it is correct but not faster than 16-bit. scripts/cuda_check.py measures both.
+# CUDA: int4 is aten._weight_int4pack_mm (tinygemm, gpt-fast's int4 path) for up to TINYGEMM_ROWS rows (decode
+#   steps); it takes bf16 activations only, so float16 ones are cast around it. For more rows (a prefill) it is
+#   slower than dequantizing and multiplying (torchao/prototype/hqq/README.md, 4096 x 4096, A6000: 128 rows
+#   0.25 ms against 0.27, 256 rows 0.52 against 0.33, 1,024 rows 2.20 against 0.51), so those rows get the
+#   weight back from the kernel's own packing (`unpack_tinygemm`: no second copy is kept) and F.linear.
+#   int8 is dequantize-and-matmul (`int8_matmul`): the weight scaled in the activations' dtype, then F.linear;
+#   under torch.compile with inductor's coordinate_descent_tuning (set for the CUDA decode step, as gpt-fast
+#   does: generate.compile_steps) a one-row product becomes a fused reduction that reads the int8 weight
+#   (torch/_inductor/decomposition.py `mm`); eager, it is correct but not faster than 16-bit.
+#   scripts/cuda_check.py measures both.
 # Anything else (MPS, ...): dequantize-and-matmul, correct everywhere.
 KERNELS = {("cpu", 8): "int8pack", ("cpu", 4): "int4pack_cpu", ("cuda", 4): "int4pack_cuda"}
 FLOAT32_ROWS = 1  # most rows of float32 activations sent to a CPU packed kernel (see above)
+TINYGEMM_ROWS = 128  # most rows sent to CUDA's int4 kernel; more are dequantized (see above)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ the int8 weight (N, K) with per-row scales (N,), dequantize-and-matmul: CUDA's int8
+    form (and the CPU's for float32 activations of more than FLOAT32_ROWS rows).
+
+    16-bit activations: the weight is scaled before the sum (one kernel: int8 times the scales promotes
+    to their dtype). gpt-fast's form, F.linear(x, weight.to(dtype)) * scales, sums x against the raw
+    integers first: in float16 that sum overflows once an output exceeds 65504 / 127, about 516 times its
+    row's largest weight (tests/test_cuda_paths.py). float32 keeps that form: no overflow in its range,
+    and the CPU's float32 numbers stay as they were."""
+    if x.dtype == torch.float32:
+        return F.linear(x, weight.to(x.dtype)) * scales
+    return F.linear(x, weight * scales.to(x.dtype)[:, None])
+
+
+def unpack_tinygemm(packed: torch.Tensor) -> torch.Tensor:
+    """CUDA's int4 packing (aten._convert_weight_to_int4pack, (N/8, K/(16 T), 32, T/2) int32 for T inner
+    k-tiles) back to the storage form (N, K/2) uint8 it was made from: the inverse of the kernel
+    `matrix_to_m16n8k16_Bint4_layout` (aten/src/ATen/native/cuda/int4mm.cu), pure tensor operations.
+
+    That kernel's lane t of tile (n-tile, outer k-tile) reads row n = 8 n-tile + t // 4 and, for its
+    inner k-tiles 2i and 2i+1, the bytes c + {0, 4, 8, 12} + t % 4 of that row (c = 16 (outer T/2 + i)),
+    v0..v3, and packs their nibbles into one int32 as, from the lowest: v0 high, v1 high, v2 high,
+    v3 high, v0 low, v1 low, v2 low, v3 low. Read as 4 little-endian bytes (every CUDA GPU, and x86 and
+    ARM hosts, are little-endian) that int32 is b0 = v0H | v1H << 4, b1 = v2H | v3H << 4,
+    b2 = v0L | v1L << 4, b3 = v2L | v3L << 4. scripts/cuda_check.py checks this against the kernel."""
+    n_tiles, outer, lanes, half = packed.shape
+    b = packed.contiguous().view(torch.uint8).view(n_tiles, outer, lanes // 4, 4, half, 4)  # lane t = 4 (t // 4) + t % 4
+    b0, b1, b2, b3 = b.unbind(-1)
+    v = torch.stack([(b0 & 15) << 4 | (b2 & 15), (b0 & 0xF0) | b2 >> 4,
+                     (b1 & 15) << 4 | (b3 & 15), (b1 & 0xF0) | b3 >> 4], dim=-1)  # v0..v3: (n-tile, outer, t//4, t%4, i, j)
+    # row 8 n-tile + t // 4; byte 16 (outer T/2 + i) + 4 j + t % 4
+    return v.permute(0, 2, 1, 4, 5, 3).reshape(n_tiles * lanes // 4, outer * half * 16)
+
+
+def int4_cuda_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, spec: "Spec") -> torch.Tensor:
+    """x (M, K) @ the int4 weight in CUDA's packing: tinygemm for up to TINYGEMM_ROWS rows (bfloat16
+    activations; float16 ones cast around it), else the weight dequantized from the packing and F.linear."""
+    # under torch.compile's dynamic prefill this is a guard: a prompt on the other side of it compiles once more
+    if x.shape[0] <= TINYGEMM_ROWS:
+        return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), packed, spec.group_size,
+                                                  scales_and_zeros).to(x.dtype)
+    weight = dequantize({"weight": unpack_tinygemm(packed), "scales_and_zeros": scales_and_zeros}, spec, x.dtype)
+    return F.linear(x, weight)
 
 
 class QuantizedLinear(nn.Module):
@@ -243,10 +295,9 @@ class QuantizedLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.spec.group_size,
                                                             self.scales_and_zeros)
         elif kernel == "int4pack_cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.weight,
-                                                   self.spec.group_size, self.scales_and_zeros).to(x.dtype)
+            y = int4_cuda_matmul(x, self.weight, self.scales_and_zeros, self.spec)
         elif self.spec.bits == 8:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+            y = int8_matmul(x, self.weight, self.scales)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
         if self.bias is not None:

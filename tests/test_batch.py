@@ -152,7 +152,7 @@ def test_compiled_batch_gives_the_eager_ids(loaded):
     model, tokenizer = loaded
     eager = engine.generate_batch(model, tokenizer, items(), "globalcom2", 0.5, LIMITS)
     steps = gen.compile_steps(model)
-    gen.warm_up(model, steps, batch=4, compressor="globalcom2")
+    engine.warm_up(model, steps, tokenizer, items(), "globalcom2", 0.5, max(LIMITS))
     compiled = engine.generate_batch(model, tokenizer, items(), "globalcom2", 0.5, LIMITS, steps=steps)
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
 

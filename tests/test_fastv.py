@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from minillava import generate as gen
 from minillava.anyres import tile_image
+from minillava.batch import warm_up
 from globalcom2.fastv import FastV
 from minillava.llama import EMPTY
 from minillava.tokenizer import build_prompt
@@ -209,12 +210,12 @@ def test_fastv_needs_layers_after_k(capsys, monkeypatch, checkpoints, image_path
 def test_compiled_steps_give_the_eager_ids(monkeypatch, deep_checkpoint, image_path):
     """--compile with fastv: the compiled prefill prunes, the compiled decode step (fullgraph) runs on
     layers with different cache lengths and their own position tables; same greedy ids as eager.
-    About 40 s alone on 2 cores (the prefill compiles twice: warm_up's plain one, then with FastV)."""
+    About 40 s alone on 2 cores."""
     monkeypatch.setattr(gen, "CACHE_BUCKET", 16)  # layers from K on get fewer slots than those before
     model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
     image = load_image(str(image_path))
     eager = gen.generate(model, tokenizer, image, QUESTION, "fastv", 0.25, max_new_tokens=8)
     steps = gen.compile_steps(model)
-    gen.warm_up(model, steps, compressor="fastv")
+    warm_up(model, steps, tokenizer, [(image, QUESTION)], "fastv", 0.25, 8)
     compiled = gen.generate(model, tokenizer, image, QUESTION, "fastv", 0.25, max_new_tokens=8, steps=steps)
     assert compiled.token_ids == eager.token_ids

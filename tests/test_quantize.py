@@ -343,13 +343,14 @@ def test_batched_answers_equal_one_by_one(hub, image_path):
 def test_compiled_decode_equals_eager(hub, image_path, spec):
     from PIL import Image
 
-    from minillava.generate import compile_steps, warm_up
+    from minillava.batch import warm_up
+    from minillava.generate import compile_steps
 
     model, tok = load(str(hub), quantize=spec)
     image = Image.open(image_path)
     eager = generate(model, tok, image, "What is in the picture?", "globalcom2", 0.5, 8).token_ids
     steps = compile_steps(model)
-    warm_up(model, steps, compressor="globalcom2")
+    warm_up(model, steps, tok, [(image, "What is in the picture?")], "globalcom2", 0.5, 8)
     assert generate(model, tok, image, "What is in the picture?", "globalcom2", 0.5, 8, steps=steps).token_ids == eager
 
 

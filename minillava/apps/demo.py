@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from ..compression import compressors, place
-from ..generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPES, USER_ERRORS, conv_template_arg, fail,
+from ..generate import (DEFAULT_COMPRESSOR, DEFAULT_RETENTION_RATIO, DTYPE_HELP, DTYPES, USER_ERRORS, conv_template_arg, fail,
                        generate, load, quantize_args, quantize_spec, ratio_arg)
 from ..quant import Spec
 from ..trust import URL_MAX_BYTES, ImageError, decode_image, open_regular
@@ -321,9 +321,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 opens the page, "
                    "and the model, to the network)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="weights and activations (default: float16 on cuda; float32 on cpu, or bfloat16 when "
-                   "float32 weights would take over half the memory)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (default 512)")
     conv_template_arg(p)
     quantize_args(p)

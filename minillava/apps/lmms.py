@@ -46,6 +46,29 @@ class Refused(SystemExit):
         super().__init__(f"error: minillava: {message}")
 
 
+def choose_device(device: str | None, world_size: int, local_index: int):
+    """The torch.device of model_args' `device` (cpu, cuda, cuda:N; default cuda when available, under data
+    parallel the GPU of the process's local index), made the current CUDA device: what is made without a
+    device (pinned buffers, events, CUDA graphs, the current stream that generate.TokenReader and the
+    compiled steps run on) then belongs to the model's GPU, not to cuda:0. Refused for anything else."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not (device in ("cpu", "cuda") or device.startswith("cuda:")):
+        raise Refused(f"device={device}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Refused(f"device={device} was asked for but CUDA is not available here; use device=cpu")
+    if device.startswith("cuda") and world_size > 1:
+        device = f"cuda:{local_index}"
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:  # "cuda:x"
+        raise Refused(f"device={device}: expected cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and chosen.index is not None:
+        torch.cuda.set_device(chosen)
+    return chosen
+
+
 class MiniLlava(lmms):
     """LLaVA-NeXT (any checkpoint `python -m minillava.generate` takes) with a visual-token compressor.
 
@@ -64,7 +87,6 @@ class MiniLlava(lmms):
                  compile: bool | str = False, seed: int | str = 0, batch_size: int | str = 1, max_batch_size=None,
                  **unknown) -> None:
         super().__init__()
-        import torch
         from accelerate import Accelerator
         from loguru import logger
 
@@ -99,14 +121,7 @@ class MiniLlava(lmms):
         # the documents (task.build_all_requests(rank, world_size)) and gathers the answers.
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if not (device in ("cpu", "cuda") or device.startswith("cuda:")):
-            raise Refused(f"device={device}: expected cpu, cuda or cuda:N")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise Refused(f"device={device} was asked for but CUDA is not available here; use device=cpu")
-        if device.startswith("cuda") and self._world_size > 1:
-            device = f"cuda:{self.accelerator.local_process_index}"
-        self._device = torch.device(device)
+        self._device = choose_device(device, self._world_size, self.accelerator.local_process_index)
         world = distributed.World(self._rank, self._world_size, self.accelerator.local_process_index)
         try:
             model_dir = fetch_model(pretrained or gen.DEFAULT_MODEL, world)  # a hub id: rank 0 downloads
@@ -124,10 +139,8 @@ class MiniLlava(lmms):
         if self._rank == 0:
             logger.info(f"minillava: conv_template {template} ({why})")
         self.pretrained = pretrained
-        self.steps = gen.Steps()
-        if compile:
-            self.steps = gen.compile_steps(self.model)
-            gen.warm_up(self.model, self.steps, batch=self.batch_size_per_gpu, compressor=self.compressor)
+        self.steps = gen.compile_steps(self.model) if compile else gen.Steps()
+        self.warm = not compile  # compiled steps are warmed up on the first batch asked (`generate_until`)
         # what each answered question cost, counted as minillava.eval's runner.answer counts it
         self.llm = LlmSpec.from_text(pretrained or gen.DEFAULT_MODEL, self.model.cfg.text)
         self.shares: list[Share] = []  # one per generate_until call: see `efficiency`
@@ -167,6 +180,14 @@ class MiniLlava(lmms):
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
         options = {key: generation_options(requests[indices[0]].args[1]) for key, indices in groups.items()}
+        if not self.warm and groups:  # at the first batch's shapes, before answering is measured
+            from ..batch import warm_up
+
+            key, indices = next(iter(groups.items()))
+            items = [self._item(requests[i]) for i in indices[: self.batch_size]]
+            warm_up(self.model, self.steps, self.tokenizer, items, self.compressor, self.retention_ratio,
+                    options[key]["max_new_tokens"], self.seed)
+            self.warm = True
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="minillava", unit="q")
         share, meter = Share(), E.Meter(self._device)  # from here on: answering (after loading and warm-up)
         try:
@@ -213,22 +234,14 @@ class MiniLlava(lmms):
     def _answer(self, items: list[tuple], options: dict) -> list:
         """Result or exception per (image, question) of `items`: one `generate_batch` call; a batch that runs
         out of GPU memory is answered again one question at a time (as minillava.eval's runner does)."""
-        import torch
-
-        from ..batch import generate_batch
+        from ..batch import generate_batch, retry_alone
 
         def run(some):
             return generate_batch(self.model, self.tokenizer, some, self.compressor, self.retention_ratio,
                                   options["max_new_tokens"], temperature=options["temperature"],
                                   top_p=options["top_p"], seed=self.seed, steps=self.steps, return_exceptions=True)
 
-        try:
-            return run(items)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if len(items) == 1:
-                raise
-            return [r for item in items for r in run([item])]
+        return retry_alone(run, items)
 
     def _item(self, request) -> tuple:
         """(PIL image, question) of a request, or Refused when it has not exactly one image."""

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..compression import compressors, encode, has_cls, needs, place, stage_inputs
 from ..eval.files import write_atomic
-from ..generate import (DTYPES, RATIO_HELP, USER_ERRORS, fail, load, prefill, prepare, quantize_args, quantize_spec,
+from ..generate import (DTYPES, RATIO_HELP, USER_ERRORS, default_dtype, fail, load, prefill, prepare, quantize_args, quantize_spec,
                        ratio_arg, seed_arg)
 from ..layout import downscaled_size, on_grid
 from ..model import Llava
@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random compressor (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="weights and activations (default: float16 on cuda, float32 on cpu)")
+                   help="weights and activations (default: float32 on cpu; on cuda as python -m minillava.generate: "
+                   "float16 for a checkpoint saved in float16, else bfloat16 where the GPU has it natively, else float32)")
     quantize_args(p)
     args = p.parse_args(argv)
     args.spec = quantize_spec(p, args)
@@ -141,9 +142,11 @@ def main(argv=None) -> int:
     if problem:
         return fail(problem)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype] if args.dtype else None if device.type == "cuda" else torch.float32
     try:
         image = load_image(args.image)
+        if dtype is None:  # generate's rule on CUDA (the checkpoint's dtype, bfloat16 where native); inside
+            dtype = default_dtype(resolve_model(args.model), device)  # the try: a bad --model is a one-line error
         tokenizer = None
         if place(args.compressor) == "decoder":  # its choice needs the decoder and the question
             model, tokenizer = load(args.model, device, dtype, quantize=args.spec)

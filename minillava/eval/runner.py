@@ -20,12 +20,12 @@ from tqdm import tqdm
 from .. import generate as gen
 from ..trust import check_regular
 from ..config import load_config
-from ..batch import generate_batch
+from ..batch import generate_batch, retry_alone, warm_up
 from ..compression import compressor_help, compressors
 from ..conversation import is_llava_vicuna
 from ..flops import LlmSpec
-from ..generate import DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
-    quantize_spec, ratio_arg, read_checkpoint, seed_arg, warm_up
+from ..generate import DTYPE_HELP, DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
+    quantize_spec, ratio_arg, read_checkpoint, seed_arg
 from ..trust import ConfigError
 from ..weights import resolve_model
 from . import distributed
@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random compressor (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="default: float16 on cuda; float32 on cpu, or bfloat16 when float32 would not fit")
+                   help=DTYPE_HELP)
     conv_template_arg(p, "the template of LLaVA's script for the task (vicuna_v1) for a Vicuna LLaVA-1.6 "
                       "checkpoint (liuhaotian's or llava-hf's), as the paper; otherwise the checkpoint's")
     quantize_args(p)
@@ -163,6 +163,7 @@ def answer_all(args, task: Task) -> int:
     try:
         if device.type == "cuda":
             device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device)  # what is made without a device (streams, events, graphs) goes there too
         all_questions = task.load(args.data, args.questions, args.images)
         task.check(args.data)
         questions = select(all_questions, args.limit)
@@ -239,9 +240,12 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
     Returns what answering cost: each answered question's `efficiency.QuestionCost`, and the Meter's."""
     model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), settings["conv_template"], args.spec)
     steps = Steps()
-    if args.compile:
+    if args.compile:  # warmed up on the first batch: its shapes (tiles, prompt lengths, batch, cache) compile here
         steps = compile_steps(model)
-        warm_up(model, steps, batch=min(args.batch_size, len(questions)), compressor=args.compressor)
+        first = [(image, q.prompt) for q, image in zip(questions, open_images(task, questions[: args.batch_size]))
+                 if not isinstance(image, BaseException)]
+        warm_up(model, steps, tokenizer, first, args.compressor, args.retention_ratio, settings["max_new_tokens"],
+                args.seed)
     spec = LlmSpec.from_text(args.model, model.cfg.text)
     costs, meter = [], E.Meter(device)  # from here on: answering
     writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
@@ -309,17 +313,7 @@ def answer_batch(args, task: Task, batch: list[Question], settings: dict, model,
                               steps=steps, return_exceptions=True)
 
     keys = list(images)
-    try:
-        done = run(keys) if keys else []
-    except torch.cuda.OutOfMemoryError as e:
-        torch.cuda.empty_cache()
-        done = [e] if len(keys) == 1 else []
-        for i in keys if len(keys) > 1 else []:
-            try:
-                done += run([i])
-            except torch.cuda.OutOfMemoryError as alone:
-                torch.cuda.empty_cache()
-                done.append(alone)
+    done = retry_alone(run, keys) if keys else []
     for i, r in zip(keys, done, strict=True):
         results[i] = r
     return results
