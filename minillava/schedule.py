@@ -122,6 +122,9 @@ def layer_lengths(stages, length: int, n_layers: int) -> list[int]:
 
 def kept_positions(llm, start: int, length: int) -> torch.Tensor:
     """Indices into the image's token sequence [start, start + length) (ascending) of what the layers after
-    the last stage saw in the last scheduled prefill (`Decoder.kept`: the prompt positions they hold)."""
+    the last stage saw in the last scheduled prefill (`Decoder.kept`: the prompt positions they hold);
+    every index when the last prefill had no stage (a method that prunes nothing at this r: SparseVLM at 1)."""
     pos = llm.kept
+    if pos is None:
+        return torch.arange(length, device=llm.embed_tokens.weight.device)
     return pos[(pos >= start) & (pos < start + length)] - start

@@ -393,3 +393,16 @@ def test_visualize_draws_what_the_last_pruned_layers_keep(method):
     kept = model.llm.kept  # the prompt positions the last layers saw (-1: a recycled token)
     on_grid = int(((kept >= start) & (kept < start + picture.before)).sum())
     assert 0 < on_grid <= picture.after and picture.image.width > 400
+
+
+def test_visualize_a_decoder_method_that_prunes_nothing_at_r_1():
+    """SparseVLM's schedule at r = 1 is empty: the picture keeps everything (found by the property tests,
+    where it raised TypeError reading the kept positions of a prefill without stages)."""
+    from PIL import Image
+
+    from minillava.apps.visualize import kept_picture
+
+    model, tokenizer = gen.load(gen.DEFAULT_MODEL, dtype=torch.float32)
+    image = Image.open(Path(__file__).parent.parent / "examples" / "scene.png")
+    picture = kept_picture(model, image, "sparsevlm", 1.0, tokenizer=tokenizer, prompt=QUESTION)
+    assert picture.before == picture.after == 336

@@ -71,9 +71,12 @@ def kept_picture(model: Llava, image: Image.Image, compressor: str, ratio: float
         ratios = (to_crops(crop_keep, tiles.grid, side).sum(1).double().cpu()
                   / to_crops(valid, tiles.grid, side).sum(1).double().cpu().clamp(min=1))  # (C,)
         result, after = globalcom2.Compressed(thumb_keep, crop_keep, ratios), plan.visual_tokens["after"]
-        first = stages[0].layer  # the layers before it see every image token
-        early = "layer 0" if first == 1 else f"layers 0-{first - 1}"
-        note = f"kept for decoder layers {stages[-1].layer}+ ({early} see{'s' if first == 1 else ''} all) for: {prompt}"
+        if stages:
+            first = stages[0].layer  # the layers before it see every image token
+            early = "layer 0" if first == 1 else f"layers 0-{first - 1}"
+            note = f"kept for decoder layers {stages[-1].layer}+ ({early} see{'s' if first == 1 else ''} all) for: {prompt}"
+        else:  # nothing to prune at this r (SparseVLM at r = 1)
+            note = f"every decoder layer sees every image token at r = {ratio:g}"
     else:
         result = globalcom2.compress([features], compressor, ratio, seed=seed)[0]
         after = model.image_tokens(encoded[0], None if compressor == "none" else result).shape[0]
