@@ -1,0 +1,147 @@
+"""Every image, every compressor, every retention ratio, every model family: the model answers, or refuses
+with one of the CLI's user errors (issue 32). Never another exception.
+
+The images are generated (tests/strategies.py: 1 px to 100,000 px a side, any aspect ratio, every colour
+mode and format the loader reads, decoded by it); the models are the shipped one and a tiny random model
+of every family of `config.FAMILIES` on a generated tile geometry (tests/families.py). An answer with no
+visual token is allowed only where the method's rounding keeps none: r P < 1 (int(P r), round(P r) and
+the like are 0 only there). The same for the picture of what was kept (`minillava.apps.visualize`,
+which the demo page shows) and for a batch, whose rows answer as each question alone.
+"""
+
+import re
+
+import pytest
+from hypothesis import strategies as st
+
+from minillava import generate as gen
+from minillava.apps.visualize import kept_picture
+from minillava.batch import generate_batch
+from minillava.compression import compressors, needs
+from minillava.config import FAMILIES
+from minillava.generate import USER_ERRORS
+from minillava.tokenizer import PromptError, Tokenizer
+from minillava.trust import ConfigError
+from tests import families
+from tests.strategies import Geometry, budgets, check, geometries, images, noise, ratios
+
+QUESTION = "What is in the picture?"
+SHIPPED = "llava-next-tiny-scenes"
+# the issue's images: a 127 x 3188 PNG and a 1 x 100000 one ended in ZeroDivisionError (layout.grid_share)
+ISSUE_SIZES = [(127, 3188), (1, 100_000), (9, 3000)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_path):
+    return Tokenizer(tokenizer_path)  # the random models' vocabulary (tests/tiny.py)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return gen.load(SHIPPED)
+
+
+@st.composite
+def models(draw, max_grid: int = 8):
+    """("shipped", None) or (family, Geometry): a family of FAMILIES on a geometry it may have."""
+    if draw(st.integers(0, 3)) == 0:
+        return SHIPPED, None
+    family = draw(st.sampled_from(sorted(FAMILIES)))
+    return family, draw(geometries(downscales=FAMILIES[family].downscales, max_grid=max_grid))
+
+
+# found by these tests: PruMerge+ on tiles of one patch (P = 1) keeps no token and took the argmax of
+# an empty slot axis (globalcom2/peers.py `_prumerge`)
+ONE_PATCH = dict(which=("llava-next", Geometry(side=1, patch=1, grids=((1, 1),), max_tiles=None)),
+                 image=noise((1, 1), 0), method="prumerge+", ratio=1.0)
+
+
+def refused_rightly(model, method: str, error: Exception):
+    """A user error the inputs call for: one line, and either a [CLS] method on a tower without [CLS]
+    (`needs` refuses it too) or a prompt longer than the context."""
+    message = str(error)
+    assert "\n" not in message and message, message
+    if isinstance(error, ConfigError):
+        with pytest.raises(ConfigError):
+            needs(model, method)
+    else:
+        assert isinstance(error, PromptError) and "context" in message, message
+
+
+def kept_nothing_only_by_rounding(model, method: str, ratio: float, after: int):
+    P = model.cfg.vision.patches_per_side ** 2
+    assert after >= 0
+    if after == 0:
+        assert method != "none" and ratio * P < 1, (method, ratio, P)
+
+
+def answer_case(resolve, which, image, method, ratio):
+    model, tokenizer = resolve(which)
+    try:
+        result = gen.generate(model, tokenizer, image, QUESTION, method, ratio, max_new_tokens=1)
+    except USER_ERRORS as e:
+        refused_rightly(model, method, e)
+        return
+    assert len(result.token_ids) == 1
+    assert result.visual_tokens["before"] >= model.cfg.vision.patches_per_side ** 2
+    kept_nothing_only_by_rounding(model, method, ratio, result.visual_tokens["after"])
+
+
+@pytest.fixture(scope="module")
+def resolve(shipped, tokenizer):
+    def get(which):
+        name, geometry = which
+        return shipped if name == SHIPPED else (families.model(name, geometry), tokenizer)
+    return get
+
+
+@budgets(60)
+def test_every_image_and_compressor_answers_or_is_refused(n, resolve):
+    issue = [dict(which=(SHIPPED, None), image=noise(size, 0), method="globalcom2", ratio=0.25)
+             for size in ISSUE_SIZES]
+    check(lambda which, image, method, ratio: answer_case(resolve, which, image, method, ratio), n,
+          explicit=[*issue, ONE_PATCH], which=models(), image=images(), method=st.sampled_from(compressors()), ratio=ratios())
+
+
+def picture_case(resolve, which, image, method, ratio):
+    model, tokenizer = resolve(which)
+    try:
+        picture = kept_picture(model, image, method, ratio, tokenizer=tokenizer, prompt=QUESTION)
+    except USER_ERRORS as e:
+        refused_rightly(model, method, e)
+        return
+    assert picture.image.width > 0 and picture.image.height > 0
+    assert picture.before >= model.cfg.vision.patches_per_side ** 2
+    kept_nothing_only_by_rounding(model, method, ratio, picture.after)
+
+
+@budgets(15)
+def test_every_picture_of_what_was_kept_is_drawn_or_refused(n, resolve):
+    check(lambda which, image, method, ratio: picture_case(resolve, which, image, method, ratio), n,
+          explicit=[ONE_PATCH], which=models(max_grid=3), image=images(max_pixels=1 << 16), method=st.sampled_from(compressors()), ratio=ratios())
+
+
+def batch_case(resolve, which, pictures, method, ratio):
+    model, tokenizer = resolve(which)
+    items = [(image, QUESTION) for image in pictures]
+    try:
+        rows = generate_batch(model, tokenizer, items, method, ratio, max_new_tokens=2, return_exceptions=True)
+    except USER_ERRORS as e:  # a method this model cannot run fails the whole batch, as it fails each question
+        with pytest.raises(type(e), match="^" + re.escape(str(e)) + "$"):
+            gen.generate(model, tokenizer, pictures[0], QUESTION, method, ratio, max_new_tokens=2)
+        return
+    for (image, _), row in zip(items, rows):
+        try:
+            alone = gen.generate(model, tokenizer, image, QUESTION, method, ratio, max_new_tokens=2)
+        except USER_ERRORS as e:
+            assert type(row) is type(e) and str(row) == str(e)
+            continue
+        assert not isinstance(row, Exception), row
+        assert row.token_ids == alone.token_ids and row.visual_tokens == alone.visual_tokens
+
+
+@budgets(10)
+def test_a_batch_answers_as_each_question_alone(n, resolve):
+    check(lambda which, pictures, method, ratio: batch_case(resolve, which, pictures, method, ratio), n,
+          which=models(), pictures=st.lists(images(max_pixels=1 << 16), min_size=2, max_size=3),
+          method=st.sampled_from(compressors()), ratio=ratios())
