@@ -19,24 +19,31 @@ from PIL import Image
 
 from minillava.trust import IMAGE_FORMATS, decode_image
 
-CAMPAIGN_EXAMPLES = 1000  # per property in the slow campaign
+CAMPAIGN_EXAMPLES = 1000  # per property in the slow campaign, unless the test names fewer
 
 
-def budgets(default: int):
-    """Parametrize a property test over its budgets: `default` derandomized examples in the default run,
-    and a random campaign of CAMPAIGN_EXAMPLES under `-m slow`. The test calls `check` with its `n`."""
-    return pytest.mark.parametrize("n", [pytest.param(default, id="default"),
-                                         pytest.param(CAMPAIGN_EXAMPLES, id="campaign", marks=pytest.mark.slow)])
+@dataclass(frozen=True)
+class Budget:
+    examples: int
+    random: bool  # the campaign's: new random examples every run; else derandomized (tests/conftest.py)
 
 
-def check(prop, n: int, explicit=(), **strategies):
-    """Run the property `prop` (a function of keyword arguments) on n examples drawn from `strategies`,
+def budgets(default: int, campaign: int = CAMPAIGN_EXAMPLES):
+    """Parametrize a property test over its budgets (its argument `n`, a Budget): `default` derandomized
+    examples in the default run, and a random campaign of `campaign` examples under `-m slow`."""
+    return pytest.mark.parametrize("n", [
+        pytest.param(Budget(default, False), id="default"),
+        pytest.param(Budget(campaign, True), id="campaign", marks=pytest.mark.slow)])
+
+
+def check(prop, n: Budget, explicit=(), **strategies):
+    """Run the property `prop` (a function of keyword arguments) on `n` examples drawn from `strategies`,
     after the `explicit` ones (dicts of its arguments: the smallest failing examples hypothesis found,
-    kept as regressions). The default run's n is derandomized (tests/conftest.py); the campaign's random."""
+    kept as regressions)."""
     test = given(**strategies)(prop)
     for kwargs in explicit:
         test = example(**kwargs)(test)
-    settings(max_examples=n, derandomize=n < CAMPAIGN_EXAMPLES)(test)()
+    settings(max_examples=n.examples, derandomize=not n.random)(test)()
 
 
 @dataclass(frozen=True)

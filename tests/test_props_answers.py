@@ -95,12 +95,13 @@ def resolve(shipped, tokenizer):
     return get
 
 
-@budgets(60)
+@budgets(40)
 def test_every_image_and_compressor_answers_or_is_refused(n, resolve):
     issue = [dict(which=(SHIPPED, None), image=noise(size, 0), method="globalcom2", ratio=0.25)
              for size in ISSUE_SIZES]
     check(lambda which, image, method, ratio: answer_case(resolve, which, image, method, ratio), n,
-          explicit=[*issue, ONE_PATCH], which=models(), image=images(), method=st.sampled_from(compressors()), ratio=ratios())
+          explicit=[*issue, ONE_PATCH], which=models(), image=images(max_pixels=1 << 18),
+          method=st.sampled_from(compressors()), ratio=ratios())
 
 
 def picture_case(resolve, which, image, method, ratio):
@@ -115,10 +116,11 @@ def picture_case(resolve, which, image, method, ratio):
     kept_nothing_only_by_rounding(model, method, ratio, picture.after)
 
 
-@budgets(15)
+@budgets(8, campaign=100)
 def test_every_picture_of_what_was_kept_is_drawn_or_refused(n, resolve):
     check(lambda which, image, method, ratio: picture_case(resolve, which, image, method, ratio), n,
-          explicit=[ONE_PATCH], which=models(max_grid=3), image=images(max_pixels=1 << 16), method=st.sampled_from(compressors()), ratio=ratios())
+          explicit=[ONE_PATCH], which=models(max_grid=3), image=images(max_pixels=1 << 16),
+          method=st.sampled_from(compressors()), ratio=ratios())
 
 
 def batch_case(resolve, which, pictures, method, ratio):
@@ -140,7 +142,7 @@ def batch_case(resolve, which, pictures, method, ratio):
         assert row.token_ids == alone.token_ids and row.visual_tokens == alone.visual_tokens
 
 
-@budgets(10)
+@budgets(6, campaign=100)
 def test_a_batch_answers_as_each_question_alone(n, resolve):
     check(lambda which, pictures, method, ratio: batch_case(resolve, which, pictures, method, ratio), n,
           which=models(), pictures=st.lists(images(max_pixels=1 << 16), min_size=2, max_size=3),

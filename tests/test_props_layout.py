@@ -79,7 +79,8 @@ def sequence(geometry, size, seed):
     if C * P > 1 << 16:  # the grid's tensors, not only its sizes: keep an example small
         return
     g = torch.Generator().manual_seed(seed)
-    crops, thumb, newline = torch.randn(C, P, D, generator=g), torch.randn(P, D, generator=g), torch.randn(D, generator=g)
+    crops, thumb = torch.randn(C, P, D, generator=g), torch.randn(P, D, generator=g)
+    newline = torch.randn(D, generator=g)
     size2 = downscaled_size(a, side, max_tiles)
     tokens = pack(thumb, crop_grid(crops, grid), a, newline, size=size2 if max_tiles else None)
     n = uncompressed_length(a, side, max_tiles)

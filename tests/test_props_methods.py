@@ -143,7 +143,7 @@ def stage_invariants(model, image, f, kept, m, ratio, P, side):
         assert sorted(thumb.tolist()) == list(range(P)) and torch.equal(crop_keep, valid), m
 
 
-@budgets(25)
+@budgets(20, campaign=300)
 def test_every_method_keeps_what_it_documents(n, shipped):
     def prop(which, pictures, ratio, seed):
         name, geometry = which

@@ -155,8 +155,8 @@ UNHASHABLE = [with_value(SHIPPED_CONFIG, ("text_config", "model_type"), []),
 
 @budgets(200)
 def test_configs(n):
-    check(config_case, n, explicit=[dict(raw=raw) for raw in UNHASHABLE], raw=st.one_of(edited(SHIPPED_CONFIG), edited(OV_CONFIG),
-                                        edited(tiny.ov_original_config(tiny.ov_hf_config())), JSON))
+    raws = st.one_of(edited(SHIPPED_CONFIG), edited(OV_CONFIG), edited(tiny.ov_original_config(tiny.ov_hf_config())), JSON)
+    check(config_case, n, explicit=[dict(raw=raw) for raw in UNHASHABLE], raw=raws)
 
 
 def config_file_case(tmp, data: bytes):
