@@ -10,11 +10,15 @@ from functools import lru_cache
 
 import torch
 
+from hypothesis import strategies as st
+
 from minillava.config import FAMILIES, LlavaConfig, TextConfig, VisionConfig
 from minillava.model import Llava
 from minillava.validate import check_vision
 from tests import tiny
-from tests.strategies import Geometry
+from tests.strategies import Geometry, geometries
+
+SHIPPED = "llava-next-tiny-scenes"  # the shipped model (weights/), which `models` draws beside the families
 
 TOWER_ACT = {"clip": "quick_gelu", "siglip": "gelu_pytorch_tanh"}
 
@@ -36,7 +40,18 @@ def config(family: str, geometry: Geometry, decoder_layers: int = 3) -> LlavaCon
 
 
 @lru_cache(maxsize=64)
-def model(family: str, geometry: Geometry, seed: int = 0) -> Llava:
+def model(family: str, geometry: Geometry, decoder_layers: int = 3, seed: int = 0) -> Llava:
     """The tiny model of `family` and `geometry`, random weights (tests/tiny.py `randomise`), float32."""
     torch.manual_seed(seed)
-    return tiny.randomise(Llava(config(family, geometry))).eval()
+    return tiny.randomise(Llava(config(family, geometry, decoder_layers))).eval()
+
+
+@st.composite
+def models(draw, max_grid: int = 8):
+    """(SHIPPED, None, 4) or (family, Geometry, decoder layers): a family of FAMILIES on a geometry it may
+    have, with 1 to 3 decoder layers (FastV, which prunes after layer 2, refuses fewer than 3)."""
+    if draw(st.integers(0, 3)) == 0:
+        return SHIPPED, None, 4
+    family = draw(st.sampled_from(sorted(FAMILIES)))
+    geometry = draw(geometries(downscales=FAMILIES[family].downscales, max_grid=max_grid))
+    return family, geometry, draw(st.sampled_from([3, 3, 2, 1]))

@@ -9,6 +9,7 @@ command of docs/trust.md, "Property tests").
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,7 +105,7 @@ def noise(size: tuple[int, int], seed: int) -> Image.Image:
 
 def encoded(image: Image.Image, mode: str, fmt: str) -> bytes | None:
     """`image` converted to `mode` and written as `fmt`; None where Pillow cannot write it (JPEG's and
-    WEBP's 65535 and 16383 px a side: not a file a user can have)."""
+    WEBP's 65535 and 16383 px a side, GIF's 65535: not a file a user can have)."""
     try:
         converted = image.convert("L").convert(mode) if mode.startswith(("I;16", "LAB", "PA")) else image.convert(mode)
     except ValueError:
@@ -112,7 +113,7 @@ def encoded(image: Image.Image, mode: str, fmt: str) -> bytes | None:
     out = io.BytesIO()
     try:
         converted.save(out, format=fmt)
-    except (OSError, ValueError):
+    except (OSError, ValueError, struct.error):  # struct.error: a side past a 16-bit header field
         return None
     return out.getvalue()
 

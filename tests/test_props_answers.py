@@ -18,15 +18,15 @@ from minillava import generate as gen
 from minillava.apps.visualize import kept_picture
 from minillava.batch import generate_batch
 from minillava.compression import compressors, needs
-from minillava.config import FAMILIES
 from minillava.generate import USER_ERRORS
+from minillava.schedule import build as build_schedule
 from minillava.tokenizer import PromptError, Tokenizer
 from minillava.trust import ConfigError
 from tests import families
-from tests.strategies import Geometry, budgets, check, geometries, images, noise, ratios
+from tests.families import SHIPPED, models
+from tests.strategies import Geometry, budgets, check, images, noise, ratios
 
 QUESTION = "What is in the picture?"
-SHIPPED = "llava-next-tiny-scenes"
 # the issue's images: a 127 x 3188 PNG and a 1 x 100000 one ended in ZeroDivisionError (layout.grid_share)
 ISSUE_SIZES = [(127, 3188), (1, 100_000), (9, 3000)]
 
@@ -41,29 +41,22 @@ def shipped():
     return gen.load(SHIPPED)
 
 
-@st.composite
-def models(draw, max_grid: int = 8):
-    """("shipped", None) or (family, Geometry): a family of FAMILIES on a geometry it may have."""
-    if draw(st.integers(0, 3)) == 0:
-        return SHIPPED, None
-    family = draw(st.sampled_from(sorted(FAMILIES)))
-    return family, draw(geometries(downscales=FAMILIES[family].downscales, max_grid=max_grid))
-
-
 # found by these tests: PruMerge+ on tiles of one patch (P = 1) keeps no token and took the argmax of
 # an empty slot axis (globalcom2/peers.py `_prumerge`)
-ONE_PATCH = dict(which=("llava-next", Geometry(side=1, patch=1, grids=((1, 1),), max_tiles=None)),
+ONE_PATCH = dict(which=("llava-next", Geometry(side=1, patch=1, grids=((1, 1),), max_tiles=None), 3),
                  image=noise((1, 1), 0), method="prumerge+", ratio=1.0)
 
 
 def refused_rightly(model, method: str, error: Exception):
-    """A user error the inputs call for: one line, and either a [CLS] method on a tower without [CLS]
-    (`needs` refuses it too) or a prompt longer than the context."""
+    """A user error the inputs call for: one line, and either a method this model cannot run (a [CLS]
+    method on a tower without [CLS], refused by `needs`; FastV on fewer than 3 decoder layers, refused by
+    its schedule) or a prompt longer than the context."""
     message = str(error)
     assert "\n" not in message and message, message
     if isinstance(error, ConfigError):
         with pytest.raises(ConfigError):
             needs(model, method)
+            build_schedule(method, 0, 1, 1.0, model.cfg.text.num_hidden_layers)
     else:
         assert isinstance(error, PromptError) and "context" in message, message
 
@@ -90,14 +83,14 @@ def answer_case(resolve, which, image, method, ratio):
 @pytest.fixture(scope="module")
 def resolve(shipped, tokenizer):
     def get(which):
-        name, geometry = which
-        return shipped if name == SHIPPED else (families.model(name, geometry), tokenizer)
+        name, geometry, layers = which
+        return shipped if name == SHIPPED else (families.model(name, geometry, layers), tokenizer)
     return get
 
 
 @budgets(40)
 def test_every_image_and_compressor_answers_or_is_refused(n, resolve):
-    issue = [dict(which=(SHIPPED, None), image=noise(size, 0), method="globalcom2", ratio=0.25)
+    issue = [dict(which=(SHIPPED, None, 4), image=noise(size, 0), method="globalcom2", ratio=0.25)
              for size in ISSUE_SIZES]
     check(lambda which, image, method, ratio: answer_case(resolve, which, image, method, ratio), n,
           explicit=[*issue, ONE_PATCH], which=models(), image=images(max_pixels=1 << 18),

@@ -26,13 +26,12 @@ import globalcom2
 from globalcom2.layout import area_mask, crop_extents, to_crops
 from minillava import generate as gen
 from minillava.compression import compressors, encode, needs, place, stage_inputs
-from minillava.config import FAMILIES
 from minillava.layout import uncompressed_length
 from minillava.trust import ConfigError
 from tests import families
-from tests.strategies import budgets, check, geometries, images, ratios
+from tests.families import SHIPPED, models
+from tests.strategies import budgets, check, images, ratios
 
-SHIPPED = "llava-next-tiny-scenes"
 KEEPS_ALL_AT_1 = {"none", "uniform", "uniform-attn", "uniform-sim", "random", "fastervlm", "hired"}  # docs/methods.md
 GUIDED = {"globalcom2", "local-only", "global-only", "globalcom2-paper",
           *(f"{m}-{s}" for m in ("globalcom2", "local-only", "global-only") for s in ("attn", "sim"))}
@@ -42,14 +41,6 @@ FLAT = {"uniform", "uniform-attn", "uniform-sim", "random"}  # every crop at r s
 @pytest.fixture(scope="module")
 def shipped():
     return gen.load(SHIPPED)[0]
-
-
-@st.composite
-def models(draw):
-    if draw(st.integers(0, 3)) == 0:
-        return SHIPPED, None
-    family = draw(st.sampled_from(sorted(FAMILIES)))
-    return family, draw(geometries(downscales=FAMILIES[family].downscales))
 
 
 def runnable(model) -> list[str]:
@@ -92,7 +83,7 @@ def stage_invariants(model, image, f, kept, m, ratio, P, side):
     gw, gh = image.grid
     C, H, W = gw * gh, gh * side, gw * side
     top, bottom, left, right = image.area
-    h, w = bottom - top, right - left
+    h = bottom - top  # unpadded rows, each closed by a newline
     valid = area_mask(image.area, (H, W), "cpu")
     s = f.grid_share
     thumb = kept.thumb_keep.cpu()
@@ -146,8 +137,8 @@ def stage_invariants(model, image, f, kept, m, ratio, P, side):
 @budgets(20, campaign=300)
 def test_every_method_keeps_what_it_documents(n, shipped):
     def prop(which, pictures, ratio, seed):
-        name, geometry = which
-        model = shipped if name == SHIPPED else families.model(name, geometry)
+        name, geometry, layers = which
+        model = shipped if name == SHIPPED else families.model(name, geometry, layers)
         with torch.inference_mode():
             method_case(model, pictures, ratio, seed)
 
