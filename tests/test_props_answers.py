@@ -109,7 +109,7 @@ def picture_case(resolve, which, image, method, ratio):
     kept_nothing_only_by_rounding(model, method, ratio, picture.after)
 
 
-@budgets(8, campaign=100)
+@budgets(8, campaign=300)
 def test_every_picture_of_what_was_kept_is_drawn_or_refused(n, resolve):
     check(lambda which, image, method, ratio: picture_case(resolve, which, image, method, ratio), n,
           explicit=[ONE_PATCH], which=models(max_grid=3), image=images(max_pixels=1 << 16),
