@@ -83,9 +83,16 @@ def geometries(draw, downscales: bool | None = None, max_side: int = 6, max_grid
 def sizes(draw, max_side: int = 100_000, max_pixels: int = 1 << 20) -> tuple[int, int]:
     """Image sizes (w, h) from 1 x 1 to max_side a side, any aspect ratio (1 x 100000 included), at most
     max_pixels in all so that an example stays fast."""
-    long = draw(st.integers(1, max_side))
-    short = draw(st.integers(1, max(1, min(long, max_pixels // long))))
+    long = draw(log_uniform(max_side))  # as many strips and icons as photos
+    short = draw(log_uniform(max(1, min(long, max_pixels // long))))
     return (long, short) if draw(st.booleans()) else (short, long)
+
+
+@st.composite
+def log_uniform(draw, most: int) -> int:
+    """An integer in [1, most], each octave [2^k, 2^(k+1)) about as likely as another."""
+    k = draw(st.integers(0, most.bit_length() - 1))
+    return draw(st.integers(1 << k, min(most, (2 << k) - 1)))
 
 
 # (mode, format) pairs Pillow writes and the loader (trust.decode_image) reads back: every colour mode

@@ -31,7 +31,7 @@ def placement(geometry, size):
     assert 0 <= left <= width - w and 0 <= top <= height - h  # on the canvas, centred
 
 
-@budgets(300)
+@budgets(1000, campaign=10_000)
 def test_the_resized_image_lies_on_its_canvas(n):
     check(placement, n, geometry=geometries(), size=SIZES)
 
@@ -46,7 +46,7 @@ def area(geometry, size):
     assert rows.sum() * cols.sum() == (bottom - top) * (right - left)
 
 
-@budgets(300)
+@budgets(1000, campaign=10_000)
 def test_the_unpadded_area_is_a_centred_rectangle_of_the_grid(n):
     check(area, n, geometry=geometries(), size=SIZES)
 
@@ -62,7 +62,7 @@ def downscale(geometry, size):
     assert 0 < grid_share(a, geometry.side, geometry.max_tiles) <= 1
 
 
-@budgets(300)
+@budgets(1000, campaign=10_000)
 def test_the_downscale_keeps_every_side_that_has_a_token(n):
     # found by this test: 1 x 2 tiles of one token under anyres_max_1 downscaled a 1 x 1 image's column away
     smallest = dict(geometry=Geometry(side=1, patch=1, grids=((1, 2),), max_tiles=1), size=(1, 1))
@@ -95,6 +95,6 @@ def sequence(geometry, size, seed):
     assert len(thumb_keep) + int(crop_keep.sum()) == int((places[kept] >= 0).sum())
 
 
-@budgets(150)
+@budgets(500, campaign=5000)
 def test_every_sequence_position_maps_to_one_valid_place(n):
     check(sequence, n, geometry=geometries(), size=sizes(max_side=20_000), seed=st.integers(0, 2**16))

@@ -134,7 +134,7 @@ def stage_invariants(model, image, f, kept, m, ratio, P, side):
         assert sorted(thumb.tolist()) == list(range(P)) and torch.equal(crop_keep, valid), m
 
 
-@budgets(20, campaign=300)
+@budgets(150, campaign=1000)
 def test_every_method_keeps_what_it_documents(n, shipped):
     def prop(which, pictures, ratio, seed):
         name, geometry, layers = which

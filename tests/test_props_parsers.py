@@ -116,7 +116,7 @@ HEADERS = st.one_of(
 )
 
 
-@budgets(200)
+@budgets(500)
 def test_safetensors_headers(n, tmp_path):
     check(lambda data: header_case(tmp_path, data), n, data=HEADERS)
 
@@ -153,7 +153,7 @@ UNHASHABLE = [with_value(SHIPPED_CONFIG, ("text_config", "model_type"), []),
               {**tiny.ov_original_config(tiny.ov_hf_config()), "architectures": [[]]}]
 
 
-@budgets(200)
+@budgets(500)
 def test_configs(n):
     raws = st.one_of(edited(SHIPPED_CONFIG), edited(OV_CONFIG), edited(tiny.ov_original_config(tiny.ov_hf_config())), JSON)
     check(config_case, n, explicit=[dict(raw=raw) for raw in UNHASHABLE], raw=raws)
@@ -167,7 +167,7 @@ def config_file_case(tmp, data: bytes):
         one_line(e)
 
 
-@budgets(100)
+@budgets(300)
 def test_config_files(n, tmp_path):
     base = (ROOT / "weights" / "llava-next-tiny-scenes" / "config.json").read_bytes()
     check(lambda data: config_file_case(tmp_path, data), n,
@@ -200,7 +200,7 @@ def sentencepiece_case(tmp, data: bytes):
     works(tokenizer)
 
 
-@budgets(100)
+@budgets(300)
 def test_sentencepiece_models(n, tmp_path, tokenizer_files):
     # found by this test's campaign: a piece whose text is not UTF-8 (one byte of "<0x27>" set to 0xE4)
     # made sentencepiece raise UnicodeDecodeError, which Tokenizer let through (it caught RuntimeError only)
@@ -220,7 +220,7 @@ def bpe_case(tmp, raw):
     works(tokenizer)
 
 
-@budgets(100)
+@budgets(300)
 def test_byte_bpe_tokenizers(n, tmp_path, tokenizer_files):
     base = tokenizer_files[1]
     check(lambda raw: bpe_case(tmp_path, raw), n,
@@ -256,7 +256,7 @@ TOKENIZER_CONFIG = {"add_bos_token": True, "chat_template": "{{ 'USER: ' + m + '
                     "added_tokens_decoder": {"32000": {"content": "<image>", "special": True}}}
 
 
-@budgets(150)
+@budgets(400)
 def test_tokenizer_configs_and_chat_templates(n, tmp_path):
     check(lambda name, raw: tokenizer_config_case(tmp_path, name, raw), n,
           name=st.sampled_from(["tokenizer_config.json", "added_tokens.json", "chat_template.json",
@@ -314,7 +314,7 @@ def question_files(draw):
 DEEP, LONG = b"[" * 100_000, b'{"question_id": ' + b"1" * 5000 + b"}"
 
 
-@budgets(200)
+@budgets(500)
 def test_question_files_of_every_task(n, tmp_path):
     found = [dict(case=(task, data)) for task in ("gqa", "scienceqa") for data in (DEEP, LONG)]
     check(lambda case: task_case(tmp_path, *case), n, explicit=found, case=question_files())
@@ -341,7 +341,7 @@ RECORD = {"key": "1", "question_id": 1, "prompt": "x", "text": "yes", "model": "
           "metrics": {"accuracy": 50.0}}
 
 
-@budgets(150)
+@budgets(400)
 def test_answer_and_compare_files(n, tmp_path):
     line = json.dumps(RECORD).encode() + b"\n"
     check(lambda data: records_case(tmp_path, data), n,
