@@ -193,7 +193,9 @@ def _prumerge(image, ratio: float, paper: Callable | None) -> Compressed:
     # A non-kept position is shown as merged into the first kept token (published order) whose cluster
     # holds it; it also goes into its tile's extra token, as every non-kept position does (not shown).
     member = sel.weights > 0  # (N, L, P)
-    first = member.float().argmax(dim=1)  # (N, P) the first slot holding each position
+    # the first slot holding each position (N, P); a slot L past the last holds none, so that a tile of
+    # one patch, which keeps none (P = 1: no outlier, no extra below P - 1), has an argmax too
+    first = torch.cat([member, member.new_ones(N, 1, P)], dim=1).float().argmax(dim=1)
     merge_rows = torch.where(sel.kept, rows, torch.where(member.any(dim=1), start + first, -1))
     crop_ratio = sel.count[1:].cpu().double() / P
     if paper is not None:

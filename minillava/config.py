@@ -177,13 +177,19 @@ def _section(raw: dict, key: str) -> dict:
     return value
 
 
+def _names(value, table: dict) -> bool:
+    """Whether a value read from config.json names an entry of `table`: a string that is a key (a list or
+    an object is no name, and would not even hash)."""
+    return isinstance(value, str) and value in table
+
+
 def _text_config(raw: dict, section: str) -> TextConfig:
     raw = dict(raw)
     kind = raw.get("model_type", "llama")
     architectures = raw.get("architectures")
-    if kind == "llava" and isinstance(architectures, list) and len(architectures) == 1 and architectures[0] in ARCHITECTURES:
+    if kind == "llava" and isinstance(architectures, list) and len(architectures) == 1 and _names(architectures[0], ARCHITECTURES):
         kind = ARCHITECTURES[architectures[0]]
-    if kind not in DECODER_TYPES:
+    if not _names(kind, DECODER_TYPES):
         raise ConfigError(f"{section}model_type {show(kind)}: the decoder runs LLaMA (Vicuna, Yi), Mistral and "
                           f"Qwen2 models only ({', '.join(DECODER_TYPES)})")
     raw["model_type"] = DECODER_TYPES[kind]
@@ -229,7 +235,7 @@ def _vision_config(raw) -> VisionConfig:
     raw = dict(raw) if isinstance(raw, dict) else raw
     if isinstance(raw, dict):
         kind = raw.get("model_type", "clip_vision_model")  # LlavaNextConfig's default tower is CLIP
-        if kind not in VISION_TYPES:
+        if not _names(kind, VISION_TYPES):
             raise ConfigError(f"vision_config.model_type {show(kind)}: the tower is CLIP or SigLIP only "
                               f"({', '.join(VISION_TYPES)})")
         raw["model_type"] = VISION_TYPES[kind]

@@ -69,13 +69,18 @@ def downscaled_size(area: tuple[int, int, int, int], side: int, max_tiles: int |
     """(h, w) of the unpadded grid as OneVision's uncompressed sequence lays it out: the area's own size,
     or, where it holds more than about `max_tiles` tiles of side x side tokens (ratio
     sqrt(h w / (max_tiles side^2)) > 1.1), (int(h // ratio), int(w // ratio)) as the published code
-    computes it. `max_tiles` None (LLaVA-NeXT): never downscaled."""
+    computes it, each side at least 1. `max_tiles` None (LLaVA-NeXT): never downscaled.
+
+    At least 1: a long, thin area (w < ratio, possible only where a canvas is more than max_tiles * side
+    tiles long, e.g. 1 x 2 tiles of one token under anyres_max_1) would lose its only column; LLaVA's
+    and transformers' `interpolate` to a zero size raises there, and we keep the column (issue 32).
+    An area without rows or columns (a sliver image) holds no token and is never downscaled."""
     top, bottom, left, right = area
     h, w = bottom - top, right - left
     if max_tiles is None:
         return h, w
     ratio = math.sqrt(h * w / (max_tiles * side**2))
-    return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
+    return (max(1, int(h // ratio)), max(1, int(w // ratio))) if ratio > 1.1 else (h, w)
 
 
 def grid_share(area: tuple[int, int, int, int], side: int, max_tiles: int | None) -> float:

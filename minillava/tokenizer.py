@@ -91,7 +91,7 @@ class Tokenizer:
             raise WeightsError(f"{path}: empty tokenizer file")
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=data)
-        except RuntimeError:
+        except (RuntimeError, ValueError):  # ValueError: UnicodeDecodeError of a message quoting the broken bytes
             raise WeightsError(f"{path}: not a sentencepiece model (truncated or another format)") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.end_id = self.eos_id  # the tokenizer's own EOS, what a template stopping on EOS stops on

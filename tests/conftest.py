@@ -2,9 +2,19 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+
+# The property tests (tests/strategies.py): the same examples on every run and machine (derandomized,
+# no example database), no per-example deadline (a shared CI core is slow), and no health check on
+# rejected or slow draws. A test's own settings give its number of examples; the slow campaign turns
+# derandomize off for that test.
+settings.register_profile("minillava", derandomize=True, database=None, deadline=None, max_examples=20,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                                 HealthCheck.data_too_large])
+settings.load_profile("minillava")
 
 from tests import tiny  # noqa: E402
 

@@ -101,6 +101,17 @@ BAD_UPLOADS = {
 }
 
 
+@pytest.mark.parametrize("size", [(127, 3188), (1, 100_000)])
+def test_sliver_uploads_answer_with_a_picture(session, tmp_path, size):
+    """Issue 32's images (an unpadded crop area without a column) answer on the page, under a stage
+    method and FastV (whose picture maps its kept positions onto the grid), with no message."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size, (200, 40, 40)).save(path)
+    for compressor in ("globalcom2", "fastv"):
+        answer, picture, line, message = last(demo.ask(session, str(path), QUESTION, compressor, 0.25))
+        assert message == "" and isinstance(picture, Image.Image) and "visual tokens" in line, (compressor, message)
+
+
 @pytest.mark.parametrize("name", list(BAD_UPLOADS))
 def test_bad_uploads_are_one_line_messages(session, tmp_path, name):
     data, fragment = BAD_UPLOADS[name]

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from ..trust import open_regular
-from .files import DataError, write_atomic
+from .files import JSON_ERRORS, DataError, json_problem, write_atomic
 
 
 def is_failed(record: dict) -> bool:
@@ -55,8 +55,8 @@ def read_records(path: Path, missing_ok: bool = True) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}:{number}: not a JSON line ({e}); the answers file is damaged: "
+        except JSON_ERRORS as e:
+            raise DataError(f"{path}:{number}: not a JSON line ({json_problem(e)}); the answers file is damaged: "
                             "fix or delete that line and run again") from None
         problem = record_problem(record)
         if problem:

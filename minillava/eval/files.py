@@ -17,6 +17,21 @@ class DataError(ValueError):
     """A benchmark file that is missing or malformed; str(e) is one line naming the file (and line)."""
 
 
+# What json.loads raises on text it cannot read: JSONDecodeError, UnicodeDecodeError (bytes) and an integer
+# of more digits than Python converts (ValueError), and RecursionError on nesting past the recursion limit
+# (a line of 100,000 "[": issue 32). Every reader of an evaluation file catches all of them.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
+def json_problem(error: Exception) -> str:
+    """Why json.loads refused a text, in a few words for a DataError."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at column {error.colno}"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(error).split(";")[0].split())  # a number too long; not UTF-8
+
+
 def require(path: Path, what: str) -> Path:
     """`path` if it is a regular file, else a DataError saying what was expected there.
 
@@ -49,8 +64,8 @@ def read_jsonl(path: Path, what: str = "question file") -> list[tuple[int, dict]
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not a JSON line ({e.msg} at column {e.colno})") from None
+        except JSON_ERRORS as e:
+            raise DataError(f"{path}:{number}: not a JSON line ({json_problem(e)})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         rows.append((number, row))
@@ -59,10 +74,12 @@ def read_jsonl(path: Path, what: str = "question file") -> list[tuple[int, dict]
 
 def read_json(path: Path, what: str):
     """A whole JSON document; a syntax error names its line."""
+    text = read_text(path, what)
     try:
-        return json.loads(read_text(path, what))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        return json.loads(text)
+    except JSON_ERRORS as e:
+        line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise DataError(f"{path}{line}: not valid JSON ({json_problem(e)})") from None
 
 
 def read_tsv(path: Path, what: str) -> list[tuple[int, dict]]:

@@ -31,7 +31,7 @@ from ..weights import resolve_model
 from . import distributed
 from . import efficiency as E
 from .answers import AnswerWriter, assign_keys, consolidate, is_failed, merge, part_file, part_files, read_records
-from .files import DataError, read_text, write_atomic
+from .files import JSON_ERRORS, DataError, json_problem, read_text, write_atomic
 from .tasks import TASKS, Question, Task
 
 # 8: a GPU's decode step reads the weights once for 8 rows; for 7B in float16 eight prompts of
@@ -391,8 +391,8 @@ def baseline(path: Path, task: str) -> tuple[dict, dict | None]:
         if line.lstrip().startswith("{"):
             try:
                 objects.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not a JSON line ({e.msg} at column {e.colno})") from None
+            except JSON_ERRORS as e:
+                raise DataError(f"{path}:{number}: not a JSON line ({json_problem(e)})") from None
     found = [o for o in objects if isinstance(o, dict) and o.get("task") == task]
     if not found:
         raise DataError(f"{path}: no metrics of task {task} (expected the JSON line this command prints)")
