@@ -31,6 +31,7 @@ from minillava.config import VisionConfig
 from minillava.tokenizer import build_prompt
 from minillava.trust import load_image
 from tests.test_fastv import QUESTION, deep_checkpoint, fastv_reference  # noqa: F401 (a fixture)
+from tests.test_pruning_methods import run_json
 
 # --- the transcription (FiCoCo_V.py, verbatim but for the marked lines) ----------------------------------
 
@@ -324,14 +325,6 @@ def test_the_published_settings_and_the_rule():
 
 # --- 2. end to end ------------------------------------------------------------------------------------
 
-def run_json(capsys, model_dir, image_path, *extra):
-    code = gen.main([str(a) for a in ("--model", model_dir, "--image", image_path, "--prompt", QUESTION,
-                                      "--max-new-tokens", 12, "--json", *extra)])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def reference_prompt(model, tokenizer, image_path, r):
     """The decoder input with FiCoCo-V at r, built naively: each tile through the published walk, LLaVA's
     `[:, 1:]`, the projector, the tiles' tokens in sequence (thumbnail first, crops in order)."""
@@ -359,31 +352,13 @@ def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image
     assert length % (16 - merged_per_layer(r, 16, 1)) == 0  # every tile: 1 + 16 - m tokens, less the first
 
 
-def test_r_1_is_plain_llava_next_and_what_cannot_run_refuses(capsys, deep_checkpoint, image_path):
-    ficoco = run_json(capsys, deep_checkpoint, image_path, "--compressor", "ficoco", "--retention-ratio", 1)
-    none = run_json(capsys, deep_checkpoint, image_path, "--compressor", "none")
-    assert ficoco["token_ids"] == none["token_ids"] and ficoco["visual_tokens"] == none["visual_tokens"]
+def test_what_cannot_run_refuses(capsys, deep_checkpoint, image_path):
+    """r = 1 and batches: tests/test_pruning_methods.py."""
     code = gen.main(["--model", str(deep_checkpoint), "--image", str(image_path), "--prompt", QUESTION,
                      "--compressor", "ficoco", "--retention-ratio", "0.25"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ficoco at r = 0.25 would merge 12 of 17 tokens in tower layer 1")
     assert len(err.strip().splitlines()) == 1
-
-
-def test_batch_rows_equal_their_question_alone(deep_checkpoint, image_path):
-    """generate_batch runs every image's tiles through the tower in one pass; each tile merges alone."""
-    from PIL import Image
-
-    from minillava.batch import generate_batch
-
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
-    images = [Image.open(image_path), Image.open(image_path).resize((90, 150)), Image.open(image_path).resize((200, 60))]
-    questions = [QUESTION, "What colour is it?", "Describe it."]
-    with torch.no_grad():
-        batch = generate_batch(model, tokenizer, list(zip(images, questions)), "ficoco", 0.5, max_new_tokens=5)
-        alone = [gen.generate(model, tokenizer, im, q, "ficoco", 0.5, max_new_tokens=5) for im, q in zip(images, questions)]
-    for got, want in zip(batch, alone, strict=True):
-        assert got.token_ids == want.token_ids and got.visual_tokens == want.visual_tokens
 
 
 def test_visualize_refuses_a_tower_method_in_one_line(capsys, tmp_path):

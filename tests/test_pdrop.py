@@ -11,7 +11,6 @@
    sequence renumbered, every answer token decoded at the next contiguous position.
 """
 
-import json
 from pathlib import Path
 import math
 
@@ -25,6 +24,7 @@ from minillava.config import TextConfig
 from minillava.llama import Decoder
 from minillava.schedule import Between, apply_stage
 from tests.test_fastv import QUESTION, deep_checkpoint, layer_ref, prompt_embeds, rms  # noqa: F401 (a fixture)
+from tests.test_pruning_methods import run_json
 
 IGNORE_INDEX = -100
 
@@ -319,14 +319,6 @@ def pdrop_reference(model, prompt, start, length, r, eos_id, max_new_tokens=12):
     return ids, kept[where[-1]]
 
 
-def run_json(capsys, model_dir, image_path, *extra):
-    code = gen.main([str(a) for a in ("--model", model_dir, "--image", image_path, "--prompt", QUESTION,
-                                      "--max-new-tokens", 12, "--json", *extra)])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("r", [0.5, 0.125])
 def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image_path, r):
     """The 4-layer tiny model: stages before layers 1, 2, 3."""
@@ -340,20 +332,9 @@ def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image
     assert sum(start <= k < start + length for k in kept) == result["visual_tokens"]["after"]
 
 
-def test_r_1_is_plain_llava_next_and_shallow_decoders_refuse(capsys, deep_checkpoint, checkpoints, image_path):
-    pdrop = run_json(capsys, deep_checkpoint, image_path, "--compressor", "pdrop", "--retention-ratio", 1)
-    none = run_json(capsys, deep_checkpoint, image_path, "--compressor", "none")
-    assert pdrop["token_ids"] == none["token_ids"] and pdrop["visual_tokens"] == none["visual_tokens"]
-    code = gen.main(["--model", str(checkpoints["hub"]), "--image", str(image_path), "--prompt", QUESTION,
-                     "--compressor", "pdrop"])  # 2 decoder layers
-    err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: pdrop prunes before three distinct decoder layers")
-    assert len(err.strip().splitlines()) == 1
-
-
-def test_batch_rows_equal_their_question_alone_and_the_flops_count_every_stage(deep_checkpoint, image_path):
-    """generate_batch decodes pdrop rows one by one (as FastV's), each as alone; the efficiency count of a
-    question sums each layer at what its stage left it (layers 0 | 1 | 2 | 3 at N | N r^(1/3) | ...)."""
+def test_the_flops_count_every_stage(deep_checkpoint, image_path):
+    """The efficiency count of a question sums each layer at what its stage left it (layers 0 | 1 | 2 | 3
+    at N | N r^(1/3) | ...); r = 1 and batches: tests/test_pruning_methods.py."""
     from PIL import Image
 
     from minillava.batch import generate_batch
@@ -361,15 +342,10 @@ def test_batch_rows_equal_their_question_alone_and_the_flops_count_every_stage(d
     from minillava.flops import LlmSpec, layered_prefill_flops
 
     model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
-    images = [Image.open(image_path), Image.open(image_path).resize((90, 150)), Image.open(image_path).resize((200, 60))]
-    questions = [QUESTION, "What colour is it?", "Describe it."]
     with torch.no_grad():
-        batch = generate_batch(model, tokenizer, list(zip(images, questions)), "pdrop", 0.25, max_new_tokens=5)
-        alone = [gen.generate(model, tokenizer, im, q, "pdrop", 0.25, max_new_tokens=5) for im, q in zip(images, questions)]
-    for got, want in zip(batch, alone, strict=True):
-        assert got.token_ids == want.token_ids and got.visual_tokens == want.visual_tokens
+        # generate_batch's Result: it carries the timings the count reads (own_prefill, first_token)
+        (result,) = generate_batch(model, tokenizer, [(Image.open(image_path), QUESTION)], "pdrop", 0.25, max_new_tokens=2)
     spec = LlmSpec.from_text("tiny", model.cfg.text)
-    result = batch[0]
     n, ratios = result.visual_tokens["before"], stage_ratios(0.25)
     cost = E.question_cost(result, 30, spec, "pdrop", 0.25)
     assert cost.prefill_flops == layered_prefill_flops(spec, [30 + int(n * x) for x in ratios])

@@ -11,7 +11,6 @@ tag v1.5).
    full attention maps) applying the published rule at the published places (scaled to 4 layers).
 """
 
-import json
 import math
 
 import pytest
@@ -24,7 +23,8 @@ from minillava.config import TextConfig
 from minillava.llama import Decoder
 from minillava.schedule import Between, apply_stage
 from tests.test_fastv import QUESTION, deep_checkpoint, layer_ref, prompt_embeds, rms  # noqa: F401 (a fixture)
-from tests.test_pdrop import LlamaRotaryEmbedding, apply_rotary_pos_emb, run_json
+from tests.test_pdrop import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from tests.test_pruning_methods import run_json
 
 # --- the transcription ------------------------------------------------------------------------------------
 
@@ -382,18 +382,9 @@ def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image
     assert result["visual_tokens"] == {"before": length, "after": last}
 
 
-def test_r_1_is_plain_llava_next_and_shallow_decoders_refuse(capsys, deep_checkpoint, checkpoints, image_path):
-    sparse = run_json(capsys, deep_checkpoint, image_path, "--compressor", "sparsevlm", "--retention-ratio", 1)
-    none = run_json(capsys, deep_checkpoint, image_path, "--compressor", "none")
-    assert sparse["token_ids"] == none["token_ids"] and sparse["visual_tokens"] == none["visual_tokens"]
-    code = gen.main(["--model", str(checkpoints["hub"]), "--image", str(image_path), "--prompt", QUESTION,
-                     "--compressor", "sparsevlm"])  # 2 decoder layers
-    err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: sparsevlm prunes after three distinct decoder layers")
-    assert len(err.strip().splitlines()) == 1
-
-
-def test_batch_rows_equal_their_question_alone_and_the_flops_count_every_stage(deep_checkpoint, image_path):
+def test_the_flops_count_every_stage_and_its_added_tokens(deep_checkpoint, image_path):
+    """Each layer counted at the tokens its stage left (kept and recycled); r = 1 and batches:
+    tests/test_pruning_methods.py."""
     from PIL import Image
 
     from minillava.batch import generate_batch
@@ -401,18 +392,13 @@ def test_batch_rows_equal_their_question_alone_and_the_flops_count_every_stage(d
     from minillava.flops import LlmSpec, layered_prefill_flops
 
     model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
-    images = [Image.open(image_path), Image.open(image_path).resize((90, 150)), Image.open(image_path).resize((200, 60))]
-    questions = [QUESTION, "What colour is it?", "Describe it."]
     with torch.no_grad():
-        batch = generate_batch(model, tokenizer, list(zip(images, questions)), "sparsevlm", 0.25, max_new_tokens=5)
-        alone = [gen.generate(model, tokenizer, im, q, "sparsevlm", 0.25, max_new_tokens=5)
-                 for im, q in zip(images, questions)]
-    for got, want in zip(batch, alone, strict=True):
-        assert got.token_ids == want.token_ids and got.visual_tokens == want.visual_tokens
+        # generate_batch's Result: it carries the timings the count reads (own_prefill, first_token)
+        (result,) = generate_batch(model, tokenizer, [(Image.open(image_path), QUESTION)], "sparsevlm", 0.25, max_new_tokens=2)
     spec = LlmSpec.from_text("tiny", model.cfg.text)
-    n = batch[0].visual_tokens["before"]
+    n = result.visual_tokens["before"]
     stages = sparsevlm_schedule(0, n, 0.25, 4)
     per = [n] + [s.keep_count + s.clusters for s in stages]  # layers 0 | 1 | 2 | 3
-    assert batch[0].visual_tokens["after"] == per[-1]
-    assert E.question_cost(batch[0], 30, spec, "sparsevlm", 0.25).prefill_flops == layered_prefill_flops(
+    assert result.visual_tokens["after"] == per[-1]
+    assert E.question_cost(result, 30, spec, "sparsevlm", 0.25).prefill_flops == layered_prefill_flops(
         spec, [30 + c for c in per])
