@@ -1,0 +1,143 @@
+"""The refusals of the Python API that no CLI path produces (issue 32, the coverage audit): each guards a
+contract of a public function (`globalcom2.compress_image`, a method's schedule, the tower, the decoder,
+the tiler) against a caller's mistake, and is checked here directly: the call is refused with a
+ValueError (or the error its docstring names) that says what is wrong, instead of a wrong answer or an
+error from deep inside torch. The CLI and the property tests (tests/test_props_*.py) never get there:
+they build these inputs correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from PIL import Image, ImageFont
+
+import globalcom2
+from globalcom2 import compress_image, visualize as vis
+from globalcom2.fastv import FastV
+from globalcom2.pdrop import stage_ratios
+from globalcom2.probes import hidden_states_needed
+from globalcom2.scoring import region_sums
+from globalcom2.scores import tile_scores
+from globalcom2.sparsevlm import stage_shares
+from tests.peers_cases import peer_case
+from tests.test_globalcom2 import hand_image
+from tests.test_visualize import fake_result
+
+BAD_RATIOS = (0.0, -0.1, 1.5, math.nan)
+
+
+# --- globalcom2.compress_image ----------------------------------------------------------------------------
+
+def test_scales_only_for_the_methods_that_have_crop_ratios():
+    image, _ = peer_case((2, 2), (100, 60), 4, 0)
+    with pytest.raises(ValueError, match="scales do not apply to method 'fastervlm'"):
+        compress_image(image, "fastervlm", 0.5, scales=[1.0] * 4)
+    with pytest.raises(ValueError, match="scales do not apply to method 'none'"):
+        compress_image(hand_image(), "none", 1.0, scales=[1.0] * 4)
+    with pytest.raises(ValueError, match=r"scales must have one value per crop \(4\), got 3"):
+        compress_image(hand_image(), "globalcom2", 0.5, scales=[1.0] * 3)
+
+
+def test_peer_probes_must_fit_the_grid():
+    image, _ = peer_case((2, 2), (100, 60), 4, 0)
+    image.probes = {**image.probes, ("cls_attn", -2): image.probes["cls_attn", -2][:3]}  # a tile short
+    with pytest.raises(ValueError, match=r"probes must be \(1 \+ 4 tiles, \.\.\., 1 \+ 16 tokens"):
+        compress_image(image, "fastervlm", 0.5)
+
+
+def test_prumerge_needs_the_projector():
+    image, _ = peer_case((2, 2), (100, 60), 4, 0)
+    image.project = None
+    with pytest.raises(ValueError, match="ImageFeatures.project must be given"):
+        compress_image(image, "prumerge+", 0.5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": (0, 2)}, r"grid \(0, 2\) and size .* must be positive"),
+    ({"size": (100, 0)}, r"must be positive"),
+    ({"thumb": torch.zeros(16)}, r"thumb must be \(P, D\), got \(16,\)"),
+    ({"thumb": torch.zeros(15, 3)}, "thumbnail token count 15 is not a square"),
+    ({"area": (0, 9, 0, 8)}, r"unpadded area \(0, 9, 0, 8\) is not a rectangle inside the 8 x 8 crop grid"),
+    ({"area": (3, 2, 0, 8)}, "is not a rectangle"),
+])
+def test_image_shapes_are_checked(change, message):
+    with pytest.raises(ValueError, match=message):
+        compress_image(dataclasses.replace(hand_image(), **change), "globalcom2", 0.5)
+
+
+def test_given_scores_must_be_finite():
+    """A NaN in the thumbnail's scores would make every crop's budget NaN (int(NaN) raises deep in numpy)."""
+    image = hand_image()
+    image.thumb_scores = image.thumb_scores.clone()
+    image.thumb_scores[3] = math.nan
+    with pytest.raises(ValueError, match="thumbnail \\[CLS\\] scores contain NaN or inf"):
+        compress_image(image, "globalcom2", 0.5)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        region_sums(torch.tensor([0.0, 1.0, math.inf, 2.0]), (2, 2))
+
+
+def test_a_score_needs_its_probe():
+    image, _ = peer_case((2, 2), (100, 60), 4, 0)
+    image.thumb_scores = image.crop_scores = None  # computed from the probes, which lack layer -1's logits
+    with pytest.raises(ValueError, match=r"score 'cls_logits' needs the tower probe \('cls_logits', -1\)"):
+        compress_image(image, "globalcom2", 0.5)
+    with pytest.raises(ValueError, match="needs the tower probe"):
+        tile_scores({}, "similarity", True)
+
+
+def test_features_probe_is_layer_0_only():
+    assert hidden_states_needed((("features", 0),), 4) == (3,)  # hidden state -2 of 0 .. 4
+    with pytest.raises(ValueError, match=r"the features probe is \('features', 0\), got \('features', -1\)"):
+        hidden_states_needed((("features", -1),), 4)
+
+
+# --- the methods that prune elsewhere: their ratio and name -----------------------------------------------
+
+@pytest.mark.parametrize("ratio", BAD_RATIOS)
+def test_schedule_ratios_are_checked(ratio):
+    for call in (lambda: FastV.from_ratio(5, 20, ratio), lambda: stage_ratios(ratio), lambda: stage_shares(ratio)):
+        with pytest.raises(ValueError, match=r"retention ratio must be in \(0, 1\]"):
+            call()
+
+
+def test_sparsevlm_shares_end_at_one():
+    """The last segment of the piecewise-linear shares reaches (1, 1): r = 1 keeps everything."""
+    assert stage_shares(1.0) == [1.0, 1.0, 1.0]
+    assert stage_shares(64 / 576) == pytest.approx([66 / 576, 30 / 576, 17 / 576])
+
+
+def test_unknown_method_names_every_method():
+    with pytest.raises(ValueError) as error:
+        globalcom2.method("fastw")
+    assert all(name in str(error.value) for name in globalcom2.METHODS)
+
+
+# --- globalcom2.visualize ---------------------------------------------------------------------------------
+
+def test_font_falls_back_to_the_bitmap_font(monkeypatch):
+    """Pillow < 10.1 has no `size` argument (TypeError); without FreeType a sized font fails (OSError)."""
+    bitmap = ImageFont.load_default()
+    calls = []
+
+    def old_pillow(size=None):
+        calls.append(size)
+        if size is not None:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return bitmap
+
+    monkeypatch.setattr(ImageFont, "load_default", old_pillow)
+    assert vis.font(14) is bitmap and calls == [14, None]
+
+
+def test_draw_refuses_inputs_of_another_grid():
+    grid, size, side, tile = (2, 2), (112, 112), 4, 56
+    scores, result, kw = fake_result(grid, size, side)
+    picture = Image.new("RGB", size)
+    with pytest.raises(ValueError, match=r"crop masks of shape \(8, 8\) do not fit grid \(3, 2\)"):
+        vis.draw(picture, (3, 2), size, tile, scores, result, "globalcom2", 0.25, **kw)
+    with pytest.raises(ValueError, match="15 thumbnail scores for 16 tokens per tile"):
+        vis.draw(picture, grid, size, tile, scores[:15], result, "globalcom2", 0.25, **kw)
