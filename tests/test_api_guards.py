@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,3 +142,71 @@ def test_draw_refuses_inputs_of_another_grid():
         vis.draw(picture, (3, 2), size, tile, scores, result, "globalcom2", 0.25, **kw)
     with pytest.raises(ValueError, match="15 thumbnail scores for 16 tokens per tile"):
         vis.draw(picture, grid, size, tile, scores[:15], result, "globalcom2", 0.25, **kw)
+
+
+# --- minillava: the tower, the tiler, the layout, the decoder, the batch engine ---------------------------
+
+@pytest.fixture(scope="module")
+def shipped():
+    from minillava import generate as gen
+
+    return gen.load(gen.DEFAULT_MODEL)
+
+
+def test_tower_contracts(shipped):
+    from minillava.clip import Tower
+    from minillava.model import TOWERS
+
+    model, _ = shipped
+    cfg = model.cfg.vision
+    with pytest.raises(ValueError, match=r"vision hidden_act 'swish' is not supported \("):
+        TOWERS[cfg.model_type](dataclasses.replace(cfg, hidden_act="swish"))
+    with pytest.raises(NotImplementedError):  # the base class's: each tower (CLIP, SigLIP) embeds its own way
+        Tower.embed(model.vision, torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+    n = len(model.vision.encoder.layers)
+    with pytest.raises(ValueError, match=rf"hidden states \(-2, {n + 1}\) asked of a tower with {n} layers"):
+        model.vision(torch.zeros(1, 3, cfg.image_size, cfg.image_size), (-2, n + 1))
+    siglip = TOWERS["siglip"](dataclasses.replace(cfg, model_type="siglip", hidden_act="gelu_pytorch_tanh"))
+    with pytest.raises(ValueError, match="a siglip tower has no \\[CLS\\] token, so no \\[CLS\\] query to read"):
+        siglip.query_key(-1, torch.zeros(1, 4, cfg.hidden_size))
+
+
+def test_tiler_contracts():
+    from minillava.anyres import select_best_resolution, tile_image
+
+    with pytest.raises(ValueError, match=r"no usable pinpoint for an image of size \(10, 10\) among \[\]"):
+        select_best_resolution((10, 10), [])
+    with pytest.raises(ValueError, match="cannot tile an empty image of size 0x5"):
+        tile_image(Image.new("RGB", (0, 5)), [(56, 56)], 56, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_layout_and_schedule_contracts():
+    from minillava.layout import pack
+    from minillava.schedule import check_schedule
+
+    grid, newline = torch.zeros(4, 4, 2), torch.zeros(2)
+    with pytest.raises(ValueError, match="a kept subset is packed at full resolution: pass size only without keep"):
+        pack(torch.zeros(1, 2), grid, (0, 4, 0, 4), newline, keep=torch.ones(4, 4, dtype=torch.bool), size=(2, 2))
+    inside = SimpleNamespace(layer=1, inside=True)
+    check_schedule([inside], 4, inside=True)  # the tower's
+    with pytest.raises(ValueError, match="a stage inside a layer .* is the tower's only"):
+        check_schedule([inside], 4)
+
+
+def test_decoder_and_model_contracts(shipped):
+    from minillava import batch, llama
+
+    model, tokenizer = shipped
+    assert llama.same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not llama.same_device(torch.device("cpu"), torch.device("cuda", 0))
+    assert llama.same_device(torch.device("cuda", 1), torch.device("cuda", 1))  # both indexed: torch.cuda is not asked
+    assert not llama.same_device(torch.device("cuda", 0), torch.device("cuda", 1))
+    fresh = llama.Decoder(model.cfg.text)
+    fresh.setup_rope(8)  # RoPE for full-sequence passes (training), no KV cache
+    x = torch.zeros(1, 1, model.cfg.text.hidden_size)
+    with pytest.raises(RuntimeError, match="decoding past the prompt needs a KV cache: call Decoder.setup_cache first"):
+        fresh(x, torch.tensor([3]))
+    with pytest.raises(ValueError, match="2 text chunks for 0 images: expected one more chunk than images"):
+        model.prompt_embeds([[1], [2]], [])
+    with pytest.raises(ValueError, match="2 max_new_tokens for 1 items"):
+        batch.generate_batch(model, tokenizer, [(Image.new("RGB", (8, 8)), "?")], "none", 1.0, [4, 4])
