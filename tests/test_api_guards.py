@@ -210,3 +210,54 @@ def test_decoder_and_model_contracts(shipped):
         model.prompt_embeds([[1], [2]], [])
     with pytest.raises(ValueError, match="2 max_new_tokens for 1 items"):
         batch.generate_batch(model, tokenizer, [(Image.new("RGB", (8, 8)), "?")], "none", 1.0, [4, 4])
+
+
+# --- minillava.trust: the races and disk failures a test has to stage -------------------------------------
+
+def test_file_races_and_failures(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from minillava import trust
+    from minillava.trust import ConfigError, WeightsError
+
+    small = tmp_path / "config.json"
+    small.write_bytes(b"{}" * 8)
+    with pytest.raises(ConfigError, match=r"config.json: 16 bytes, more than the 10 such a file can sensibly have"):
+        trust.read_regular(small, 10)
+    with pytest.raises(WeightsError, match=r"changed while loading \(16 bytes, its header said 20\)"):
+        trust.map_file(small, 20)
+    loop = tmp_path / "model.safetensors"
+    loop.symlink_to(loop)
+    with pytest.raises(WeightsError, match="model.safetensors: cannot resolve it"):
+        trust.inside(tmp_path, "model.safetensors", "the index")
+
+    # between open_regular's check and its open, the file goes, or a folder takes its place
+    checked = trust.check_regular
+    monkeypatch.setattr(trust, "check_regular", lambda path, error, what: None)
+    with pytest.raises(ConfigError, match=r"cannot open file .*gone.json: No such file or directory"):
+        trust.open_regular(tmp_path / "gone.json")
+    with pytest.raises(ConfigError, match=r"file .*: not a regular file but a directory"):
+        trust.open_regular(tmp_path)
+    monkeypatch.setattr(trust, "check_regular", checked)
+
+    class FailingDisk:  # the read fails after a good open (EIO: a bad sector, a network file system gone)
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def read(self, n):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    opened = trust.open_regular
+    monkeypatch.setattr(trust, "open_regular", lambda path, error: FailingDisk(opened(path, error)))
+    with pytest.raises(ConfigError, match=r"config.json: cannot read it \(Input/output error\)"):
+        trust.read_regular(small, 100)
