@@ -225,6 +225,8 @@ def test_file_races_and_failures(tmp_path, monkeypatch):
     small.write_bytes(b"{}" * 8)
     with pytest.raises(ConfigError, match=r"config.json: 16 bytes, more than the 10 such a file can sensibly have"):
         trust.read_regular(small, 10)
+    assert trust.map_file(small, 16)[:] == b"{}" * 8
+    # a file that changed since its header was read (issue 32's audit: this raised "mmap closed or invalid")
     with pytest.raises(WeightsError, match=r"changed while loading \(16 bytes, its header said 20\)"):
         trust.map_file(small, 20)
     loop = tmp_path / "model.safetensors"
