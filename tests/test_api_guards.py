@@ -263,3 +263,34 @@ def test_file_races_and_failures(tmp_path, monkeypatch):
     monkeypatch.setattr(trust, "open_regular", lambda path, error: FailingDisk(opened(path, error)))
     with pytest.raises(ConfigError, match=r"config.json: cannot read it \(Input/output error\)"):
         trust.read_regular(small, 100)
+
+
+# --- minillava.tokenizer: Qwen2's byte-level BPE (OneVision) and tokenizer_config.json --------------------
+
+def test_byte_bpe_tokenizer(tmp_path):
+    from minillava.tokenizer import ByteBPETokenizer, PromptError, read_added_tokens
+    from minillava.trust import WeightsError
+    from tests import tiny
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = tiny.train_qwen_tokenizer(tmp_path / "tokenizer.json")
+    hf = HFTokenizer.from_file(str(path))
+    hf.add_tokens(["<image>"])  # an added token that is not special, as transformers' <image> placeholder
+    hf.save(str(path))
+    tok = ByteBPETokenizer(path)
+    image = hf.token_to_id("<image>")
+    piece = next(p for p in tok.full.get_vocab() if p.isalpha() and len(p) > 1)  # a BPE piece, not an added token
+    assert tok.token_id(piece) == tok.full.token_to_id(piece) and tok.token_id("<image>") == image
+    assert tok.token_id("no such piece") is None
+    with pytest.raises(PromptError, match=r"the prompt has an unpaired surrogate \\udc80 at character 3, which is not text"):
+        tok.encode("abc\udc80")
+    # an added token that is not special (tokenizer_config.json's <image>) decodes to its text, a special one to nothing
+    im_start = tok.token_id("<|im_start|>")
+    assert tok.decode([*tok.encode("a b"), image, im_start]) == "a b<image>"
+    with pytest.raises(NotImplementedError, match="use encode_question"):
+        tok.encode_prompt("USER: <image>\nhi")
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text('{"added_tokens_decoder": {"x1": {"content": "<a>"}}}')
+    with pytest.raises(WeightsError, match="added_tokens_decoder entry 'x1' is not an id -> token object"):
+        read_added_tokens(tmp_path)
