@@ -294,3 +294,26 @@ def test_byte_bpe_tokenizer(tmp_path):
     config.write_text('{"added_tokens_decoder": {"x1": {"content": "<a>"}}}')
     with pytest.raises(WeightsError, match="added_tokens_decoder entry 'x1' is not an id -> token object"):
         read_added_tokens(tmp_path)
+
+
+# --- minillava.conversation: which template a checkpoint is asked in --------------------------------------
+
+def test_template_evidence(tmp_path):
+    from minillava.conversation import chat_template_text, choose_template, template_from_name
+    from minillava.trust import ConfigError
+
+    # run_llava.py's name rule, on the folder's name (parent_name for a checkpoint-N folder)
+    names = {"llava-llama-2-13b-chat": None, "llava-v1.6-34b": "chatml_direct", "llava-v1.6-mistral-7b": "mistral_instruct",
+             "llava-v1.6-vicuna-7b": "llava_v1", "something-else": None}
+    assert {n: template_from_name(tmp_path / n) for n in names} == names
+    assert template_from_name(tmp_path / "llava-v1.6-34b-run" / "checkpoint-200") == "chatml_direct"
+    # tokenizer_config.json may hold a list of named templates: all of them are read
+    model = tmp_path / "llava-v1.6-vicuna-7b"
+    model.mkdir()
+    (model / "tokenizer_config.json").write_text(
+        '{"chat_template": [{"name": "default", "template": "A chat between a curious user ... USER: x ASSISTANT:"}, 3]}')
+    assert chat_template_text(model) == "A chat between a curious user ... USER: x ASSISTANT:"
+    # its chat template says vicuna_v1, its name and its decoder llava_v1: one family, the chat template's wins
+    assert choose_template(model, "original", "llama", 32000, False).name == "vicuna_v1"
+    with pytest.raises(ConfigError, match="--conv-template 'vicuna' is not a template; choose one of "):
+        choose_template(model, "original", "llama", 32000, False, override="vicuna")
