@@ -317,3 +317,23 @@ def test_template_evidence(tmp_path):
     assert choose_template(model, "original", "llama", 32000, False).name == "vicuna_v1"
     with pytest.raises(ConfigError, match="--conv-template 'vicuna' is not a template; choose one of "):
         choose_template(model, "original", "llama", 32000, False, override="vicuna")
+
+
+def test_checkpoint_keys(tmp_path):
+    """Buffers some checkpoints carry (position_ids, rotary_emb.inv_freq) are skipped; one weight saved
+    under two layouts' names (a file merged from two conversions) is refused rather than one picked."""
+    from safetensors.torch import save_file
+
+    from minillava.trust import WeightsError
+    from minillava.weights import read_layout
+
+    path = tmp_path / "model.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2),
+               "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(1)}, path)
+    assert list(read_layout([path])) == ["llm.embed_tokens.weight"]
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2), "language_model.model.embed_tokens.weight": torch.zeros(2, 2)},
+              path)
+    with pytest.raises(WeightsError, match=r"'model.embed_tokens.weight' in model.safetensors duplicates "
+                       r"'language_model.model.embed_tokens.weight'|'language_model.model.embed_tokens.weight' in "
+                       r"model.safetensors duplicates 'model.embed_tokens.weight'"):
+        read_layout([path])
