@@ -1,9 +1,13 @@
-"""The refusals of the Python API that no CLI path produces (issue 32, the coverage audit): each guards a
-contract of a public function (`globalcom2.compress_image`, a method's schedule, the tower, the decoder,
-the tiler) against a caller's mistake, and is checked here directly: the call is refused with a
-ValueError (or the error its docstring names) that says what is wrong, instead of a wrong answer or an
-error from deep inside torch. The CLI and the property tests (tests/test_props_*.py) never get there:
-they build these inputs correctly.
+"""What the coverage audit of issue 32 found untested, tested directly (one section per module):
+
+- the refusals of the Python API that no CLI path produces: each guards a contract of a public function
+  (`globalcom2.compress_image`, a method's schedule, the tower, the decoder, the tiler, the batch
+  engine) against a caller's mistake, with a ValueError (or the error its docstring names) that says
+  what is wrong, instead of a wrong answer or an error from deep inside torch. The CLI and the property
+  tests (tests/test_props_*.py) never get there: they build these inputs correctly;
+- what a checkpoint or the file system can do that the hand-made checkpoints never did: races and
+  disk failures staged (minillava/trust.py), Qwen2's tokenizer paths, tokenizer_config.json's and the
+  chat template's less common forms, keys saved twice.
 """
 
 from __future__ import annotations
