@@ -78,11 +78,11 @@ def stage_shares(ratio: float) -> list[float]:
         raise ValueError(f"retention ratio must be in (0, 1], got {ratio!r}")
     points = [(0.0, (0.0, 0.0, 0.0))] + [(n / 576, tuple(b / 576 for b in PUBLISHED[n])) for n in (64, 128, 192)]
     points.append((1.0, (1.0, 1.0, 1.0)))
-    for (r0, b0), (r1, b1) in zip(points, points[1:]):
-        if ratio <= r1:
-            w = (ratio - r0) / (r1 - r0)
-            return [x0 + w * (x1 - x0) for x0, x1 in zip(b0, b1)]
-    raise AssertionError("unreachable")
+    for (r0, b0), (r1, b1) in zip(points, points[1:]):  # pragma: no branch (never exhausted: see below)
+        if ratio <= r1:  # the last segment ends at r = 1, so every checked ratio stops in one
+            break
+    w = (ratio - r0) / (r1 - r0)
+    return [x0 + w * (x1 - x0) for x0, x1 in zip(b0, b1)]
 
 
 def stage_budgets(length: int, ratio: float) -> list[int]:

@@ -120,15 +120,15 @@ def _shade(
         yy, xx = np.mgrid[:h, :w]
         light = ((xx + yy) // stripe) % 2 == 0
         px[pad & light], px[pad & ~light] = HATCH
-    if outline:  # a light rim inside kept cells where they meet dropped ones: kept dark cells stay readable
-        kept = ~dropped
-        inner = kept.copy()
-        for s in range(1, outline + 1):
-            inner[s:] &= kept[:-s]
-            inner[:-s] &= kept[s:]
-            inner[:, s:] &= kept[:, :-s]
-            inner[:, :-s] &= kept[:, s:]
-        px[kept & ~inner] = KEPT_RIM
+    # a light rim inside kept cells where they meet dropped ones: kept dark cells stay readable (outline 0: none)
+    kept = ~dropped
+    inner = kept.copy()
+    for s in range(1, outline + 1):
+        inner[s:] &= kept[:-s]
+        inner[:-s] &= kept[s:]
+        inner[:, s:] &= kept[:, :-s]
+        inner[:, :-s] &= kept[:, s:]
+    px[kept & ~inner] = KEPT_RIM
     for edge in _edges(h, keep.shape[0]):
         px[edge] = px[edge] * (1 - GRID_ALPHA) + 255 * GRID_ALPHA
     for edge in _edges(w, keep.shape[1]):

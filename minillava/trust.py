@@ -417,7 +417,7 @@ def map_file(path: Path, size: int) -> mmap.mmap:
     `size` is the length its header was checked against: a file changed since is refused."""
     with open_regular(path, WeightsError) as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    if len(mm) != size:
+    if (got := len(mm)) != size:  # its length read before the close: a closed map has none
         mm.close()
-        raise WeightsError(f"{path}: changed while loading ({len(mm)} bytes, its header said {size})")
+        raise WeightsError(f"{path}: changed while loading ({got} bytes, its header said {size})")
     return mm

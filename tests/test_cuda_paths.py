@@ -386,3 +386,43 @@ def test_warm_up_runs_the_shapes_the_answers_run():
             gen.generate(model, tok, *items[0], "globalcom2", 0.25, 128, steps=recording_steps(real))
         assert set(real) <= set(warm), set(real) - set(warm)
         assert {s[-1] for s in real} == {512}
+
+
+# --- what a CUDA run synchronises and measures (the coverage audit, issue 32) -----------------------------
+
+def test_timings_and_peaks_synchronise_the_gpu(monkeypatch):
+    """On CUDA the phase timings wait for the GPU (generate._sync) and the eval's Meter reads the GPU's
+    peak allocated and reserved memory after a sync, from a peak reset at its start, on the model's GPU."""
+    from minillava.eval import efficiency as E
+
+    gpu, calls = torch.device("cuda", 1), []
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda d, name=name: calls.append((name, d)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: calls.append(("allocated", d)) or 3 * E.MIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: calls.append(("reserved", d)) or 5 * E.MIB)
+    gen._sync(gpu)
+    assert calls == [("synchronize", gpu)]
+    meter = E.Meter(gpu)
+    peaks = meter.stop()
+    assert calls[1:] == [("synchronize", gpu), ("reset_peak_memory_stats", gpu), ("synchronize", gpu),
+                         ("allocated", gpu), ("reserved", gpu)]
+    assert (peaks["peak_allocated_mib"], peaks["peak_reserved_mib"]) == (3.0, 5.0) and peaks["wall_s"] >= 0
+
+
+def test_peak_rss_without_proc(monkeypatch):
+    """Where /proc cannot be written or read (macOS, a locked-down container) the CPU peak is getrusage's:
+    kB on Linux, bytes on macOS; the reset is then a no-op."""
+    import resource
+    import sys
+    from pathlib import Path
+
+    from minillava.eval import efficiency as E
+
+    def no_proc(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_text", no_proc)
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    E.reset_peak_rss()
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert E.peak_rss_bytes() >= usage * (1 if sys.platform == "darwin" else 1024)

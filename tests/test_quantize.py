@@ -457,3 +457,22 @@ def test_readme_memory_columns_of_the_7b():
                 quant.swap_linears(model, spec)
         sizes.append(round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9, 1))
     assert sizes == [14.1, 7.5, 4.4]
+
+
+def test_a_failed_write_leaves_nothing(hub, tmp_path, capsys, monkeypatch):
+    """The disk full (or removed) while writing, or a folder this user may not write in: one error line,
+    and neither the output nor the temporary folder beside it is left."""
+    from minillava.apps import quantize as app
+
+    def disk_full(path, plan):
+        path.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(app, "write_safetensors", disk_full)
+    code, out, err = cli(capsys, "minillava.apps.quantize", "--model", str(hub), "--out", str(tmp_path / "q"), "--bits", "8")
+    assert (code, out) == (1, "") and err.strip().splitlines() == [f"error: cannot write {tmp_path / 'q'}: No space left on device"]
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(app.os, "access", lambda path, mode: False)
+    code, out, err = cli(capsys, "minillava.apps.quantize", "--model", str(hub), "--out", str(tmp_path / "q"), "--bits", "8")
+    assert code == 1 and err.strip().splitlines() == [f"error: --out {tmp_path / 'q'}: no permission to write in {tmp_path}"]
+    assert list(tmp_path.iterdir()) == []

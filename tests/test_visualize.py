@@ -157,6 +157,10 @@ def test_bad_inputs(capsys, checkpoints, image_path, tmp_path):
                             (tmp_path / "kept.jpg", ".png")]:
         code, _, err = run_cli(capsys, "--model", model, "--image", image_path, "--out", bad_out)
         one_error_line(code, err, "--out", needle)
+    with pytest.MonkeyPatch.context() as m:  # a folder this user may not write in (root may write anywhere)
+        m.setattr(cli.os, "access", lambda path, mode: False)
+        code, _, err = run_cli(capsys, "--model", model, "--image", image_path, "--out", out)
+        one_error_line(code, err, "--out", "no permission to write there")
     assert not out.exists()
     for ratio in ("0", "1.5", "nan"):
         with pytest.raises(SystemExit) as e:
