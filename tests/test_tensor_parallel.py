@@ -39,9 +39,9 @@ def cases(tmp_path_factory, tokenizer_path):
         root / "mistral", "hub", tokenizer_path)
     qwen = tiny.save_ov_checkpoint(tiny.ov_hf_model(seed=4, layers=4), root / "qwen2", "hub",
                                    tiny.train_qwen_tokenizer(root / "tokenizer.json"))
-    return [{"name": "llama", "model": str(llama), "compressors": METHODS, "quantize": None},
-            {"name": "mistral-mqa", "model": str(mistral), "compressors": METHODS, "quantize": None},
-            {"name": "qwen2", "model": str(qwen), "compressors": METHODS, "quantize": None},
+    return [{"name": "llama", "model": str(llama), "compressors": METHODS, "quantize": None, "batch": ["none", "fastv"]},
+            {"name": "mistral-mqa", "model": str(mistral), "compressors": METHODS, "quantize": None, "batch": ["fastv"]},
+            {"name": "qwen2", "model": str(qwen), "compressors": METHODS, "quantize": None, "batch": ["globalcom2", "pdrop"]},
             {"name": "llama-int8", "model": str(llama), "compressors": ["none", "fastv"], "quantize": "int8"},
             {"name": "llama-int4", "model": str(llama), "compressors": ["none"], "quantize": "int4"}]
 
@@ -71,6 +71,34 @@ def test_two_ranks_give_one_process_s_ids_and_logits(reports):
         assert r["logit_diff"] <= TOL, (key, r["logit_diff"])
         assert len(r["ids"]) == 8 or r["ids"][-1] in (2, tiny.OV_BPE + 2), key
     print({k: f"{r['logit_diff']:.1e}" for k, r in rank0.items()})
+
+
+def test_a_batch_on_two_ranks_gives_one_process_s_ids_and_logits(reports):
+    """generate_batch (three questions, two tile grids, unequal prompts: left padding, per-row positions)."""
+    rank0, rank1 = reports
+    batched = [key for key, r in rank0.items() if "batch_ids" in r]
+    assert len(batched) == 5
+    for key in batched:
+        r = rank0[key]
+        assert r["tp_batch_ids"] == r["batch_ids"] == rank1[key]["tp_batch_ids"], key
+        assert r["batch_logit_diff"] <= TOL, (key, r["batch_logit_diff"])
+    print({k: f"{rank0[k]['batch_logit_diff']:.1e}" for k in batched})
+
+
+@pytest.mark.slow
+def test_compiled_steps_on_two_ranks_give_eager_ids(cases, tmp_path, image_path):
+    """--compile with --tensor-parallel: the all-reduce hooks and FastV's gather (functional collectives) trace
+    into the compiled prefill and the fullgraph decode step on gloo; ids equal to eager and to one process
+    (about 3 minutes on 2 shared cores, most of it compiling)."""
+    (tmp_path / "cases.json").write_text(json.dumps([{**cases[0], "compressors": ["none", "fastv"], "compile": True}]))
+    done = torchrun(2, ROOT / "tests" / "tp_worker.py", tmp_path / "cases.json", image_path, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        for key, r in json.loads((tmp_path / f"rank{rank}.json").read_text()).items():
+            assert r["compiled_ids"] == r["tp_ids"] == r["ids"], (rank, key)
+            assert r["compiled_logit_diff"] <= TOL and r["compiled_vs_eager_diff"] <= TOL, (rank, key, r)
+            print(rank, key, f"compiled vs one process {r['compiled_logit_diff']:.1e}, "
+                  f"vs eager parts {r['compiled_vs_eager_diff']:.1e}")
 
 
 def test_each_rank_holds_its_heads_and_about_half_the_decoder(reports):
