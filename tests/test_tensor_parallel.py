@@ -24,26 +24,15 @@ from minillava.quant import Spec
 from minillava.tensor_parallel import Shard
 from tests import tiny
 from tests.test_eval import pope_images, run_pope, untimed  # noqa: F401 (pope_images: a fixture)
+from tests.tp_worker import METHODS, build_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5  # float32 logits: the all-reduce sums the two ranks' partial o_proj / down_proj products in another order
-METHODS = ["none", "globalcom2", "fastv", "pdrop"]
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory, tokenizer_path):
-    root = tmp_path_factory.mktemp("tp")
-    llama = tiny.save_checkpoint(tiny.hf_model(seed=5, num_hidden_layers=4), root / "llama", "hub", tokenizer_path)
-    mistral = tiny.save_mistral_checkpoint(
-        tiny.hf_family_model(tiny.mistral_text_config(num_hidden_layers=4, num_key_value_heads=1), seed=3),
-        root / "mistral", "hub", tokenizer_path)
-    qwen = tiny.save_ov_checkpoint(tiny.ov_hf_model(seed=4, layers=4), root / "qwen2", "hub",
-                                   tiny.train_qwen_tokenizer(root / "tokenizer.json"))
-    return [{"name": "llama", "model": str(llama), "compressors": METHODS, "quantize": None, "batch": ["none", "fastv"]},
-            {"name": "mistral-mqa", "model": str(mistral), "compressors": METHODS, "quantize": None, "batch": ["fastv"]},
-            {"name": "qwen2", "model": str(qwen), "compressors": METHODS, "quantize": None, "batch": ["globalcom2", "pdrop"]},
-            {"name": "llama-int8", "model": str(llama), "compressors": ["none", "fastv"], "quantize": "int8"},
-            {"name": "llama-int4", "model": str(llama), "compressors": ["none"], "quantize": "int4"}]
+    return build_cases(tmp_path_factory.mktemp("tp"), tokenizer_path)
 
 
 def torchrun(n: int, *args) -> subprocess.CompletedProcess:

@@ -1,7 +1,9 @@
 """One rank of tests/test_tensor_parallel.py's torchrun launch: every case's answer by the whole model (one
 process's numbers, computed here too) and by this rank's tensor-parallel part, compared step by step.
 
-    torchrun --nproc-per-node N tests/tp_worker.py CASES.json IMAGE OUT_DIR
+    torchrun --nproc-per-node N tests/tp_worker.py CASES.json IMAGE OUT_DIR [cpu|cuda]
+
+(cpu: gloo, the default; cuda: nccl, one GPU a rank, as scripts/cuda_check.py's tensor-parallel row runs it)
 
 CASES.json: [{"name", "model", "compressors": [...], "quantize": null | "int8" | "int4", "batch": [the
 compressors to run as a batch too], "compile": bool}]. Writes OUT_DIR/rank{R}.json: per case and compressor the greedy ids of both, the largest
@@ -12,6 +14,7 @@ the whole model's eager ones and the part's eager ones.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +26,27 @@ from minillava.batch import generate_batch
 from minillava.quant import Spec
 from minillava.trust import load_image
 
-torch.set_num_threads(1)  # both models on the same thread count: the same kernels
+METHODS = ["none", "globalcom2", "fastv", "pdrop"]
+
+
+def build_cases(root: Path, tokenizer: Path) -> list[dict]:
+    """Tiny random checkpoints of four layers (FastV and PyramidDrop need the depth) of each decoder kind,
+    written under `root` (`tokenizer`: a sentencepiece model, tests/tiny.py `train_tokenizer`), as CASES:
+    LLaMA (4 heads, 4 key/value heads: split 2 + 2), Mistral with one key/value head (replicated on both
+    ranks), Qwen2 / OneVision (q/k/v biases, 4 on 2 heads), the LLaMA one under int8 and int4 (group 32)."""
+    from tests import tiny  # transformers: only where checkpoints are made
+
+    llama = tiny.save_checkpoint(tiny.hf_model(seed=5, num_hidden_layers=4), root / "llama", "hub", tokenizer)
+    mistral = tiny.save_mistral_checkpoint(
+        tiny.hf_family_model(tiny.mistral_text_config(num_hidden_layers=4, num_key_value_heads=1), seed=3),
+        root / "mistral", "hub", tokenizer)
+    qwen = tiny.save_ov_checkpoint(tiny.ov_hf_model(seed=4, layers=4), root / "qwen2", "hub",
+                                   tiny.train_qwen_tokenizer(root / "tokenizer.json"))
+    return [{"name": "llama", "model": str(llama), "compressors": METHODS, "quantize": None, "batch": ["none", "fastv"]},
+            {"name": "mistral-mqa", "model": str(mistral), "compressors": METHODS, "quantize": None, "batch": ["fastv"]},
+            {"name": "qwen2", "model": str(qwen), "compressors": METHODS, "quantize": None, "batch": ["globalcom2", "pdrop"]},
+            {"name": "llama-int8", "model": str(llama), "compressors": ["none", "fastv"], "quantize": "int8"},
+            {"name": "llama-int4", "model": str(llama), "compressors": ["none"], "quantize": "int4"}]
 
 
 def weight_bytes(model) -> int:
@@ -70,13 +93,14 @@ def largest_difference(logits: list, tp_logits: list) -> float:
 
 
 def main():
+    torch.set_num_threads(1)  # both models on the same thread count: the same kernels
     cases, image, out = json.loads(Path(sys.argv[1]).read_text()), load_image(sys.argv[2]), Path(sys.argv[3])
-    shard, _ = tensor_parallel.start(int(__import__("os").environ["WORLD_SIZE"]), "cpu")
+    shard, device = tensor_parallel.start(int(os.environ["WORLD_SIZE"]), sys.argv[4] if len(sys.argv) > 4 else "cpu")
     report = {}
     for case in cases:
         spec = {None: None, "int8": Spec(8), "int4": Spec(4, 32)}[case["quantize"]]
-        whole, tok = gen.load(case["model"], "cpu", torch.float32, quantize=spec)
-        part, _ = gen.load(case["model"], "cpu", torch.float32, quantize=spec, shard=shard)
+        whole, tok = gen.load(case["model"], device, torch.float32, quantize=spec)
+        part, _ = gen.load(case["model"], device, torch.float32, quantize=spec, shard=shard)
         compiled = gen.compile_steps(part) if case.get("compile") else None  # compiles at its first call
         for compressor in case["compressors"]:
             ids, logits = answer(whole, tok, image, compressor)
