@@ -263,7 +263,7 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
     # one writer a replica: its first rank (the others compute the same answers)
     writer = (AnswerWriter(args.output if world.replicas == 1 else part_file(args.output, world.replica))
               if world.writes else None)
-    share = f" (rank 0 of {world.size})" if world.size > 1 else ""
+    share = f" (replica 0 of {world.replicas})" if world.shard else f" (rank 0 of {world.size})" if world.size > 1 else ""
     bar = tqdm(total=len(questions), desc=task.name + share, unit="q", file=sys.stderr, disable=not world.main,
                dynamic_ncols=True)
     try:
