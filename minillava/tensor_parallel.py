@@ -48,7 +48,8 @@ ROWS, COLS = "rows", "cols"  # a column-parallel layer's outputs are split; a ro
 
 
 class LaunchError(ConfigError):
-    """A launch that cannot run: --tensor-parallel without torchrun, or a world that does not factor."""
+    """A launch that cannot run: --tensor-parallel without torchrun, a world that does not factor, or an N
+    the decoder does not split into. The same on every rank: rank 0 says it, the others exit quietly."""
 
 
 @dataclass(frozen=True)
@@ -104,25 +105,25 @@ def kv_range(heads: int, kv_heads: int, shard: Shard) -> tuple[int, int]:
 
 
 def check(cfg: TextConfig, n: int, spec: Spec | None = None):
-    """ConfigError (one line) unless the decoder splits `n` ways (and its quantized shards keep int4's groups)."""
+    """LaunchError (one line) unless the decoder splits `n` ways (and its quantized shards keep int4's groups)."""
     h, kv, f = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     if h % n:
-        raise ConfigError(f"--tensor-parallel {n} does not divide the decoder's {h} attention heads")
+        raise LaunchError(f"--tensor-parallel {n} does not divide the decoder's {h} attention heads")
     if kv % n and n % kv:
-        raise ConfigError(f"--tensor-parallel {n} neither divides the decoder's {kv} key/value heads nor is a "
+        raise LaunchError(f"--tensor-parallel {n} neither divides the decoder's {kv} key/value heads nor is a "
                           f"multiple of them")
     if f % n:
-        raise ConfigError(f"--tensor-parallel {n} does not divide the decoder's MLP width {f}")
+        raise LaunchError(f"--tensor-parallel {n} does not divide the decoder's MLP width {f}")
     if spec is not None and spec.bits == 4:  # int4 groups run along the inputs: a row-parallel shard must hold whole groups
         for name, k in (("o_proj", h * cfg.head_dim), ("down_proj", f)):
             if (k // n) % spec.group_size:
                 fits = [g for g in quant.GROUP_SIZES if (h * cfg.head_dim // n) % g == 0 and (f // n) % g == 0]
-                raise ConfigError(f"int4 groups of {spec.group_size} do not divide {name}'s {k // n} inputs per rank "
+                raise LaunchError(f"int4 groups of {spec.group_size} do not divide {name}'s {k // n} inputs per rank "
                                   f"at --tensor-parallel {n}: use " + (f"--group-size {max(fits)}" if fits else
                                                                        "--quantize int8 or fewer ranks"))
         for name, rows in (("q_proj", h // n * cfg.head_dim), ("gate_proj", f // n)):
             if rows % 16:
-                raise ConfigError(f"int4 needs output widths divisible by 16, but {name} has {rows} per rank at "
+                raise LaunchError(f"int4 needs output widths divisible by 16, but {name} has {rows} per rank at "
                                   f"--tensor-parallel {n}: use --quantize int8 or fewer ranks")
 
 

@@ -34,6 +34,9 @@ asynchronous CUDA error is blamed on the check that queued it, not on a later on
 10. int8, int4  the shipped tiny model's greedy answers against its 16-bit answers, and decode tokens/s at
                 LLaVA-1.6-7B's widths against 16-bit, eager and compiled
 11. second-gpu  with two GPUs: the tiny model on cuda:1 while cuda:0 is current answers as on cuda:0
+12. tensor-parallel  with two GPUs: tests/tp_worker.py under torchrun on 2 ranks over nccl (its CPU twin,
+                tests/test_tensor_parallel.py, runs it on gloo): each decoder kind split in two answers
+                with one GPU's greedy ids, one question and a batch of three, logits within TP_TOL
 Speed is judged on CUDA only.
 """
 
@@ -837,10 +840,60 @@ def check_second_gpu(run: Run) -> list[Row]:
                 f"{len(items)} questions greedy, sampled (T 0.9, top_p 0.9, seed 3) and as a batch; current device {current}")]
 
 
+# ---------------------------------------------------------------------------------------------------
+# 12. Tensor parallelism over two GPUs
+
+# float32 on both sides; the parts' matrix products have other shapes than the whole's, so cuBLAS may pick
+# other kernels (another summation order) besides the all-reduce's: a looser bound than the CPU test's 1e-5
+TP_TOL = 1e-4
+
+
+def check_tensor_parallel(run: Run) -> list[Row]:
+    """Two GPUs: `tensor_parallel_row` on nccl. Otherwise a row saying why it did not run."""
+    if run.device.type != "cuda" or torch.cuda.device_count() < 2:
+        why = "one GPU" if run.device.type == "cuda" else "on the CPU"
+        return [Row("tensor-parallel", f"not run: {why}", True,
+                    "needs two CUDA devices (nccl); tests/test_tensor_parallel.py runs the same worker on gloo")]
+    return [tensor_parallel_row(run, "cuda")]
+
+
+def tensor_parallel_row(run: Run, device_type: str) -> Row:
+    """torchrun --nproc-per-node 2 tests/tp_worker.py on `device_type` (cuda: nccl, cuda:0 and cuda:1; cpu:
+    gloo, for the tests): every case's greedy ids of the split model equal the whole model's on both ranks,
+    alone and in a batch, logits within TP_TOL; the detail gives the largest difference and the weight
+    bytes each rank holds against the whole model's."""
+    from tests.tp_worker import build_cases
+    from tests import tiny
+
+    cases = build_cases(run.tmp / "tp", tiny.train_tokenizer(run.tmp / "tp-tokenizer.model"))
+    (run.tmp / "tp-cases.json").write_text(json.dumps(cases))
+    image = run.tmp / "tp-image.png"
+    noise(150, 90, 7).save(image)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "tp_worker.py"), str(run.tmp / "tp-cases.json"), str(image), str(run.tmp), device_type]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        last = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        return Row("tensor-parallel", "error", False, f"torchrun exited {proc.returncode}: {last}")
+    ranks = [json.loads((run.tmp / f"rank{r}.json").read_text()) for r in range(2)]
+    pairs, diff = [], 0.0  # (one process's ids, a rank's), the largest logit difference on either rank
+    for p in ranks:
+        for key, r in p.items():
+            pairs += [(r["ids"], r["tp_ids"])] + ([(r["batch_ids"], r["tp_batch_ids"])] if "batch_ids" in r else [])
+            diff = max(diff, r["logit_diff"], r.get("batch_logit_diff", 0.0))
+    same = sum(a == b for a, b in pairs)
+    share = max(r["tp_bytes"] / r["bytes"] for p in ranks for r in p.values())
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    return Row("tensor-parallel", f"{same}/{len(pairs)} ids = one process", same == len(pairs) and diff <= TP_TOL,
+               f"2 ranks over {backend}; {len(ranks[0])} checkpoint x method cases ({', '.join(c['name'] for c in cases)}), "
+               f"alone and some in batches of 3; logits within {diff:.1e} (bound {TP_TOL:g}); each rank holds <= "
+               f"{share:.0%} of the decoder's weight bytes (embedding and head whole)")
+
 CHECKS = {"gpu-tests": check_gpu_tests, "decoders": check_decoders, "attention": check_attention,
           "sampling": check_sampling, "compile": check_compile, "compile-batch": check_compile_batch,
           "batch": check_batch, "decoder": check_decoder, "quantize": check_quantize,
-          "second-gpu": check_second_gpu}
+          "second-gpu": check_second_gpu, "tensor-parallel": check_tensor_parallel}
 # rows: decoders: greedy KIND DTYPE and padded KIND; attention: one per dtype; decoder: prefill and decode;
 # quantize: int8-layer, int4-layer, int8, int4
 

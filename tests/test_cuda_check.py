@@ -111,6 +111,21 @@ def test_checks_judge_what_they_measure(cuda_check):
         cuda_check.QuantizedLinear.forward = real
 
 
+def test_tensor_parallel_row_says_why_it_did_not_run(cuda_check, tmp_path):
+    run = cuda_check.Run(torch.device("cpu"), torch.float32, (torch.float32,), cuda_check.QUICK, tmp_path)
+    row, = cuda_check.check_tensor_parallel(run)
+    assert (row.check, row.result, row.ok) == ("tensor-parallel", "not run: on the CPU", True)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_row_on_gloo(cuda_check, tmp_path):
+    """The row two GPUs run, on the CPU: the same worker and judgement over gloo (about 40 s)."""
+    run = cuda_check.Run(torch.device("cpu"), torch.float32, (torch.float32,), cuda_check.QUICK, tmp_path)
+    row = cuda_check.tensor_parallel_row(run, "cpu")
+    assert row.ok and row.result == "40/40 ids = one process", row
+    assert "2 ranks over gloo" in row.detail and "llama, mistral-mqa, qwen2, llama-int8, llama-int4" in row.detail
+
+
 @pytest.mark.slow
 def test_whole_script_on_cpu():
     """Every check at the quick sizes (8 to 12 minutes on 2 shared cores: most of it compiling)."""
@@ -118,7 +133,8 @@ def test_whole_script_on_cpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = rows(proc.stdout)
     assert list(table) == ["gpu-tests", *DECODER_ROWS, "attention float32", "sampling", "compile", "compile-batch",
-                           "batch", "prefill", "decode", "int8-layer", "int4-layer", "int8", "int4", "second-gpu"]
+                           "batch", "prefill", "decode", "int8-layer", "int4-layer", "int8", "int4", "second-gpu",
+                           "tensor-parallel"]
     assert "skipped" in table["gpu-tests"][0]  # no accelerator here
     assert all(cells[1] == "pass" for cells in table.values()), proc.stdout
     for check in ("compile", "compile-batch"):  # the README's command and a batch of 8: nothing after warm-up
@@ -129,3 +145,4 @@ def test_whole_script_on_cpu():
     assert "ids equal" in table["decode"][2]
     assert table["int8"][0].startswith("6/6 answers = 16-bit")  # float32 on the CPU: int8 changes no answer
     assert table["second-gpu"][0] == "not run: one GPU"
+    assert table["tensor-parallel"][0] == "not run: on the CPU"

@@ -286,7 +286,8 @@ def setup(tmp_path_factory, checkpoints):
              {"name": "group-alone", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},group_size=64"},
              {"name": "group-bad", "task": "scenes", "batch_size": 1,
               "model_args": f"pretrained={TINY},quantize=int4,group_size=48"},
-             {"name": "bits-bad", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},quantize=int3"}]
+             {"name": "bits-bad", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},quantize=int3"},
+             {"name": "tp", "task": "scenes", "batch_size": 1, "model_args": f"pretrained={TINY},tensor_parallel=2"}]
     vicunas = dress_as_vicunas(tmp_path_factory.mktemp("vicuna"), checkpoints)
     templates = {f"vicuna-{k}": f"pretrained={v},device=cpu" for k, v in vicunas.items()}
     templates |= {"vicuna-override": f"pretrained={vicunas['hf']},device=cpu,conv_template=llava_v1",
@@ -373,7 +374,7 @@ def test_padding_copies_are_answered_not_counted(setup):
 
 def test_refusals_are_one_line(setup):
     refused = {k: setup["lmms"][k].get("refused") for k in ("pair", "choice", "ratio", "group-alone", "group-bad",
-                                                            "bits-bad")}
+                                                            "bits-bad", "tp")}
     assert refused["pair"] == ("error: minillava: task pair, doc 0 has 2 images; the model answers questions about "
                                "exactly one image (LLaVA-NeXT's single-image prompt): choose a single-image task")
     assert refused["choice"].startswith("error: minillava: task choice asks for loglikelihood")
@@ -383,6 +384,9 @@ def test_refusals_are_one_line(setup):
     assert refused["group-bad"] == "error: minillava: model_args group_size=48: expected one of 32, 64, 128, 256 " \
                                    "(inputs sharing one int4 scale)"
     assert refused["bits-bad"] == "error: minillava: model_args quantize=int3: expected int8 or int4"
+    assert refused["tp"] == ("error: minillava: model_args tensor_parallel=2: lmms-eval gives each process its own "
+                             "documents, so the ranks splitting one model would be asked different questions; use "
+                             "torchrun -m minillava.eval TASK --tensor-parallel N (docs/tensor-parallel.md)")
 
 
 def test_shown_commands_parse(setup):

@@ -17,41 +17,36 @@ import torch
 
 from minillava import generate as gen
 from minillava import tensor_parallel
+from minillava.eval import runner
 from minillava.config import TextConfig
 from minillava.llama import Decoder
 from minillava.quant import Spec
 from minillava.tensor_parallel import Shard
 from tests import tiny
+from tests.test_eval import pope_images, run_pope, untimed  # noqa: F401 (pope_images: a fixture)
+from tests.tp_worker import METHODS, build_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5  # float32 logits: the all-reduce sums the two ranks' partial o_proj / down_proj products in another order
-METHODS = ["none", "globalcom2", "fastv", "pdrop"]
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory, tokenizer_path):
-    root = tmp_path_factory.mktemp("tp")
-    llama = tiny.save_checkpoint(tiny.hf_model(seed=5, num_hidden_layers=4), root / "llama", "hub", tokenizer_path)
-    mistral = tiny.save_mistral_checkpoint(
-        tiny.hf_family_model(tiny.mistral_text_config(num_hidden_layers=4, num_key_value_heads=1), seed=3),
-        root / "mistral", "hub", tokenizer_path)
-    qwen = tiny.save_ov_checkpoint(tiny.ov_hf_model(seed=4, layers=4), root / "qwen2", "hub",
-                                   tiny.train_qwen_tokenizer(root / "tokenizer.json"))
-    return [{"name": "llama", "model": str(llama), "compressors": METHODS, "quantize": None},
-            {"name": "mistral-mqa", "model": str(mistral), "compressors": METHODS, "quantize": None},
-            {"name": "qwen2", "model": str(qwen), "compressors": METHODS, "quantize": None},
-            {"name": "llama-int8", "model": str(llama), "compressors": ["none", "fastv"], "quantize": "int8"},
-            {"name": "llama-int4", "model": str(llama), "compressors": ["none"], "quantize": "int4"}]
+    return build_cases(tmp_path_factory.mktemp("tp"), tokenizer_path)
+
+
+def torchrun(n: int, *args) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node n ARGS` on the CPU, one thread a rank, offline."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def reports(cases, tmp_path_factory, image_path):
     out = tmp_path_factory.mktemp("tp-out")
     (out / "cases.json").write_text(json.dumps(cases))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "tp_worker.py"), str(out / "cases.json"), str(image_path), str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    done = torchrun(2, ROOT / "tests" / "tp_worker.py", out / "cases.json", image_path, out)
     assert done.returncode == 0, done.stderr[:3000]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -65,6 +60,34 @@ def test_two_ranks_give_one_process_s_ids_and_logits(reports):
         assert r["logit_diff"] <= TOL, (key, r["logit_diff"])
         assert len(r["ids"]) == 8 or r["ids"][-1] in (2, tiny.OV_BPE + 2), key
     print({k: f"{r['logit_diff']:.1e}" for k, r in rank0.items()})
+
+
+def test_a_batch_on_two_ranks_gives_one_process_s_ids_and_logits(reports):
+    """generate_batch (three questions, two tile grids, unequal prompts: left padding, per-row positions)."""
+    rank0, rank1 = reports
+    batched = [key for key, r in rank0.items() if "batch_ids" in r]
+    assert len(batched) == 5
+    for key in batched:
+        r = rank0[key]
+        assert r["tp_batch_ids"] == r["batch_ids"] == rank1[key]["tp_batch_ids"], key
+        assert r["batch_logit_diff"] <= TOL, (key, r["batch_logit_diff"])
+    print({k: f"{rank0[k]['batch_logit_diff']:.1e}" for k in batched})
+
+
+@pytest.mark.slow
+def test_compiled_steps_on_two_ranks_give_eager_ids(cases, tmp_path, image_path):
+    """--compile with --tensor-parallel: the all-reduce hooks and FastV's gather (functional collectives) trace
+    into the compiled prefill and the fullgraph decode step on gloo; ids equal to eager and to one process
+    (about 3 minutes on 2 shared cores, most of it compiling)."""
+    (tmp_path / "cases.json").write_text(json.dumps([{**cases[0], "compressors": ["none", "fastv"], "compile": True}]))
+    done = torchrun(2, ROOT / "tests" / "tp_worker.py", tmp_path / "cases.json", image_path, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        for key, r in json.loads((tmp_path / f"rank{rank}.json").read_text()).items():
+            assert r["compiled_ids"] == r["tp_ids"] == r["ids"], (rank, key)
+            assert r["compiled_logit_diff"] <= TOL and r["compiled_vs_eager_diff"] <= TOL, (rank, key, r)
+            print(rank, key, f"compiled vs one process {r['compiled_logit_diff']:.1e}, "
+                  f"vs eager parts {r['compiled_vs_eager_diff']:.1e}")
 
 
 def test_each_rank_holds_its_heads_and_about_half_the_decoder(reports):
@@ -186,3 +209,84 @@ def test_per_rank_bytes_of_the_released_34b_and_72b(size, bits):
             tensor_parallel.shard_model(model, Shard(0, n))
         gb.append(round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9, 1))
     assert gb == PER_RANK_GB[size, bits]
+
+
+# --- python -m minillava.eval under torchrun: D replicas of N ranks -----------------------------------------
+
+def one_process_answers(capsys, data, out: Path, model) -> dict:
+    """The summary line of `python -m minillava.eval pope` in this process, one thread (as each rank)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_pope(capsys, data, out, model, "--max-new-tokens", 8)[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def eval_under_torchrun(n: int, data, out: Path, model, *extra) -> subprocess.CompletedProcess:
+    return torchrun(n, "-m", "minillava.eval", "pope", "--data", data, "--output", out, "--model", model,
+                    "--max-new-tokens", 8, *extra)
+
+
+def test_eval_on_two_tensor_parallel_ranks_writes_one_process_s_answers(tmp_path, capsys, checkpoints, pope_images):
+    """2 processes, --tensor-parallel 2: one replica of 2 ranks; its first rank writes the answers file of
+    one process byte for byte (5 answered, 2 unreadable images recorded as failed) and prints the summary once."""
+    model = checkpoints["hub"]
+    line = one_process_answers(capsys, pope_images, tmp_path / "one.jsonl", model)
+    done = eval_under_torchrun(2, pope_images, tmp_path / "tp.jsonl", model, "--tensor-parallel", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "tp.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert not list(tmp_path.glob("*.part"))
+    stdout = done.stdout.strip().splitlines()
+    assert len(stdout) == 2 and untimed(json.loads(stdout[0])) == untimed(line)
+    assert json.loads(stdout[0])["efficiency"]["measured"] == 5  # counted once, not once a rank
+    assert "on 2 processes: 1 replica of 2 tensor-parallel ranks" in done.stderr
+    assert done.stderr.count("failed: not an image") == 2  # said by the writing rank only
+
+
+@pytest.mark.slow
+def test_eval_on_two_replicas_of_two_ranks_resumes_to_one_process_s_answers(tmp_path, capsys, checkpoints, pope_images):
+    """4 processes, --tensor-parallel 2: 2 replicas of 2 ranks share the questions the file lacks (resumed after
+    3 answers) and give one process's answers file (about 40 s on 2 shared cores)."""
+    model = checkpoints["hub"]
+    line = one_process_answers(capsys, pope_images, tmp_path / "one.jsonl", model)
+    lines = (tmp_path / "one.jsonl").read_bytes().split(b"\n")
+    (tmp_path / "tp.jsonl").write_bytes(b"\n".join(lines[:3]) + b"\n")
+    done = eval_under_torchrun(4, pope_images, tmp_path / "tp.jsonl", model, "--tensor-parallel", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "tp.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert not list(tmp_path.glob("*.part"))
+    summary = json.loads(done.stdout.strip().splitlines()[0])
+    assert {k: v for k, v in summary.items() if k != "efficiency"} == {k: v for k, v in line.items() if k != "efficiency"}
+    assert summary["efficiency"]["measured"] == 3  # questions 5, 6, 7 answered (4 failed), each counted once
+    assert "3 already in" in done.stderr and "on 4 processes: 2 replicas of 2 tensor-parallel ranks" in done.stderr
+
+
+def test_eval_bad_launches_end_in_one_line(capsys, monkeypatch, tmp_path, pope_images, checkpoints):
+    """A world that is not D x N processes is refused before any process group; rank 0 says it, the others exit 0."""
+    def launch(n: int, world: int | None, rank: int = 0) -> tuple[int, str]:
+        for key, value in (("WORLD_SIZE", world), ("RANK", rank)):
+            monkeypatch.setenv(key, str(value)) if value is not None else monkeypatch.delenv(key, raising=False)
+        code = runner.main(["pope", "--data", str(pope_images), "--output", str(tmp_path / "a.jsonl"),
+                            "--model", str(checkpoints["hub"]), "--tensor-parallel", str(n)])
+        out, err = capsys.readouterr()
+        assert out == "" and not (tmp_path / "a.jsonl").exists()
+        return code, err.strip()
+
+    assert launch(2, None) == (1, "error: --tensor-parallel 2 needs at least 2 processes, one per rank: launch it with "
+                                  "torchrun --nproc-per-node 2 (or D x 2 for D data-parallel replicas) -m minillava.eval ...")
+    assert launch(4, 2)[1].startswith("error: --tensor-parallel 4 needs at least 4 processes, torchrun started 2: ")
+    assert launch(3, 4) == (1, "error: --tensor-parallel 3 does not divide torchrun's 4 processes: launch D x 3 of them, "
+                               "D data-parallel replicas of 3 tensor-parallel ranks")
+    assert launch(3, 4, rank=1) == (0, "")
+    assert launch(0, None) == (1, "error: --tensor-parallel must be at least 1, got 0")
+
+
+@pytest.mark.slow
+def test_eval_with_n_that_does_not_divide_the_heads_ends_in_one_line(tmp_path, checkpoints, pope_images):
+    """3 processes, --tensor-parallel 3 on a decoder of 4 heads: every rank finds it, rank 0 says it."""
+    done = eval_under_torchrun(3, pope_images, tmp_path / "tp.jsonl", checkpoints["hub"], "--tensor-parallel", 3)
+    assert done.returncode != 0 and done.stdout == ""
+    said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert said == ["error: --tensor-parallel 3 does not divide the decoder's 4 attention heads"]
+    assert not (tmp_path / "tp.jsonl").exists() or (tmp_path / "tp.jsonl").read_text() == ""

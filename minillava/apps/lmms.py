@@ -77,7 +77,10 @@ class MiniLlava(lmms):
     LLaVA's scripts; else the checkpoint's), device (cpu, cuda, cuda:N; default cuda when available),
     dtype (float32, bfloat16, float16; default as our CLI), quantize (int8, int4) and group_size (int4's),
     compile (true/false), seed (of the random compressor and of sampling), batch_size (questions answered
-    together; lmms-eval's `--batch_size` sets it too, model_args wins)."""
+    together; lmms-eval's `--batch_size` sets it too, model_args wins). tensor_parallel other than 1 is
+    refused: lmms-eval's evaluator gives every process its own share of the documents (build_all_requests
+    with RANK and WORLD_SIZE, lmms_eval/evaluator.py), whereas the N ranks splitting one model must run
+    the same questions together; `python -m minillava.eval --tensor-parallel N` does that."""
 
     is_simple = True
 
@@ -85,7 +88,7 @@ class MiniLlava(lmms):
                  retention_ratio: float | None = None, conv_template: str | None = None, device: str | None = None,
                  dtype: str | None = None, quantize: str | None = None, group_size: int | str | None = None,
                  compile: bool | str = False, seed: int | str = 0, batch_size: int | str = 1, max_batch_size=None,
-                 **unknown) -> None:
+                 tensor_parallel: int | str = 1, **unknown) -> None:
         super().__init__()
         from accelerate import Accelerator
         from loguru import logger
@@ -101,7 +104,7 @@ class MiniLlava(lmms):
         if unknown:
             raise Refused(f"unknown model_args {', '.join(sorted(unknown))}; accepted: pretrained, compressor, "
                           "retention_ratio, conv_template, device, dtype, quantize, group_size, compile, seed, "
-                          "batch_size")
+                          "batch_size, tensor_parallel (1)")
         self.compressor = compressor or gen.DEFAULT_COMPRESSOR
         if self.compressor not in compressors():
             raise Refused(f"compressor={self.compressor} is unknown; choose one of {', '.join(compressors())}")
@@ -115,6 +118,10 @@ class MiniLlava(lmms):
             raise Refused(f"dtype={dtype} is unknown; choose one of {', '.join(gen.DTYPES)}")
         spec = quantization(quantize, group_size)
         compile = _checked("compile", compile, _boolean)
+        if str(tensor_parallel) != "1":  # see the class docstring
+            raise Refused(f"model_args tensor_parallel={tensor_parallel}: lmms-eval gives each process its own "
+                          "documents, so the ranks splitting one model would be asked different questions; use "
+                          "torchrun -m minillava.eval TASK --tensor-parallel N (docs/tensor-parallel.md)")
 
         # Data parallel as lmms-eval's own simple models (llava_hf.py): under `accelerate launch` each
         # process takes the GPU of its local rank; lmms-eval's evaluator gives each rank its share of

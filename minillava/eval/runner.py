@@ -2,6 +2,7 @@
 
     python -m minillava.eval TASK --data DIR --output FILE.jsonl [--compressor C --retention-ratio R]
     torchrun --nproc-per-node K -m minillava.eval TASK --data DIR --output FILE.jsonl
+    torchrun --nproc-per-node D*N -m minillava.eval TASK ... --tensor-parallel N   # D replicas of N ranks
     python -m minillava.eval TASK --data DIR --score-only --answers FILE.jsonl [--compare BASE.json]
 """
 
@@ -26,6 +27,7 @@ from ..conversation import is_llava_vicuna
 from ..flops import LlmSpec
 from ..generate import DTYPE_HELP, DTYPES, USER_ERRORS, Steps, compile_steps, conv_template_arg, fail, load, quantize_args, \
     quantize_spec, ratio_arg, read_checkpoint, seed_arg
+from ..tensor_parallel import LaunchError, check as check_split
 from ..trust import ConfigError
 from ..weights import resolve_model
 from . import distributed
@@ -86,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "checkpoint (liuhaotian's or llava-hf's), as the paper; otherwise the checkpoint's")
     quantize_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the tower, prefill and decode step")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the decoder over N processes (launch D x N with torchrun --nproc-per-node D*N: D "
+                   "replicas of N ranks share the questions; docs/tensor-parallel.md)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"questions answered together (default {DEFAULT_BATCH_SIZE}): one tower batch, one decoder "
                    "batch of unequal lengths; the answers are those of --batch-size 1. A batch that runs out of "
@@ -123,6 +128,8 @@ def main(argv=None) -> int:
             finish(args, task, questions, records, args.answers)
             return 0
         return answer_all(args, task)
+    except LaunchError as e:  # the same on every rank: rank 0 says it (a rank > 0 exiting 1 first would have
+        return fail(str(e)) if int(os.environ.get("RANK", 0)) == 0 else 0  # torchrun stop rank 0 before it speaks)
     except (DataError, *USER_ERRORS) as e:
         return fail(str(e))
     except OSError as e:  # the disk or a folder: full, read-only, removed, not a folder
@@ -159,7 +166,7 @@ def answer_all(args, task: Task) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda was asked for but CUDA is not available here; use --device cpu")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    world = distributed.init(device.type)
+    world = distributed.init(device.type, args.tensor_parallel)
     try:
         if device.type == "cuda":
             device = torch.device("cuda", world.local_rank)
@@ -181,13 +188,17 @@ def answer_all(args, task: Task) -> int:
             consolidate(output, order)  # leftovers of a killed run, merged and in order
         world.barrier()
         todo = [q for q in questions if q.key not in done or (args.retry_failed and is_failed(done[q.key]))]
-        mine = todo[world.rank :: world.size]
+        mine = todo[world.replica :: world.replicas]  # a replica's ranks answer the same questions together
         if todo:  # the checkpoint says which template this run asks in: a file made in another is refused here
             model_dir = fetch_model(args.model, world)
             settings["conv_template"], native = eval_template(model_dir, task.paper_template, args.conv_template)
             check_settings(output, done.values(), settings, native)
+            if world.shard:  # on every rank, a replica without questions too (it would wait at the gather)
+                check_split(load_config(model_dir).text, world.shard.size, args.spec)
         if world.main:
             ranks = f" on {world.size} processes" if world.size > 1 else ""
+            if world.shard:
+                ranks += f": {world.replicas} replica{'s' * (world.replicas > 1)} of {world.shard.size} tensor-parallel ranks"
             print(f"{task.name}: {len(questions)} questions, {len(questions) - len(todo)} already in {output}, "
                   f"{len(todo)} to answer{ranks}", file=sys.stderr)
         costs, meters = [], []
@@ -238,7 +249,8 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
     """Answer `questions` with one model, --batch-size at a time, appending each record as soon as its
     batch is done. A question that fails is recorded as failed; the others of its batch are answered.
     Returns what answering cost: each answered question's `efficiency.QuestionCost`, and the Meter's."""
-    model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), settings["conv_template"], args.spec)
+    model, tokenizer = load(model_dir, device, DTYPES.get(args.dtype), settings["conv_template"], args.spec,
+                            world.shard)
     steps = Steps()
     if args.compile:  # warmed up on the first batch: its shapes (tiles, prompt lengths, batch, cache) compile here
         steps = compile_steps(model)
@@ -248,8 +260,10 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
                 args.seed)
     spec = LlmSpec.from_text(args.model, model.cfg.text)
     costs, meter = [], E.Meter(device)  # from here on: answering
-    writer = AnswerWriter(args.output if world.size == 1 else part_file(args.output, world.rank))
-    share = f" (rank 0 of {world.size})" if world.size > 1 else ""
+    # one writer a replica: its first rank (the others compute the same answers)
+    writer = (AnswerWriter(args.output if world.replicas == 1 else part_file(args.output, world.replica))
+              if world.writes else None)
+    share = f" (replica 0 of {world.replicas})" if world.shard else f" (rank 0 of {world.size})" if world.size > 1 else ""
     bar = tqdm(total=len(questions), desc=task.name + share, unit="q", file=sys.stderr, disable=not world.main,
                dynamic_ncols=True)
     try:
@@ -258,20 +272,23 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
             if isinstance(result, BaseException):  # this question's fault: record it, go on
                 message = " ".join(str(result).split()) or type(result).__name__
                 record.update(text="", error=message)
-                prefix = f"[rank {world.rank}] " if world.size > 1 else ""
-                tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
+                if writer:  # said once a replica
+                    prefix = f"[rank {world.rank}] " if world.size > 1 else ""
+                    tqdm.write(f"{prefix}question {q.question_id} failed: {message}", file=sys.stderr)
             else:
                 record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
                 costs.append(E.question_cost(result, E.text_tokens(tokenizer, q.prompt), spec, args.compressor,
                                               args.retention_ratio))
             record.update(model_id=args.model, metadata=settings)
-            writer.write(record)
+            if writer:
+                writer.write(record)
             bar.update(1)
         measured = meter.stop()
     finally:
         bar.close()
-        writer.close()
-    return costs, measured
+        if writer:
+            writer.close()
+    return (costs if writer else []), measured  # each question counted once; every rank's memory
 
 
 def answered(args, task: Task, questions: list[Question], settings: dict, model, tokenizer, steps):
