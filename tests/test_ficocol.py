@@ -350,3 +350,26 @@ def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image
         ids, last = ficocol_reference(model, prompt, start, length, r, tokenizer.eos_id)
     assert result["token_ids"] == ids
     assert result["visual_tokens"] == {"before": length, "after": last} and last < length
+
+
+def test_the_flops_count_every_merge(deep_checkpoint, image_path):
+    """The efficiency count of a question: each layer's attention at what entered it, its MLP at what its merge
+    left (layers 1 and 2 of 4 merge m each), and the layer-averaged image tokens beside the last layers' ones.
+    r = 1 and batches: tests/test_pruning_methods.py."""
+    from PIL import Image
+
+    from minillava.batch import generate_batch
+    from minillava.eval import efficiency as E
+    from minillava.flops import LlmSpec, layered_prefill_flops
+
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    with torch.no_grad():
+        (result,) = generate_batch(model, tokenizer, [(Image.open(image_path), QUESTION)], "ficoco-l", 0.25, max_new_tokens=2)
+    spec = LlmSpec.from_text("tiny", model.cfg.text)
+    n = result.visual_tokens["before"]
+    m = merged_per_layer(0.25, n, 2)
+    cost = E.question_cost(result, 30, spec, "ficoco-l", 0.25)
+    attention, mlp = [n, n, n - m, n - 2 * m], [n, n - m, n - 2 * m, n - 2 * m]
+    assert cost.prefill_flops == layered_prefill_flops(spec, [30 + t for t in attention], [30 + t for t in mlp])
+    assert cost.prefill_flops < layered_prefill_flops(spec, [30 + t for t in attention])  # the merging layers' MLPs
+    assert result.visual_tokens["after"] == n - 2 * m and cost.visual_layer_mean == sum(attention) / 4

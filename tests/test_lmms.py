@@ -230,7 +230,7 @@ def check_efficiency(e: dict, eval_efficiency: dict, n: int):
     """The adapter's efficiency fields against minillava.eval's on the same questions: the counted ones
     (visual tokens, TFLOPs) equal to the printed precision, the measured ones positive and consistent."""
     assert e["measured"] == n
-    for key in ("visual_tokens_before", "visual_tokens_after", "prefill_tflops"):
+    for key in ("visual_tokens_before", "visual_tokens_after", "prefill_tflops", "tower_tflops"):
         assert e[key] == eval_efficiency[key], key
     assert 0 < e["prefill_ms"] <= e["ttft_ms"]
     assert e["decode_tokens_per_s"] > 0 and e["samples_per_s"] > 0
