@@ -29,6 +29,7 @@ from .compress import STAGE_METHODS, compress_image
 from .compress import needs as stage_needs
 from .fastv import fastv_schedule
 from .ficoco import ficoco_v_schedule
+from .ficocol import ficoco_l_schedule
 from .pdrop import pdrop_schedule
 from .sparsevlm import sparsevlm_schedule
 
@@ -48,6 +49,7 @@ METHODS = {
     "pdrop": Method(DECODER, pdrop_schedule),  # PyramidDrop: three stages, renumbered (globalcom2/pdrop.py)
     "sparsevlm": Method(DECODER, sparsevlm_schedule),  # SparseVLM: three stages, text raters, recycled tokens added
     "ficoco": Method(TOWER, ficoco_v_schedule),  # FiCoCo-V: merges inside the tower's layers (globalcom2/ficoco.py)
+    "ficoco-l": Method(DECODER, ficoco_l_schedule),  # FiCoCo-L: merges inside the decoder's layers (globalcom2/ficocol.py)
 }
 
 HELP = (
@@ -63,7 +65,9 @@ HELP = (
     "half and three quarters of the layers, r^(1/3) of the image each time, so r at the end; needs 4 or more "
     "decoder layers) and sparsevlm (SparseVLM v1.5: after layers 2, 6, 15 of 32, scaled, text-guided, the "
     "pruned tokens' best recycled into merged ones; r is the layer-averaged share its settings are named by, "
-    "r = 1/3, 2/9, 1/9 its 192, 128, 64 of 576; needs 4 or more decoder layers); "
+    "r = 1/3, 2/9, 1/9 its 192, 128, 64 of 576; needs 4 or more decoder layers) and ficoco-l (FiCoCo-L: merges "
+    "image tokens into others inside each layer from 5 of 32, scaled, to the last but one, r the share the last "
+    "layer sees; needs 3 or more decoder layers); "
     "inside the vision tower ficoco (FiCoCo-V: merges tokens of every tile in each layer from "
     "half the tower to the feature layer, r the share of a tile's tokens left; a layer merges at most half its "
     "tokens, so r >= about 1 / (merging layers + 1): 0.5 on the tiny models, 0.083 on LLaVA's tower). Each is "

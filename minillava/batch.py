@@ -38,6 +38,7 @@ class _Row:
 
     index: int  # in the caller's list
     prompt: Prompt
+    tiles: int  # the tower's tiles of its image
 
 
 @torch.inference_mode()
@@ -109,6 +110,7 @@ def generate_batch(
             visual_tokens=row.prompt.visual_tokens,
             timings_s={**timings, **own[i]},
             decode_tokens_per_s=n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0,
+            tiles=row.tiles,
         )
     if not return_exceptions:
         for r in out:
@@ -140,7 +142,7 @@ def prepare_rows(model: Llava, tokenizer: Tokenizer, items: list[tuple], compres
     for i, (tokens, before) in images.items():
         try:
             prompt = prepare(model, tokenizer, items[i][1], tokens, before, compressor, retention_ratio, limits[i])
-            rows.append(_Row(i, prompt))
+            rows.append(_Row(i, prompt, len(tiles[i].pixels)))
         except USER_ERRORS as e:
             out[i] = e
     return rows, (t1 - t0, t2 - t1)

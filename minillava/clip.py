@@ -128,7 +128,7 @@ class Tower(nn.Module):
         n_layers = len(self.encoder.layers)
         if not all(-n_layers - 1 <= i <= n_layers for i in layers):
             raise ValueError(f"hidden states {tuple(layers)} asked of a tower with {n_layers} layers (0 .. {n_layers})")
-        check_schedule(schedule, n_layers, inside=True)
+        check_schedule(schedule, n_layers)
         stages = {stage.layer: stage for stage in schedule}
         wanted = {i % (n_layers + 1) for i in layers}
         x = layer_input = self.embed(pixels)  # (N, has_cls + P, D)

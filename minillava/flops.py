@@ -56,21 +56,41 @@ def prefill_flops(spec: LlmSpec, tokens: int, causal: bool = False) -> dict[str,
     return {"linear": linear, "attention": attention, "lm_head": lm_head, "total": linear + attention + lm_head}
 
 
-def layered_prefill_flops(spec: LlmSpec, layer_tokens: list[int]) -> int:
+def layered_prefill_flops(spec: LlmSpec, layer_tokens: list[int], mlp_tokens: list[int] | None = None) -> int:
     """`prefill_flops` total of a prefill whose layer i sees `layer_tokens[i]` positions (a decoder-side
-    method's schedule: minillava/schedule.py `layer_lengths`; FastV: T in layers 0 .. K-1, T - dropped
-    from K on, as FastV's paper counts its own savings); the lm_head once. What a stage reads to choose
-    its tokens (FastV: layer K-1's attention row) is not counted."""
-    if len(layer_tokens) != spec.layers:
+    method's schedule: minillava/schedule.py `token_counts`; FastV: T in layers 0 .. K-1, T - dropped
+    from K on, as FastV's paper counts its own savings), its MLP `mlp_tokens[i]` (fewer in a layer a stage
+    merges inside, FiCoCo-L; default the same); the lm_head once. What a stage reads to choose its tokens
+    (FastV: layer K-1's attention row) is not counted."""
+    mlp_tokens = layer_tokens if mlp_tokens is None else mlp_tokens
+    if not len(layer_tokens) == len(mlp_tokens) == spec.layers:
         raise ValueError(f"{len(layer_tokens)} layer token counts for a decoder of {spec.layers} layers")
-    one = LlmSpec(spec.name, 1, spec.hidden, spec.intermediate, spec.heads, spec.kv_heads, spec.vocab)
-    layers = sum(prefill_flops(one, t)["linear"] + prefill_flops(one, t)["attention"] for t in layer_tokens)
-    return layers + prefill_flops(one, 0)["lm_head"]
+    d, hd = spec.hidden, spec.head_dim
+    projections = d * spec.heads * hd * 2 + d * spec.kv_heads * hd * 2  # q, o; k, v: per token
+    layers = sum(2 * t * projections + 2 * m * 3 * d * spec.intermediate + 2 * 2 * t * t * spec.heads * hd
+                 for t, m in zip(layer_tokens, mlp_tokens))
+    return layers + 2 * d * spec.vocab
 
 
 def kv_cache_bytes(spec: LlmSpec, tokens: int, bytes_per_value: int = 2) -> int:
     """Keys and values of every layer for `tokens` positions (fp16: 2 bytes)."""
     return 2 * spec.layers * tokens * spec.kv_heads * spec.head_dim * bytes_per_value
+
+
+def tower_layer_flops(v: VisionConfig, tokens: int, mlp_tokens: int | None = None) -> int:
+    """Matmul FLOPs of one vision-tower layer for one tile: q, k, v, o and the attention of `tokens` tokens,
+    the MLP's two matrices of `mlp_tokens` (fewer where a stage merges inside the layer; default the same)."""
+    t, m, d = tokens, tokens if mlp_tokens is None else mlp_tokens, v.hidden_size
+    return 2 * t * 4 * d * d + 2 * m * 2 * d * v.intermediate_size + 2 * 2 * t * t * d
+
+
+def tile_flops(v: VisionConfig, layer_tokens: list[int], mlp_tokens: list[int] | None = None) -> int:
+    """Matmul FLOPs of one tile through the patch embedding and the tower layers that run, layer i at
+    `layer_tokens[i]` tokens, its MLP at `mlp_tokens[i]` (a tower method's schedule: minillava/schedule.py
+    `token_counts`)."""
+    mlp_tokens = layer_tokens if mlp_tokens is None else mlp_tokens
+    patch = 2 * (v.image_size // v.patch_size) ** 2 * v.hidden_size * v.num_channels * v.patch_size**2
+    return patch + sum(tower_layer_flops(v, t, m) for t, m in zip(layer_tokens, mlp_tokens, strict=True))
 
 
 def tower_flops(v: VisionConfig, tiles: int, text_hidden: int, features_only: bool = False) -> dict[str, int]:
@@ -80,12 +100,10 @@ def tower_flops(v: VisionConfig, tiles: int, text_hidden: int, features_only: bo
     of layer -2 plus [CLS] scores (all layers but the last, then the last layer's keys and one query)."""
     p = (v.image_size // v.patch_size) ** 2
     n, d = p + 1, v.hidden_size
-    per_layer = 2 * n * (4 * d * d + 2 * d * v.intermediate_size) + 2 * 2 * n * n * d
-    patch = 2 * p * d * v.num_channels * v.patch_size**2
     if features_only:
         last = 2 * n * d * d + 2 * d * d + 2 * n * d  # k of every token, q of [CLS], one row of logits
-        tower = tiles * ((v.num_hidden_layers - 1) * per_layer + last + patch)
+        tower = tiles * (tile_flops(v, [n] * (v.num_hidden_layers - 1)) + last)
     else:
-        tower = tiles * (v.num_hidden_layers * per_layer + patch)
+        tower = tiles * tile_flops(v, [n] * v.num_hidden_layers)
     projector = 2 * tiles * p * (d * text_hidden + text_hidden * text_hidden)
     return {"tower": tower, "projector": projector}

@@ -55,6 +55,7 @@ class Result:
     visual_tokens: dict[str, int]
     timings_s: dict[str, float] = field(default_factory=dict)
     decode_tokens_per_s: float = 0.0
+    tiles: int = 0  # tiles the vision tower ran for the image (thumbnail and crops): its cost, eval/efficiency.py
 
 
 def load(model: str, device="cpu", dtype: torch.dtype | None = None,
@@ -325,7 +326,7 @@ def generate(
     timings = {"vision": t1 - t0, "compress": t2 - t1, "prefill": t4 - t3, "decode": time.perf_counter() - t4}
     n_steps = max(len(ids) - 1, 0)  # the first id came out of the prefill
     return Result(tokenizer.decode(ids), ids, prompt.visual_tokens, timings,
-                  n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0)
+                  n_steps / timings["decode"] if n_steps and timings["decode"] > 0 else 0.0, len(tiles.pixels))
 
 def _number(text: str, kind: type):
     """`text` as an int or float, or argparse's error naming what it should have been."""

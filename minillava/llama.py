@@ -249,8 +249,28 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, input_pos, prefill: bool):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, prefill)
+        return self.feed(self.attend(x, cos, sin, input_pos, prefill))
+
+    def attend(self, x, cos, sin, input_pos, prefill: bool):
+        """The block's first half: x plus its attention (a stage `inside` the block reads this)."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, prefill)
+
+    def feed(self, x):
+        """The block's second half: x plus its MLP."""
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def prune(stage: Stage, between: Between, source: torch.Tensor, length: int, shift: int):
+    """What a decoder stage leaves (minillava/schedule.py `apply_stage`): the tokens x (B, T', D), the prompt
+    positions they hold (`source`, -1 for an added token), the positions the next layers put them at (kept,
+    or renumbered 0 .. T'-1 for a stage that says `renumber`) and the shift of those layers' decode steps
+    below the prompt's positions (what the stages dropped, from a `length`-position prompt, once renumbered)."""
+    x, index = apply_stage(stage, between)
+    source, input_pos = source[index].masked_fill(index < 0, -1), between.input_pos[index]
+    if getattr(stage, "renumber", False):  # the positions a prompt of this length has
+        input_pos = torch.arange(x.shape[1], device=x.device)
+        shift = length - x.shape[1]  # a prefill's positions are 0 .. T-1
+    return x, source, input_pos, shift
 
 
 class Decoder(nn.Module):
@@ -322,8 +342,10 @@ class Decoder(nn.Module):
         (globalcom2/methods.py), each before its layer K, layers ascending; the layers from K on see and
         cache only what the stage keeps (or its merged tokens there), so the result is (B, T', D), at the
         positions it keeps, or renumbered 0 .. T'-1 for a stage that says `renumber` (PyramidDrop), whose
-        layers then decode at p - what was dropped (`KVCache.shift`). minillava/schedule.py derives each
-        layer's cache length from the same stages.
+        layers then decode at p - what was dropped (`KVCache.shift`). A stage `inside` layer K (FiCoCo-L)
+        runs between K's attention and its MLP: K's cache holds what entered it, its MLP and the layers
+        after see what the stage keeps. minillava/schedule.py derives each layer's cache length from the
+        same stages.
         """
         check_schedule(schedule, len(self.layers), prefill and input_pos.dim() == 1)
         if prefill:
@@ -333,21 +355,26 @@ class Decoder(nn.Module):
         x = layer_input = embeds
         source, shift, shifts = input_pos, 0, []  # the prompt positions x holds; each layer's KVCache.shift
         for i, layer in enumerate(self.layers):
-            if i in stages:  # keep what the stage keeps, at its positions or renumbered from 0
+            stage = stages.get(i)
+            inside = getattr(stage, "inside", False)
+            if stage is not None and not inside:  # before layer i
                 between = Between(layer_input, x, lambda j, h, c=cos, s=sin: self.query_key(j, h, c, s), input_pos, embeds)
-                x, index = apply_stage(stages[i], between)
-                source, input_pos = source[index].masked_fill(index < 0, -1), input_pos[index]  # -1: an added token
-                if getattr(stages[i], "renumber", False):  # the positions a prompt of this length has
-                    input_pos = torch.arange(x.shape[1], device=x.device)
-                    shift = embeds.shape[1] - x.shape[1]  # a prefill's positions are 0 .. T-1
+                x, source, input_pos, shift = prune(stage, between, source, embeds.shape[1], shift)
                 cos, sin = self.positions(input_pos)
             pos, c, s = input_pos, cos, sin
             if not prefill and self.renumbered:  # a decode step after a renumbering schedule: this layer's positions
                 pos = input_pos - layer.self_attn.cache.shift[:, None]
                 c, s = self.positions(pos)
             layer_input = x  # for a stage that reads this layer's attention
-            shifts.append(shift)
-            x = layer(x, c, s, pos, prefill)
+            shifts.append(shift)  # this layer's cache holds what entered it, a merge inside it included
+            if inside:  # between layer i's attention and its MLP (FiCoCo-L: globalcom2/ficocol.py)
+                x = layer.attend(x, c, s, pos, prefill)
+                between = Between(layer_input, x, lambda j, h, c=c, s=s: self.query_key(j, h, c, s), input_pos, embeds)
+                x, source, input_pos, shift = prune(stage, between, source, embeds.shape[1], shift)
+                cos, sin = self.positions(input_pos)
+                x = layer.feed(x)
+            else:
+                x = layer(x, c, s, pos, prefill)
         if prefill:  # what the last layers see, for the tools that show it (minillava/schedule.py `kept_positions`)
             self.kept = source if schedule else None
             for layer, n in zip(self.layers, shifts):

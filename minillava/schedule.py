@@ -50,11 +50,12 @@ class Stage(Protocol):
     (removed less added), known before the pass (each later layer's KV cache is sized by it:
     `layer_lengths`).
 
-    In the tower only, a stage may sit *inside* layer `layer` (an attribute `inside` True; absent means
-    False): between that layer's attention and its MLP, where token-merging methods merge (ToMe,
-    FiCoCo-V: globalcom2/ficoco.py). There `Between.previous_input` is the layer's input (its own
-    attention is `query_key(layer, previous_input)`) and `x` the stream after the attention's residual;
-    the layer's MLP, and every later layer, see what the stage keeps."""
+    A stage may also sit *inside* layer `layer` (an attribute `inside` True; absent means False): between
+    that layer's attention and its MLP, where token-merging methods merge (ToMe; FiCoCo-V in the tower,
+    globalcom2/ficoco.py; FiCoCo-L in the decoder, globalcom2/ficocol.py). There `Between.previous_input`
+    is the layer's input (its own attention is `query_key(layer, previous_input)`) and `x` the stream after
+    the attention's residual; the layer's MLP, and every later layer, see what the stage keeps, and the
+    layer's own KV cache what entered it."""
 
     layer: int
     dropped: int
@@ -62,15 +63,12 @@ class Stage(Protocol):
     def keep(self, between: Between) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def check_schedule(schedule: Sequence[Stage], n_layers: int, shared: bool = True, inside: bool = False):
-    """A schedule prunes before (or, where `inside` is allowed, the tower's, inside) layers 1 .. n_layers - 1,
-    each layer at most once, ascending; in the decoder only a prefill of positions shared by the rows
-    (`shared`)."""
+def check_schedule(schedule: Sequence[Stage], n_layers: int, shared: bool = True):
+    """A schedule prunes before (or inside) layers 1 .. n_layers - 1, each layer at most once, ascending; in the
+    decoder only a prefill of positions shared by the rows (`shared`)."""
     layers = [stage.layer for stage in schedule]
     if not layers:
         return
-    if not inside and any(getattr(stage, "inside", False) for stage in schedule):
-        raise ValueError("a stage inside a layer (between its attention and its MLP) is the tower's only")
     if not shared:
         raise ValueError("tokens are pruned in a prefill of one prompt (positions (T,) shared by the rows)")
     if layers != sorted(set(layers)) or not 0 < layers[0] <= layers[-1] < n_layers:
@@ -110,14 +108,24 @@ def build(method: str, start: int, length: int, ratio: float, n_layers: int) -> 
 
 
 def layer_lengths(stages, length: int, n_layers: int) -> list[int]:
-    """Positions each decoder layer holds of a `length`-position sequence: all of them up to the first
-    stage's layer, then `length` less what the stages before it dropped."""
-    out, held = [], length
-    drops = {stage.layer: stage.dropped for stage in stages}
+    """Positions each decoder layer's attention (and KV cache) holds of a `length`-position sequence: all of
+    them up to the first stage's layer, then `length` less what the stages before it dropped (a stage inside
+    a layer: from the next layer on)."""
+    return token_counts(stages, length, n_layers)[0]
+
+
+def token_counts(stages, length: int, n_layers: int) -> tuple[list[int], list[int]]:
+    """Tokens each of `n_layers` layers' attention and MLP see, from a `length`-token input, through `stages`
+    (a tower's or a decoder's): the MLP of a layer with a stage inside it sees what the stage keeps."""
+    attention, mlp, held = [], [], length
     for i in range(n_layers):
-        held -= drops.get(i, 0)
-        out.append(held)
-    return out
+        stage = next((st for st in stages if st.layer == i), None)
+        inside = getattr(stage, "inside", False)
+        held -= stage.dropped if stage is not None and not inside else 0
+        attention.append(held)
+        held -= stage.dropped if inside else 0
+        mlp.append(held)
+    return attention, mlp
 
 
 def kept_positions(llm, start: int, length: int) -> torch.Tensor:

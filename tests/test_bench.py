@@ -57,6 +57,13 @@ def test_tiny_run_writes_every_row_json_and_png(bench, tmp_path):
     assert seven["mean_share"] == (2 * 2928 + 30 * round(2928 * 0.25)) / (32 * 2928)
     pdrop = {(t["model"], t["r"]): t for t in saved["theory"]["decoder"] if t["method"] == "pdrop"}
     assert pdrop["LLaVA-NeXT-13B", 0.1]["stage_layers"] == [10, 20, 30]
+    # FiCoCo-L merges inside layers 5 .. 30 of 32: each one's MLP counted after its merge
+    ficocol = {(t["model"], t["r"]): t for t in saved["theory"]["decoder"] if t["method"] == "ficoco-l"}
+    assert ficocol["LLaVA-NeXT-7B", 0.5]["stage_layers"] == list(range(5, 31))
+    # the tower methods: FiCoCo-V at r = 0.5 merges 26 of each tile's tokens in layers 12 .. 22 (290 left of 576)
+    ficoco = {(t["model"], t["r"]): t for t in saved["theory"]["tower"] if t["method"] == "ficoco"}
+    assert ficoco["LLaVA-NeXT-7B", 0.5]["image_tokens"] == 5 * 290
+    assert ficoco["LLaVA-NeXT-7B", 0.5]["tower_tflops"] < ficoco["LLaVA-NeXT-7B", 0.5]["whole_tower_tflops"]
     assert saved["token_counts"]["none"] == 2928  # 576 + 48 rows of (48 tokens + newline)
     text = (tmp_path / "bench.md").read_text()
     assert "NOT representative" in text and "| 9 |" in text and "LLaVA-NeXT-13B" in text

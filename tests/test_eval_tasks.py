@@ -27,6 +27,7 @@ from minillava.eval import efficiency as E
 from minillava.eval import metrics as M
 from minillava.flops import LLAVA_7B, LLAVA_13B, LlmSpec, layered_prefill_flops, prefill_flops
 from minillava.generate import Result
+from minillava.schedule import build, layer_lengths
 from tests import tiny
 from tests.test_eval import SHORT, llava_answers, one_error_line, png_b64, pope_data, write_json, write_jsonl
 
@@ -607,12 +608,16 @@ def test_flops_per_question_are_the_tables():
 
 
 def test_summary_arithmetic():
-    cost = lambda p, t, n, d, flops=10**12: E.QuestionCost(100, 25, flops, p, t, n, d)  # noqa: E731
+    cost = lambda p, t, n, d, flops=10**12, mean=None: E.QuestionCost(100, 25, mean, flops, 10**11, p, t, n, d)  # noqa: E731
     costs = [cost(0.2, 0.5, 9, 0.1), cost(0.2, 0.5, 3, 0.1), cost(0.1, 0.3, 0, 0.0, 3 * 10**12)]
     out = E.summary(costs, [{"wall_s": 2.0, "peak_rss_mib": 300.0}, {"wall_s": 3.0, "peak_rss_mib": 400.0}])
     assert out == pytest.approx({"measured": 3, "visual_tokens_before": 100, "visual_tokens_after": 25,
-                                 "prefill_tflops": 5 / 3, "prefill_ms": 500 / 3, "ttft_ms": 1300 / 3,
-                                 "decode_tokens_per_s": 12 / 0.2, "samples_per_s": 1.0, "peak_rss_mib": 400.0})
+                                 "prefill_tflops": 5 / 3, "tower_tflops": 0.1, "prefill_ms": 500 / 3,
+                                 "ttft_ms": 1300 / 3, "decode_tokens_per_s": 12 / 0.2, "samples_per_s": 1.0,
+                                 "peak_rss_mib": 400.0})
+    # a decoder-side method's questions: the tokens averaged over the layers too
+    layered = E.summary([cost(0.2, 0.5, 9, 0.1, mean=60.0), cost(0.2, 0.5, 3, 0.1, mean=40.0)], [{"wall_s": 1.0}])
+    assert layered["visual_tokens_layer_mean"] == 50.0 and list(layered)[3] == "visual_tokens_layer_mean"
     assert E.summary([], []) is None
     assert E.relative({"measured": 3, "prefill_ms": 50.0, "peak_rss_mib": 10}, {"prefill_ms": 200.0, "peak_rss_mib": 0}) \
         == {"prefill_ms": 25.0}
@@ -647,7 +652,7 @@ def test_run_reports_what_each_question_cost(tmp_path, capsys, deep, monkeypatch
 
     spec = LlmSpec.from_text("tiny", runner.load_config(model).text)
     assert len(costs) == 7
-    for length, ((result, text, _, method, ratio), cost) in zip(lengths, costs, strict=True):
+    for length, ((result, text, _, method, ratio, tile), cost) in zip(lengths, costs, strict=True):
         kept = text + result.visual_tokens["after"]
         assert (method, ratio) == (compressor, 0.25)  # the run's, from which the schedule is rebuilt
         if compressor == "fastv":  # the decoder gets every token; layers from K = 2 on keep `kept`
@@ -658,12 +663,18 @@ def test_run_reports_what_each_question_cost(tmp_path, capsys, deep, monkeypatch
             assert length == kept
             assert cost.prefill_flops == prefill_flops(spec, length)["total"]
         assert 0 < cost.prefill_s <= cost.ttft_s and cost.decode_s >= 0 and 0 <= cost.decode_tokens <= 3
+        assert cost.tower_flops == result.tiles * tile > 0  # every tile, each at the tower's full count here
+        layers = [text + n for n in layer_lengths(build(method, 0, result.visual_tokens["before"], ratio, 4),
+                                                  result.visual_tokens["before"], 4)]
+        assert cost.visual_layer_mean == (sum(layers) / 4 - text if compressor == "fastv" else None)
     eff = line["efficiency"]
     assert eff["measured"] == 7 and set(eff) == {"measured", "visual_tokens_before", "visual_tokens_after",
-                                                  "prefill_tflops", "prefill_ms", "ttft_ms", "decode_tokens_per_s",
-                                                  "samples_per_s", "peak_rss_mib"}
+                                                  "prefill_tflops", "tower_tflops", "prefill_ms", "ttft_ms",
+                                                  "decode_tokens_per_s", "samples_per_s", "peak_rss_mib",
+                                                  *(["visual_tokens_layer_mean"] if compressor == "fastv" else [])}
     assert all(eff[k] > 0 for k in eff if k != "decode_tokens_per_s") and eff["ttft_ms"] >= eff["prefill_ms"]
     assert round(eff["visual_tokens_after"], 1) == line["visual_tokens"]["after"]  # the same questions
     rel = line["relative"]["efficiency"]
     assert rel["visual_tokens_before"] == 100 and rel["visual_tokens_after"] < 100 and rel["prefill_tflops"] < 100
-    assert set(rel) == set(eff) - {"measured"} - ({"decode_tokens_per_s"} if not eff["decode_tokens_per_s"] else set())
+    assert set(rel) == set(eff) - {"measured", "visual_tokens_layer_mean"} - (  # the base has no layer mean
+        {"decode_tokens_per_s"} if not eff["decode_tokens_per_s"] else set())

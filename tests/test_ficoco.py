@@ -371,3 +371,45 @@ def test_visualize_refuses_a_tower_method_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("error: ficoco merges tokens inside the vision tower") and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+class Counted:
+    """A tower stage whose own reading (its scores, its merge) is counted apart, by `counts` (FLOPs per call)."""
+
+    def __init__(self, stage, counts: list):
+        self.stage, self.counts = stage, counts
+
+    def __getattr__(self, name):
+        return getattr(self.stage, name)
+
+    def keep(self, between):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            kept = self.stage.keep(between)
+        self.counts.append(counter.get_total_flops())
+        return kept
+
+
+@pytest.mark.parametrize("method, r", [("none", 1.0), ("ficoco", 0.5), ("globalcom2", 0.25)])
+def test_the_tower_count_is_a_direct_count(method, r):
+    """The efficiency's `tower_tflops` (eval/efficiency.py `tile_flops`: the patch embedding and the layers up
+    to the feature layer at the schedule's `token_counts`) against torch's own FlopCounterMode over the tower
+    as it runs on the shipped model's tiles: every layer whole, or FiCoCo-V's merging layer with its
+    attention before and its MLP after the merge; what the stages read to choose is counted apart and left out."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from minillava.compression import tower_schedule
+    from minillava.eval import efficiency as E
+
+    model, _ = gen.load(gen.DEFAULT_MODEL, dtype=torch.float32)
+    pixels = model.tile(load_image(str(Path(__file__).parent.parent / "examples" / "scene.png"))).pixels
+    reads: list[int] = []
+    stages = tuple(Counted(s, reads) for s in tower_schedule(model, method, r))
+    # torch's own formula for attention (torch.utils.flop_counter.sdpa_flop_count), given the CPU's kernel it lacks
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                     lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        model.vision(pixels, (model.cfg.vision_feature_layer,), stages)
+    assert len(reads) == len(stages) == (method == "ficoco")
+    assert counter.get_total_flops() - sum(reads) == len(pixels) * E.tile_flops(model, method, r)

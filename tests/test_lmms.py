@@ -230,7 +230,7 @@ def check_efficiency(e: dict, eval_efficiency: dict, n: int):
     """The adapter's efficiency fields against minillava.eval's on the same questions: the counted ones
     (visual tokens, TFLOPs) equal to the printed precision, the measured ones positive and consistent."""
     assert e["measured"] == n
-    for key in ("visual_tokens_before", "visual_tokens_after", "prefill_tflops"):
+    for key in ("visual_tokens_before", "visual_tokens_after", "prefill_tflops", "tower_tflops"):
         assert e[key] == eval_efficiency[key], key
     assert 0 < e["prefill_ms"] <= e["ttft_ms"]
     assert e["decode_tokens_per_s"] > 0 and e["samples_per_s"] > 0
@@ -419,6 +419,22 @@ def test_cli(setup):
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1].startswith("error: minillava: task pair, doc 0 has 2 images")
     assert "Traceback" not in refused.stderr + refused.stdout
+
+
+PRUNING = {"pdrop": 0.25, "sparsevlm": 0.25, "ficoco-l": 0.25, "ficoco": 0.5}  # the tiny tower merges at most half
+
+
+@pytest.mark.slow
+def test_the_pruning_methods_answer_as_minillava_eval(setup):
+    """Every method that prunes inside the decoder or the tower, through lmms-eval in batches of 3 (such a
+    method's rows are prefilled one by one): minillava.eval's answers at the same r."""
+    tmp = setup["tmp"]
+    runs = [{"name": c, "task": "scenes", "batch_size": 1,
+             "model_args": f"pretrained={TINY},compressor={c},retention_ratio={r},batch_size=3"} for c, r in PRUNING.items()]
+    got = drive(tmp, "pruning", {"include": str(setup["tasks"]), "runs": runs})
+    for c, r in PRUNING.items():
+        ours = eval_answers(tmp / "data" / "synthetic", tmp / f"eval-{c}.jsonl", TINY, c, "--retention-ratio", str(r))
+        assert got[c]["answers"] == {x["question_id"]: x["text"] for x in ours}, c
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 One torchrun launch (tests/tp_worker.py) runs every case; each rank loads the whole model and its own part
 and answers with both. Decoder kinds: Vicuna / LLaMA (4 heads, 4 key/value heads: split 2 + 2), Mistral
 with one key/value head (replicated on both ranks), Qwen2 (OneVision: q/k/v biases, 4 on 2 heads); the
-methods: none, globalcom2, and the two that rank by the decoder's attention over all heads (fastv, pdrop).
+methods: none, globalcom2, and the three that read the decoder's attention over all heads (fastv, pdrop, ficoco-l).
 """
 
 import json

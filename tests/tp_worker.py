@@ -26,7 +26,7 @@ from minillava.batch import generate_batch
 from minillava.quant import Spec
 from minillava.trust import load_image
 
-METHODS = ["none", "globalcom2", "fastv", "pdrop"]
+METHODS = ["none", "globalcom2", "fastv", "pdrop", "ficoco-l"]
 
 
 def build_cases(root: Path, tokenizer: Path) -> list[dict]:

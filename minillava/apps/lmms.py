@@ -150,6 +150,10 @@ class MiniLlava(lmms):
         self.warm = not compile  # compiled steps are warmed up on the first batch asked (`generate_until`)
         # what each answered question cost, counted as minillava.eval's runner.answer counts it
         self.llm = LlmSpec.from_text(pretrained or gen.DEFAULT_MODEL, self.model.cfg.text)
+        try:
+            self.tile = E.tile_flops(self.model, self.compressor, self.retention_ratio)  # one tile through the tower
+        except gen.USER_ERRORS as e:  # a tower method this tower cannot run at this r
+            raise Refused(str(e)) from None
         self.shares: list[Share] = []  # one per generate_until call: see `efficiency`
 
     @classmethod
@@ -235,7 +239,7 @@ class MiniLlava(lmms):
                         share.failed += 1
                     else:
                         share.costs.append(E.question_cost(result, E.text_tokens(self.tokenizer, text), self.llm,
-                                                           self.compressor, self.retention_ratio))
+                                                           self.compressor, self.retention_ratio, self.tile))
             bar.update(len(batch))
 
     def _answer(self, items: list[tuple], options: dict) -> list:

@@ -1,16 +1,25 @@
 """What a run cost, from the run that scored it: per-question measurements in, one summary out.
 
     meter = Meter(device)                    # after loading and warm-up: peaks reset, clock started
-    costs = [question_cost(result, text, spec, method, ratio) for each answered question]
+    tile = tile_flops(model, method, ratio)  # once per run
+    costs = [question_cost(result, text, spec, method, ratio, tile) for each answered question]
     summary(costs, meter.stop())             # the `efficiency` object of the summary line
 
 The fields of `summary` (means over the questions this run answered; FIELDS says the same for --help):
 - visual_tokens_before / _after: visual tokens per question before and after compression (a
   decoder-side method, FastV: what its last pruned layers see).
+- visual_tokens_layer_mean (a decoder-side method only: fastv, pdrop, sparsevlm, ficoco-l): the image
+  tokens the decoder's layers see, averaged over the layers (minillava/schedule.py `layer_lengths`), so the
+  layer-averaged share is this over _before, and the share the last layers see _after over _before.
 - prefill_tflops: the theoretical TFLOPs of the question's real prefill, LLM-Viewer's count
   (minillava/flops.py `prefill_flops`, the docs/speed.md table's function) for its own token count:
   template text, question and image tokens after compression, newlines included; a decoder-side
   method's layers at the counts its schedule leaves them (FastV: from layer K on). Batch padding is not counted (it is the question's own cost).
+  The LLM only, as the paper's figures.
+- tower_tflops: the same count for the vision tower: every tile of the question's image through the patch
+  embedding and the layers up to the feature layer, each layer at the tokens a tower method's schedule
+  leaves it (FiCoCo-V: attention before, MLP after its merge; `tile_flops`). Not counted: the projector,
+  and the probes a stage method reads (GlobalCom2's last-layer [CLS] row), as a decoder stage's reading.
 - prefill_ms: wall time of the prefill that computed the question's first answer token (its batch's:
   shared by the rows of a --batch-size batch, which are prefilled together), device synchronised.
 - ttft_ms: time to first token: from the start of the question's batch (tiling its images) through
@@ -35,16 +44,20 @@ from pathlib import Path
 
 import torch
 
-from ..flops import LlmSpec, layered_prefill_flops
+from ..compression import place, tower_schedule
+from ..flops import LlmSpec, layered_prefill_flops, tile_flops as tower_tile_flops
 from ..generate import Result
-from ..schedule import build as build_schedule, layer_lengths
+from ..schedule import build as build_schedule, token_counts
 
 MIB = 1 << 20
 
 FIELDS = {  # name: what it measures, for --help
     "visual_tokens_before/after": "visual tokens per question before / after compression",
+    "visual_tokens_layer_mean": "a decoder-side method: visual tokens per question averaged over the decoder's layers",
     "prefill_tflops": "theoretical TFLOPs of the question's own prefill (LLM-Viewer's count, text and newlines "
-                      "included, as the docs/speed.md table)",
+                      "included, as the docs/speed.md table; the LLM only)",
+    "tower_tflops": "the same count for the vision tower: the question's tiles through the layers up to the feature "
+                    "layer, at what a tower method leaves each",
     "prefill_ms": "wall time of the prefill that gave the question's first token (its batch's)",
     "ttft_ms": "time to first token: batch start (image tiling) to the first answer token",
     "decode_tokens_per_s": "answer tokens after the first over decode wall time (a batch's time counted once)",
@@ -59,7 +72,9 @@ class QuestionCost:
 
     visual_before: int
     visual_after: int
+    visual_layer_mean: float | None  # a decoder-side method: averaged over the decoder's layers; else None
     prefill_flops: int  # theoretical, its own prompt
+    tower_flops: int  # theoretical, its image's tiles
     prefill_s: float  # the prefill that computed its first token
     ttft_s: float  # its batch's start to its first answer token
     decode_tokens: int  # answer tokens after the first (the first comes out of the prefill)
@@ -71,18 +86,31 @@ def text_tokens(tokenizer, prompt: str) -> int:
     return sum(len(chunk) for chunk in tokenizer.encode_question(prompt))
 
 
-def question_cost(result: Result, text: int, spec: LlmSpec, method: str = "none", ratio: float = 1.0) -> QuestionCost:
+def question_cost(result: Result, text: int, spec: LlmSpec, method: str = "none", ratio: float = 1.0,
+                  tile: int = 0) -> QuestionCost:
     """The cost of one answered question from its Result (generate_batch's) and its `text` token count.
     `method` at `ratio`: a decoder-side method's layers see what its schedule leaves them (rebuilt here
     for the question's `before` image tokens, as generate.prepare built it); the others' every layer
-    sees `after`."""
+    sees `after`. `tile`: the tower's FLOPs for one tile (`tile_flops`), times the question's tiles."""
     before, after = result.visual_tokens["before"], result.visual_tokens["after"]
     stages = build_schedule(method, 0, before, ratio, spec.layers)
-    image = layer_lengths(stages, before, spec.layers) if stages else [after] * spec.layers
-    flops = layered_prefill_flops(spec, [text + n for n in image])
+    decoder = place(method) == "decoder"
+    image, mlp = token_counts(stages, before, spec.layers) if decoder else ([after] * spec.layers,) * 2
+    flops = layered_prefill_flops(spec, [text + n for n in image], [text + n for n in mlp])
     t = result.timings_s
-    return QuestionCost(before, after, flops, t["own_prefill"], t["first_token"], max(len(result.token_ids) - 1, 0),
-                        t["own_decode"])
+    return QuestionCost(before, after, sum(image) / spec.layers if decoder else None, flops, tile * result.tiles,
+                        t["own_prefill"], t["first_token"], max(len(result.token_ids) - 1, 0), t["own_decode"])
+
+
+def tile_flops(model, method: str = "none", ratio: float = 1.0) -> int:
+    """Matmul FLOPs of one tile through `model`'s vision tower as it runs under `method` at `ratio`: the patch
+    embedding and the layers up to the feature layer, each at the tokens the tower schedule (FiCoCo-V)
+    leaves it (minillava/flops.py `tile_flops`)."""
+    v = model.cfg.vision
+    layers = model.cfg.vision_feature_layer % (v.num_hidden_layers + 1)  # the layers the features need
+    attention, mlp = token_counts(tower_schedule(model, method, ratio), int(model.vision.has_cls) + v.patches_per_side**2,
+                                  layers)
+    return tower_tile_flops(v, attention, mlp)
 
 
 class Meter:
@@ -143,7 +171,10 @@ def summary(costs: list[QuestionCost], meters: list[dict]) -> dict | None:
         "measured": n,
         "visual_tokens_before": mean(lambda c: c.visual_before),
         "visual_tokens_after": mean(lambda c: c.visual_after),
+        **({"visual_tokens_layer_mean": mean(lambda c: c.visual_layer_mean)}
+           if all(c.visual_layer_mean is not None for c in costs) else {}),
         "prefill_tflops": mean(lambda c: c.prefill_flops) / 1e12,
+        "tower_tflops": mean(lambda c: c.tower_flops) / 1e12,
         "prefill_ms": 1e3 * mean(lambda c: c.prefill_s),
         "ttft_ms": 1e3 * mean(lambda c: c.ttft_s),
         "decode_tokens_per_s": sum(c.decode_tokens for c in costs) / decode_s if decode_s > 0 else None,

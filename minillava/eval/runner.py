@@ -258,7 +258,7 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
                  if not isinstance(image, BaseException)]
         warm_up(model, steps, tokenizer, first, args.compressor, args.retention_ratio, settings["max_new_tokens"],
                 args.seed)
-    spec = LlmSpec.from_text(args.model, model.cfg.text)
+    spec, tile = LlmSpec.from_text(args.model, model.cfg.text), E.tile_flops(model, args.compressor, args.retention_ratio)
     costs, meter = [], E.Meter(device)  # from here on: answering
     # one writer a replica: its first rank (the others compute the same answers)
     writer = (AnswerWriter(args.output if world.replicas == 1 else part_file(args.output, world.replica))
@@ -278,7 +278,7 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
             else:
                 record.update(text=result.text.strip(), visual_tokens=result.visual_tokens)
                 costs.append(E.question_cost(result, E.text_tokens(tokenizer, q.prompt), spec, args.compressor,
-                                              args.retention_ratio))
+                                              args.retention_ratio, tile))
             record.update(model_id=args.model, metadata=settings)
             if writer:
                 writer.write(record)

@@ -67,6 +67,12 @@ def markdown(r: dict, rows: list[Row]) -> str:
         for t in th["decoder"]:
             lines.append(f"| {t['model']} | {t['method']} | {t['r']:g} | {', '.join(map(str, t['stage_layers']))} | "
                          f"{t['last_share']:.3f} | {t['mean_share']:.3f} | {t['tflops']:.1f} |")
+        lines += ["", "Methods that merge inside the vision tower: the tower's layers up to the feature layer counted at "
+                  "what the schedule leaves each (5 tiles), and the LLM at the tokens the tiles give.", "",
+                  "| model | method | r | image tokens | tower TFLOPs (whole) | LLM TFLOPs |", "|---|---|---|---|---|---|"]
+        for t in th.get("tower", []):
+            lines.append(f"| {t['model']} | {t['method']} | {t['r']:g} | {t['image_tokens']} | "
+                         f"{t['tower_tflops']:.2f} ({t['whole_tower_tflops']:.2f}) | {t['llm_tflops']:.1f} |")
     if "run_s" in r:
         lines += ["", f"Run time: {r['run_s'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"

@@ -5,8 +5,9 @@ KV-cache MB of LLaVA-NeXT-7B and 13B at every ratio, next to the GlobalCom2 pape
 from __future__ import annotations
 
 import globalcom2
-from minillava.flops import LLAVA_7B, LLAVA_13B, LlmSpec, kv_cache_bytes, layered_prefill_flops, prefill_flops, tower_flops
-from minillava.schedule import build, layer_lengths
+from minillava.flops import (LLAVA_7B, LLAVA_13B, LlmSpec, kv_cache_bytes, layered_prefill_flops, prefill_flops, tile_flops,
+                             tower_flops)
+from minillava.schedule import build, token_counts
 
 from .plan import CLIP_L336, PROMPT_NOTE, RATIOS
 
@@ -51,7 +52,8 @@ def theory(counts: dict[str, int], prompt_tokens: int, scores_note: str) -> dict
                            implied_tokens_kv=p_mb * 1e6 / kv_cache_bytes(spec, 1))
             rows.append(row)
     return {"rows": rows, "explanation": explain(rows, counts, prompt_tokens), "prompt_note": PROMPT_NOTE,
-            "scores_note": scores_note, "counts": counts, "decoder": decoder_rows(counts["none"], prompt_tokens)}
+            "scores_note": scores_note, "counts": counts, "decoder": decoder_rows(counts["none"], prompt_tokens),
+            "tower": tower_rows(prompt_tokens)}
 
 
 def decoder_rows(image: int, prompt_tokens: int) -> list[dict]:
@@ -64,11 +66,36 @@ def decoder_rows(image: int, prompt_tokens: int) -> list[dict]:
         for method in (m for m, entry in globalcom2.METHODS.items() if entry.place == globalcom2.DECODER):
             for r in (r for r in RATIOS if r < 1.0):
                 stages = build(method, 0, image, r, spec.layers)
-                per_layer = layer_lengths(stages, image, spec.layers)
-                tflops = layered_prefill_flops(spec, [prompt_tokens + n for n in per_layer]) / 1e12
+                per_layer, mlp = token_counts(stages, image, spec.layers)  # a merge inside a layer: its MLP after
+                tflops = layered_prefill_flops(spec, [prompt_tokens + n for n in per_layer],
+                                               [prompt_tokens + n for n in mlp]) / 1e12
                 rows.append({"model": spec.name, "method": method, "r": r, "tflops": tflops,
                              "last_share": per_layer[-1] / image, "mean_share": sum(per_layer) / (image * spec.layers),
                              "stage_layers": [stage.layer for stage in stages]})
+    return rows
+
+
+def tower_rows(prompt_tokens: int, tiles: int = 5) -> list[dict]:
+    """The methods that merge inside the vision tower (FiCoCo-V), each at every r < 1 it can run on LLaVA's
+    CLIP-L/336 (read at layer -2): the tower's TFLOPs for the `tiles` tiles of a 672 x 672 image, each layer at
+    what the schedule leaves it (attention before, MLP after its merge; the layers up to the feature layer,
+    the count `python -m minillava.eval` makes, eval/efficiency.py `tile_flops`) beside the whole tower's, and
+    the LLM's for the tokens the tiles give (merged tiles one after another, no newlines)."""
+    rows, v = [], CLIP_L336
+    patches, layers = (v.image_size // v.patch_size) ** 2, v.num_hidden_layers - 1  # feature layer -2
+    whole = tiles * tile_flops(v, [1 + patches] * layers) / 1e12
+    for method in (m for m, entry in globalcom2.METHODS.items() if entry.place == globalcom2.TOWER):
+        for r in (r for r in RATIOS if r < 1.0):
+            try:
+                stages = globalcom2.tower_schedule(method, r, patches, v.num_hidden_layers, -2, True)
+            except ValueError:  # more than a layer can merge (docs/methods.md)
+                continue
+            attention, mlp = token_counts(stages, 1 + patches, layers)
+            image = tiles * (mlp[-1] - 1)  # LLaVA's feature select drops each tile's first token
+            for spec in (LLAVA_7B, LLAVA_13B):
+                rows.append({"model": spec.name, "method": method, "r": r, "image_tokens": image,
+                             "tower_tflops": tiles * tile_flops(v, attention, mlp) / 1e12, "whole_tower_tflops": whole,
+                             "llm_tflops": prefill_flops(spec, prompt_tokens + image)["total"] / 1e12})
     return rows
 
 
