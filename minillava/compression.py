@@ -110,9 +110,9 @@ def stage_inputs(model: Llava, images: list[Encoded]) -> list:
     to the downscaled grid (`grid_share`): r keeps r of the visual tokens the decoder would see."""
     import globalcom2
 
-    side, max_tiles = model.cfg.vision.patches_per_side, model.cfg.anyres_max
+    side, max_tiles = model.cfg.token_side, model.cfg.anyres_max
     return [globalcom2.ImageFeatures(thumb=im.thumb, crops=im.crops, thumb_scores=None, crop_scores=None, grid=im.grid,
-                                     size=im.size, area=im.area, newline=model.image_newline, probes=im.probes,
+                                     size=im.size, area=im.area, newline=model.newline, probes=im.probes,
                                      project=model.projector, has_cls=has_cls(model),
                                      grid_share=grid_share(im.area, side, max_tiles))
             for im in images]
