@@ -78,11 +78,16 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def needs(name: str, has_cls: bool = True) -> tuple[tuple[str, int], ...]:
-    """The tower probes (globalcom2/probes.py) `name` reads, on a tower with or without [CLS]: a stage
-    method's (`compress.needs`, which refuses a [CLS] method on a tower without it); none for a decoder
-    method, which reads the decoder."""
-    return stage_needs(name, has_cls) if method(name).place == STAGE else ()
+def needs(name: str, has_cls: bool = True, group: int = 1) -> tuple[tuple[str, int], ...]:
+    """The tower probes (globalcom2/probes.py) `name` reads, on a tower with or without [CLS], whose tokens
+    are `group` x `group` patches: a stage method's (`compress.needs`, which refuses a [CLS] method on a tower
+    without it, and a published peer on grouped tokens); none for a decoder method, which reads the decoder.
+    A tower method refuses grouped tokens: its merged tiles would no longer form InternVL's 2 x 2 groups."""
+    if group > 1 and method(name).place == TOWER:
+        raise ValueError(f"{name} merges tokens inside the vision tower, and InternVL's pixel shuffle needs each "
+                         "tile's patches whole afterwards (2 x 2 per token); use globalcom2, uniform, random, none, "
+                         "fastv, pdrop or sparsevlm")
+    return stage_needs(name, has_cls, group) if method(name).place == STAGE else ()
 
 
 def tower_schedule(name: str, ratio: float, patches: int, n_layers: int, feature_layer: int, has_cls: bool) -> tuple:

@@ -27,8 +27,8 @@ from torch import nn
 from .anyres import Tiles, tile_image
 from .clip import ClipTower, Tower
 from .config import LlavaConfig
-from .layout import (compressed_sequence, crop_grid, downscaled_size, merged_sequence, pack, unpad_area,
-                     uncompressed_length)
+from .layout import (compressed_sequence, crop_grid, downscaled_size, merged_sequence, pack, tile_sequence,
+                     unpad_area, uncompressed_length)
 from .internvit import InternVitTower, pixel_shuffle
 from .llama import Decoder, Linear
 from .siglip import SiglipTower
@@ -148,8 +148,10 @@ class Llava(nn.Module):
         sequence as it made it."""
         if image.merged:  # a tower method's shorter tiles: no grid left to unpad, downscale or close by newlines
             return merged_sequence(image.thumb, image.crops)
-        if self.cfg.family_spec.tile_by_tile and kept is None:  # InternVL: the crops one after another, then the thumbnail
-            return torch.cat([image.crops.reshape(-1, image.thumb.shape[-1]), image.thumb])
+        if self.cfg.family_spec.tile_by_tile:  # InternVL: the crops one after another, then the thumbnail
+            if kept is None:
+                return tile_sequence(image.thumb, image.crops, image.grid)
+            return tile_sequence(kept.head, image.crops, image.grid, kept.crop_keep)
         if kept is None:  # a family that downscales (OneVision): the unpadded grid downscaled when large
             size = downscaled_size(image.area, self.cfg.token_side, self.cfg.anyres_max)
             return pack(image.thumb, crop_grid(image.crops, image.grid), image.area, self.image_newline,
