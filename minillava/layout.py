@@ -144,8 +144,8 @@ def tile_sequence(head: Tensor, crops: Tensor, grid: tuple[int, int], keep: Tens
     crop's in raster order (our choice for compression: docs/internvl.md)."""
     if keep is not None:
         gw, gh = grid
-        side = round(crops.shape[1] ** 0.5) if crops.shape[0] else 0
-        keep = keep.reshape(gh, side, gw, side).transpose(1, 2).reshape(gw * gh, side * side)  # (C, P) crops row-major
+        side = round(crops.shape[1] ** 0.5)
+        keep = keep.reshape(gh, side, gw, side).transpose(1, 2).reshape(gw * gh, crops.shape[1])  # (C, P) crops row-major
         return torch.cat([crops[keep].to(head.dtype), head])
     return torch.cat([crops.reshape(-1, head.shape[-1]).to(head.dtype), head])
 

@@ -168,7 +168,8 @@ def test_grid_choice_matches_the_published_rule_on_many_sizes():
         assert closest_grid((w, h), grids, 448) == find_closest_aspect_ratio(w / h, ratios, w, h, 448), (w, h)
 
 
-@pytest.mark.parametrize("size", [(56, 56), (200, 150), (700, 50)])
+@pytest.mark.parametrize("size", [pytest.param((56, 56), marks=pytest.mark.slow), (200, 150),
+                                  pytest.param((700, 50), marks=pytest.mark.slow)])
 def test_tiles_match_transformers_processor(size):
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 

@@ -447,19 +447,20 @@ def train_internvl_tokenizer(path: Path) -> Path:
     return path
 
 
-def iv_hf_config(rms: bool = False, layers: int = 2, tie: bool = False):
+def iv_hf_config(rms: bool = False, layers: int = 2, tie: bool = False, tile: int = TILE):
     """A tiny InternVLConfig: InternViT (2 layers, 56 px tiles of 4 x 4 patches: 2 x 2 tokens after the pixel
     shuffle) with LayerNorm and q, k, v biases (the 300M tower's kind) or `rms` RMSNorm with q/k norm and no
     biases (the 6B tower's), a Qwen2 decoder with GQA."""
     from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
     vision = InternVLVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=TILE, patch_size=14, norm_type="rms_norm" if rms else "layer_norm",
+                                  image_size=tile, patch_size=14, norm_type="rms_norm" if rms else "layer_norm",
                                   use_qk_norm=rms, attention_bias=not rms, layer_norm_eps=1e-6)
     text = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=OV_VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-6,
                        rope_theta=1e6, tie_word_embeddings=tie, bos_token_id=OV_BPE, eos_token_id=OV_BPE + 2)
-    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=IV_IMAGE_TOKEN, image_seq_length=4,
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=IV_IMAGE_TOKEN,
+                          image_seq_length=(tile // 28) ** 2,
                           downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=tie)
 
 
@@ -511,11 +512,11 @@ def iv_original_config(hf_cfg) -> dict:
     return {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internvl2_5",
         "select_layer": -1, "downsample_ratio": 0.5, "ps_version": "v2", "dynamic_image_size": True,
-        "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": IV_MAX_TILES, "force_image_size": TILE,
+        "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": IV_MAX_TILES, "force_image_size": v.image_size[0],
         "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
                           "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
                           "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
-                          "image_size": TILE, "patch_size": 14, "qkv_bias": v.attention_bias,
+                          "image_size": v.image_size[0], "patch_size": 14, "qkv_bias": v.attention_bias,
                           "qk_normalization": v.use_qk_norm, "norm_type": v.norm_type, "layer_norm_eps": v.layer_norm_eps,
                           "hidden_act": "gelu", "use_flash_attn": False},
         "llm_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": t.hidden_size,
