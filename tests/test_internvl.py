@@ -263,3 +263,89 @@ def test_config_refusals_are_one_line():
         with pytest.raises(ConfigError, match=words) as e:
             parse_config(json.loads(json.dumps({**good, **change})))
         assert "\n" not in str(e.value)
+
+
+# --- the released configs ------------------------------------------------------------------------------------
+
+VIT_300M = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm"}  # InternViT-300M-448px-V2_5
+VIT_6B = {"hidden_size": 3200, "intermediate_size": 12800, "num_hidden_layers": 45, "num_attention_heads": 25,
+          "qkv_bias": False, "qk_normalization": True, "norm_type": "rms_norm"}  # InternViT-6B-448px-V2_5
+QWEN25 = {  # Qwen2.5-{0.5,1.5,7,14,32,72}B-Instruct's sizes as InternVL3's llm_config carries them (151,674 embeddings)
+    "1B": (VIT_300M, {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                      "num_key_value_heads": 2}),
+    "2B": (VIT_300M, {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+                      "num_key_value_heads": 2}),
+    "8B": (VIT_300M, {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                      "num_key_value_heads": 4}),
+    "14B": (VIT_300M, {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48, "num_attention_heads": 40,
+                       "num_key_value_heads": 8}),
+    "38B": (VIT_6B, {"hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40,
+                     "num_key_value_heads": 8}),
+    "78B": (VIT_6B, {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
+                     "num_key_value_heads": 8}),
+}
+QWEN25_COMMON = {"vocab_size": 151674, "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
+                 "max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+                 "sliding_window": 32768, "use_sliding_window": False, "rope_scaling": None, "torch_dtype": "bfloat16"}
+
+
+def released(size: str, layout: str) -> dict:
+    """The config.json of OpenGVLab/InternVL3-{size} (original) or OpenGVLab/InternVL3-{size}-hf, the keys that matter."""
+    vit, llm = QWEN25[size]
+    text = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **QWEN25_COMMON, **llm}
+    if layout == "original":
+        vision = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "image_size": 448, "patch_size": 14,
+                  "hidden_act": "gelu", "layer_norm_eps": 1e-06, "use_flash_attn": True, "drop_path_rate": 0.0, **vit}
+        return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internvl2_5",
+                "select_layer": -1, "downsample_ratio": 0.5, "ps_version": "v2", "dynamic_image_size": True,
+                "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12, "force_image_size": 448,
+                "vision_config": vision, "llm_config": {**text, "tie_word_embeddings": False}, "torch_dtype": "bfloat16"}
+    vision = {"model_type": "internvl_vision", "image_size": [448, 448], "patch_size": [14, 14], "hidden_act": "gelu",
+              "layer_norm_eps": 1e-06, "use_mean_pooling": True, "layer_scale_init_value": 0.1,
+              **{k: v for k, v in vit.items() if k not in ("qkv_bias", "qk_normalization")},
+              "attention_bias": vit["qkv_bias"], "use_qk_norm": vit["qk_normalization"]}
+    return {"architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl", "downsample_ratio": 0.5,
+            "image_seq_length": 256, "image_token_id": 151667, "projector_hidden_act": "gelu", "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "default", "vision_config": vision,
+            "text_config": {**text, "tie_word_embeddings": False}, "tie_word_embeddings": False}
+
+
+def expected_parameters(size: str) -> int:
+    """Written out from the architecture, not from our modules: InternViT (patch conv with bias, [CLS], 1 + 1024
+    positions; per layer q/k/v (biases or q/k RMSNorm), the output projection, the MLP, two norms (LayerNorm:
+    weight and bias; RMSNorm: weight), two layer scales), mlp1 (LayerNorm of 4 D, two linears), Qwen2.5 (q/k/v
+    biases, GQA) and its own head."""
+    vit, llm = QWEN25[size]
+    D, F, L = vit["hidden_size"], vit["intermediate_size"], vit["num_hidden_layers"]
+    norms = 2 * (2 * D if vit["norm_type"] == "layer_norm" else D)
+    attn = 4 * D * D + D + (3 * D if vit["qkv_bias"] else 0) + (2 * D if vit["qk_normalization"] else 0)
+    tower = D * 3 * 14 * 14 + D + D + 1025 * D + L * (attn + 2 * D * F + F + D + norms + 2 * D)
+    d, n, H, KV, I, V = (llm[k] if k in llm else QWEN25_COMMON[k] for k in
+                         ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                          "intermediate_size", "vocab_size"))
+    hd = d // H
+    layer = d * H * hd + H * hd + 2 * (d * KV * hd + KV * hd) + H * hd * d + 3 * d * I + 2 * d
+    projector = 2 * 4 * D + 4 * D * d + d + d * d + d
+    return tower + projector + V * d + n * layer + d + V * d
+
+
+# the hub's model pages (OpenGVLab/InternVL3-*): 938M, 2.09B, 7.94B, 15.1B, 38.4B, 78.4B parameters
+HUB_SIZES = {"1B": 0.938e9, "2B": 2.09e9, "8B": 7.94e9, "14B": 15.1e9, "38B": 38.4e9, "78B": 78.4e9}
+
+
+@pytest.mark.parametrize("layout", ["original", "transformers"])
+@pytest.mark.parametrize("size", list(QWEN25))
+def test_released_configs_parse_and_build(size, layout):
+    from minillava.model import Llava
+
+    cfg = parse_config(released(size, layout))
+    v, t = cfg.vision, cfg.text
+    assert (v.model_type, v.image_size, v.patches_per_side, cfg.token_side, cfg.vision_feature_layer) == ("internvit", 448, 32, 16, -1)
+    assert len(cfg.grid_pinpoints) == len(internvl_grids(1, 12)) and cfg.family == "internvl"
+    assert (t.model_type, t.qkv_bias, t.rope_theta, t.tie_word_embeddings) == ("qwen2", True, 1e6, False)
+    with torch.device("meta"):
+        model = Llava(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == expected_parameters(size)
+    assert abs(n - HUB_SIZES[size]) / HUB_SIZES[size] < 0.002  # the pages' three digits
