@@ -349,3 +349,21 @@ def test_released_configs_parse_and_build(size, layout):
     n = sum(p.numel() for p in model.parameters())
     assert n == expected_parameters(size)
     assert abs(n - HUB_SIZES[size]) / HUB_SIZES[size] < 0.002  # the pages' three digits
+
+
+def test_quantize_app_writes_the_hf_layout_and_refuses_the_fused_one(tmp_path, checkpoints, capsys):
+    """apps.quantize on an -hf checkpoint (Qwen2's q/k/v biases stay as they are): the written int8 checkpoint
+    answers as --quantize int8 does; OpenGVLab's fused attn.qkv is refused in one line, nothing written."""
+    from minillava.apps import quantize
+    from minillava.quant import Spec
+
+    assert quantize.main(["--model", str(checkpoints["layer_norm", "hub"]), "--out", str(tmp_path / "q8"), "--bits", "8"]) == 0
+    image = noise_image(200, 150, seed=6)
+    written, tok = gen.load(str(tmp_path / "q8"))
+    loaded = load_model(checkpoints["layer_norm", "hub"], quantize=Spec(8))
+    assert (gen.generate(written, tok, image, QUESTION, "none", max_new_tokens=5).token_ids
+            == gen.generate(loaded, tok, image, QUESTION, "none", max_new_tokens=5).token_ids)
+    capsys.readouterr()
+    code = quantize.main(["--model", str(checkpoints["layer_norm", "original"]), "--out", str(tmp_path / "no"), "--bits", "8"])
+    err = capsys.readouterr().err
+    assert code != 0 and "attn.qkv" in err and err.count("\n") == 1 and not (tmp_path / "no").exists()
