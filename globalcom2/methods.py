@@ -66,8 +66,10 @@ HELP = (
     "r = 1/3, 2/9, 1/9 its 192, 128, 64 of 576; needs 4 or more decoder layers); "
     "inside the vision tower ficoco (FiCoCo-V: merges tokens of every tile in each layer from "
     "half the tower to the feature layer, r the share of a tile's tokens left; a layer merges at most half its "
-    "tokens, so r >= about 1 / (merging layers + 1): 0.5 on the tiny models, 0.083 on LLaVA's tower). Each is "
-    "described in docs/methods.md"
+    "tokens, so r >= about 1 / (merging layers + 1): 0.5 on the tiny models, 0.083 on LLaVA's tower). On "
+    "InternVL (2 x 2 patches a token) a token's score is the sum of its 4 patches', a crop's kept tokens go tile "
+    "by tile, the thumbnail's last, and a one-tile image is its thumbnail alone (our choices, docs/internvl.md); "
+    "the published peers, the -paper names and ficoco refuse it. Each is described in docs/methods.md"
 )
 
 
