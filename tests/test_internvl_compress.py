@@ -150,3 +150,14 @@ def test_published_peers_refuse_in_one_line(capsys, checkpoint, images, method):
 def test_cli_runs_the_other_paths(capsys, checkpoint, images, extra):
     counts = run_json(capsys, checkpoint, images["many"], *extra)
     assert counts["before"] == 208
+
+
+def test_demo_answers_without_a_picture(loaded, images):
+    """The demo page on InternVL: the answer and its counts, no picture (visualize draws no InternVL yet)."""
+    pytest.importorskip("gradio")
+    from minillava.apps import demo
+
+    model, tok = loaded
+    steps = list(demo.ask(demo.Session(model, tok, max_new_tokens=3), str(images["many"]), QUESTION, "globalcom2", 0.25))
+    answer, picture, counts, message = steps[-1]
+    assert message == "" and picture is None and "208 ->" in counts
