@@ -334,8 +334,11 @@ def expected_parameters(size: str) -> int:
 HUB_SIZES = {"1B": 0.938e9, "2B": 2.09e9, "8B": 7.94e9, "14B": 15.1e9, "38B": 38.4e9, "78B": 78.4e9}
 
 
-@pytest.mark.parametrize("layout", ["original", "transformers"])
-@pytest.mark.parametrize("size", list(QWEN25))
+RELEASED = [(size, layout) for size in QWEN25 for layout in ("original", "transformers")]
+FAST = {(size, "original") for size in QWEN25} | {("1B", "transformers"), ("38B", "transformers")}  # both towers
+
+
+@pytest.mark.parametrize("size, layout", [c if c in FAST else pytest.param(*c, marks=pytest.mark.slow) for c in RELEASED])
 def test_released_configs_parse_and_build(size, layout):
     from minillava.model import Llava
 
