@@ -370,3 +370,31 @@ def test_quantize_app_writes_the_hf_layout_and_refuses_the_fused_one(tmp_path, c
     code = quantize.main(["--model", str(checkpoints["layer_norm", "original"]), "--out", str(tmp_path / "no"), "--bits", "8"])
     err = capsys.readouterr().err
     assert code != 0 and "attn.qkv" in err and err.count("\n") == 1 and not (tmp_path / "no").exists()
+
+
+README_MEMORY = {"1B": (1.9, 1.4, 0.012), "2B": (4.2, 2.6, 0.029), "8B": (15.9, 8.8, 0.057), "14B": (30.2, 16.3, 0.197),
+                 "38B": (76.8, 44.8, 0.262), "78B": (156.8, 85.4, 0.328)}  # GB bf16, GB int8, MB of KV cache a token
+
+
+@pytest.mark.parametrize("size", [s if s == "1B" else pytest.param(s, marks=pytest.mark.slow) for s in QWEN25])
+def test_readme_memory_cells(size):
+    """The README's and docs/checkpoints.md's InternVL3 cells, counted as the other rows (tests/test_quantize.py):
+    the model on the meta device in bfloat16, the decoder's linears and head swapped for int8; int4 refused in one
+    line (the head's 151,674 rows are no multiple of 16); the KV cache a token, 2 x layers x KV heads x head x 2 bytes."""
+    from minillava import quant
+    from minillava.model import Llava
+    from minillava.quant import Spec
+    from minillava.trust import ConfigError
+
+    cfg = parse_config(released(size, "original"))
+    sizes = []
+    for spec in (None, Spec(8)):
+        with torch.device("meta"):
+            model = Llava(cfg).to(torch.bfloat16)
+            if spec:
+                quant.swap_linears(model, spec)
+        sizes.append(round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9, 1))
+    t = cfg.text
+    assert (*sizes, round(2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2 / 1e6, 3)) == README_MEMORY[size]
+    with torch.device("meta"), pytest.raises(ConfigError, match="lm_head has 151674 outputs"):
+        quant.swap_linears(Llava(cfg), Spec(4, 128))
