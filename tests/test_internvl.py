@@ -354,6 +354,7 @@ def test_released_configs_parse_and_build(size, layout):
     assert abs(n - HUB_SIZES[size]) / HUB_SIZES[size] < 0.002  # the pages' three digits
 
 
+@pytest.mark.slow
 def test_quantize_app_writes_the_hf_layout_and_refuses_the_fused_one(tmp_path, checkpoints, capsys):
     """apps.quantize on an -hf checkpoint (Qwen2's q/k/v biases stay as they are): the written int8 checkpoint
     answers as --quantize int8 does; OpenGVLab's fused attn.qkv is refused in one line, nothing written."""

@@ -152,6 +152,7 @@ def test_cli_runs_the_other_paths(capsys, checkpoint, images, extra):
     assert counts["before"] == 208
 
 
+@pytest.mark.slow  # gradio's import alone is seconds
 def test_demo_answers_without_a_picture(loaded, images):
     """The demo page on InternVL: the answer and its counts, no picture (visualize draws no InternVL yet)."""
     pytest.importorskip("gradio")
