@@ -147,12 +147,31 @@ def _base(method: str) -> str:
     return method
 
 
-def score_of(method: str, has_cls: bool = True) -> str | None:
+# Why each published peer does not run where a token is a 2 x 2 group of patches (InternVL, docs/internvl.md).
+UNGROUPED = {
+    "fastervlm": "ranks single patches by [CLS] attention in LLaVA-NeXT's sequence (globalcom2-attn ranks InternVL's "
+                 "tokens by that attention summed over their 2 x 2 patches)",
+    "hired": "splits its budget over chunks of the thumbnail's patches and lays out LLaVA-NeXT's sequence",
+    "visionzip": "merges patches in the tower's width before the projector, where InternVL's pixel shuffle needs "
+                 "every 2 x 2 group whole",
+    "prumerge+": "merges patches in the tower's width before the projector, where InternVL's pixel shuffle needs "
+                 "every 2 x 2 group whole",
+}
+
+
+def score_of(method: str, has_cls: bool = True, group: int = 1) -> str | None:
     """The token score (a `TOKEN_SCORES` name) `method` reads on a tower with or without [CLS]; None for
     a method that reads none (none, random, the peers, which read their own probes). A method that
-    needs [CLS] is refused on a tower without it, with a one-line ValueError that says why."""
+    needs [CLS] is refused on a tower without it, and a published method (a peer, a `-paper` name) where a
+    token is a `group` x `group` group of patches (InternVL), each with a one-line ValueError that says why."""
     check_arguments(method, 1.0)
     base = _base(method)
+    if group > 1 and (method in PEERS or method.endswith("-paper")):
+        why = UNGROUPED.get(method.removesuffix("-paper"), "emits the published LLaVA-NeXT sequence")
+        if method.endswith("-paper"):
+            why = "emits the published LLaVA-NeXT sequence"
+        raise ValueError(f"{method} does not run on InternVL: it {why}; use globalcom2 (or -attn, -sim), uniform, "
+                         "local-only, global-only, random, none, fastv, pdrop or sparsevlm")
     if method in PEERS or method == "globalcom2-paper":
         if not has_cls:
             what = "the published code of GlobalCom2" if method == "globalcom2-paper" else "its published code"
@@ -169,10 +188,11 @@ def score_of(method: str, has_cls: bool = True) -> str | None:
     return score
 
 
-def needs(method: str, has_cls: bool = True) -> tuple[tuple[str, int], ...]:
+def needs(method: str, has_cls: bool = True, group: int = 1) -> tuple[tuple[str, int], ...]:
     """The tower probes a method needs, (kind, layer) pairs (globalcom2/probes.py), on a tower with or
-    without [CLS] (a method that needs [CLS] refuses a tower without it: `score_of`)."""
-    score = score_of(method, has_cls)
+    without [CLS] (a method that needs [CLS] refuses a tower without it: `score_of`), whose tokens are
+    `group` x `group` patches (a published method refuses groups)."""
+    score = score_of(method, has_cls, group)
     if method in PEERS:
         return PEERS[method].needs
     return () if score is None else (TOKEN_SCORES[score].probe,)
@@ -182,10 +202,11 @@ def token_scores(image: ImageFeatures, method: str) -> tuple[Tensor, Tensor]:
     """The token scores `method` ranks by: thumbnail (P,) and crops (C, P). The given
     `image.thumb_scores` and `crop_scores`, else computed from `image.probes` by the method's score
     (`score_of`; for a method that reads none, GlobalCom2's on this tower, e.g. for a picture)."""
-    score = score_of(method, image.has_cls) or score_of("globalcom2", image.has_cls)
+    group = image.patch_group
+    score = score_of(method, image.has_cls, group) or score_of("globalcom2", image.has_cls)
     if image.thumb_scores is not None or image.crop_scores is not None:
         return image.thumb_scores, image.crop_scores
-    scores = tile_scores(image.probes, score, image.has_cls)  # (1 + C, P)
+    scores = tile_scores(image.probes, score, image.has_cls, group)  # (1 + C, P), InternVL's summed per 2 x 2 patches
     return scores[0], scores[1:]
 
 
@@ -204,13 +225,20 @@ def compress_image(
     `globalcom2` then keeps the crops exactly as `none` does): absolute ratios, `grid_share` not applied.
     """
     ratio = check_arguments(method, ratio, seed)
-    score = score_of(method, image.has_cls)  # refuses a [CLS] method on a tower without [CLS]
+    score = score_of(method, image.has_cls, image.patch_group)  # refuses a [CLS] method on a tower without [CLS]
     thumb_scores, crop_scores = token_scores(image, method) if score is not None else (None, None)
     side = check_image(image, thumb_scores, crop_scores)
     base = _base(method)
     gw, gh = image.grid
     P, C = side * side, gw * gh
     device = image.thumb.device
+    if C == 0:  # InternVL's one-tile image: the thumbnail alone, no crop to give a budget (docs/internvl.md)
+        if scales is not None and len(scales):
+            raise ValueError("scales must have one value per crop (0)")
+        thumb_keep = torch.arange(P, device=device) if method == "none" else _keep_thumbnail(
+            image, base, thumb_scores, ratio, seed, P)
+        return Compressed(thumb_keep, torch.zeros(0, 0, dtype=torch.bool, device=device),
+                          torch.zeros(0, dtype=torch.float64), head=image.thumb[thumb_keep])
     area = image.area
     valid = area_mask(area, (gh * side, gw * side), device)  # (H, W)
     rows, cols = crop_extents(area, image.grid, side)
@@ -325,7 +353,8 @@ def check_image(image: ImageFeatures, thumb_scores: Tensor | None = None, crop_s
     each other; return the tile side."""
     gw, gh = image.grid
     w0, h0 = image.size
-    if gw < 1 or gh < 1 or w0 <= 0 or h0 <= 0:
+    thumb_only = image.grid == (0, 0) and image.patch_group > 1  # InternVL's one tile: a thumbnail, no crop
+    if (gw < 1 or gh < 1) and not thumb_only or w0 <= 0 or h0 <= 0:
         raise ValueError(f"grid {image.grid} and size {image.size} must be positive")
     if image.thumb.ndim != 2:
         raise ValueError(f"thumb must be (P, D), got {tuple(image.thumb.shape)}")

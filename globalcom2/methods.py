@@ -70,8 +70,10 @@ HELP = (
     "layer sees; needs 3 or more decoder layers); "
     "inside the vision tower ficoco (FiCoCo-V: merges tokens of every tile in each layer from "
     "half the tower to the feature layer, r the share of a tile's tokens left; a layer merges at most half its "
-    "tokens, so r >= about 1 / (merging layers + 1): 0.5 on the tiny models, 0.083 on LLaVA's tower). Each is "
-    "described in docs/methods.md"
+    "tokens, so r >= about 1 / (merging layers + 1): 0.5 on the tiny models, 0.083 on LLaVA's tower). On "
+    "InternVL (2 x 2 patches a token) a token's score is the sum of its 4 patches', a crop's kept tokens go tile "
+    "by tile, the thumbnail's last, and a one-tile image is its thumbnail alone (our choices, docs/internvl.md); "
+    "the published peers, the -paper names and ficoco refuse it. Each is described in docs/methods.md"
 )
 
 
@@ -82,11 +84,16 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def needs(name: str, has_cls: bool = True) -> tuple[tuple[str, int], ...]:
-    """The tower probes (globalcom2/probes.py) `name` reads, on a tower with or without [CLS]: a stage
-    method's (`compress.needs`, which refuses a [CLS] method on a tower without it); none for a decoder
-    method, which reads the decoder."""
-    return stage_needs(name, has_cls) if method(name).place == STAGE else ()
+def needs(name: str, has_cls: bool = True, group: int = 1) -> tuple[tuple[str, int], ...]:
+    """The tower probes (globalcom2/probes.py) `name` reads, on a tower with or without [CLS], whose tokens
+    are `group` x `group` patches: a stage method's (`compress.needs`, which refuses a [CLS] method on a tower
+    without it, and a published peer on grouped tokens); none for a decoder method, which reads the decoder.
+    A tower method refuses grouped tokens: its merged tiles would no longer form InternVL's 2 x 2 groups."""
+    if group > 1 and method(name).place == TOWER:
+        raise ValueError(f"{name} merges tokens inside the vision tower, and InternVL's pixel shuffle needs each "
+                         "tile's patches whole afterwards (2 x 2 per token); use globalcom2, uniform, random, none, "
+                         "fastv, pdrop or sparsevlm")
+    return stage_needs(name, has_cls, group) if method(name).place == STAGE else ()
 
 
 def tower_schedule(name: str, ratio: float, patches: int, n_layers: int, feature_layer: int, has_cls: bool) -> tuple:

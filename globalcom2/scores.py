@@ -19,6 +19,7 @@ Scores are float32, on the probes' device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,10 +67,27 @@ DEFAULT_SCORE = "cls_logits"  # the paper's
 NO_CLS_SCORE = "similarity"  # GlobalCom2's default on a tower without [CLS]
 
 
-def tile_scores(probes: dict, score: str, has_cls: bool) -> Tensor:
-    """The score `score` of every token of every tile, (1 + C, P) float32, tile 0 the thumbnail."""
+def tile_scores(probes: dict, score: str, has_cls: bool, group: int = 1) -> Tensor:
+    """The score `score` of every token of every tile, (1 + C, P) float32, tile 0 the thumbnail. `group` g:
+    each token is g x g of the tower's patches (InternVL's pixel shuffle: g = 2), its score the sum of
+    theirs (`group_sum`)."""
     spec = TOKEN_SCORES[score]
     if spec.probe not in probes:
         raise ValueError(f"score {score!r} needs the tower probe {spec.probe} (globalcom2/probes.py); "
                          "compute needs(method) for the method")
-    return spec.read(probes[spec.probe], has_cls)
+    scores = spec.read(probes[spec.probe], has_cls)
+    return group_sum(scores, group) if group > 1 else scores
+
+
+def group_sum(scores: Tensor, group: int) -> Tensor:
+    """Per-patch scores (N, side * side), raster order -> per-token (N, (side/g)^2): the sum over each g x g
+    group of patches, the groups InternVL's pixel shuffle makes one token of (minillava/internvit.py
+    `pixel_shuffle`). Our rule, not the paper's (docs/internvl.md): with the sum, a crop's region of the
+    thumbnail's map sums to what the per-patch map gives (the crops' budgets are the patch map's), the
+    ranking in a tile is the mean's, and post-softmax attention stays a share of the [CLS]'s attention."""
+    n, p = scores.shape
+    side = math.isqrt(p)
+    if side * side != p or side % group:
+        raise ValueError(f"{p} patch scores per tile do not form {group} x {group} groups of a square grid")
+    x = scores.reshape(n, side // group, group, side // group, group)  # (N, i, dy, j, dx)
+    return x.sum(dim=(2, 4)).reshape(n, -1)

@@ -1,5 +1,5 @@
-"""AnyRes tiling for LLaVA-NeXT and LLaVA-OneVision: pick a grid resolution for an image, cut it into
-tower-sized tiles. OneVision's anyres_max_9 tiles exactly so, on its pinpoints (384 x 384 ... 2304 x 2304,
+"""AnyRes tiling for LLaVA-NeXT and LLaVA-OneVision, and InternVL's dynamic tiling: pick a grid
+resolution for an image, cut it into tower-sized tiles. OneVision's anyres_max_9 tiles exactly so, on its pinpoints (384 x 384 ... 2304 x 2304,
 up to 6 x 6 crops) and with SigLIP's normalisation; its difference, the downscale of a large grid, is in
 the packing (layout.py).
 
@@ -21,6 +21,8 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # LLaVA-OneVision's SigLIP (llava-hf preprocessor_config.json)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternVL's (internvl_chat's dataset.py, the model cards' build_transform)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -58,6 +60,22 @@ def select_best_resolution(size: tuple[int, int], pinpoints: list[tuple[int, int
     return best
 
 
+def closest_grid(size: tuple[int, int], grids: list[tuple[int, int]], tile: int) -> tuple[int, int]:
+    """InternVL's choice of (columns, rows) for a (w0, h0) image (its `find_closest_aspect_ratio`, in
+    internvl_chat's dataset.py and the model cards): the grid whose aspect ratio is closest to the image's;
+    on an exact tie a later grid (more crops) wins while the image has more than half the pixels of its
+    canvas. `grids` in InternVL's order (config.internvl_grids)."""
+    (w0, h0), area = size, size[0] * size[1]
+    aspect, best, best_diff = w0 / h0, (1, 1), math.inf
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
 def _fit_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
     """Size (w, h) of the image scaled, aspect kept, so one side fills target and the other fits in it."""
     (w0, h0), (width, height) = size, target
@@ -86,9 +104,10 @@ def _normalise(pixels: np.ndarray, mean, std) -> torch.Tensor:
 class Tiles:
     pixels: torch.Tensor  # (1 + gw*gh, 3, tile, tile) float32, normalised: the thumbnail at `thumb`, the crops
     # row-major around it
-    grid: tuple[int, int]  # (gw, gh): columns, rows of crops
+    grid: tuple[int, int]  # (gw, gh): columns, rows of crops; (0, 0) for InternVL's single tile (no crop)
     size: tuple[int, int]  # (w0, h0): original image size
-    thumb: int = 0  # the thumbnail's index among the tiles (LLaVA-NeXT and OneVision: first; config.Family)
+    thumb: int = 0  # the thumbnail's index among the tiles (LLaVA-NeXT and OneVision: first; InternVL: last;
+    # config.Family)
 
 
 def tile_image(
@@ -97,12 +116,18 @@ def tile_image(
     tile: int = 336,
     mean=CLIP_MEAN,
     std=CLIP_STD,
+    tiling: str = "anyres",
 ) -> Tiles:
     """Turn an image into LLaVA-NeXT's model input: a thumbnail plus the crops of its best-fit canvas.
 
     The image is resized (bicubic, aspect kept) to fill the best pinpoint, centred on a black canvas
     (odd leftover pixel on the far side) and cut into tile x tile crops; the thumbnail is the whole
     image squashed to tile x tile.
+
+    `tiling` "closest-ratio" (InternVL's `dynamic_preprocess`): the pinpoints are its grids times the tile,
+    the grid is `closest_grid`'s, the image is squashed (bicubic, aspect not kept, no padding) onto it and
+    cut row-major; the thumbnail (the image squashed to one tile) comes after the crops, and where the grid
+    is one crop that crop is the thumbnail itself: one tile, `grid` (0, 0).
     """
     bad = [p for p in pinpoints if p[0] % tile or p[1] % tile or p[0] <= 0 or p[1] <= 0]
     if bad:
@@ -113,6 +138,8 @@ def tile_image(
     if w0 == 0 or h0 == 0:
         raise ValueError(f"cannot tile an empty image of size {w0}x{h0}")
 
+    if tiling == "closest-ratio":
+        return _closest_ratio_tiles(image, pinpoints, tile, mean, std)
     (width, height), (left, top, new_w, new_h) = canvas_placement((w0, h0), pinpoints)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), (left, top))
@@ -123,3 +150,15 @@ def tile_image(
     thumbnail = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC))[None]  # (1, tile, tile, 3)
     pixels = np.concatenate([thumbnail, crops])  # (1 + gw*gh, tile, tile, 3) uint8
     return Tiles(pixels=_normalise(pixels, mean, std), grid=(gw, gh), size=(w0, h0))
+
+
+def _closest_ratio_tiles(image: Image.Image, pinpoints: list[tuple[int, int]], tile: int, mean, std) -> Tiles:
+    """InternVL's tiles (`tile_image` with tiling "closest-ratio"): crops row-major, then the thumbnail."""
+    gw, gh = closest_grid(image.size, [(w // tile, h // tile) for w, h in pinpoints], tile)
+    canvas = np.asarray(image.resize((gw * tile, gh * tile), Image.Resampling.BICUBIC))
+    crops = canvas.reshape(gh, tile, gw, tile, 3).transpose(0, 2, 1, 3, 4).reshape(gh * gw, tile, tile, 3)
+    if gw * gh == 1:  # the one crop is the whole image squashed to a tile: the thumbnail, no crop
+        return Tiles(pixels=_normalise(crops, mean, std), grid=(0, 0), size=image.size, thumb=0)
+    thumbnail = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC))[None]  # (1, tile, tile, 3)
+    pixels = np.concatenate([crops, thumbnail])  # (gw*gh + 1, tile, tile, 3) uint8
+    return Tiles(pixels=_normalise(pixels, mean, std), grid=(gw, gh), size=image.size, thumb=gw * gh)

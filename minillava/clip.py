@@ -6,7 +6,8 @@ stays a list of prefixes. LLaVA-NeXT reads one hidden state (the penultimate lay
 computes its scores itself (globalcom2/probes.py).
 
 The encoder layers and the walk through them (`Tower`) are shared with SigLIP (siglip.py), whose
-layers are CLIP's with another activation; the towers differ in their embeddings only.
+layers are CLIP's with another activation; the towers differ in their embeddings only. InternViT
+(internvit.py) reuses the walk and the attention, adding layer scale, its norms and q/k norm.
 """
 
 from __future__ import annotations
@@ -43,15 +44,24 @@ class Attention(nn.Module):
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         d = cfg.hidden_size
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=cfg.qkv_bias) for _ in range(3))
+        self.out_proj = nn.Linear(d, d)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         n, t, _ = x.shape
-        return x.view(n, t, self.heads, self.head_dim).transpose(1, 2)  # (N, heads, T, hd)
+        return x.reshape(n, t, self.heads, self.head_dim).transpose(1, 2)  # (N, heads, T, hd)
+
+    def query(self, h: torch.Tensor) -> torch.Tensor:
+        """The queries (N, heads, T, hd) of the normed input h (N, T, D) (InternViT norms them first)."""
+        return self.split(self.q_proj(h))
+
+    def key(self, h: torch.Tensor) -> torch.Tensor:
+        """The keys (N, heads, T, hd) of the normed input h (N, T, D)."""
+        return self.split(self.k_proj(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, D) -> (N, T, D): every token attends to every token of its tile."""
-        q, k, v = self.split(self.q_proj(x)), self.split(self.k_proj(x)), self.split(self.v_proj(x))
+        q, k, v = self.query(x), self.key(x), self.split(self.v_proj(x))
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, hd)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
@@ -87,9 +97,9 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, layer: type[nn.Module] = EncoderLayer):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
 class Tower(nn.Module):
@@ -153,7 +163,7 @@ class Tower(nn.Module):
         a pruning stage reads of a layer's attention (minillava/schedule.py `Between`), without running it."""
         block = self.encoder.layers[layer]
         attn, h = block.self_attn, block.layer_norm1(x)
-        return attn.split(attn.q_proj(h)), attn.split(attn.k_proj(h))
+        return attn.query(h), attn.key(h)
 
     def query_key(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The [CLS] query (N, heads, 1, hd) and every key (N, heads, T, hd) of encoder layer `layer`
@@ -165,7 +175,7 @@ class Tower(nn.Module):
             raise ValueError(f"a {self.cfg.model_type} tower has no [CLS] token, so no [CLS] query to read")
         block = self.encoder.layers[layer]
         attn, h = block.self_attn, block.layer_norm1(x)
-        return attn.split(attn.q_proj(h[:, :1])), attn.split(attn.k_proj(h))
+        return attn.query(h[:, :1]), attn.key(h)
 
 
 class ClipTower(Tower):

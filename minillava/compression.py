@@ -55,6 +55,11 @@ def has_cls(model: Llava) -> bool:
     return getattr(model.vision, "has_cls", True)
 
 
+def patch_group(model: Llava) -> int:
+    """g: each token the decoder sees is g x g of the tower's patches (InternVL's pixel shuffle: 2; else 1)."""
+    return round(1 / model.cfg.downsample_ratio)
+
+
 def needs(model: Llava, method: str) -> tuple:
     """The tower probes `method` reads on this model's tower (globalcom2.needs); a method that reads
     [CLS] attention is refused on a tower without [CLS], as a one-line ConfigError."""
@@ -63,7 +68,7 @@ def needs(model: Llava, method: str) -> tuple:
     import globalcom2
 
     try:
-        return globalcom2.needs(method, has_cls(model))
+        return globalcom2.needs(method, has_cls(model), patch_group(model))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -110,10 +115,10 @@ def stage_inputs(model: Llava, images: list[Encoded]) -> list:
     to the downscaled grid (`grid_share`): r keeps r of the visual tokens the decoder would see."""
     import globalcom2
 
-    side, max_tiles = model.cfg.vision.patches_per_side, model.cfg.anyres_max
+    side, max_tiles = model.cfg.token_side, model.cfg.anyres_max
     return [globalcom2.ImageFeatures(thumb=im.thumb, crops=im.crops, thumb_scores=None, crop_scores=None, grid=im.grid,
-                                     size=im.size, area=im.area, newline=model.image_newline, probes=im.probes,
-                                     project=model.projector, has_cls=has_cls(model),
+                                     size=im.size, area=im.area, newline=model.newline, probes=im.probes,
+                                     project=model.projector, has_cls=has_cls(model), patch_group=patch_group(model),
                                      grid_share=grid_share(im.area, side, max_tiles))
             for im in images]
 

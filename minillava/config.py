@@ -48,7 +48,11 @@ class VisionConfig:
     num_channels: int = 3  # tiles are RGB
     layer_norm_eps: float = 1e-5  # floats: finite and > 0
     hidden_act: str = "quick_gelu"  # MLP activation, one of activations.ACTIVATIONS
-    model_type: str = "clip"  # "clip" (clip.py: [CLS] first) or "siglip" (siglip.py: no [CLS])
+    model_type: str = "clip"  # "clip" (clip.py: [CLS] first), "siglip" (siglip.py: no [CLS]) or "internvit" (internvit.py)
+    # InternViT only (internvit.py): "layer_norm" or "rms_norm" (the 6B tower), RMSNorm on q and k, biases on q, k, v
+    norm_type: str = "layer_norm"
+    qk_norm: bool = False
+    qkv_bias: bool = True  # CLIP's and SigLIP's q, k, v have biases
 
     @property
     def patches_per_side(self) -> int:
@@ -94,17 +98,22 @@ class TextConfig:
 @dataclass(frozen=True)
 class Family:
     """How a model family sees an image: the towers it is released with (VisionConfig.model_type; each
-    tower carries its own normalisation, minillava/model.py `TOWERS`) and how it packs the crop grid. Both
-    tile with AnyRes, thumbnail first (anyres.py; `Tiles.thumb` says where a tiler put it) and project
-    with LLaVA's mlp2x_gelu."""
+    tower carries its own normalisation, minillava/model.py `TOWERS`), how it tiles and how it packs the
+    crop grid. LLaVA's families tile with AnyRes, thumbnail first, project with mlp2x_gelu and close each
+    unpadded row of the crop grid by a newline; InternVL (docs/internvl.md) tiles by the closest aspect
+    ratio, thumbnail last (none with one crop; `Tiles.thumb` says where a tiler put it), merges each 2 x 2
+    patches into one token (pixel shuffle) and lays the tiles out one after another, no newline."""
 
     towers: tuple[str, ...]
     downscales: bool  # packs a crop grid of more than about `anyres_max` tiles downscaled (layout.py)
+    tiling: str = "anyres"  # "anyres" (anyres.select_best_resolution) or "closest-ratio" (anyres.closest_grid)
+    tile_by_tile: bool = False  # the image's tokens tile after tile, thumbnail last, no newline (InternVL)
 
 
 FAMILIES = {
     "llava-next": Family(towers=("clip",), downscales=False),  # LLaVA-1.6
     "llava-onevision": Family(towers=("siglip",), downscales=True),  # anyres_max_N (docs/onevision.md)
+    "internvl": Family(towers=("internvit",), downscales=False, tiling="closest-ratio", tile_by_tile=True),  # InternVL2.5/3
 }
 
 
@@ -127,12 +136,21 @@ class LlavaConfig:
     anyres_max: int | None = None
     family: str = "llava-next"  # a FAMILIES key, decided once when config.json is parsed
     vision_from_shapes: bool = False  # original layout with an unknown tower: sizes come from the weights
+    # InternVL: each 2 x 2 patches become one token of 4x the width before the projector (pixel shuffle);
+    # 1.0 everywhere else. Its tiler's grids are `grid_pinpoints`, all of min_tiles..max_tiles crops.
+    downsample_ratio: float = 1.0
     quantization: Spec | None = None  # quantization_config of a checkpoint from python -m minillava.apps.quantize
     torch_dtype: str | None = None  # the dtype the checkpoint was saved in ("float16", "bfloat16", "float32"), if it says
 
     @property
     def family_spec(self) -> Family:
         return FAMILIES[self.family]
+
+    @property
+    def token_side(self) -> int:
+        """Tokens along a tile's side after the projector: the tower's patches, or InternVL's pixel-shuffled
+        half of them (32 patches -> 16 tokens)."""
+        return int(self.vision.patches_per_side * self.downsample_ratio)
 
 
 # transformers' MistralConfig defaults where they differ from LlamaConfig's (transformers 5.24,
@@ -310,12 +328,112 @@ def _onevision_hf(raw: dict) -> LlavaConfig:
     )
 
 
+# InternVL's tiles: every grid of min..max crops (InternVL3: 1..12), in the order its `dynamic_preprocess`
+# tries them (the model card's and internvl_chat's `dynamic_preprocess`: a set of (columns, rows) sorted by
+# the crop count; the order among equal counts is the set's, which `closest_grid`'s tie rule can see).
+def internvl_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """(columns, rows) of every InternVL tile grid, in the published order."""
+    grids = set((i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                if min_tiles <= i * j <= max_tiles)
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+# InternVisionConfig's defaults (OpenGVLab's configuration_intern_vit.py: the 6B tower) where a key is missing
+# in an original config.json's vision_config; transformers' InternVLVisionConfig defaults (the 300M tower)
+# for the -hf layout.
+INTERNVIT_ORIGINAL = {"hidden_size": 3200, "intermediate_size": 12800, "num_hidden_layers": 48, "num_attention_heads": 25,
+                      "image_size": 224, "patch_size": 14, "qkv_bias": False, "qk_normalization": True,
+                      "norm_type": "rms_norm", "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+INTERNVIT_HF = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "image_size": 448, "patch_size": 14, "attention_bias": False, "use_qk_norm": False,
+                "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+INTERNVL_MAX_TILES = 12  # InternVL3's max_dynamic_patch; the -hf processor's max_patches default
+
+
+def _side(value, key: str):
+    """An -hf size written as [h, w] (InternVLVisionConfig) or one integer: one side (square tiles only)."""
+    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+        return value[0]
+    if isinstance(value, list):
+        raise ConfigError(f"{key} {show(value)}: only square tiles and patches are supported")
+    return value
+
+
+def _internvit(raw: dict, original: bool) -> VisionConfig:
+    """InternViT's vision_config, in OpenGVLab's names (qkv_bias, qk_normalization) or transformers'."""
+    raw = {**(INTERNVIT_ORIGINAL if original else INTERNVIT_HF), **{k: v for k, v in raw.items() if v is not None}}
+    if not original:
+        for key, want in (("use_mean_pooling", True), ("use_absolute_position_embeddings", True), ("use_mask_token", False)):
+            if raw.get(key, want) is not want:  # the last hidden state unnormalised, learned positions, no mask
+                raise ConfigError(f"vision_config.{key} {show(raw[key])}: only {str(want).lower()} is supported for InternViT")
+    if raw["norm_type"] not in ("layer_norm", "rms_norm"):
+        raise ConfigError(f"vision_config.norm_type {show(raw['norm_type'])}: InternViT has 'layer_norm' or 'rms_norm'")
+    values = {k: raw[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                  "layer_norm_eps", "hidden_act", "norm_type")}
+    values.update(image_size=_side(raw["image_size"], "vision_config.image_size"),
+                  patch_size=_side(raw["patch_size"], "vision_config.patch_size"), model_type="internvit",
+                  qk_norm=raw["qk_normalization" if original else "use_qk_norm"],
+                  qkv_bias=raw["qkv_bias" if original else "attention_bias"])
+    return fill(VisionConfig, values, "vision_config.")
+
+
+def _internvl(raw: dict) -> LlavaConfig:
+    """InternVL2.5/3 (docs/internvl.md) in either layout: OpenGVLab's `InternVLChatConfig` (model_type
+    "internvl_chat": vision_config, llm_config, select_layer, the tiling keys) or transformers'
+    `InternVLConfig` (model_type "internvl": vision_config, text_config; the tiling is its processor's,
+    1..12 crops). Only the Qwen2 decoders (InternVL3 1B..78B, InternVL2.5 1B/8B...) are supported."""
+    original = raw.get("model_type") == "internvl_chat"
+    if original:
+        text_raw = dict(_section(raw, "llm_config"))
+        arch = text_raw.get("architectures")
+        if arch != ["Qwen2ForCausalLM"]:
+            raise ConfigError(f"llm_config.architectures {show(arch)}: only InternVL's Qwen2 decoders are supported")
+        text_raw.setdefault("model_type", "qwen2")
+        text_raw["tie_word_embeddings"] = False  # InternVLChatConfig sets it so for every size
+        for key, want in (("ps_version", "v2"), ("dynamic_image_size", True), ("use_thumbnail", True)):
+            if raw.get(key) != want:  # what InternVL2.5/3 were trained with
+                raise ConfigError(f"{key} {show(raw.get(key))}: only {show(want)} is supported for InternVL")
+        layer, section = _feature_layer(raw.get("select_layer", -1), "select_layer"), "llm_config."
+        tiles = (check_value("min_dynamic_patch", raw.get("min_dynamic_patch", 1), "dynamic_patch", int),
+                 check_value("max_dynamic_patch", raw.get("max_dynamic_patch", 6), "dynamic_patch", int))
+    else:
+        text_raw = {"model_type": "qwen2", **_section(raw, "text_config")}
+        text_raw.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
+        if raw.get("vision_feature_select_strategy", "default") != "default":
+            raise ConfigError(f"vision_feature_select_strategy {show(raw['vision_feature_select_strategy'])}: only "
+                              "'default' (the [CLS] token dropped) is supported for InternVL")
+        _choice(raw, "projector_hidden_act", "gelu", "gelu", " (InternVL's projector: LayerNorm, Linear, GELU, Linear)")
+        layer, section = _feature_layer(raw.get("vision_feature_layer", -1), "vision_feature_layer"), "text_config."
+        tiles = (1, INTERNVL_MAX_TILES)
+    if text_raw.get("model_type") != "qwen2":
+        raise ConfigError(f"{section}model_type {show(text_raw.get('model_type'))}: only InternVL's Qwen2 decoders are supported")
+    if raw.get("downsample_ratio", 0.5) != 0.5:
+        raise ConfigError(f"downsample_ratio {show(raw['downsample_ratio'])}: only 0.5 (2 x 2 patches per token) is supported")
+    if not tiles[0] <= tiles[1]:
+        raise ConfigError(f"min_dynamic_patch {tiles[0]} is above max_dynamic_patch {tiles[1]}")
+    vision = _internvit(_section(raw, "vision_config"), original)
+    force = raw.get("force_image_size")
+    if original and force is not None and force != vision.image_size:
+        raise ConfigError(f"force_image_size {show(force)}: only the tower's own image_size {vision.image_size} is supported")
+    return LlavaConfig(
+        vision=vision,
+        text=_text_config(text_raw, section),
+        grid_pinpoints=[(i * vision.image_size, j * vision.image_size) for i, j in internvl_grids(*tiles)],
+        vision_feature_layer=layer,
+        layout="original" if original else "transformers",
+        family="internvl",
+        downsample_ratio=0.5,
+    )
+
+
 def parse_config(raw) -> LlavaConfig:
     """Turn a parsed config.json of either layout into a LlavaConfig, every value checked."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config.json must be a JSON object, got {show(raw)}")
     if raw.get("model_type") == "llava_onevision":
         cfg = _onevision_hf(raw)
+    elif raw.get("model_type") in ("internvl", "internvl_chat"):
+        cfg = _internvl(raw)
     elif "text_config" in raw or "vision_config" in raw or raw.get("model_type") == "llava_next":
         # "full" keeps [CLS], which cannot be laid out on the AnyRes grid
         _choice(raw, "vision_feature_select_strategy", "default", "default", " with AnyRes")

@@ -35,17 +35,22 @@ class Template:
     before: str  # template text before the image slot
     after: str  # template text after the question: the end of the user's turn, the assistant's opening
     stop: str  # the assistant's turn ends here: EOS, or an added token
-    special: tuple[str, ...] = ()  # added tokens in `before` / `after`, encoded as their own ids
+    special: tuple[str, ...] = ()  # added tokens in `before` / `close` / `after`, encoded as their own ids
+    close: str = ""  # template text right after the image (InternVL's </img>; its <img> ends `before`)
 
     def render(self, question: str) -> str:
         """The whole prompt as text (the image slot is its first `<image>`)."""
-        return f"{self.before}{IMAGE_PLACEHOLDER}\n{question}{self.after}"
+        return f"{self.before}{IMAGE_PLACEHOLDER}{self.close}\n{question}{self.after}"
 
 
 HUMAN_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 USER_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+# internvl2_5's system message (its English: "You are InternVL, a multimodal large language model developed
+# jointly by Shanghai AI Laboratory, Tsinghua University and several partner institutions.")
+INTERNVL_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 
 TEMPLATES = {
     t.name: t
@@ -67,6 +72,13 @@ TEMPLATES = {
         # "<|im_start|>assistant", sep "<|im_end|>"). LLaVA-OneVision's template, for Qwen2 decoders.
         Template("qwen_1_5", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
                  "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
+        # InternVL's internvl2_5 (OpenGVLab/InternVL internvl_chat/internvl/conversation.py: MPT style, system
+        # template "<|im_start|>system\n{system_message}", roles "<|im_start|>user\n" / "<|im_start|>assistant\n",
+        # sep "<|im_end|>\n"), as its `chat` fills it: "<image>\n" + question, the <image> replaced by
+        # <img>, one <IMG_CONTEXT> per visual token (here: the image's embeddings), </img>. InternVL2.5/3's.
+        Template("internvl2_5", f"<|im_start|>system\n{INTERNVL_SYSTEM}<|im_end|>\n<|im_start|>user\n<img>",
+                 "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>", ("<|im_start|>", "<|im_end|>", "<img>", "</img>"),
+                 close="</img>"),
     ]
 }
 DEFAULT_TEMPLATE = TEMPLATES["llava_v1"]
@@ -100,6 +112,8 @@ def chat_template_text(model_dir: Path) -> str | None:
 def template_from_chat_template(text: str) -> str | None:
     """The template a llava-hf chat template renders, recognised by its markers; None if it is none of
     ours or looks like more than one."""
+    if "<IMG_CONTEXT>" in text or "<img>" in text:  # InternVL's image markers: ChatML turns, its own template
+        return "internvl2_5"
     found = set()
     if "<|im_start|>" in text:
         found.add("chatml_direct")
@@ -148,10 +162,11 @@ def template_from_decoder(model_type: str, vocab_size: int, has_chatml: bool) ->
 
 
 def choose_template(model_dir: Path, layout: str, model_type: str, vocab_size: int, has_chatml: bool,
-                    override: str | None = None) -> Template:
+                    override: str | None = None, family: str = "llava-next") -> Template:
     """The checkpoint's template; `override` (--conv-template) wins. Evidence: the chat template's
-    markers (llava-hf), run_llava.py's name rule (original layout) and the decoder (always); any two
-    that disagree, or none at all, refuse the checkpoint with an error naming the flag."""
+    markers (llava-hf), run_llava.py's name rule (original layout) and the decoder (always; an InternVL
+    model's is internvl2_5, whatever its decoder); any two that disagree, or none at all, refuse the
+    checkpoint with an error naming the flag."""
     names = ", ".join(TEMPLATES)
     if override is not None:
         if override not in TEMPLATES:
@@ -164,9 +179,9 @@ def choose_template(model_dir: Path, layout: str, model_type: str, vocab_size: i
         if evidence["its chat template"] is None:
             raise ConfigError(f"{model_dir}: its chat template is none of {names}; pass {FLAG} NAME if you know "
                               "which one the model was trained with")
-    if layout == "original" and template_from_name(model_dir):
+    if layout == "original" and family != "internvl" and template_from_name(model_dir):
         evidence["its name"] = template_from_name(model_dir)
-    by_decoder = template_from_decoder(model_type, vocab_size, has_chatml)
+    by_decoder = "internvl2_5" if family == "internvl" else template_from_decoder(model_type, vocab_size, has_chatml)
     if by_decoder:
         evidence[f"its decoder ({model_type}, {vocab_size} embeddings)"] = by_decoder
     found = set(evidence.values())
@@ -176,6 +191,8 @@ def choose_template(model_dir: Path, layout: str, model_type: str, vocab_size: i
     # ChatML markers are both chatml_direct's and qwen_1_5's: a Qwen2 decoder (OneVision) tells them apart
     if found == {"chatml_direct", "qwen_1_5"}:
         found = {"qwen_1_5"}
+    if found == {"chatml_direct", "internvl2_5"}:  # and InternVL's (its -hf chat template marks no image)
+        found = {"internvl2_5"}
     if len(found) != 1:
         said = "; ".join(f"{k} says {v}" for k, v in evidence.items()) or "no chat template, name or decoder says"
         raise ConfigError(f"{model_dir}: cannot tell which conversation template the model was trained with "

@@ -84,7 +84,7 @@ def read_checkpoint(model_dir: Path, conv_template: str | None = None) -> tuple[
                            f"vocab_size is {cfg.text.vocab_size}; the tokenizer belongs to another model")
     has_chatml = all(tokenizer.token_id(t) is not None for t in TEMPLATES["chatml_direct"].special)
     template = choose_template(model_dir, cfg.layout, cfg.text.model_type, cfg.text.vocab_size, has_chatml,
-                               conv_template)
+                               conv_template, cfg.family)
     tokenizer.use_template(template, cfg.text.vocab_size)
     return cfg, tokenizer
 

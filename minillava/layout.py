@@ -137,6 +137,19 @@ def merged_sequence(thumb: Tensor, crops: Tensor) -> Tensor:
     return torch.cat([thumb, crops.reshape(-1, crops.shape[-1])])
 
 
+def tile_sequence(head: Tensor, crops: Tensor, grid: tuple[int, int], keep: Tensor | None = None) -> Tensor:
+    """InternVL's image sequence (T, D): the crops one after another, row-major, each in raster order, then
+    `head` (the thumbnail's tokens, or what a compressor kept of them, in its order); no unpadding (the image
+    fills the grid), no newline. `keep` (H, W) bool on the crop grid: only the crop tokens it marks, each
+    crop's in raster order (our choice for compression: docs/internvl.md)."""
+    if keep is not None:
+        gw, gh = grid
+        side = round(crops.shape[1] ** 0.5)
+        keep = keep.reshape(gh, side, gw, side).transpose(1, 2).reshape(gw * gh, crops.shape[1])  # (C, P) crops row-major
+        return torch.cat([crops[keep].to(head.dtype), head])
+    return torch.cat([crops.reshape(-1, head.shape[-1]).to(head.dtype), head])
+
+
 def compressed_sequence(kept, crops: Tensor, grid: tuple[int, int], area: tuple[int, int, int, int],
                         newline: Tensor) -> Tensor:
     """What a compressor kept of one image (globalcom2.Compressed), laid out for the decoder: its head,

@@ -1,7 +1,9 @@
-"""LLaVA-NeXT and LLaVA-OneVision: vision tower -> projector -> the image's token sequence -> spliced into
-the prompt -> decoder. OneVision (docs/onevision.md) is the same model with a SigLIP tower (siglip.py, no
+"""LLaVA-NeXT, LLaVA-OneVision and InternVL: vision tower -> projector -> the image's token sequence -> spliced
+into the prompt -> decoder. OneVision (docs/onevision.md) is the same model with a SigLIP tower (siglip.py, no
 [CLS]), a Qwen2 decoder (llama.py with q, k, v biases) and its crop grid downscaled when large
-(`cfg.anyres_max`, layout.py `downscaled_size`).
+(`cfg.anyres_max`, layout.py `downscaled_size`). InternVL (docs/internvl.md): an InternViT tower
+(internvit.py), each 2 x 2 patches one token (pixel shuffle) before a projector with a LayerNorm first, the
+Qwen2 decoder, its tiles laid out one after another, the thumbnail last, no newline.
 
 An image's way through it (minillava/generate.py `generate` runs it for one question):
     PIL -> Llava.tile (anyres.tile_image, the tower's normalisation) -> (1 + crops) tiles
@@ -25,22 +27,26 @@ from torch import nn
 from .anyres import Tiles, tile_image
 from .clip import ClipTower, Tower
 from .config import LlavaConfig
-from .layout import (compressed_sequence, crop_grid, downscaled_size, merged_sequence, pack, unpad_area,
-                     uncompressed_length)
+from .layout import (compressed_sequence, crop_grid, downscaled_size, merged_sequence, pack, tile_sequence,
+                     unpad_area, uncompressed_length)
+from .internvit import InternVitTower, pixel_shuffle
 from .llama import Decoder, Linear
 from .siglip import SiglipTower
 
 
 class Projector(nn.Module):
-    """mlp2x_gelu: Linear, GELU (exact), Linear."""
+    """mlp2x_gelu: Linear, GELU (exact), Linear. InternVL's `mlp1` puts a LayerNorm first (`norm`)."""
 
-    def __init__(self, vision_dim: int, text_dim: int, bias: bool = True):
+    def __init__(self, vision_dim: int, text_dim: int, bias: bool = True, norm: bool = False):
         super().__init__()
+        if norm:  # nn.LayerNorm's default eps, as InternVL's mlp1 and transformers' InternVLMultiModalProjector
+            self.layer_norm = nn.LayerNorm(vision_dim)
         self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
         self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
+        self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        return self.linear_2(F.gelu(self.linear_1(self.layer_norm(x) if self.norm else x)))
 
 
 @dataclass
@@ -61,7 +67,7 @@ class Encoded:
 # The vision towers by VisionConfig.model_type; each carries its own normalisation (`mean`, `std`) and says
 # whether its tokens begin with [CLS] (`has_cls`). A family names the towers it is released with
 # (config.py `FAMILIES`).
-TOWERS: dict[str, type[Tower]] = {"clip": ClipTower, "siglip": SiglipTower}
+TOWERS: dict[str, type[Tower]] = {"clip": ClipTower, "siglip": SiglipTower, "internvit": InternVitTower}
 
 
 class Llava(nn.Module):
@@ -72,8 +78,11 @@ class Llava(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision: Tower = TOWERS[cfg.vision.model_type](cfg.vision)
-        self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector_bias)
-        self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
+        self.shuffle = cfg.downsample_ratio != 1  # InternVL: 2 x 2 patches per token (internvit.pixel_shuffle)
+        width = cfg.vision.hidden_size * (4 if self.shuffle else 1)
+        self.projector = Projector(width, cfg.text.hidden_size, cfg.projector_bias, norm=self.shuffle)
+        if not cfg.family_spec.tile_by_tile:  # InternVL closes no row: it has no newline vector
+            self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
         self.llm = Decoder(cfg.text)
         # llama.Linear: a small batch's decode step reads the largest matrix once for all rows too
         self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
@@ -84,12 +93,20 @@ class Llava(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.image_newline.dtype  # not lm_head's: a quantized lm_head holds integers (minillava/quant.py)
+        return self.projector.linear_2.weight.dtype  # not lm_head's: a quantized lm_head holds integers (minillava/quant.py)
+
+    @property
+    def newline(self) -> torch.Tensor:
+        """The image_newline vector (D,); zeros for InternVL, which has none and never places one."""
+        if self.cfg.family_spec.tile_by_tile:
+            return torch.zeros(self.cfg.text.hidden_size, device=self.device, dtype=self.dtype)
+        return self.image_newline
 
     def tile(self, image) -> Tiles:
-        """A PIL image as this model's tiles: its pinpoints and tile size, its tower's normalisation
-        (`TOWERS`: CLIP's mean and std; SigLIP's 0.5)."""
-        return tile_image(image, self.cfg.grid_pinpoints, self.cfg.vision.image_size, self.vision.mean, self.vision.std)
+        """A PIL image as this model's tiles: its pinpoints and tile size, its family's tiling, its tower's
+        normalisation (`TOWERS`: CLIP's mean and std; SigLIP's 0.5; InternViT's ImageNet ones)."""
+        return tile_image(image, self.cfg.grid_pinpoints, self.cfg.vision.image_size, self.vision.mean, self.vision.std,
+                          self.cfg.family_spec.tiling)
 
     def encode_images(self, tiles: list[Tiles], layers=(), probe: Callable | None = None, schedule=()) -> list[Encoded]:
         """All tiles of all images through the tower and projector in one batch, split back per image.
@@ -105,10 +122,12 @@ class Llava(nn.Module):
         pixels = torch.cat([t.pixels for t in tiles]).to(self.device, self.dtype)  # (sum tiles, 3, S, S)
         select = self.cfg.vision_feature_layer
         states = self.vision(pixels, (select, *layers), schedule)
-        # (sum tiles, P, D): CLIP's [CLS] dropped (LLaVA-NeXT's "default"); SigLIP's tokens whole ("full")
-        features = self.projector(states[select][:, int(self.vision.has_cls):])
+        # (sum tiles, P, D): CLIP's [CLS] dropped (LLaVA-NeXT's "default"); SigLIP's tokens whole ("full");
+        # InternViT's [CLS] dropped and each 2 x 2 patches one token (P = side^2 / 4)
+        features = states[select][:, int(self.vision.has_cls):]
+        features = self.projector(pixel_shuffle(features) if self.shuffle else features)
         probes = probe(states) if probe is not None else {}
-        side = self.cfg.vision.patches_per_side
+        side, tile_by_tile = self.cfg.token_side, self.cfg.family_spec.tile_by_tile
         merged = features.shape[1] != side * side
         out, start = [], 0
         for t in tiles:
@@ -116,7 +135,9 @@ class Llava(nn.Module):
             # the thumbnail first, then the crops row-major, wherever the family put its thumbnail
             order = torch.tensor([t.thumb, *(i for i in range(n) if i != t.thumb)], device=features.device) + start
             mine = features[order]  # (1 + C, P, D)
-            out.append(Encoded(mine[0], mine[1:], t.grid, t.size, unpad_area(t.grid, t.size, side),
+            # InternVL squashes the image onto its grid: no padding, the whole grid shows the image
+            area = (0, t.grid[1] * side, 0, t.grid[0] * side) if tile_by_tile else unpad_area(t.grid, t.size, side)
+            out.append(Encoded(mine[0], mine[1:], t.grid, t.size, area,
                                {k: p[order.to(p.device)] for k, p in probes.items()}, merged))
             start += n
         return out
@@ -127,17 +148,24 @@ class Llava(nn.Module):
         sequence as it made it."""
         if image.merged:  # a tower method's shorter tiles: no grid left to unpad, downscale or close by newlines
             return merged_sequence(image.thumb, image.crops)
+        if self.cfg.family_spec.tile_by_tile:  # InternVL: the crops one after another, then the thumbnail
+            if kept is None:
+                return tile_sequence(image.thumb, image.crops, image.grid)
+            return tile_sequence(kept.head, image.crops, image.grid, kept.crop_keep)
         if kept is None:  # a family that downscales (OneVision): the unpadded grid downscaled when large
-            size = downscaled_size(image.area, self.cfg.vision.patches_per_side, self.cfg.anyres_max)
+            size = downscaled_size(image.area, self.cfg.token_side, self.cfg.anyres_max)
             return pack(image.thumb, crop_grid(image.crops, image.grid), image.area, self.image_newline,
                         size=size if self.cfg.family_spec.downscales else None)
         # a compressor's choice on the full-resolution grid, packed there (layout.py)
-        return compressed_sequence(kept, image.crops, image.grid, image.area, self.image_newline)
+        return compressed_sequence(kept, image.crops, image.grid, image.area, self.newline)
 
     def uncompressed_length(self, image: Encoded) -> int:
         """Tokens of `image_tokens(image)`: with OneVision's downscale, fewer than the full-resolution grid
-        a compressor selects on holds (`image.crops`' unpadded h x w and h newlines, plus P)."""
-        return uncompressed_length(image.area, self.cfg.vision.patches_per_side, self.cfg.anyres_max)
+        a compressor selects on holds (`image.crops`' unpadded h x w and h newlines, plus P); InternVL's
+        (1 + C) P, no newline."""
+        if self.cfg.family_spec.tile_by_tile:
+            return (1 + len(image.crops)) * image.thumb.shape[0]
+        return uncompressed_length(image.area, self.cfg.token_side, self.cfg.anyres_max)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -180,9 +180,9 @@ class Tokenizer:
         not), as LLaVA's `tokenizer_image_token` keeps it only then."""
         t = self.template
         before = self._encode_parts([(t.before, True)])
-        after = self._encode_parts([("\n" + question, False), (t.after, True)])
+        after = self._encode_parts([(t.close, True), ("\n" + question, False), (t.after, True)])
         for text in t.special:  # a tokenizer whose pieces include them (user-defined pieces) matches them in text
-            if after.count(self.token_id(text)) > t.after.count(text):
+            if after.count(self.token_id(text)) > (t.close + t.after).count(text):
                 raise PromptError(f"the question contains {text}, which this tokenizer always reads as the "
                                   "template's turn marker; remove it")
         return [[self.bos_id] * self.add_bos + before, after]

@@ -38,6 +38,7 @@ BOUNDS = {
     "patches_per_side": (1, 64, "4096 tokens per tile, attention quadratic per tile; CLIP-L/14-336 has 24"),
     "image_grid_pinpoints": (1, 1024, "AnyRes candidates: LLaVA-1.6 has 5, LLaVA-OneVision 36"),
     "anyres_max": (1, 1024, "OneVision's anyres_max_9: the crop grid is downscaled to about 9 tiles' tokens"),
+    "dynamic_patch": (1, 64, "InternVL's crops per image: InternVL3 takes 1 to 12"),
     "canvas_pixels": (1, 4096 * 4096, "one AnyRes canvas (w x h): LLaVA-1.6 672 x 672, OneVision 2304 x 2304"),
 }
 
@@ -120,12 +121,19 @@ def check_vision(cfg):
     v, tile = cfg.vision, cfg.vision.image_size
     for name, kind in field_kinds(type(v)).items():
         check_value(f"vision_config.{name}", getattr(v, name), name, kind)
-    if v.model_type not in ("clip", "siglip"):
-        raise ConfigError(f"vision_config.model_type {show(v.model_type)}: the tower is CLIP or SigLIP only")
+    if v.model_type not in ("clip", "siglip", "internvit"):
+        raise ConfigError(f"vision_config.model_type {show(v.model_type)}: the tower is CLIP, SigLIP or InternViT only")
     family = cfg.family_spec  # what each family was trained with
     if v.model_type not in family.towers or family.downscales != (cfg.anyres_max is not None):
         raise ConfigError("a SigLIP tower goes with LLaVA-OneVision's anyres_max, a CLIP one with LLaVA-NeXT's "
-                          "anyres; this config mixes them")
+                          "anyres, InternViT with InternVL; this config mixes them")
+    if (v.model_type == "internvit") != (cfg.downsample_ratio != 1) or v.model_type != "internvit" and (
+            v.norm_type != "layer_norm" or v.qk_norm or not v.qkv_bias):
+        raise ConfigError("the pixel shuffle (downsample_ratio), RMSNorm, q/k norm and q/k/v without biases are "
+                          "InternViT's (InternVL) only; this config mixes them")
+    if v.model_type == "internvit" and v.patches_per_side % 2:  # 2 x 2 patches per token
+        raise ConfigError(f"vision_config: InternViT's pixel shuffle needs an even number of patches per side, "
+                          f"got {v.patches_per_side}")
     if v.hidden_act not in ACTIVATIONS:
         raise ConfigError(f"vision_config.hidden_act {show(v.hidden_act)} is not supported ({', '.join(ACTIVATIONS)})")
     if v.hidden_size % v.num_attention_heads:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,19 +48,58 @@ KEY_PREFIXES = [
     ("language_model.lm_head.", "lm_head."),  # transformers
     ("lm_head.", "lm_head."),  # original, transformers newer saves
     ("model.", "llm."),  # original: the decoder sits at model.*
+    ("vision_model.", "vision."),  # InternVL, OpenGVLab's layout
+    ("mlp1.0.", "projector.layer_norm."),  # InternVL, OpenGVLab's: mlp1 = LayerNorm, Linear, GELU, Linear
+    ("mlp1.1.", "projector.linear_1."),
+    ("mlp1.3.", "projector.linear_2."),
 ]
+# InternViT's names in both InternVL layouts -> ours (internvit.py: clip.py's), applied in order to the
+# tower's names of an InternVL checkpoint only (CLIP's embeddings.position_embedding is another tensor).
+INTERNVIT_NAMES = [(re.compile(a), b) for a, b in [
+    (r"embeddings\.class_embedding$", "embeddings.cls_token"),  # OpenGVLab's embeddings
+    (r"embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
+    (r"embeddings\.position_embedding$", "embeddings.position_embeddings"),
+    (r"encoder\.layer\.", "encoder.layers."),  # transformers' layers
+    (r"\.attention\.projection_layer\.", ".self_attn.out_proj."),
+    (r"\.attention\.", ".self_attn."),
+    (r"\.layernorm_before\.", ".layer_norm1."),
+    (r"\.layernorm_after\.", ".layer_norm2."),
+    (r"\.attn\.proj\.", ".self_attn.out_proj."),  # OpenGVLab's layers (attn.qkv: `FUSED`)
+    (r"\.attn\.", ".self_attn."),
+    (r"\.norm1\.", ".layer_norm1."),
+    (r"\.norm2\.", ".layer_norm2."),
+    (r"\.ls1$", ".lambda_1"),
+    (r"\.ls2$", ".lambda_2"),
+]]
+FUSED = ".self_attn.qkv."  # OpenGVLab's InternViT: q, k, v in one (3 D, D) linear, read as three row blocks
 # Buffers that some checkpoints carry and that we recompute.
 IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
 
 
-def internal_name(key: str) -> str | None:
-    """Our parameter name for a checkpoint key; None for a buffer we ignore. Unknown keys raise."""
+def internal_name(key: str, family: str = "llava-next") -> str | None:
+    """Our parameter name for a checkpoint key of a `family` model; None for a buffer we ignore. Unknown
+    keys raise."""
     if key.endswith(IGNORED_SUFFIXES):
         return None
     for prefix, ours in KEY_PREFIXES:
         if key.startswith(prefix):
-            return ours + key[len(prefix) :]
+            name = ours + key[len(prefix) :]
+            if family == "internvl" and name.startswith("vision."):
+                for pattern, ours in INTERNVIT_NAMES:
+                    name = pattern.sub(ours, name, count=1)
+            return name
     raise WeightsError(f"unexpected key {show(key)} in the checkpoint (not a LLaVA-NeXT weight)")
+
+
+def split_rows(name: str, e: Entry) -> dict[str, Entry]:
+    """A fused (3 D, ...) q, k, v tensor as three entries of D rows each, q_proj, k_proj, v_proj: row blocks
+    of a row-major tensor are byte ranges of the file, so each is mapped as any other tensor."""
+    if not e.shape or e.shape[0] % 3:
+        raise WeightsError(f"{show(e.key)} has shape {list(e.shape)}: a fused q, k, v needs rows divisible by 3")
+    rows, step = e.shape[0] // 3, (e.end - e.start) // 3
+    return {name.replace(FUSED, f".self_attn.{part}_proj."): replace(e, shape=(rows, *e.shape[1:]),
+                                                                     start=e.start + i * step, end=e.start + (i + 1) * step)
+            for i, part in enumerate("qkv")}
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -79,17 +119,18 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return checkpoint_paths(model_dir, names, source)
 
 
-def read_layout(files: list[Path]) -> dict[str, Entry]:
-    """Our parameter name -> where its tensor is, from the file headers only."""
+def read_layout(files: list[Path], family: str = "llava-next") -> dict[str, Entry]:
+    """Our parameter name -> where its tensor is, from the file headers only (a fused q, k, v: three)."""
     layout = {}
     for path in files:
         for key, entry in read_header(path).items():
-            name = internal_name(key)
+            name = internal_name(key, family)
             if name is None:
                 continue
-            if name in layout:
-                raise WeightsError(f"{show(key)} in {path.name} duplicates {show(layout[name].key)}")
-            layout[name] = entry
+            for name, entry in (split_rows(name, entry) if FUSED in name else {name: entry}).items():
+                if name in layout:
+                    raise WeightsError(f"{show(key)} in {path.name} duplicates {show(layout[name].key)}")
+                layout[name] = entry
     return layout
 
 
@@ -115,7 +156,7 @@ def plan_load(model_dir: str | Path, quantize: Spec | None = None) -> Plan:
         raise ConfigError(f"{model_dir} is already quantized to {cfg.quantization.name}; drop --quantize "
                           f"(or quantize the full-precision checkpoint to {quantize.name})")
     spec = quantize or cfg.quantization
-    layout = read_layout(checkpoint_files(model_dir))
+    layout = read_layout(checkpoint_files(model_dir), cfg.family)
     if cfg.vision_from_shapes:  # an unknown tower: its sizes are the weights', checked like a config's
         cfg.vision = vision_config_from_shapes({k: v.shape for k, v in layout.items()})
         check_vision(cfg)
@@ -181,12 +222,12 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
     for name, e in layout.items():
         module = name.removesuffix(".weight")
         quantizing = module in quantized and not plan.stored
-        if (e.path, e.key) in loaded and not quantizing:  # tied weights: one tensor, two names
-            state[name] = loaded[(e.path, e.key)]
+        if (e.path, e.key, e.start) in loaded and not quantizing:  # tied weights: one tensor, two names
+            state[name] = loaded[(e.path, e.key, e.start)]
             continue
         mm = maps[e.path]
         if e.end == e.start:  # an empty tensor has no bytes to map
-            state[name] = loaded[(e.path, e.key)] = torch.empty(e.shape, dtype=dtype, device=device)
+            state[name] = loaded[(e.path, e.key, e.start)] = torch.empty(e.shape, dtype=dtype, device=device)
             continue
         view = torch.frombuffer(mm, dtype=e.dtype, count=(e.end - e.start) // e.dtype.itemsize, offset=e.start)
         view = view.view(e.shape)
@@ -211,7 +252,7 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
         else:
             tensor = view.to(device, dtype)
             release(mm, e.start, e.end)
-        state[name] = loaded[(e.path, e.key)] = tensor
+        state[name] = loaded[(e.path, e.key, e.start)] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     # Stored integer weights on the CPU are views of the file; those `pack` repacks for the kernel (int4)
     # are not read again, so their pages are handed back as each is packed.

@@ -20,21 +20,25 @@ from tests.strategies import Geometry, geometries
 
 SHIPPED = "llava-next-tiny-scenes"  # the shipped model (weights/), which `models` draws beside the families
 
-TOWER_ACT = {"clip": "quick_gelu", "siglip": "gelu_pytorch_tanh"}
+TOWER_ACT = {"clip": "quick_gelu", "siglip": "gelu_pytorch_tanh", "internvit": "gelu"}
 
 
 def config(family: str, geometry: Geometry, decoder_layers: int = 3) -> LlavaConfig:
-    """A config of `family` tiling as `geometry`, checked as a config.json's would be (validate.py)."""
+    """A config of `family` tiling as `geometry`, checked as a config.json's would be (validate.py). A family
+    whose tokens are 2 x 2 patches (InternVL) gets tiles of twice the geometry's side in patches, so that its
+    tiles hold the geometry's side x side tokens; its candidate grids are the geometry's."""
     spec = FAMILIES[family]
     tower = spec.towers[0]
+    group = 2 if spec.tile_by_tile else 1
+    tile = geometry.tile * group
     vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          image_size=geometry.tile, patch_size=geometry.patch, hidden_act=TOWER_ACT[tower],
+                          image_size=tile, patch_size=geometry.patch, hidden_act=TOWER_ACT[tower],
                           model_type=tower)
     text = TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=decoder_layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=tiny.VOCAB, max_position_embeddings=1 << 16)
-    cfg = LlavaConfig(vision=vision, text=text, grid_pinpoints=geometry.pinpoints, family=family,
-                      vision_feature_layer=-2 if tower == "clip" else -1,
-                      anyres_max=(geometry.max_tiles or 9) if spec.downscales else None)
+    cfg = LlavaConfig(vision=vision, text=text, grid_pinpoints=[(gw * tile, gh * tile) for gw, gh in geometry.grids],
+                      family=family, vision_feature_layer=-2 if tower == "clip" else -1,
+                      anyres_max=(geometry.max_tiles or 9) if spec.downscales else None, downsample_ratio=1 / group)
     check_vision(cfg)
     return cfg
 

@@ -13,7 +13,7 @@ BEFORE = {
     "vocab_size": (1, 1 << 20), "bos_token_id": (0, (1 << 20) - 1), "eos_token_id": (0, (1 << 20) - 1),
     "max_position_embeddings": (1, 1 << 20), "sliding_window": (1, 1 << 20), "image_size": (1, 4096),
     "patch_size": (1, 4096), "num_channels": (3, 3), "patches_per_side": (1, 64),
-    "image_grid_pinpoints": (1, 1024), "canvas_pixels": (1, 4096 * 4096),
+    "image_grid_pinpoints": (1, 1024), "dynamic_patch": (1, 64), "canvas_pixels": (1, 4096 * 4096),
     "anyres_max": (1, 1024),  # added with LLaVA-OneVision (issue 19): anyres_max_N's N
 }
 

@@ -427,3 +427,116 @@ def save_ov_checkpoint(model, out: Path, layout: str, tokenizer: Path) -> Path:
     if layout == "hub":
         (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_CHAT_TEMPLATE}))
     return out
+
+
+# --- InternVL: InternViT (LayerNorm, or RMSNorm with q/k norm), pixel shuffle, Qwen2, tiles thumbnail last ---
+
+IV_SPECIAL = [*OV_SPECIAL, "<img>", "</img>", "<IMG_CONTEXT>"]  # InternVL3's added tokens (Qwen2's, then its own)
+IV_IMAGE_TOKEN = OV_BPE + 5  # <IMG_CONTEXT>: transformers' placeholder id
+IV_MAX_TILES = 12
+
+
+def train_internvl_tokenizer(path: Path) -> Path:
+    """As `train_qwen_tokenizer`, with InternVL's <img>, </img>, <IMG_CONTEXT> added after Qwen2's tokens."""
+    from tokenizers import Tokenizer
+
+    train_qwen_tokenizer(path)
+    tok = Tokenizer.from_file(str(path))
+    tok.add_special_tokens(IV_SPECIAL[3:])
+    tok.save(str(path))
+    return path
+
+
+def iv_hf_config(rms: bool = False, layers: int = 2, tie: bool = False, tile: int = TILE):
+    """A tiny InternVLConfig: InternViT (2 layers, 56 px tiles of 4 x 4 patches: 2 x 2 tokens after the pixel
+    shuffle) with LayerNorm and q, k, v biases (the 300M tower's kind) or `rms` RMSNorm with q/k norm and no
+    biases (the 6B tower's), a Qwen2 decoder with GQA."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=tile, patch_size=14, norm_type="rms_norm" if rms else "layer_norm",
+                                  use_qk_norm=rms, attention_bias=not rms, layer_norm_eps=1e-6)
+    text = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=OV_VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                       rope_theta=1e6, tie_word_embeddings=tie, bos_token_id=OV_BPE, eos_token_id=OV_BPE + 2)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=IV_IMAGE_TOKEN,
+                          image_seq_length=(tile // 28) ** 2,
+                          downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=tie)
+
+
+def iv_hf_model(seed: int = 0, **kw):
+    """transformers' InternVLForConditionalGeneration with random weights (as `hf_model`'s; layer scale too)."""
+    from transformers import InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return randomise(InternVLForConditionalGeneration(iv_hf_config(**kw)).eval())
+
+
+IV_LAYOUTS = {
+    # OpenGVLab/InternVL3-*-hf as published (transformers 4.5x saves)
+    "hub": [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+            ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")],
+    # OpenGVLab/InternVL3-*: its own modeling_internvl_chat.py (vision_model, mlp1, language_model)
+    "original": [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                 ("model.vision_tower.", "vision_model."), ("model.multi_modal_projector.layer_norm.", "mlp1.0."),
+                 ("model.multi_modal_projector.linear_1.", "mlp1.1."),
+                 ("model.multi_modal_projector.linear_2.", "mlp1.3.")],
+}
+ORIGINAL_VIT = [  # transformers' InternViT names -> OpenGVLab's (modeling_intern_vit.py)
+    ("embeddings.cls_token", "embeddings.class_embedding"),
+    ("embeddings.patch_embeddings.projection.", "embeddings.patch_embedding."),
+    ("embeddings.position_embeddings", "embeddings.position_embedding"),
+    ("encoder.layer.", "encoder.layers."), (".attention.projection_layer.", ".attn.proj."),
+    (".attention.q_norm.", ".attn.q_norm."), (".attention.k_norm.", ".attn.k_norm."),
+    (".layernorm_before.", ".norm1."), (".layernorm_after.", ".norm2."), (".lambda_1", ".ls1"), (".lambda_2", ".ls2"),
+]
+
+
+def iv_original_state(state: dict) -> dict:
+    """transformers' InternVL weights in OpenGVLab's names: the tower's renamed, q, k, v fused into attn.qkv."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("vision_model."):
+            for old, new in ORIGINAL_VIT:
+                key = key.replace(old, new, 1)
+        out[key] = value
+    for key in [k for k in out if ".attention.q_proj." in k]:
+        parts = [out.pop(key.replace(".q_proj.", f".{p}_proj.")) for p in "qkv"]
+        out[key.replace(".attention.q_proj.", ".attn.qkv.")] = torch.cat(parts).contiguous()
+    return out
+
+
+def iv_original_config(hf_cfg) -> dict:
+    """An OpenGVLab config.json (InternVLChatConfig) for `hf_cfg`."""
+    v, t = hf_cfg.vision_config, hf_cfg.text_config
+    return {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internvl2_5",
+        "select_layer": -1, "downsample_ratio": 0.5, "ps_version": "v2", "dynamic_image_size": True,
+        "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": IV_MAX_TILES, "force_image_size": v.image_size[0],
+        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+                          "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                          "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+                          "image_size": v.image_size[0], "patch_size": 14, "qkv_bias": v.attention_bias,
+                          "qk_normalization": v.use_qk_norm, "norm_type": v.norm_type, "layer_norm_eps": v.layer_norm_eps,
+                          "hidden_act": "gelu", "use_flash_attn": False},
+        "llm_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": t.hidden_size,
+                       "intermediate_size": t.intermediate_size, "num_attention_heads": t.num_attention_heads,
+                       "num_hidden_layers": t.num_hidden_layers, "num_key_value_heads": t.num_key_value_heads,
+                       "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+                       "rope_theta": t.rope_parameters["rope_theta"], "vocab_size": t.vocab_size,
+                       "use_sliding_window": False, "sliding_window": 32768, "bos_token_id": t.bos_token_id,
+                       "eos_token_id": t.eos_token_id, "hidden_act": "silu", "tie_word_embeddings": False},
+    }
+
+
+def save_iv_checkpoint(model, out: Path, layout: str, tokenizer: Path) -> Path:
+    """Write an InternVL `model` to `out` in `layout` (a key of IV_LAYOUTS): config.json, safetensors, tokenizer.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = rename({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, IV_LAYOUTS[layout])
+    if layout == "original":
+        state = iv_original_state(state)
+    config = iv_original_config(model.config) if layout == "original" else model.config.to_dict()
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    save_file(state, out / "model.safetensors")
+    (out / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
+    return out

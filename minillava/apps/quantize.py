@@ -43,6 +43,9 @@ def outputs(plan) -> list[tuple[str, str, torch.dtype, tuple[int, ...]]]:
     for name, e in sorted(plan.layout.items(), key=lambda kv: kv[1].key):
         module = name.removesuffix(".weight")
         if module not in plan.quantized:
+            if out and out[-1][0] == e.key:  # one file tensor read as several (OpenGVLab's fused q, k, v)
+                raise ConfigError(f"{e.key} holds q, k and v in one tensor, which this command does not write back; "
+                                  "quantize while loading instead (--quantize on generate, eval, demo)")
             out.append((e.key, name, e.dtype, e.shape))
             continue
         key = e.key if internal_name(e.key) == name else "lm_head.weight"  # a tied lm_head gets its own tensor
@@ -77,7 +80,7 @@ def write_safetensors(path: Path, plan):
                 view = torch.frombuffer(mm, dtype=e.dtype, count=(e.end - e.start) // e.dtype.itemsize,
                                         offset=e.start).view(e.shape) if e.end > e.start else torch.empty(e.shape, dtype=e.dtype)
                 module = name.rpartition(".")[0]
-                if module in plan.quantized:
+                if module in plan.quantized and not name.endswith(".bias"):  # a bias (Qwen2's q/k/v) stays as it is
                     parts = quant.quantize(view, plan.spec, e.dtype)  # scales in the dtype of the weight they replace
                     tensor = parts.pop(name.rpartition(".")[2])
                     pending.update({f"{module}.{k}": v for k, v in parts.items()})

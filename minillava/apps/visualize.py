@@ -46,6 +46,9 @@ def kept_picture(model: Llava, image: Image.Image, compressor: str, ratio: float
     from globalcom2.layout import area_mask, to_crops
     from globalcom2.visualize import draw
 
+    if model.cfg.family_spec.tile_by_tile:  # its crops squashed, no thumbnail with one crop: another drawing
+        raise ConfigError("visualize draws LLaVA-NeXT's and OneVision's layouts only, not InternVL's (crops squashed "
+                          "onto the grid, the thumbnail last); run python -m minillava.generate on it instead")
     if place(compressor) == "tower":  # merged tokens stand for several patches each: no cell of theirs to mark
         raise ConfigError(f"{compressor} merges tokens inside the vision tower, so what it keeps has no place on "
                           "the grid to draw; picture another --compressor")

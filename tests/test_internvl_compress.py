@@ -1,0 +1,164 @@
+"""GlobalCom2 on InternVL (docs/internvl.md): a token's score is the sum of its 2 x 2 patches' scores, the
+thumbnail's map meets the squashed crop grid, the crops' kept tokens go tile by tile and the thumbnail's last;
+a one-tile image is its thumbnail alone. Token counts through the CLI, batch == alone, the refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import globalcom2
+from globalcom2.scores import group_sum
+from globalcom2.scoring import crop_scales
+from minillava import generate as gen
+from minillava.batch import generate_batch
+from minillava.compression import encode, sequences, stage_inputs
+from tests import tiny
+
+QUESTION = "What is in the picture?"
+TILE = 112  # 8 x 8 patches of 14 px: 4 x 4 = 16 tokens per tile after the pixel shuffle
+ONE, MANY = (112, 112), (448, 336)  # 1 tile (no thumbnail of its own); 4 x 3 crops + the thumbnail: 13 tiles
+
+
+def noise_image(w, h, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ivc")
+    tok = tiny.train_internvl_tokenizer(root / "tokenizer.json")
+    return tiny.save_iv_checkpoint(tiny.iv_hf_model(seed=2, layers=4, tile=TILE), root / "ckpt", "original", tok)
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return gen.load(str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ivimg")
+    out = {}
+    for name, size in (("one", ONE), ("many", MANY)):
+        out[name] = root / f"{name}.png"
+        noise_image(*size, seed=len(name)).save(out[name])
+    return out
+
+
+def test_group_sum_is_the_direct_formula():
+    """Token (i, j)'s score is s[2i, 2j] + s[2i, 2j+1] + s[2i+1, 2j] + s[2i+1, 2j+1] of the patch map."""
+    rng = torch.Generator().manual_seed(0)
+    for side in (2, 4, 8, 32):
+        s = torch.randn(3, side * side, generator=rng)
+        grid = s.reshape(3, side, side)
+        half = side // 2
+        direct = torch.stack([grid[:, 2 * i, 2 * j] + grid[:, 2 * i, 2 * j + 1] + grid[:, 2 * i + 1, 2 * j]
+                              + grid[:, 2 * i + 1, 2 * j + 1] for i in range(half) for j in range(half)], dim=1)
+        assert torch.allclose(group_sum(s, 2), direct, atol=1e-6)
+    with pytest.raises(ValueError, match="groups"):
+        group_sum(torch.zeros(1, 9), 2)
+
+
+@pytest.mark.parametrize("grid", [(4, 3), (2, 2), (3, 1), (1, 4)])  # not (1, 6): 16 // 6 rows of 2 vs 32 // 6 of 5
+def test_crop_budgets_are_the_patch_maps(grid):
+    """With the sum, each crop's region of the 16 x 16 token map sums to its region of the 32 x 32 patch map
+    (where the published cut of both maps aligns), so the crops' ratios are what the patch map would give."""
+    s = torch.randn(1, 32 * 32, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(crop_scales(group_sum(s, 2)[0], grid, 0.25), crop_scales(s[0], grid, 0.25), rtol=1e-6)  # float32 sums
+
+
+def test_the_thumbnail_scores_are_the_probes_summed(loaded, images):
+    """The stage's token scores on InternVL: the paper's last-layer [CLS] logits per patch, summed per token."""
+    model, _ = loaded
+    tiles = model.tile(Image.open(images["many"]))
+    image = stage_inputs(model, encode(model, [tiles], "globalcom2"))[0]
+    thumb, crops = globalcom2.token_scores(image, "globalcom2")
+    probe = image.probes[globalcom2.SCORE_PROBE]  # (1 + C, 1 + 64): [CLS] column first
+    assert probe.shape == (13, 65) and thumb.shape == (16,) and crops.shape == (12, 16)
+    assert torch.allclose(thumb, group_sum(probe[:1, 1:], 2)[0]) and torch.allclose(crops, group_sum(probe[1:, 1:], 2))
+
+
+@pytest.mark.parametrize("method", ["globalcom2", "uniform", "random", "global-only"])
+def test_kept_tokens_go_tile_by_tile_then_the_thumbnail(loaded, images, method):
+    """The decoder's sequence: each crop's kept tokens in raster order, crops row-major, then the thumbnail's
+    kept tokens in the method's order; with every crop ratio forced to 1 and r = 1 it is `none`'s sequence."""
+    model, _ = loaded
+    tiles = model.tile(Image.open(images["many"]))
+    encoded = encode(model, [tiles], method)
+    image = stage_inputs(model, encoded)[0]
+    kept = globalcom2.compress_image(image, method, 0.25)
+    seq = model.image_tokens(encoded[0], kept)
+    side, (gw, gh) = 4, image.grid
+    expected = [image.crops[c, y * side + x] for c in range(gw * gh) for y in range(side) for x in range(side)
+                if kept.crop_keep[(c // gw) * side + y, (c % gw) * side + x]]
+    assert torch.equal(seq, torch.cat([torch.stack(expected), image.thumb[kept.thumb_keep]]))
+    full = globalcom2.compress_image(image, "globalcom2" if method != "random" else method, 1.0,
+                                     scales=None if method == "random" else torch.ones(12))
+    none = model.image_tokens(encoded[0])
+    assert torch.equal(model.image_tokens(encoded[0], full)[:192], none[:192])  # the crops: every token, in order
+    assert sorted(full.thumb_keep.tolist()) == list(range(16))
+
+
+def run_json(capsys, checkpoint, image, *extra):
+    code = gen.main(["--model", str(checkpoint), "--image", str(image), "--prompt", QUESTION, "--max-new-tokens", "3",
+                     "--json", *extra])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)["visual_tokens"]
+
+
+@pytest.mark.parametrize("ratio", [pytest.param(0.5, marks=pytest.mark.slow), 0.25, pytest.param(0.1, marks=pytest.mark.slow)])
+def test_cli_token_counts(capsys, checkpoint, images, ratio):
+    """Visual tokens through the CLI: a one-tile image keeps int(16 r) (its thumbnail's share) under every
+    GlobalCom2 method; 13 tiles keep int(16 r) per tile under uniform and random, and GlobalCom2 keeps the
+    thumbnail's int(16 r) plus each crop's int(16 scale_c), scale_c around r."""
+    one = {m: run_json(capsys, checkpoint, images["one"], "--compressor", m, "--retention-ratio", str(ratio))
+           for m in ("none", "globalcom2", "uniform", "random")}
+    assert one["none"] == {"before": 16, "after": 16}
+    assert all(one[m] == {"before": 16, "after": int(16 * ratio)} for m in ("globalcom2", "uniform", "random"))
+    many = {m: run_json(capsys, checkpoint, images["many"], "--compressor", m, "--retention-ratio", str(ratio))
+            for m in ("none", "globalcom2", "uniform", "random")}
+    assert many["none"] == {"before": 208, "after": 208}
+    assert many["uniform"] == many["random"] == {"before": 208, "after": 13 * int(16 * ratio)}
+    assert abs(many["globalcom2"]["after"] - 208 * ratio) <= 13  # truncation: at most one token per tile
+
+
+@pytest.mark.parametrize("method", ["globalcom2", pytest.param("random", marks=pytest.mark.slow),
+                                    pytest.param("fastv", marks=pytest.mark.slow)])
+def test_batch_answers_equal_alone(loaded, images, method):
+    model, tok = loaded
+    items = [(Image.open(images["many"]), QUESTION), (Image.open(images["one"]), "Which colour?")]
+    alone = [gen.generate(model, tok, im, q, method, 0.5, max_new_tokens=4).token_ids for im, q in items]
+    batch = [r.token_ids for r in generate_batch(model, tok, items, method, 0.5, max_new_tokens=4)]
+    assert batch == alone
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "hired", "visionzip", "prumerge+", "globalcom2-paper", "fastervlm-paper",
+                                    "ficoco"])
+def test_published_peers_refuse_in_one_line(capsys, checkpoint, images, method):
+    code = gen.main(["--model", str(checkpoint), "--image", str(images["many"]), "--prompt", QUESTION,
+                     "--compressor", method])
+    _, err = capsys.readouterr()
+    assert code != 0 and err.startswith(f"error: {method} ") and "InternVL" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra", [["--quantize", "int8"], pytest.param(["--compressor", "pdrop"], marks=pytest.mark.slow),
+                                   pytest.param(["--compressor", "sparsevlm"], marks=pytest.mark.slow)])
+def test_cli_runs_the_other_paths(capsys, checkpoint, images, extra):
+    counts = run_json(capsys, checkpoint, images["many"], *extra)
+    assert counts["before"] == 208
+
+
+@pytest.mark.slow  # gradio's import alone is seconds
+def test_demo_answers_without_a_picture(loaded, images):
+    """The demo page on InternVL: the answer and its counts, no picture (visualize draws no InternVL yet)."""
+    pytest.importorskip("gradio")
+    from minillava.apps import demo
+
+    model, tok = loaded
+    steps = list(demo.ask(demo.Session(model, tok, max_new_tokens=3), str(images["many"]), QUESTION, "globalcom2", 0.25))
+    answer, picture, counts, message = steps[-1]
+    assert message == "" and picture is None and "208 ->" in counts
