@@ -32,7 +32,10 @@ from .trust import ConfigError, show
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm (CUDA) accepts; the CPU kernel takes the same
-DEFAULT_GROUP_SIZE = 128  # gpt-fast's default
+# Without --group-size: the largest group size up to this one that divides every quantized width (`Spec.fit`).
+# 128 is gpt-fast's default and the one the accuracy was measured at (docs/speed.md); 256, which also divides
+# every LLaVA-1.6 decoder, halves the scales' resolution, so it is taken only when asked for.
+DEFAULT_GROUP_SIZE = 128
 METHOD = "minillava-weight-only"  # quantization_config.quant_method of our checkpoints (transformers refuses it: not its format)
 # Our parameter names of the quantized linears: the decoder's projections and lm_head.
 # (A bare Decoder's, without "llm.", too: the benchmarks and tests quantize one with `quantize_model`.)
@@ -42,7 +45,8 @@ ROWS = 1024  # weights are quantized and packed this many output rows at a time,
 
 @dataclass(frozen=True)
 class Spec:
-    """How the weights are quantized: 8 or 4 bits; int4's group size (None for int8)."""
+    """How the weights are quantized: 8 or 4 bits; int4's group size (None for int8, and for int4 before
+    `fit` chooses it for a model's widths)."""
 
     bits: int
     group_size: int | None = None
@@ -50,17 +54,36 @@ class Spec:
     @classmethod
     def of(cls, bits: int | None, group_size: int | None = None) -> Spec | None:
         """The Spec of a bits / group size choice (--quantize / --bits and --group-size of our CLIs, the
-        lmms-eval model_args): None without bits; int4's group DEFAULT_GROUP_SIZE unless given. ValueError
-        for a group size without 4 bits (each caller words it for its own flags)."""
+        lmms-eval model_args): None without bits; int4's group size None unless given (`fit` chooses it
+        once the model's widths are known). ValueError for a group size without 4 bits (each caller words
+        it for its own flags)."""
         if group_size is not None and bits != 4:
             raise ValueError("a group size goes with 4 bits")
         if bits is None:
             return None
-        return cls(8) if bits == 8 else cls(4, group_size or DEFAULT_GROUP_SIZE)
+        return cls(8) if bits == 8 else cls(4, group_size)
+
+    @property
+    def chosen(self) -> bool:
+        """False for int4 whose group size is still to be chosen (`fit`)."""
+        return self.bits != 4 or self.group_size is not None
+
+    def fit(self, widths) -> Spec:
+        """This spec with int4's group size chosen for a model whose quantized linears have the input
+        `widths` (`input_widths`): the largest of GROUP_SIZES up to DEFAULT_GROUP_SIZE that divides every
+        one (128 on every LLaVA-1.6 decoder, 64 on the tiny model's 192 and 512). A spec already chosen
+        is returned as it is (an explicit --group-size is checked by `check`, one line if it does not divide)."""
+        if self.chosen:
+            return self
+        fits = [g for g in GROUP_SIZES if g <= DEFAULT_GROUP_SIZE and all(w % g == 0 for w in widths)]
+        if not fits:
+            raise ConfigError(f"int4 needs input widths divisible by {GROUP_SIZES[0]}, but the decoder's are "
+                              f"{', '.join(map(str, sorted(set(widths))))}: use --quantize int8")
+        return Spec(4, max(fits))
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}" + (f" (group size {self.group_size})" if self.bits == 4 else "")
+        return f"int{self.bits}" + (f" (group size {self.group_size or 'to be chosen'})" if self.bits == 4 else "")
 
     def config_entry(self) -> dict:
         """config.json's quantization_config of a checkpoint quantized this way."""
@@ -81,6 +104,20 @@ class Spec:
                               + (f"use --group-size {max(fits)}" if fits else "use --quantize int8"))
         if self.bits == 4 and n % 16:  # the CPU kernel packs 16 rows together (CUDA's: 8)
             raise ConfigError(f"int4 needs output widths divisible by 16, but {name} has {n} outputs: use --quantize int8")
+
+
+def input_widths(text, ranks: int = 1) -> set[int]:
+    """The input widths of the linears QUANTIZED in a decoder of TextConfig `text`, as each of `ranks`
+    tensor-parallel processes holds them (o_proj and down_proj are split along their inputs:
+    minillava/tensor_parallel.py): the hidden size (q, k, v, gate, up, lm_head), the heads' width (o_proj)
+    and the MLP's (down_proj)."""
+    return {text.hidden_size, text.num_attention_heads * text.head_dim // ranks, text.intermediate_size // ranks}
+
+
+def chosen_note(spec: Spec) -> str:
+    """The line that says which group size `Spec.fit` chose."""
+    return (f"note: --quantize {spec.name}: the largest group size up to {DEFAULT_GROUP_SIZE} that divides "
+            "every quantized width (--group-size G to choose)")
 
 
 def parse_spec(raw) -> Spec | None:
