@@ -209,11 +209,14 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: Spec, dtype: torch.dtype)
 #   `_weight_int8pack_mm` 0.81 ms and int4 `_weight_int4pack_mm_for_cpu` 0.38 ms against bf16 F.linear's
 #   1.59 ms (issue 21's table); dequantize-and-matmul is slower than bf16 itself (it reads the integers,
 #   then writes and reads a 16-bit copy). With bf16 activations the packed kernels stay ahead at any row
-#   count (512 rows: 0.55x and 0.44x F.linear's time). With float32 activations they are not GEMMs: at
-#   64 rows 37x and 68x F.linear's time (against 1.8x and 6.9x for dequantize-and-matmul), so float32
-#   uses them for one row only (a batch-1 decode step) and dequantizes for more (`FLOAT32_ROWS`); an int4
-#   layer of a float32 model keeps its storage form for that beside the packing (the packing's layout
-#   depends on the CPU's vector width, so it is not unpacked).
+#   count (512 rows: 0.55x and 0.44x F.linear's time). With float32 activations they are no fast kernels
+#   at all, even for one row (issue 29, an AMD EPYC with AVX512-BF16, one thread, 5632 x 2048: int8 36.8 ms
+#   and int4 103 ms against 0.83 and 0.42 ms with bf16 activations; 64 rows: 325 / 989 ms dequantized
+#   against 70 / 76 ms), so float32 activations are cast to bf16 around them, as CUDA's float16 around
+#   tinygemm: the result differs from float32 activations by bf16's rounding of the inputs (relative
+#   2^-9 each; tests/test_quantize.py holds a layer to 4e-3 of its output's norm), next to the 8- or 4-bit
+#   weights' own error. The kernels take the scales in the activations' dtype: a float32 model's get a
+#   bf16 copy (`kernel_scales`, N or K/G x N x 2 numbers).
 # CUDA: int4 is aten._weight_int4pack_mm (tinygemm, gpt-fast's int4 path) for up to TINYGEMM_ROWS rows (decode
 #   steps); it takes bf16 activations only, so float16 ones are cast around it. For more rows (a prefill) it is
 #   slower than dequantizing and multiplying (torchao/prototype/hqq/README.md, 4096 x 4096, A6000: 128 rows
@@ -226,13 +229,12 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: Spec, dtype: torch.dtype)
 #   scripts/cuda_check.py measures both.
 # Anything else (MPS, ...): dequantize-and-matmul, correct everywhere.
 KERNELS = {("cpu", 8): "int8pack", ("cpu", 4): "int4pack_cpu", ("cuda", 4): "int4pack_cuda"}
-FLOAT32_ROWS = 1  # most rows of float32 activations sent to a CPU packed kernel (see above)
 TINYGEMM_ROWS = 128  # most rows sent to CUDA's int4 kernel; more are dequantized (see above)
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ the int8 weight (N, K) with per-row scales (N,), dequantize-and-matmul: CUDA's int8
-    form (and the CPU's for float32 activations of more than FLOAT32_ROWS rows).
+    form (and any device's without a kernel of its own).
 
     16-bit activations: the weight is scaled before the sum (one kernel: int8 times the scales promotes
     to their dtype). gpt-fast's form, F.linear(x, weight.to(dtype)) * scales, sums x against the raw
@@ -309,10 +311,17 @@ class QuantizedLinear(nn.Module):
             return
         self.packed, device = True, self.weight.device
         self.kernel = KERNELS.get((device.type, self.spec.bits), "dequant")
+        if self.kernel == "int8pack" and self.weight.data_ptr() % 64:
+            # a stored int8 weight is a view of the checkpoint's mapped file, at whatever offset its header
+            # gave it: the bf16-activation kernel reads it with 64-byte vector loads, and crashed there
+            # (segmentation fault, tests/test_quantize.py's written checkpoint) where its own copy does not.
+            # load_model hands the file's pages back once the weight is replaced.
+            self.weight = self.weight.clone()
+        if self.kernel in ("int8pack", "int4pack_cpu"):  # bf16 activations (see KERNELS): their scales in bf16
+            scales = self.scales if self.spec.bits == 8 else self.scales_and_zeros
+            self.register_buffer("kernel_scales", scales if scales.dtype != torch.float32 else scales.bfloat16(),
+                                 persistent=False)
         if self.kernel == "int4pack_cpu":  # the CPU op takes (N, K) int32 in 0..15; packed per block of rows
-            if self.scales_and_zeros.dtype == torch.float32:  # float32 activations: more than FLOAT32_ROWS rows are
-                # dequantized, from the storage form (it costs the packing's bytes again: int8's size)
-                self.register_buffer("nibbles", self.weight, persistent=False)
             self.weight = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 unpack_int4(self.weight[i : i + ROWS]).to(torch.int32), 1) for i in range(0, self.out_features, ROWS)])
         elif self.kernel == "int4pack_cuda":  # takes the storage form as it is; 4-D int32 tiles out
@@ -324,13 +333,13 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         kernel = self.kernel
-        if kernel in ("int8pack", "int4pack_cpu") and x.dtype == torch.float32 and x.shape[0] > FLOAT32_ROWS:
-            kernel = "dequant"
-        if kernel == "int8pack":
-            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales)
-        elif kernel == "int4pack_cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.spec.group_size,
-                                                            self.scales_and_zeros)
+        if kernel in ("int8pack", "int4pack_cpu"):  # float32 activations through the kernels in bf16 (see KERNELS)
+            a = (x.to(self.kernel_scales.dtype) if x.dtype == torch.float32 else x).contiguous()
+            if kernel == "int8pack":
+                y = torch.ops.aten._weight_int8pack_mm(a, self.weight, self.kernel_scales)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.weight, self.spec.group_size, self.kernel_scales)
+            y = y.to(x.dtype)
         elif kernel == "int4pack_cuda":
             y = int4_cuda_matmul(x, self.weight, self.scales_and_zeros, self.spec)
         elif self.spec.bits == 8:
@@ -342,10 +351,8 @@ class QuantizedLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The int4 weight (N, K) in `dtype`, from the storage form (kept beside the CPU kernel's packing,
-        whose layout depends on the CPU's vector width, for float32 models: see `pack`)."""
-        weight = self.nibbles if self.kernel == "int4pack_cpu" else self.weight
-        return dequantize({"weight": weight, "scales_and_zeros": self.scales_and_zeros}, self.spec, dtype)
+        """The int4 weight (N, K) in `dtype`, from the storage form (a layer without a kernel of its own)."""
+        return dequantize({"weight": self.weight, "scales_and_zeros": self.scales_and_zeros}, self.spec, dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}, kernel={self.kernel}"

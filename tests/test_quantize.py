@@ -102,7 +102,10 @@ def test_zero_rows_and_groups_stay_finite():
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_kernel_equals_dequantize_and_matmul(spec, dtype, bias):
     """The CPU's packed kernel and the dequantize-and-matmul path (other devices) give the reference's
-    numbers, for one row and a batch of (2, 3) rows."""
+    numbers, for one row and a batch of (2, 3) rows. The packed kernels take a float32 model's
+    activations, scales (and int4's zeros) and outputs in bfloat16 (quant.KERNELS: float32 ones are no fast
+    kernels): within 4e-3 (int8) and 1e-2 (int4) of the output's norm, their rounding (2^-9 relative
+    each), not float32's 1e-5, which the dequantize-and-matmul path keeps."""
     w = weights(48, 256, seed=2).to(dtype)
     b = (0.1 * torch.randn(48)).to(dtype) if bias else None
     layer = QuantizedLinear.from_weight(w, spec, b)
@@ -117,9 +120,10 @@ def test_every_kernel_equals_dequantize_and_matmul(spec, dtype, bias):
     for x in (torch.randn(1, 256), torch.randn(2, 3, 256)):
         x = x.to(dtype)
         ref = reference_linear(x, stored, spec, b)
-        for out in (layer(x), fallback(x)):
+        packed = max(tol, 4e-3 if spec.bits == 8 else 1e-2)  # int4: the zeros' bf16 rounding too, summed over K
+        for out, bound in ((layer(x), packed), (fallback(x), tol)):
             assert out.dtype == dtype and out.shape == (*x.shape[:-1], 48)
-            assert (out.float() - ref).norm() / ref.norm() < tol
+            assert (out.float() - ref).norm() / ref.norm() < bound
 
 
 def test_decoder_and_lm_head_linears_are_quantized_not_embedding_norms_tower():
