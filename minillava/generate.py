@@ -32,7 +32,10 @@ from .weights import DEFAULT_MODEL, checkpoint_files, load_model, read_layout, r
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_HELP = ("weights and activations (default on cuda: float16 for a checkpoint saved in float16, else bfloat16 "
               "where the GPU has it natively, else float32; on cpu: float32, or bfloat16 when float32 weights would "
-              "take over half the memory)")
+              "take over half the memory. Measured on the CPU (docs/speed.md): bfloat16 halves the memory and decodes "
+              "one answer as fast as float32 on an Intel Xeon without AVX512-BF16 (its one-row products 1.25-1.4x as "
+              "fast on an AMD EPYC with it), but without AVX512-BF16 its products of several rows are compute-bound: "
+              "a batch of 8 decodes 2x slower than in float32; --quantize's matmuls take bfloat16 activations either way)")
 DEFAULT_COMPRESSOR = "globalcom2"
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
 RATIO_HELP = (f"fraction of visual tokens kept, in (0, 1] (default {DEFAULT_RETENTION_RATIO}, the paper's default); on "
