@@ -32,7 +32,10 @@ from .weights import DEFAULT_MODEL, checkpoint_files, load_model, read_layout, r
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_HELP = ("weights and activations (default on cuda: float16 for a checkpoint saved in float16, else bfloat16 "
               "where the GPU has it natively, else float32; on cpu: float32, or bfloat16 when float32 weights would "
-              "take over half the memory)")
+              "take over half the memory. Measured on the CPU (docs/speed.md): bfloat16 halves the memory and decodes "
+              "one answer as fast as float32 on an Intel Xeon without AVX512-BF16 (its one-row products 1.25-1.4x as "
+              "fast on an AMD EPYC with it), but without AVX512-BF16 its products of several rows are compute-bound: "
+              "a batch of 8 decodes 2x slower than in float32; --quantize's matmuls take bfloat16 activations either way)")
 DEFAULT_COMPRESSOR = "globalcom2"
 DEFAULT_RETENTION_RATIO = 0.25  # the paper's default
 RATIO_HELP = (f"fraction of visual tokens kept, in (0, 1] (default {DEFAULT_RETENTION_RATIO}, the paper's default); on "
@@ -375,7 +378,8 @@ def quantize_args(p: argparse.ArgumentParser):
                    "minillava.apps.quantize is quantized already and needs no flag")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None, metavar="G",
                    help=f"int4: inputs sharing one scale and zero, one of {', '.join(map(str, GROUP_SIZES))} "
-                   f"(default {DEFAULT_GROUP_SIZE}; it must divide the model's widths)")
+                   f"(default: the largest up to {DEFAULT_GROUP_SIZE} that divides every quantized width, said "
+                   "when loading: 128 on LLaVA-1.6, 64 on the tiny model)")
 
 
 def quantize_spec(p: argparse.ArgumentParser, args: argparse.Namespace) -> Spec | None:

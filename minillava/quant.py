@@ -32,7 +32,10 @@ from .trust import ConfigError, show
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm (CUDA) accepts; the CPU kernel takes the same
-DEFAULT_GROUP_SIZE = 128  # gpt-fast's default
+# Without --group-size: the largest group size up to this one that divides every quantized width (`Spec.fit`).
+# 128 is gpt-fast's default and the one the accuracy was measured at (docs/speed.md); 256, which also divides
+# every LLaVA-1.6 decoder, halves the scales' resolution, so it is taken only when asked for.
+DEFAULT_GROUP_SIZE = 128
 METHOD = "minillava-weight-only"  # quantization_config.quant_method of our checkpoints (transformers refuses it: not its format)
 # Our parameter names of the quantized linears: the decoder's projections and lm_head.
 # (A bare Decoder's, without "llm.", too: the benchmarks and tests quantize one with `quantize_model`.)
@@ -42,7 +45,8 @@ ROWS = 1024  # weights are quantized and packed this many output rows at a time,
 
 @dataclass(frozen=True)
 class Spec:
-    """How the weights are quantized: 8 or 4 bits; int4's group size (None for int8)."""
+    """How the weights are quantized: 8 or 4 bits; int4's group size (None for int8, and for int4 before
+    `fit` chooses it for a model's widths)."""
 
     bits: int
     group_size: int | None = None
@@ -50,17 +54,36 @@ class Spec:
     @classmethod
     def of(cls, bits: int | None, group_size: int | None = None) -> Spec | None:
         """The Spec of a bits / group size choice (--quantize / --bits and --group-size of our CLIs, the
-        lmms-eval model_args): None without bits; int4's group DEFAULT_GROUP_SIZE unless given. ValueError
-        for a group size without 4 bits (each caller words it for its own flags)."""
+        lmms-eval model_args): None without bits; int4's group size None unless given (`fit` chooses it
+        once the model's widths are known). ValueError for a group size without 4 bits (each caller words
+        it for its own flags)."""
         if group_size is not None and bits != 4:
             raise ValueError("a group size goes with 4 bits")
         if bits is None:
             return None
-        return cls(8) if bits == 8 else cls(4, group_size or DEFAULT_GROUP_SIZE)
+        return cls(8) if bits == 8 else cls(4, group_size)
+
+    @property
+    def chosen(self) -> bool:
+        """False for int4 whose group size is still to be chosen (`fit`)."""
+        return self.bits != 4 or self.group_size is not None
+
+    def fit(self, widths) -> Spec:
+        """This spec with int4's group size chosen for a model whose quantized linears have the input
+        `widths` (`input_widths`): the largest of GROUP_SIZES up to DEFAULT_GROUP_SIZE that divides every
+        one (128 on every LLaVA-1.6 decoder, 64 on the tiny model's 192 and 512). A spec already chosen
+        is returned as it is (an explicit --group-size is checked by `check`, one line if it does not divide)."""
+        if self.chosen:
+            return self
+        fits = [g for g in GROUP_SIZES if g <= DEFAULT_GROUP_SIZE and all(w % g == 0 for w in widths)]
+        if not fits:
+            raise ConfigError(f"int4 needs input widths divisible by {GROUP_SIZES[0]}, but the decoder's are "
+                              f"{', '.join(map(str, sorted(set(widths))))}: use --quantize int8")
+        return Spec(4, max(fits))
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}" + (f" (group size {self.group_size})" if self.bits == 4 else "")
+        return f"int{self.bits}" + (f" (group size {self.group_size or 'to be chosen'})" if self.bits == 4 else "")
 
     def config_entry(self) -> dict:
         """config.json's quantization_config of a checkpoint quantized this way."""
@@ -81,6 +104,20 @@ class Spec:
                               + (f"use --group-size {max(fits)}" if fits else "use --quantize int8"))
         if self.bits == 4 and n % 16:  # the CPU kernel packs 16 rows together (CUDA's: 8)
             raise ConfigError(f"int4 needs output widths divisible by 16, but {name} has {n} outputs: use --quantize int8")
+
+
+def input_widths(text, ranks: int = 1) -> set[int]:
+    """The input widths of the linears QUANTIZED in a decoder of TextConfig `text`, as each of `ranks`
+    tensor-parallel processes holds them (o_proj and down_proj are split along their inputs:
+    minillava/tensor_parallel.py): the hidden size (q, k, v, gate, up, lm_head), the heads' width (o_proj)
+    and the MLP's (down_proj)."""
+    return {text.hidden_size, text.num_attention_heads * text.head_dim // ranks, text.intermediate_size // ranks}
+
+
+def chosen_note(spec: Spec) -> str:
+    """The line that says which group size `Spec.fit` chose."""
+    return (f"note: --quantize {spec.name}: the largest group size up to {DEFAULT_GROUP_SIZE} that divides "
+            "every quantized width (--group-size G to choose)")
 
 
 def parse_spec(raw) -> Spec | None:
@@ -172,11 +209,14 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: Spec, dtype: torch.dtype)
 #   `_weight_int8pack_mm` 0.81 ms and int4 `_weight_int4pack_mm_for_cpu` 0.38 ms against bf16 F.linear's
 #   1.59 ms (issue 21's table); dequantize-and-matmul is slower than bf16 itself (it reads the integers,
 #   then writes and reads a 16-bit copy). With bf16 activations the packed kernels stay ahead at any row
-#   count (512 rows: 0.55x and 0.44x F.linear's time). With float32 activations they are not GEMMs: at
-#   64 rows 37x and 68x F.linear's time (against 1.8x and 6.9x for dequantize-and-matmul), so float32
-#   uses them for one row only (a batch-1 decode step) and dequantizes for more (`FLOAT32_ROWS`); an int4
-#   layer of a float32 model keeps its storage form for that beside the packing (the packing's layout
-#   depends on the CPU's vector width, so it is not unpacked).
+#   count (512 rows: 0.55x and 0.44x F.linear's time). With float32 activations they are no fast kernels
+#   at all, even for one row (issue 29, an AMD EPYC with AVX512-BF16, one thread, 5632 x 2048: int8 36.8 ms
+#   and int4 103 ms against 0.83 and 0.42 ms with bf16 activations; 64 rows: 325 / 989 ms dequantized
+#   against 70 / 76 ms), so float32 activations are cast to bf16 around them, as CUDA's float16 around
+#   tinygemm: the result differs from float32 activations by bf16's rounding of the inputs (relative
+#   2^-9 each; tests/test_quantize.py holds a layer to 4e-3 of its output's norm), next to the 8- or 4-bit
+#   weights' own error. The kernels take the scales in the activations' dtype: a float32 model's get a
+#   bf16 copy (`kernel_scales`, N or K/G x N x 2 numbers).
 # CUDA: int4 is aten._weight_int4pack_mm (tinygemm, gpt-fast's int4 path) for up to TINYGEMM_ROWS rows (decode
 #   steps); it takes bf16 activations only, so float16 ones are cast around it. For more rows (a prefill) it is
 #   slower than dequantizing and multiplying (torchao/prototype/hqq/README.md, 4096 x 4096, A6000: 128 rows
@@ -189,13 +229,12 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: Spec, dtype: torch.dtype)
 #   scripts/cuda_check.py measures both.
 # Anything else (MPS, ...): dequantize-and-matmul, correct everywhere.
 KERNELS = {("cpu", 8): "int8pack", ("cpu", 4): "int4pack_cpu", ("cuda", 4): "int4pack_cuda"}
-FLOAT32_ROWS = 1  # most rows of float32 activations sent to a CPU packed kernel (see above)
 TINYGEMM_ROWS = 128  # most rows sent to CUDA's int4 kernel; more are dequantized (see above)
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ the int8 weight (N, K) with per-row scales (N,), dequantize-and-matmul: CUDA's int8
-    form (and the CPU's for float32 activations of more than FLOAT32_ROWS rows).
+    form (and any device's without a kernel of its own).
 
     16-bit activations: the weight is scaled before the sum (one kernel: int8 times the scales promotes
     to their dtype). gpt-fast's form, F.linear(x, weight.to(dtype)) * scales, sums x against the raw
@@ -272,10 +311,17 @@ class QuantizedLinear(nn.Module):
             return
         self.packed, device = True, self.weight.device
         self.kernel = KERNELS.get((device.type, self.spec.bits), "dequant")
+        if self.kernel == "int8pack" and self.weight.data_ptr() % 64:
+            # a stored int8 weight is a view of the checkpoint's mapped file, at whatever offset its header
+            # gave it: the bf16-activation kernel reads it with 64-byte vector loads, and crashed there
+            # (segmentation fault, tests/test_quantize.py's written checkpoint) where its own copy does not.
+            # load_model hands the file's pages back once the weight is replaced.
+            self.weight = self.weight.clone()
+        if self.kernel in ("int8pack", "int4pack_cpu"):  # bf16 activations (see KERNELS): their scales in bf16
+            scales = self.scales if self.spec.bits == 8 else self.scales_and_zeros
+            self.register_buffer("kernel_scales", scales if scales.dtype != torch.float32 else scales.bfloat16(),
+                                 persistent=False)
         if self.kernel == "int4pack_cpu":  # the CPU op takes (N, K) int32 in 0..15; packed per block of rows
-            if self.scales_and_zeros.dtype == torch.float32:  # float32 activations: more than FLOAT32_ROWS rows are
-                # dequantized, from the storage form (it costs the packing's bytes again: int8's size)
-                self.register_buffer("nibbles", self.weight, persistent=False)
             self.weight = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 unpack_int4(self.weight[i : i + ROWS]).to(torch.int32), 1) for i in range(0, self.out_features, ROWS)])
         elif self.kernel == "int4pack_cuda":  # takes the storage form as it is; 4-D int32 tiles out
@@ -287,13 +333,13 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         kernel = self.kernel
-        if kernel in ("int8pack", "int4pack_cpu") and x.dtype == torch.float32 and x.shape[0] > FLOAT32_ROWS:
-            kernel = "dequant"
-        if kernel == "int8pack":
-            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales)
-        elif kernel == "int4pack_cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.spec.group_size,
-                                                            self.scales_and_zeros)
+        if kernel in ("int8pack", "int4pack_cpu"):  # float32 activations through the kernels in bf16 (see KERNELS)
+            a = (x.to(self.kernel_scales.dtype) if x.dtype == torch.float32 else x).contiguous()
+            if kernel == "int8pack":
+                y = torch.ops.aten._weight_int8pack_mm(a, self.weight, self.kernel_scales)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.weight, self.spec.group_size, self.kernel_scales)
+            y = y.to(x.dtype)
         elif kernel == "int4pack_cuda":
             y = int4_cuda_matmul(x, self.weight, self.scales_and_zeros, self.spec)
         elif self.spec.bits == 8:
@@ -305,10 +351,8 @@ class QuantizedLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The int4 weight (N, K) in `dtype`, from the storage form (kept beside the CPU kernel's packing,
-        whose layout depends on the CPU's vector width, for float32 models: see `pack`)."""
-        weight = self.nibbles if self.kernel == "int4pack_cpu" else self.weight
-        return dequantize({"weight": weight, "scales_and_zeros": self.scales_and_zeros}, self.spec, dtype)
+        """The int4 weight (N, K) in `dtype`, from the storage form (a layer without a kernel of its own)."""
+        return dequantize({"weight": self.weight, "scales_and_zeros": self.scales_and_zeros}, self.spec, dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}, kernel={self.kernel}"

@@ -148,10 +148,16 @@ class Plan:
     stored: bool  # the checkpoint holds them quantized (python -m minillava.apps.quantize)
 
 
-def plan_load(model_dir: str | Path, quantize: Spec | None = None) -> Plan:
-    """Read and check config.json and every tensor's name, shape and dtype against it (see `load_model`)."""
+def plan_load(model_dir: str | Path, quantize: Spec | None = None, ranks: int = 1) -> Plan:
+    """Read and check config.json and every tensor's name, shape and dtype against it (see `load_model`).
+    int4 without a group size gets the one that fits the decoder's widths as each of `ranks`
+    tensor-parallel processes holds them (`quant.Spec.fit`); `Plan.spec` says which."""
     model_dir = Path(model_dir)
     cfg: LlavaConfig = load_config(model_dir)
+    if quantize is not None and not quantize.chosen:
+        if ranks > 1:  # the split itself first: its error says what is wrong, not the widths it would give
+            tensor_parallel.check(cfg.text, ranks)
+        quantize = quantize.fit(quant.input_widths(cfg.text, ranks))
     if cfg.quantization is not None and quantize not in (None, cfg.quantization):
         raise ConfigError(f"{model_dir} is already quantized to {cfg.quantization.name}; drop --quantize "
                           f"(or quantize the full-precision checkpoint to {quantize.name})")
@@ -210,8 +216,10 @@ def load_model(model_dir: str | Path, device="cpu", dtype=torch.float32, quantiz
     `shard`: this process's part of a tensor-parallel decoder (minillava/tensor_parallel.py), read as
     slices of the mapped files: the whole checkpoint is checked, but only this rank's part is read.
     """
-    plan = plan_load(model_dir, quantize)
+    plan = plan_load(model_dir, quantize, shard.size if shard is not None else 1)
     model, layout, spec, quantized = plan.model, plan.layout, plan.spec, plan.quantized
+    if quantize is not None and not quantize.chosen and (shard is None or shard.rank == 0):
+        print(quant.chosen_note(spec), file=sys.stderr)
     if shard is not None:  # the meta model's decoder split; each tensor below is cut to its part as it is read
         tensor_parallel.check(plan.cfg.text, shard.size, spec)
         tensor_parallel.shard_model(model, shard)

@@ -8,7 +8,7 @@ One process, one run (only the loading measurement runs in a fresh subprocess). 
 calls each side once to warm it up, then alternates the sides (A, B, A, B, ...) and reports medians.
 Weights are random (seeded) at the plan's shapes, and both sides of a comparison share the very same
 weight tensors. The rows and targets are those of issue 4 (rows 12-13, weight-only int8 / int4: issue
-21); the theoretical table recomputes the GlobalCom2 paper's efficiency figures (LLaVA-NeXT-7B on MME)
+21; rows 14a-c, llama.cpp at the same weight widths: issue 29); the theoretical table recomputes the GlobalCom2 paper's efficiency figures (LLaVA-NeXT-7B on MME)
 the way LLM-Viewer counts them.
 
 This file is the command and the run: the sections in their order (`run_sections`), then the report.
@@ -40,6 +40,7 @@ from benchkit.decode import bench_decode  # noqa: E402
 from benchkit.decoders import build_decoders, decoder_params, text_params  # noqa: E402
 from benchkit.fmt import fmt_dict  # noqa: E402
 from benchkit.image import test_image  # noqa: E402
+from benchkit.llamacpp import bench_llamacpp  # noqa: E402
 from benchkit.loading import bench_loading  # noqa: E402
 from benchkit.machine import loadavg, machine_facts  # noqa: E402
 from benchkit.plan import CLIP_L336, PINPOINTS, PROMPT_TOKENS, Plan, make_plan  # noqa: E402
@@ -62,7 +63,8 @@ from benchkit.timing import alternate, median  # noqa: E402,F401
 from minillava.flops import LLAVA_7B, LlmSpec, kv_cache_bytes, prefill_flops  # noqa: E402,F401
 
 
-SECTIONS = ("loading", "vision", "compression", "prefill", "decode", "batch", "batchdecode", "quant")  # batch: rows 10-11b; batchdecode: 11a, 11b only
+SECTIONS = ("loading", "vision", "compression", "prefill", "decode", "batch", "batchdecode", "quant",
+            "llamacpp")  # batch: rows 10-11b; batchdecode: 11a, 11b only; llamacpp: 14a-c (the llamacpp extra)
 
 
 def run_sections(plan: Plan, r: dict, sections, log) -> None:
@@ -117,6 +119,9 @@ def run_sections(plan: Plan, r: dict, sections, log) -> None:
     if "quant" in sections:  # last: its four decoders need the memory the others held
         r["quant_loading"] = bench_quant_loading(plan, log)
         r["quant"] = bench_quant(plan, log)
+        gc.collect()
+    if "llamacpp" in sections:  # last too: three of ours and three llama.cpp models at once
+        r["llamacpp"] = bench_llamacpp(plan, log)
         gc.collect()
 
 

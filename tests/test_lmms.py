@@ -37,8 +37,8 @@ COMPRESSORS = ("none", "globalcom2", "fastv")
 MAX_NEW_TOKENS = 8  # minillava.eval's synthetic task answers with at most 8 tokens
 NOISE_TOKENS = 16  # the random checkpoint's answers: 16 tokens of noise, long enough to cut
 SAMPLED = "temperature=0.8,top_p=0.9,do_sample=true"  # lmms-eval's --gen_kwargs, over the task's
-QUANTIZED = {"int8": ("--quantize", "int8"), "int4": ("--quantize", "int4", "--group-size", "64")}  # 64: the
-# largest group dividing the tiny model's input widths (192, 512); as model_args: quantize=int4,group_size=64
+QUANTIZED = {"int8": ("--quantize", "int8"), "int4": ("--quantize", "int4")}  # int4: the eval chooses 64, the
+# largest group dividing the tiny model's input widths (192, 512); as model_args it is given: quantize=int4,group_size=64
 
 UTILS = '''
 from PIL import Image
@@ -343,7 +343,8 @@ def test_sampling_follows_gen_kwargs(setup, checkpoints):
 
 @pytest.mark.parametrize("quantize", list(QUANTIZED))
 def test_quantized_answers_equal_minillava_eval(setup, quantize):
-    """quantize (and int4's group_size) as model_args: the answers of `minillava.eval --quantize ...`."""
+    """quantize (and int4's group_size) as model_args: the answers of `minillava.eval --quantize ...`, which
+    without --group-size chose and recorded the same group size."""
     got = setup["lmms"][quantize]["answers"]
     assert got == {r["question_id"]: r["text"] for r in setup["quantized"][quantize]}
     assert all(r["metadata"]["quantize"] == {"int8": "int8", "int4": "int4-g64"}[quantize] for r in setup["quantized"][quantize])

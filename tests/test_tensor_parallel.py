@@ -28,6 +28,10 @@ from tests.tp_worker import METHODS, build_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5  # float32 logits: the all-reduce sums the two ranks' partial o_proj / down_proj products in another order
+# int8 / int4: a float32 model's quantized matmuls run in bfloat16 (minillava/quant.py KERNELS), so each rank's
+# partial o_proj / down_proj product is rounded to bfloat16 before the all-reduce, one process's whole sum once:
+# bfloat16's rounding of the logits' scale (measured 0.047 for int8), the greedy ids still equal
+TOL_QUANTIZED = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,7 @@ def test_two_ranks_give_one_process_s_ids_and_logits(reports):
     for key, r in rank0.items():
         assert r["tp_ids"] == r["ids"], key
         assert rank1[key]["tp_ids"] == r["ids"], key  # both ranks sampled the same tokens
-        assert r["logit_diff"] <= TOL, (key, r["logit_diff"])
+        assert r["logit_diff"] <= (TOL_QUANTIZED if "-int" in key else TOL), (key, r["logit_diff"])
         assert len(r["ids"]) == 8 or r["ids"][-1] in (2, tiny.OV_BPE + 2), key
     print({k: f"{r['logit_diff']:.1e}" for k, r in rank0.items()})
 

@@ -374,7 +374,8 @@ def log_line(e: dict, where: str = "") -> str:
 
 def quantization(quantize, group_size):
     """The quant.Spec of model_args quantize and group_size, as our CLIs' --quantize / --group-size
-    (generate.py quantize_args): None when not quantized; int4's group size 128 unless given."""
+    (generate.py quantize_args): None when not quantized; int4 without group_size gets the one that fits
+    the model (quant.Spec.fit, said when loading)."""
     from ..quant import Spec
 
     bits = {None: None, "int8": 8, "int4": 4}

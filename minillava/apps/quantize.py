@@ -99,9 +99,9 @@ def quantize_checkpoint(model: str, out: Path, spec: Spec) -> Path:
     done = load_config(model_dir).quantization
     if done is not None:
         raise ConfigError(f"{model_dir} is already quantized ({done.name}); quantize its full-precision source")
-    plan = plan_load(model_dir, spec)
+    plan = plan_load(model_dir, spec)  # int4 without a group size gets the one that fits (plan.spec)
     raw = parse_json(read_regular(model_dir / "config.json", 4 << 20), str(model_dir / "config.json"))
-    raw["quantization_config"] = spec.config_entry()
+    raw["quantization_config"] = plan.spec.config_entry()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same folder: the rename is atomic
     try:
         for pattern in COPIED:
@@ -131,7 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", required=True, type=int, choices=[8, 4], help="8: int8 per output channel; 4: int4 group-wise")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None, metavar="G",
                    help=f"int4: inputs sharing one scale and zero, one of {', '.join(map(str, GROUP_SIZES))} "
-                   f"(default {DEFAULT_GROUP_SIZE}; it must divide the model's widths)")
+                   f"(default: the largest up to {DEFAULT_GROUP_SIZE} that divides every quantized width)")
     args = p.parse_args(argv)
     try:
         args.spec = Spec.of(args.bits, args.group_size)
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         return fail(f"cannot write {out}: {e.strerror or e}")
     size = (out / "model.safetensors").stat().st_size
     shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-    print(f"wrote {out}: {args.spec.name}, model.safetensors {shown}; load it with --model {out}")
+    print(f"wrote {out}: {load_config(out).quantization.name}, model.safetensors {shown}; load it with --model {out}")
     return 0
 
 

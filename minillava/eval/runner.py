@@ -29,6 +29,7 @@ from ..generate import DTYPE_HELP, DTYPES, USER_ERRORS, Steps, compile_steps, co
     quantize_spec, ratio_arg, read_checkpoint, seed_arg
 from ..tensor_parallel import LaunchError, check as check_split
 from ..trust import ConfigError
+from ..quant import Spec, chosen_note, input_widths
 from ..weights import resolve_model
 from . import distributed
 from . import efficiency as E
@@ -176,8 +177,8 @@ def answer_all(args, task: Task) -> int:
         questions = select(all_questions, args.limit)
         settings = {"compressor": args.compressor, "retention_ratio": args.retention_ratio,
                     "max_new_tokens": args.max_new_tokens or task.max_new_tokens, "seed": args.seed}
-        if args.spec:  # recorded only when asked for: files made without it stay resumable
-            settings["quantize"] = args.quantize + (f"-g{args.spec.group_size}" if args.spec.bits == 4 else "")
+        if args.spec and args.spec.chosen:  # recorded only when asked for: files made without it stay resumable
+            settings["quantize"] = quantize_setting(args.spec)
         output = args.output
         done = merge(assign_keys([r for path in [output, *part_files(output)] for r in read_records(path)]))
         check_settings(output, done.values(), settings)  # the template once the checkpoint is read (below)
@@ -192,6 +193,11 @@ def answer_all(args, task: Task) -> int:
         if todo:  # the checkpoint says which template this run asks in: a file made in another is refused here
             model_dir = fetch_model(args.model, world)
             settings["conv_template"], native = eval_template(model_dir, task.paper_template, args.conv_template)
+            if args.spec and not args.spec.chosen:  # int4's group size fits the checkpoint's widths
+                args.spec = args.spec.fit(input_widths(load_config(model_dir).text))
+                settings["quantize"] = quantize_setting(args.spec)
+                if world.main:
+                    print(chosen_note(args.spec), file=sys.stderr)
             check_settings(output, done.values(), settings, native)
             if world.shard:  # on every rank, a replica without questions too (it would wait at the gather)
                 check_split(load_config(model_dir).text, world.shard.size, args.spec)
@@ -234,6 +240,11 @@ def eval_template(model_dir: Path, paper: str | None, override: str | None) -> t
     if paper and is_llava_vicuna(model_dir, cfg.layout, native, tokenizer.n_pieces):
         return paper, native
     return native, native
+
+
+def quantize_setting(spec: Spec) -> str:
+    """--quantize as an answers file records it: int8, or int4-gG with the group size."""
+    return f"int{spec.bits}" + (f"-g{spec.group_size}" if spec.bits == 4 else "")
 
 
 def fetch_model(model: str, world: distributed.World) -> Path:

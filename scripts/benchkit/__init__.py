@@ -27,12 +27,13 @@ Measuring:
     loading.py      row 9: loading a checkpoint in a fresh process
     batch.py        rows 10, 11: batching
     quant.py        rows 12, 13: weight-only int8 / int4
+    llamacpp.py     rows 14a-c: llama.cpp (GGUF F16, Q8_0, Q4_0 of the same decoder) beside ours
 Both:
     fmt.py          numbers as text, for the log lines and the report
 Reporting:
     row.py          a row of the table, its target check, the helpers of its note
     rows.py         rows 1 to 11 from the results
-    quant_rows.py   rows 12 and 13 from the results
+    quant_rows.py   rows 12, 13 and 14a-c from the results
     markdown.py     bench.md
     plot.py         bench.png
     report.py       one run's rows, bench.md, bench.json and bench.png

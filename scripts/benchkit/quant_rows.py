@@ -1,8 +1,10 @@
-"""Rows 12a-d and 13 of the table (weight-only int8 / int4), from the measured results."""
+"""Rows 12a-d and 13 of the table (weight-only int8 / int4) and 14a-c (llama.cpp at the same weight widths),
+from the measured results."""
 
 from __future__ import annotations
 
 from .fmt import GB
+from .llamacpp import PAIRS
 from .quant import QUANT_SIDES
 from .row import Row, join_notes, make_row, noise, paired
 from .timing import median
@@ -60,4 +62,34 @@ def quant_rows(r: dict) -> list[Row]:
                                        f"{w['load_s']:.1f} s; peak = VmHWM - RSS before, after reading every weight once",
                                        f"python -m minillava.apps.quantize wrote the int4 checkpoint in {ql['quantize_s']:.1f} s",
                                        direct)))
+    return rows
+
+
+def llamacpp_rows(r: dict) -> list[Row]:
+    """Rows 14a-c: our decode tokens/s against llama.cpp's at the same weight width and threads, each side's
+    share of its own bytes-read ceiling in the note; one row saying why when llama.cpp was not run."""
+    q = r.get("llamacpp")
+    if not q:
+        return []
+    if "missing" in q:
+        return [make_row("14", "decode tokens/s against llama.cpp", "llama.cpp", "-", "-", None, ">= 1.0", q["missing"])]
+    tps = {name: q["tokens_timed"] / median(s) for name, s in q["samples"].items()}
+    bw = median(q["copy_bytes_per_s"])
+    share = {name: tps[name] * q["bytes"][name] / bw for name in tps}  # of the ceiling: copy bandwidth / bytes per step
+    lg = q["logits_f16"]
+    common = join_notes(
+        f"eager steps, batch 1, prompt {r['plan']['decode_prompt']}, {q['tokens_timed']} steps timed, {q['threads']} threads, "
+        f"llama-cpp-python {q['llama_cpp_version']}",
+        f"llama.cpp F16 logits against ours on the F16-rounded weights: max |diff| {lg['max_abs']:.2g} "
+        f"({lg['rel']:.2g} of their std), argmax equal at {lg['argmax_equal']}/{lg['positions']} positions",
+        f"copy {bw / GB:.1f} GB/s (read + written)", noise(r, "llamacpp", "copy"))
+    rows = []
+    for key, (ours, kind) in zip("abc", PAIRS.items()):
+        theirs = f"llama.cpp {kind}"
+        rows.append(make_row(f"14{key}", f"decode tokens/s, batch 1, our {ours} / llama.cpp {kind}",
+                             f"llama.cpp {kind}, same weights and threads", f"{tps[ours]:.2f} tok/s",
+                             f"{tps[theirs]:.2f} tok/s", tps[ours] / tps[theirs], ">= 1.0",
+                             join_notes(f"of the bytes-read ceiling: ours {share[ours]:.2f} ({q['bytes'][ours] / GB:.2f} GB "
+                                        f"a step), llama.cpp {share[theirs]:.2f} ({q['bytes'][theirs] / GB:.2f} GB)",
+                                        paired(q["samples"][ours], q["samples"][theirs]), common)))
     return rows

@@ -7,7 +7,7 @@ from minillava.flops import LlmSpec, prefill_flops, tower_flops
 
 from .fmt import GB, fmt_s
 from .plan import PROMPT_TOKENS
-from .quant_rows import quant_rows
+from .quant_rows import llamacpp_rows, quant_rows
 from .row import Row, join_notes, make_row, noise, paired
 from .timing import median
 
@@ -157,4 +157,4 @@ def build_rows(r: dict) -> list[Row]:
                                        f"{kernel:.2f}x, the ceiling of this ratio on this CPU",
                                        paired([many * t for t in sm[f"{name}_batch{one}"]], sm[f"{name}_batch{many}"]),
                                        noise(r, "batch_decode"))))
-    return rows + quant_rows(r)
+    return rows + quant_rows(r) + llamacpp_rows(r)
