@@ -191,10 +191,12 @@ def test_layout_and_schedule_contracts():
     grid, newline = torch.zeros(4, 4, 2), torch.zeros(2)
     with pytest.raises(ValueError, match="a kept subset is packed at full resolution: pass size only without keep"):
         pack(torch.zeros(1, 2), grid, (0, 4, 0, 4), newline, keep=torch.ones(4, 4, dtype=torch.bool), size=(2, 2))
-    inside = SimpleNamespace(layer=1, inside=True)
-    check_schedule([inside], 4, inside=True)  # the tower's
-    with pytest.raises(ValueError, match="a stage inside a layer .* is the tower's only"):
-        check_schedule([inside], 4)
+    stage = SimpleNamespace(layer=1, inside=True)  # inside a layer: the tower's and the decoder's (FiCoCo-L)
+    check_schedule([stage], 4)
+    with pytest.raises(ValueError, match="pruned in a prefill of one prompt"):
+        check_schedule([stage], 4, shared=False)
+    with pytest.raises(ValueError, match=r"each once, ascending; got \[2, 1\]"):
+        check_schedule([SimpleNamespace(layer=2), stage], 4)
 
 
 def test_decoder_and_model_contracts(shipped):
