@@ -167,11 +167,9 @@ def score_of(method: str, has_cls: bool = True, group: int = 1) -> str | None:
     check_arguments(method, 1.0)
     base = _base(method)
     if group > 1 and (method in PEERS or method.endswith("-paper")):
-        why = UNGROUPED.get(method.removesuffix("-paper"), "emits the published LLaVA-NeXT sequence")
-        if method.endswith("-paper"):
-            why = "emits the published LLaVA-NeXT sequence"
+        why = UNGROUPED.get(method, "emits the published LLaVA-NeXT sequence")  # (every -paper name: the latter)
         raise ValueError(f"{method} does not run on InternVL: it {why}; use globalcom2 (or -attn, -sim), uniform, "
-                         "local-only, global-only, random, none, fastv, pdrop or sparsevlm")
+                         "local-only, global-only, random, none, fastv, pdrop, sparsevlm or ficoco-l")
     if method in PEERS or method == "globalcom2-paper":
         if not has_cls:
             what = "the published code of GlobalCom2" if method == "globalcom2-paper" else "its published code"

@@ -112,6 +112,10 @@ class FiCoCoL:
         x, s, end = between.x, self.start, self.start + self.length  # x (N, T, D): after the attention
         q, k = between.query_key(self.layer, between.previous_input)  # (N, H, T, hd) each
         att = (q[:, :, s:] @ k[:, :, s:].transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]))).mean(dim=1)
+        # the scores from here on in float32 (S x S, not per head): `correlate`'s product of two logit blocks sums
+        # over the text and can pass float16's 65504 (inf: the quantile threshold is not finite, nothing merges);
+        # the published code stays in the model's dtype. Float32 models are unchanged (bit for bit, as tested).
+        att = att.float()
         rows, kept = [], None
         for i in range(x.shape[0]):  # (N = 1 in a prefill of a decoder method; each row its own choice)
             merge, remain = filter_tokens(att[i], self.length, self.dropped)
@@ -152,7 +156,7 @@ def compress(x: torch.Tensor, merge: torch.Tensor, remain: torch.Tensor, targets
     added at its targets, then the kept rows (v - r, c)."""
     out = x.clone()
     if targets.shape[-1]:  # k = 0 where no entry clears the threshold: the merged tokens are only dropped
-        weights = (values / values.sum(dim=-1, keepdim=True))[merge]  # (r, k)
+        weights = (values / values.sum(dim=-1, keepdim=True))[merge].to(x.dtype)  # (r, k), in the tokens' dtype
         copies = (x[merge][:, None] * weights[..., None]).reshape(-1, x.shape[-1])  # (r k, c)
         out.scatter_add_(0, targets.reshape(-1)[:, None].expand(-1, x.shape[-1]), copies)
     return out[remain]

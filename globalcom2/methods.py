@@ -92,7 +92,7 @@ def needs(name: str, has_cls: bool = True, group: int = 1) -> tuple[tuple[str, i
     if group > 1 and method(name).place == TOWER:
         raise ValueError(f"{name} merges tokens inside the vision tower, and InternVL's pixel shuffle needs each "
                          "tile's patches whole afterwards (2 x 2 per token); use globalcom2, uniform, random, none, "
-                         "fastv, pdrop or sparsevlm")
+                         "fastv, pdrop, sparsevlm or ficoco-l")
     return stage_needs(name, has_cls, group) if method(name).place == STAGE else ()
 
 

@@ -32,7 +32,7 @@ class ImageFeatures:
     # (SigLIP): no [CLS] anywhere, GlobalCom2 scores by similarity and the [CLS] methods refuse
     patch_group: int = 1  # g: each token is g x g of the tower's patches (InternVL's pixel shuffle: 2), so the
     # per-patch probes are summed per group into token scores (globalcom2/scores.py `group_sum`); with g > 1
-    # only GlobalCom2's methods, random and none run (the published peers rank LLaVA's own patches)
+    # the published peers and -paper names refuse (they rank LLaVA's own patches, emit its published sequence)
     grid_share: float = 1.0  # (0, 1]: the share of this crop grid's unpadded tokens the decoder would see
     # uncompressed. LLaVA-OneVision shrinks a large grid before its decoder (h' w' of h w tokens); the stage
     # selects on the full-resolution grid with the crops' ratio r * grid_share, so that r stays the kept

@@ -78,6 +78,7 @@ def tower_schedule(model: Llava, method: str, ratio: float) -> tuple:
     tile at `ratio`; () for any other. What it cannot run on this tower is a one-line ConfigError."""
     if place(method) != "tower":
         return ()
+    needs(model, method)  # a tower this method cannot run on (InternVL's grouped tokens): its one line first
     import globalcom2
 
     vision = model.cfg.vision

@@ -5,8 +5,8 @@ and the decoder (minillava/llama.py `Decoder.forward`). Each takes a schedule: s
 layer K, each reading what the model lends it (`Between`) and keeping a subset of the tokens, or merged
 tokens in their place (`Stage`, `apply_stage`). A method that prunes in the decoder (FastV;
 globalcom2/methods.py names every method and its place) builds its schedule for one prompt (`build`).
-From the same stages come each layer's token count (`layer_lengths`: the KV cache's slots, generate.py
-`cache_slots`, and the FLOPs count, eval/efficiency.py) and, after the prefill, what the last stage kept
+From the same stages come each layer's token counts (`token_counts`: its attention's and its MLP's, for the
+FLOPs count, eval/efficiency.py; `layer_lengths`, the first: the KV cache's slots, generate.py `cache_slots`) and, after the prefill, what the last stage kept
 (`kept_positions`, from `Decoder.kept`: visualize and scripts/compression_table.py show it on the grid,
 layout.py `on_grid`).
 """

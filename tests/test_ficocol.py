@@ -374,3 +374,30 @@ def test_the_flops_count_every_merge(deep_checkpoint, image_path):
     assert cost.prefill_flops == layered_prefill_flops(spec, [30 + t for t in attention], [30 + t for t in mlp])
     assert cost.prefill_flops < layered_prefill_flops(spec, [30 + t for t in attention])  # the merging layers' MLPs
     assert result.visual_tokens["after"] == n - 2 * m and cost.visual_layer_mean == sum(attention) / 4
+
+
+def test_float16_scores_do_not_overflow():
+    """Logits of about 100 over 35 text tokens: `correlate`'s image-text-image product passes float16's 65504
+    (inf in the model's dtype: the threshold is not finite and nothing is merged); the stage scores in float32, so a float16 model's merged
+    tokens stay finite and the choice is float32's on the same (float16-rounded) inputs."""
+    from minillava.schedule import Between
+
+    torch.manual_seed(0)
+    n, h, t, hd, s, v = 1, 2, 80, 8, 5, 40
+    q, k = torch.randn(n, h, t, hd) * 12, torch.randn(n, h, t, hd) * 12
+    x = torch.randn(n, t, 16)
+    stage = FiCoCoL(1, s, v, 10)
+    got = {}
+    for dtype in (torch.float16, torch.float32):
+        qd, kd = q.half().to(dtype), k.half().to(dtype)
+        between = Between(x.half().to(dtype), x.half().to(dtype), lambda j, hid: (qd, kd), torch.arange(t), None)
+        index, tokens = stage.keep(between)
+        assert tokens.dtype == dtype and torch.isfinite(tokens).all(), dtype
+        got[dtype] = index, tokens.float()
+    a = (q[:, :, s:].half() @ k[:, :, s:].half().transpose(-1, -2) * (1 / math.sqrt(hd))).mean(dim=1)[0]
+    assert not torch.isfinite(a[:v, v:] @ a[v:, :v]).all()  # the overflow it guards against, in float16
+    (index16, tokens16), (index32, tokens32) = got[torch.float16], got[torch.float32]
+    assert torch.equal(index16, index32)
+    # the same merge (in float16 scores the quantile is not finite: no target clears it, nothing is merged)
+    assert not torch.equal(tokens32, x.half().float()[:, index32])
+    torch.testing.assert_close(tokens16, tokens32, rtol=2e-3, atol=2e-3)  # float16's rounding of the copies

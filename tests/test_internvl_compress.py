@@ -162,3 +162,15 @@ def test_demo_answers_without_a_picture(loaded, images):
     steps = list(demo.ask(demo.Session(model, tok, max_new_tokens=3), str(images["many"]), QUESTION, "globalcom2", 0.25))
     answer, picture, counts, message = steps[-1]
     assert message == "" and picture is None and "208 ->" in counts
+
+
+def test_a_tower_method_is_refused_before_its_schedule(loaded):
+    """`compression.tower_schedule` (what eval's and lmms-eval's up-front checks call, through
+    eval/efficiency.py) refuses FiCoCo-V on InternVL in the one line generate gives, not per question."""
+    from minillava.compression import tower_schedule
+    from minillava.trust import ConfigError
+
+    model, _ = loaded
+    with pytest.raises(ConfigError, match=r"^ficoco merges tokens inside the vision tower, and InternVL's pixel"):
+        tower_schedule(model, "ficoco", 0.5)
+    assert tower_schedule(model, "globalcom2", 0.5) == ()

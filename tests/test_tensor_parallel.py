@@ -248,6 +248,23 @@ def test_eval_on_two_tensor_parallel_ranks_writes_one_process_s_answers(tmp_path
     assert done.stderr.count("failed: not an image") == 2  # said by the writing rank only
 
 
+def test_eval_fits_int4_groups_to_each_rank_s_widths(tmp_path, checkpoints, pope_images):
+    """--quantize int4 without --group-size under --tensor-parallel 2: the group size fits the widths each rank
+    holds (o_proj's 64 inputs a rank: 64), as generate's loader (weights.plan_load) does; the whole decoder's
+    widths would give 128, which the split then refuses."""
+    from minillava.config import load_config
+    from minillava.quant import Spec, input_widths
+
+    model = checkpoints["hub"]
+    text = load_config(model).text
+    assert Spec(4).fit(input_widths(text)).group_size == 128  # what a fit on the whole decoder would take
+    done = eval_under_torchrun(2, pope_images, tmp_path / "tp.jsonl", model, "--tensor-parallel", 2,
+                               "--quantize", "int4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "note: --quantize int4 (group size 64)" in done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[0])["answered"] == 5
+
+
 @pytest.mark.slow
 def test_eval_on_two_replicas_of_two_ranks_resumes_to_one_process_s_answers(tmp_path, capsys, checkpoints, pope_images):
     """4 processes, --tensor-parallel 2: 2 replicas of 2 ranks share the questions the file lacks (resumed after

@@ -193,14 +193,18 @@ def answer_all(args, task: Task) -> int:
         if todo:  # the checkpoint says which template this run asks in: a file made in another is refused here
             model_dir = fetch_model(args.model, world)
             settings["conv_template"], native = eval_template(model_dir, task.paper_template, args.conv_template)
-            if args.spec and not args.spec.chosen:  # int4's group size fits the checkpoint's widths
-                args.spec = args.spec.fit(input_widths(load_config(model_dir).text))
+            text = load_config(model_dir).text
+            ranks = world.shard.size if world.shard else 1
+            if world.shard:  # on every rank, a replica without questions too (it would wait at the gather); the
+                check_split(text, ranks)  # split itself first: its error says what is wrong (weights.plan_load)
+            if args.spec and not args.spec.chosen:  # int4's group size fits the widths each rank holds
+                args.spec = args.spec.fit(input_widths(text, ranks))
                 settings["quantize"] = quantize_setting(args.spec)
                 if world.main:
                     print(chosen_note(args.spec), file=sys.stderr)
             check_settings(output, done.values(), settings, native)
-            if world.shard:  # on every rank, a replica without questions too (it would wait at the gather)
-                check_split(load_config(model_dir).text, world.shard.size, args.spec)
+            if world.shard:  # and its quantized shards keep int4's groups (an explicit --group-size)
+                check_split(text, ranks, args.spec)
         if world.main:
             ranks = f" on {world.size} processes" if world.size > 1 else ""
             if world.shard:
