@@ -14,6 +14,9 @@ Methods that merge tokens (VisionZip, PruMerge+) tint each merged position with 
 it went into (one colour per merged token), on the thumbnail and on the canvas. FastV, which prunes
 inside the decoder by the prompt's attention, needs `--prompt`: the picture shows the image tokens its
 layers from K on keep (read from their KV cache after the prefill).
+InternVL (`tiling="closest-ratio"`, docs/internvl.md): the canvas is the image squashed onto the crop grid
+(no padding), the thumbnail is labelled as the sequence's last tile, the counts have no newline, and a
+one-tile image is its thumbnail alone (no canvas); each cell is one token, a 2 x 2 pixel-shuffled group.
 Thumbnail and scores stand in a column left of the canvas, or side by side above it for a grid of one
 row. Small tiles are blown up by a whole factor (a 56 px tile shows as 336 px); 336 px tiles are 1:1.
 
@@ -205,6 +208,7 @@ def draw(
     note: str = "",
     score_label: str = "thumbnail [CLS] score",
     downscaled: tuple[int, int] | None = None,
+    tiling: str = "anyres",
 ) -> Image.Image:
     """The picture of one compressed image.
 
@@ -217,17 +221,23 @@ def draw(
     the uncompressed sequence's grid; where the model shrinks the unpadded crop grid to it before its
     decoder (LLaVA-OneVision), the counts are of that sequence and a compressor's crops' ratio
     r * h'w'/(hw) (`ImageFeatures.grid_share`) is shown beside r. None: the unpadded grid itself.
+    `tiling` "closest-ratio" (InternVL, docs/internvl.md): the canvas is the image squashed onto the grid
+    (no padding), the thumbnail is the sequence's last tile, no newline; grid (0, 0) is a one-tile image,
+    its thumbnail alone, drawn without a canvas.
     The returned image's `info["panels"]` gives the box of each picture in it (thumbnail, scores, canvas),
     `info["text"]` its title and count lines.
     """
     gw, gh = grid
+    squash = tiling == "closest-ratio"  # InternVL: crops squashed, thumbnail last, no newline
     keep = result.crop_keep.detach().cpu().numpy().astype(bool)  # (H, W)
-    side = keep.shape[0] // gh
-    P = side * side
+    scores = torch.as_tensor(thumb_scores).detach().float().cpu().numpy().reshape(-1)
+    # the tile's token side: from the crop masks, or (InternVL's one-tile image has none) the thumbnail's scores
+    side = math.isqrt(scores.size) if squash else keep.shape[0] // gh
+    P, C = side * side, gw * gh
     if keep.shape != (gh * side, gw * side):
         raise ValueError(f"crop masks of shape {keep.shape} do not fit grid {grid}")
-    valid = area_mask(area, keep.shape, "cpu").numpy()  # (H, W)
-    scores = torch.as_tensor(thumb_scores).detach().float().cpu().numpy().reshape(-1)
+    # InternVL squashes the image onto the whole grid: every cell is the image's (model.encode_images' area)
+    valid = np.ones(keep.shape, bool) if squash else area_mask(area, keep.shape, "cpu").numpy()  # (H, W)
     if scores.size != P:
         raise ValueError(f"{scores.size} thumbnail scores for {P} tokens per tile")
     thumb_keep = np.zeros(P, dtype=bool)
@@ -245,13 +255,17 @@ def draw(
     thumb_merge = result.thumb_merge.detach().cpu().numpy().reshape(side, side) if merges else None
     crop_merge = result.crop_merge.detach().cpu().numpy() if merges else None  # (H, W)
     thumb = _shade(zoomed(squashed), thumb_keep.reshape(side, side), outline=st.rim, merged=thumb_merge)
-    canvas = _shade(zoomed(anyres_canvas(image, grid, size, tile)), keep, valid, outline=st.rim, merged=crop_merge)
+    if squash:  # minillava/anyres.py `_closest_ratio_tiles`: the image resized onto the grid, aspect not kept
+        high = image.convert("RGB").resize((max(gw, 1) * tile, max(gh, 1) * tile), Image.Resampling.BICUBIC)
+    else:
+        high = anyres_canvas(image, grid, size, tile)
+    canvas = _shade(zoomed(high), keep, valid, outline=st.rim, merged=crop_merge) if C else None
 
     # Texts.
     k_thumb, k_crops, n_valid = int(thumb_keep.sum()), int((keep & valid).sum()), int(valid.sum())
     k_pad = int((keep & ~valid).sum())  # padding tokens kept: only the -paper peers emit them
     rows, cols = downscaled or (int(valid.any(1).sum()), int(valid.any(0).sum()))  # the uncompressed grid
-    before = P + rows * (cols + 1)  # uncompressed: thumbnail, rows + newlines
+    before = (1 + C) * P if squash else P + rows * (cols + 1)  # uncompressed: every tile / thumbnail, rows + newlines
     shrunk = downscaled is not None and rows * cols != n_valid
     n_merged = n_absorbing = 0
     if merges:  # merged tokens of their own (VisionZip's contextual), and kept tokens others went into (PruMerge+)
@@ -259,7 +273,8 @@ def draw(
         own = np.union1d(thumb_merge[thumb_keep.reshape(side, side)], crop_merge[keep])  # a kept token's place
         n_absorbing = len(np.intersect1d(into, own[own >= 0]))
         n_merged = len(into) - n_absorbing
-    name = {"none": "none (uncompressed LLaVA-NeXT)", "globalcom2": "GlobalCom2"}.get(method, method)
+    family = "InternVL" if squash else "LLaVA-NeXT"
+    name = {"none": f"none (uncompressed {family})", "globalcom2": "GlobalCom2"}.get(method, method)
     if method == "random" and seed is not None:
         name += f" (seed {seed})"
     title = f"{name},  r = {_number(1.0 if method == 'none' else ratio)}"
@@ -269,7 +284,12 @@ def draw(
              else f"crops {k_crops}/{n_valid} kept (padding excluded)")
     if shrunk and method == "none":  # the decoder's sequence is the downscaled grid, not the canvas drawn
         k_crops = rows * cols
-    counts = [
+    if squash:  # InternVL's sequence: the crops' kept tokens, then the thumbnail's; nothing else (no newline)
+        counts = [*([f"crops {k_crops}/{n_valid} kept"] if C else []), f"thumbnail {k_thumb}/{P} kept"
+                  + (" (the image as one tile: no crop)" if not C else ""),
+                  f"visual tokens {before} -> {after} ({100 * after / before:.0f}%)"]
+    else:
+        counts = [
         f"thumbnail {k_thumb}/{P} kept",
         crops,
         *([f"{k_pad} padding tokens kept"] if k_pad else []),
@@ -278,18 +298,21 @@ def draw(
            f"{after - k_thumb - k_crops - k_pad - n_merged} newlines, [CLS] and extra tokens"]
           if merges else [f"{after - k_thumb - k_crops - k_pad} newlines"]),
         f"visual tokens {before} -> {after} ({100 * after / before:.0f}%)",
-    ]
-    canvas_label = [f"high-resolution canvas {gw * tile}x{gh * tile} px", f"{gw}x{gh} crops of {tile} px",
-                    f"{side}x{side} tokens each"]
+        ]
+    canvas_label = [f"{'the image squashed onto' if squash else 'high-resolution canvas'} {gw * tile}x{gh * tile} px",
+                    f"{gw}x{gh} crops of {tile} px", f"{side}x{side} tokens each"]
+    # where the thumbnail sits in the decoder's sequence: LLaVA-NeXT's first, InternVL's after the crops
+    thumb_name = ("the image as one tile (its thumbnail alone)" if not C else f"thumbnail (tile {C + 1}, after the "
+                  "crops)") if squash else "thumbnail (as the model sees it)"
 
     # Layout. Grids of one row put the thumbnail and the score map side by side above the canvas;
     # taller grids put them in a column left of it.
-    below = gh == 1
+    below = gh <= 1  # one row, or InternVL's one tile (no canvas: thumbnail and scores side by side only)
     width = M + (max(2 * T + G, gw * T) if below else T + G + gw * T) + M
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     count_lines = _wrap(scratch, counts, small, width - 2 * M)
     canvas_lines = _wrap(scratch, canvas_label, small, gw * T, sep=", ")
-    thumb_lines = _wrap(scratch, ["thumbnail (as the model sees it)", f"{k_thumb}/{P} kept"], small, T, sep=": ")
+    thumb_lines = _wrap(scratch, [thumb_name, f"{k_thumb}/{P} kept"], small, T, sep=": ")
     top = M + round(f * 1.7) + line * (len(count_lines) + bool(note) + 1) + f // 2  # title, counts, note, legend
     score_h = line + T + f // 2 + f + line + (line if method in GUIDED else 0)  # label, map, bar, notes
     if below:
@@ -301,7 +324,7 @@ def draw(
         thumb_xy, score_xy = (M, top + head), (M, top + head + T + f)
         canvas_top = top
     canvas_xy = (M if below else M + T + G, canvas_top + (line * len(canvas_lines) if below else head))
-    height = max(score_xy[1] + score_h, canvas_xy[1] + gh * T) + M
+    height = max(score_xy[1] + score_h, canvas_xy[1] + gh * T if C else 0) + M
 
     fig = Image.new("RGB", (width, height), BACKGROUND)
     d = ImageDraw.Draw(fig)
@@ -314,19 +337,21 @@ def draw(
     if note:
         d.text((M, y), note, font=small, fill=(180, 40, 40))
         y += line
-    _legend(fig, (M, y), st, merges)
+    _legend(fig, (M, y), st, merges, padding=not squash)
 
     _text_lines(d, (thumb_xy[0], thumb_xy[1] - line * len(thumb_lines)), thumb_lines, small, line)
     fig.paste(thumb, thumb_xy)
-    _score_panel(fig, score_xy, scores.reshape(side, side), grid if method in GUIDED else None, st, score_label)
-    _text_lines(d, (canvas_xy[0], canvas_xy[1] - line * len(canvas_lines)), canvas_lines, small, line)
-    fig.paste(canvas, canvas_xy)
-    fig = _crop_marks(fig, canvas_xy, keep, valid, ratios, grid, st)
+    _score_panel(fig, score_xy, scores.reshape(side, side), grid if method in GUIDED and C else None, st,
+                 score_label)  # a one-tile image has no crop, so no budget region
+    if C:
+        _text_lines(d, (canvas_xy[0], canvas_xy[1] - line * len(canvas_lines)), canvas_lines, small, line)
+        fig.paste(canvas, canvas_xy)
+        fig = _crop_marks(fig, canvas_xy, keep, valid, ratios, grid, st)
     fig.info["text"] = [title, *counts]
     fig.info["panels"] = {  # where each picture sits, as PIL boxes (left, top, right, bottom)
         "thumbnail": (*thumb_xy, thumb_xy[0] + T, thumb_xy[1] + T),
         "scores": (score_xy[0], score_xy[1] + line, score_xy[0] + T, score_xy[1] + line + T),
-        "canvas": (*canvas_xy, canvas_xy[0] + gw * T, canvas_xy[1] + gh * T),
+        **({"canvas": (*canvas_xy, canvas_xy[0] + gw * T, canvas_xy[1] + gh * T)} if C else {}),
     }
     return fig
 
@@ -336,8 +361,9 @@ def _text_lines(d: ImageDraw.ImageDraw, xy: tuple[int, int], lines: list[str], f
         d.text((xy[0], xy[1] + n * line), text, font=fnt, fill=INK)
 
 
-def _legend(fig: Image.Image, xy: tuple[int, int], st: Style, merges: bool = False):
-    """One row: what kept, dropped, merged and padding cells and crop boundaries look like."""
+def _legend(fig: Image.Image, xy: tuple[int, int], st: Style, merges: bool = False, padding: bool = True):
+    """One row: what kept, dropped, merged and padding cells (`padding`: InternVL has none) and crop boundaries
+    look like."""
     d, small, sw = ImageDraw.Draw(fig), st.small, st.f
     x, y = xy
     two = np.empty((sw, sw, 3), np.uint8)  # a swatch of two colours, to show the dimming on both
@@ -347,7 +373,8 @@ def _legend(fig: Image.Image, xy: tuple[int, int], st: Style, merges: bool = Fal
         ("dropped token (dimmed)", _shade(Image.fromarray(two), np.zeros((1, 1), bool))),
         *([("merged (colour of its token)", _shade(Image.fromarray(two), np.zeros((1, 2), bool), merged=np.array([[0, 3]])))]
           if merges else []),
-        ("padding (never a token)", _shade(Image.new("RGB", (sw, sw)), np.ones((1, 1), bool), np.zeros((1, 1), bool), 3)),
+        *([("padding (never a token)",
+            _shade(Image.new("RGB", (sw, sw)), np.ones((1, 1), bool), np.zeros((1, 1), bool), 3))] if padding else []),
     ]:
         fig.paste(patch, (x, y + 2))
         d.rectangle((x, y + 2, x + sw - 1, y + sw + 1), outline=MUTED)

@@ -192,6 +192,21 @@ def on_grid(kept: torch.Tensor, grid: tuple[int, int], area: tuple[int, int, int
     return places[(places >= 0) & (places < P)], crop_keep.view(H, W)
 
 
+def on_tiles(kept: torch.Tensor, grid: tuple[int, int], side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`on_grid` for InternVL's sequence (`tile_sequence`: the crops one after another, each in raster
+    order, then the thumbnail): the thumbnail's kept positions (k0,) long, the crop grid's (H, W) bool."""
+    (gw, gh), P = grid, side * side
+    H, W = gh * side, gw * side
+    # each token's place coded as sequence_places does (thumbnail p: p; grid cell (y, x): P + y W + x), laid
+    # out by tile_sequence itself so the two cannot disagree
+    cells = P + torch.arange(H * W, device=kept.device).view(H, W, 1)  # (H, W, 1)
+    crops = cells.reshape(gh, side, gw, side, 1).transpose(1, 2).reshape(gw * gh, P, 1)  # (C, P, 1) row-major
+    places = tile_sequence(torch.arange(P, device=kept.device)[:, None], crops, grid)[:, 0][kept]
+    crop_keep = torch.zeros(H * W, dtype=torch.bool, device=kept.device)
+    crop_keep[places[places >= P] - P] = True
+    return places[places < P], crop_keep.view(H, W)
+
+
 def uncompressed_length(area: tuple[int, int, int, int], side: int, max_tiles: int | None = None) -> int:
     """Tokens of the uncompressed sequence: the thumbnail's P, then h rows of w tokens and a newline
     (OneVision, `max_tiles`: the downscaled h' x w' grid's rows)."""

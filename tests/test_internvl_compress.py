@@ -14,7 +14,10 @@ from globalcom2.scores import group_sum
 from globalcom2.scoring import crop_scales
 from minillava import generate as gen
 from minillava.batch import generate_batch
+from globalcom2 import visualize as vis
+from minillava.apps import visualize
 from minillava.compression import encode, sequences, stage_inputs
+from minillava.layout import on_tiles
 from tests import tiny
 
 QUESTION = "What is in the picture?"
@@ -152,16 +155,100 @@ def test_cli_runs_the_other_paths(capsys, checkpoint, images, extra):
     assert counts["before"] == 208
 
 
+def drawn_cells(picture, box, image, rows, cols):
+    """Which token cells of the panel at `box` are drawn kept (the image's pixel, as the model's tile saw it:
+    `image` resized to the panel's cells, nearest zoom) or dropped (that pixel dimmed), read at each cell's
+    centre: (rows, cols) bool, every cell checked to be one of the two."""
+    left, top, right, bottom = box
+    zoom = (right - left) // image.width
+    px = np.asarray(picture, dtype=np.float32)
+    src = np.asarray(image, dtype=np.float32)
+    ys = ((np.arange(rows) + 0.5) * (bottom - top) / rows).astype(int)
+    xs = ((np.arange(cols) + 0.5) * (right - left) / cols).astype(int)
+    drawn = px[np.ix_(top + ys, left + xs)]
+    original = src[np.ix_(ys // zoom, xs // zoom)]
+    kept = np.abs(drawn - original).max(-1) <= 1
+    dropped = np.abs(drawn - (original * vis.DIM + vis.DIM_TO * (1 - vis.DIM))).max(-1) <= 1
+    assert (kept ^ dropped).all(), "a cell drawn neither kept nor dropped"
+    return kept
+
+
+@pytest.mark.parametrize("name", ["one", "many"])
+def test_visualize_draws_the_kept_tokens(loaded, images, name):
+    """The picture on InternVL: the cells drawn kept on the squashed crop grid (4 x 4 tokens per 112 px tile:
+    the 2 x 2 pixel-shuffled groups) and on the thumbnail are exactly the ones the compressor kept."""
+    model, _ = loaded
+    image = Image.open(images[name]).convert("RGB")
+    picture = visualize.kept_picture(model, image, "globalcom2", 0.25)
+    tiles = model.tile(image)
+    encoded = encode(model, [tiles], "globalcom2")
+    kept = globalcom2.compress(stage_inputs(model, encoded), "globalcom2", 0.25)[0]
+    assert picture.after == model.image_tokens(encoded[0], kept).shape[0]
+    panels = picture.image.info["panels"]
+    thumb = np.zeros(16, bool)
+    thumb[kept.thumb_keep.numpy()] = True
+    drawn = drawn_cells(picture.image, panels["thumbnail"], image.resize((TILE, TILE), Image.Resampling.BICUBIC), 4, 4)
+    np.testing.assert_array_equal(drawn, thumb.reshape(4, 4))
+    if name == "one":  # the thumbnail alone: no canvas, no crop; int(16 r) of its 16 tokens
+        assert tiles.grid == (0, 0) and "canvas" not in panels and (picture.before, picture.after) == (16, 4)
+        assert drawn.sum() == 4
+        return
+    gw, gh = tiles.grid
+    assert (gw, gh) == (4, 3) and picture.before == 208
+    canvas = image.resize((gw * TILE, gh * TILE), Image.Resampling.BICUBIC)  # the grid the crops are cut from
+    drawn = drawn_cells(picture.image, panels["canvas"], canvas, gh * 4, gw * 4)
+    np.testing.assert_array_equal(drawn, kept.crop_keep.numpy())
+    assert 0 < drawn.sum() < drawn.size and picture.after == drawn.sum() + thumb.sum()
+    text = picture.image.info["text"]
+    assert f"crops {drawn.sum()}/192 kept" in text and f"visual tokens 208 -> {picture.after} " in text[-1] + " "
+
+
+def test_on_tiles_inverts_the_tile_sequence():
+    """A decoder method's kept sequence positions (FastV) back on the crops and thumbnail: position
+    c P + y side + x is crop c's cell (y, x), then the thumbnail's p at C P + p."""
+    grid, side = (3, 2), 4
+    P, (gw, gh) = side * side, grid
+    kept = torch.randperm(7 * P, generator=torch.Generator().manual_seed(0))[:40].sort().values
+    thumb, crop_keep = on_tiles(kept, grid, side)
+    expected = torch.zeros(gh * side, gw * side, dtype=torch.bool)
+    for i in kept[kept < 6 * P].tolist():
+        c, j = divmod(i, P)
+        expected[(c // gw) * side + j // side, (c % gw) * side + j % side] = True
+    assert torch.equal(crop_keep, expected) and torch.equal(thumb, kept[kept >= 6 * P] - 6 * P)
+
+
+def test_visualize_fastv_and_cli(capsys, loaded, checkpoint, images, tmp_path):
+    """FastV's kept positions drawn on InternVL's tiles; the command writes the PNG with the counts."""
+    model, tok = loaded
+    image = Image.open(images["many"]).convert("RGB")
+    picture = visualize.kept_picture(model, image, "fastv", 0.25, tokenizer=tok, prompt=QUESTION)
+    canvas = image.resize((4 * TILE, 3 * TILE), Image.Resampling.BICUBIC)
+    crops = drawn_cells(picture.image, picture.image.info["panels"]["canvas"], canvas, 12, 16)
+    thumb = drawn_cells(picture.image, picture.image.info["panels"]["thumbnail"],
+                        image.resize((TILE, TILE), Image.Resampling.BICUBIC), 4, 4)
+    assert picture.before == 208 and crops.sum() + thumb.sum() == picture.after == 52  # FastV keeps int(208 r)
+    out = tmp_path / "kept.png"
+    code = visualize.main(["--model", str(checkpoint), "--image", str(images["one"]), "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0 and "visual tokens 16 -> 4" in stdout, err
+    one = visualize.kept_picture(model, Image.open(images["one"]), "globalcom2", 0.25).image  # the CLI's defaults
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written), np.asarray(one))
+
+
 @pytest.mark.slow  # gradio's import alone is seconds
-def test_demo_answers_without_a_picture(loaded, images):
-    """The demo page on InternVL: the answer and its counts, no picture (visualize draws no InternVL yet)."""
+def test_demo_shows_the_picture(loaded, images):
+    """The demo page on InternVL: the answer, its counts and the kept-token picture."""
     pytest.importorskip("gradio")
     from minillava.apps import demo
 
     model, tok = loaded
     steps = list(demo.ask(demo.Session(model, tok, max_new_tokens=3), str(images["many"]), QUESTION, "globalcom2", 0.25))
     answer, picture, counts, message = steps[-1]
-    assert message == "" and picture is None and "208 ->" in counts
+    assert message == "" and "208 ->" in counts
+    expected = visualize.kept_picture(model, Image.open(images["many"]), "globalcom2", 0.25).image
+    assert np.array_equal(np.asarray(picture), np.asarray(expected))
+
 
 
 def test_a_tower_method_is_refused_before_its_schedule(loaded):

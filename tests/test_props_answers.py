@@ -56,7 +56,7 @@ def refused_rightly(model, method: str, error: Exception, ratio: float, picture:
     message = str(error)
     assert "\n" not in message and message, message
     if isinstance(error, ConfigError):
-        if picture and (place(method) == "tower" or model.cfg.family_spec.tile_by_tile):  # visualize draws no InternVL
+        if picture and place(method) == "tower":
             return
         with pytest.raises(ConfigError):
             needs(model, method)

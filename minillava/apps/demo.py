@@ -157,8 +157,8 @@ def _answer(session: Session, image, question: str, compressor: str, ratio: floa
     """Yield (answer so far, picture, counts) for one setting: the picture first, then the streamed answer."""
     t0 = time.perf_counter()
     pic, picture_s = None, None
-    # a tower method's merged tokens have no cell to draw, and visualize draws no InternVL (apps/visualize.py)
-    if place(compressor) != "tower" and not session.model.cfg.family_spec.tile_by_tile:
+    # a tower method's merged tokens have no cell to draw (apps/visualize.py)
+    if place(compressor) != "tower":
         pic = kept_picture(session.model, image, compressor, ratio, tokenizer=session.tokenizer, prompt=question)
         picture_s = time.perf_counter() - t0
         yield "", pic.image, counts_line(pic.before, pic.after)

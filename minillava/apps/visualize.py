@@ -21,7 +21,7 @@ from ..compression import compressors, encode, has_cls, needs, place, stage_inpu
 from ..eval.files import write_atomic
 from ..generate import (DTYPES, RATIO_HELP, USER_ERRORS, default_dtype, fail, load, prefill, prepare, quantize_args, quantize_spec,
                        ratio_arg, seed_arg)
-from ..layout import downscaled_size, on_grid
+from ..layout import downscaled_size, on_grid, on_tiles
 from ..model import Llava
 from ..schedule import kept_positions
 from ..tokenizer import Tokenizer
@@ -46,13 +46,11 @@ def kept_picture(model: Llava, image: Image.Image, compressor: str, ratio: float
     from globalcom2.layout import area_mask, to_crops
     from globalcom2.visualize import draw
 
-    if model.cfg.family_spec.tile_by_tile:  # its crops squashed, no thumbnail with one crop: another drawing
-        raise ConfigError("visualize draws LLaVA-NeXT's and OneVision's layouts only, not InternVL's (crops squashed "
-                          "onto the grid, the thumbnail last); run python -m minillava.generate on it instead")
     if place(compressor) == "tower":  # merged tokens stand for several patches each: no cell of theirs to mark
         raise ConfigError(f"{compressor} merges tokens inside the vision tower, so what it keeps has no place on "
                           "the grid to draw; picture another --compressor")
-    tile, side = model.cfg.vision.image_size, model.cfg.vision.patches_per_side
+    # side: tokens along a tile, after InternVL's pixel shuffle (2 x 2 patches a token) where there is one
+    tile, side, family = model.cfg.vision.image_size, model.cfg.token_side, model.cfg.family_spec
     tiles = model.tile(image)
     # the score map shows the method's token score, or GlobalCom2's on this tower for a method without one
     cls = has_cls(model)
@@ -69,7 +67,10 @@ def kept_picture(model: Llava, image: Image.Image, compressor: str, ratio: float
         prefill(model, plan.embeds[None], stages)
         start = len(tokenizer.encode_question(prompt)[0])  # the image's first position in the prompt
         kept = kept_positions(model.llm, start, tokens.shape[0])
-        thumb_keep, crop_keep = on_grid(kept, tiles.grid, area, side, model.cfg.anyres_max)
+        if family.tile_by_tile:  # InternVL's sequence: the crops tile by tile, then the thumbnail
+            thumb_keep, crop_keep = on_tiles(kept, tiles.grid, side)
+        else:
+            thumb_keep, crop_keep = on_grid(kept, tiles.grid, area, side, model.cfg.anyres_max)
         valid = area_mask(area, crop_keep.shape, crop_keep.device)
         ratios = (to_crops(crop_keep, tiles.grid, side).sum(1).double().cpu()
                   / to_crops(valid, tiles.grid, side).sum(1).double().cpu().clamp(min=1))  # (C,)
@@ -87,7 +88,8 @@ def kept_picture(model: Llava, image: Image.Image, compressor: str, ratio: float
     drawing = draw(image, tiles.grid, tiles.size, tile, globalcom2.token_scores(features, shown)[0], result,
                    compressor, ratio, area=area, after=after, seed=seed, note=note,
                    score_label="thumbnail [CLS] score" if score == "cls_logits" else f"thumbnail score: {score}",
-                   downscaled=downscaled_size(area, side, model.cfg.anyres_max))
+                   downscaled=None if family.tile_by_tile else downscaled_size(area, side, model.cfg.anyres_max),
+                   tiling=family.tiling)
     return Picture(drawing, before, after)
 
 
