@@ -352,6 +352,36 @@ def test_retry_alone_runs_after_the_failed_batch_is_released():
     assert isinstance(alone, torch.cuda.OutOfMemoryError) and str(alone) == "too large alone"
 
 
+
+def test_a_tensor_parallel_rank_does_not_retry_alone(monkeypatch):
+    """eval's `answer_batch` with retry=False (a tensor-parallel rank, eval/runner.py `answer`): an
+    out-of-memory batch raises at once, one call, instead of answering question by question while the
+    rank's partners wait in the batch's collectives; with retry (one process) each question again alone."""
+    from types import SimpleNamespace
+
+    from minillava.eval import runner
+
+    calls = []
+
+    def generate_batch(model, tokenizer, items, *a, **k):
+        calls.append(len(items))
+        if len(items) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return ["answer"]
+
+    monkeypatch.setattr(runner, "generate_batch", generate_batch)
+    args = SimpleNamespace(compressor="none", retention_ratio=1.0, seed=0)
+    batch = [SimpleNamespace(prompt="?"), SimpleNamespace(prompt="?")]
+    opened = ["image", "image"]
+    settings = {"max_new_tokens": 1}
+    assert runner.answer_batch(args, None, batch, settings, None, None, None, opened) == ["answer", "answer"]
+    assert calls == [2, 1, 1]
+    calls.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        runner.answer_batch(args, None, batch, settings, None, None, None, opened, retry=False)
+    assert calls == [2]
+
+
 # --- warm-up at the real shapes -------------------------------------------------------------------------
 
 def recording_steps(seen: list) -> gen.Steps:

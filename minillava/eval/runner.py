@@ -282,7 +282,7 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
     bar = tqdm(total=len(questions), desc=task.name + share, unit="q", file=sys.stderr, disable=not world.main,
                dynamic_ncols=True)
     try:
-        for q, result in answered(args, task, questions, settings, model, tokenizer, steps):
+        for q, result in answered(args, task, questions, settings, model, tokenizer, steps, world.shard is None):
             record = {"key": q.key, "question_id": q.question_id, "prompt": q.text}
             if isinstance(result, BaseException):  # this question's fault: record it, go on
                 message = " ".join(str(result).split()) or type(result).__name__
@@ -306,9 +306,11 @@ def answer(args, task: Task, questions: list[Question], settings: dict, model_di
     return (costs if writer else []), measured  # each question counted once; every rank's memory
 
 
-def answered(args, task: Task, questions: list[Question], settings: dict, model, tokenizer, steps):
+def answered(args, task: Task, questions: list[Question], settings: dict, model, tokenizer, steps,
+             retry: bool = True):
     """(question, Result or exception) for each question, in order, --batch-size at a time. The next
-    batch's images are opened (read, decoded, or made) in a thread while this batch is answered."""
+    batch's images are opened (read, decoded, or made) in a thread while this batch is answered.
+    `retry`: see `answer_batch`."""
     batches = [questions[s : s + args.batch_size] for s in range(0, len(questions), args.batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(open_images, task, batches[0]) if batches else None
@@ -316,7 +318,7 @@ def answered(args, task: Task, questions: list[Question], settings: dict, model,
             opened = pending.result()  # a bug raised while opening is raised here
             if k + 1 < len(batches):
                 pending = pool.submit(open_images, task, batches[k + 1])
-            yield from zip(batch, answer_batch(args, task, batch, settings, model, tokenizer, steps, opened))
+            yield from zip(batch, answer_batch(args, task, batch, settings, model, tokenizer, steps, opened, retry))
 
 
 def open_images(task: Task, batch: list[Question]) -> list:
@@ -331,10 +333,12 @@ def open_images(task: Task, batch: list[Question]) -> list:
 
 
 def answer_batch(args, task: Task, batch: list[Question], settings: dict, model, tokenizer, steps,
-                 opened: list | None = None) -> list:
+                 opened: list | None = None, retry: bool = True) -> list:
     """One Result or exception per question of `batch` (`opened`: its images from `open_images`, opened
     here if None). A batch that runs out of GPU memory is answered again one question at a time, so
-    only a question too large alone fails (e.g. one huge image)."""
+    only a question too large alone fails (e.g. one huge image). Not with `retry` False (a tensor-parallel
+    rank: its partners, which did not run out, would wait in the batch's collectives while it retried
+    alone; the error stops the run, torchrun stops the others, and the answers file resumes)."""
     opened = open_images(task, batch) if opened is None else opened
     images = {i: x for i, x in enumerate(opened) if not isinstance(x, BaseException)}
     results = [x if isinstance(x, BaseException) else None for x in opened]
@@ -345,7 +349,7 @@ def answer_batch(args, task: Task, batch: list[Question], settings: dict, model,
                               steps=steps, return_exceptions=True)
 
     keys = list(images)
-    done = retry_alone(run, keys) if keys else []
+    done = (retry_alone(run, keys) if retry else run(keys)) if keys else []
     for i, r in zip(keys, done, strict=True):
         results[i] = r
     return results
