@@ -17,6 +17,10 @@ This is gpt-fast's scheme (quantize.py: `dynamically_quantize_per_channel`, `get
 `group_quantize_tensor_from_qparams`), written here in our own terms.
 
 In memory, `QuantizedLinear.pack` turns the storage form into what the device's kernel reads (`KERNELS`).
+The int4 kernels take rows in blocks (the CPU's packs 16 rows together, CUDA's tinygemm 8): a linear whose
+output width is no multiple of 16 (InternVL3's head, 151,674 rows) gets zero rows up to the next multiple of
+16 in its kernel's packing only, and its outputs are sliced back. The stored form keeps the true N, so a
+checkpoint is the same whichever device reads it, and one written before this rule loads as it did.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ METHOD = "minillava-weight-only"  # quantization_config.quant_method of our chec
 # (A bare Decoder's, without "llm.", too: the benchmarks and tests quantize one with `quantize_model`.)
 QUANTIZED = re.compile(r"((llm\.)?layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head)")
 ROWS = 1024  # weights are quantized and packed this many output rows at a time, so no whole float32 copy is made
+INT4_ROW_BLOCK = 16  # the int4 kernels' rows are padded to a multiple of this (the CPU kernel's block; CUDA's 8 divides it)
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,7 @@ class Spec:
             raise ConfigError(f"int4 groups of {self.group_size} inputs need input widths divisible by "
                               f"{self.group_size}, but {name} has {k} inputs: "
                               + (f"use --group-size {max(fits)}" if fits else "use --quantize int8"))
-        if self.bits == 4 and n % 16:  # the CPU kernel packs 16 rows together (CUDA's: 8)
-            raise ConfigError(f"int4 needs output widths divisible by 16, but {name} has {n} outputs: use --quantize int8")
+        # Any output width is taken: the int4 kernels' rows in blocks of 16 are padded in memory (`QuantizedLinear.pack`).
 
 
 def input_widths(text, ranks: int = 1) -> set[int]:
@@ -317,13 +321,21 @@ class QuantizedLinear(nn.Module):
             # (segmentation fault, tests/test_quantize.py's written checkpoint) where its own copy does not.
             # load_model hands the file's pages back once the weight is replaced.
             self.weight = self.weight.clone()
+        pad = -self.out_features % INT4_ROW_BLOCK
+        if pad and self.kernel in ("int4pack_cpu", "int4pack_cuda"):
+            # the kernels refuse a row count off their block (module docstring): zero rows (q = 0 and a zero
+            # scale and zero, so every padded output is 0) are appended here only, sliced off in `forward`. The
+            # copy is one weight's, once (InternVL3-8B's head: 272 MB of nibbles), freed as the packing replaces it.
+            w, sz = self.weight, self.scales_and_zeros
+            self.weight = torch.cat([w, w.new_zeros(pad, w.shape[1])])
+            self.scales_and_zeros = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
         if self.kernel in ("int8pack", "int4pack_cpu"):  # bf16 activations (see KERNELS): their scales in bf16
             scales = self.scales if self.spec.bits == 8 else self.scales_and_zeros
             self.register_buffer("kernel_scales", scales if scales.dtype != torch.float32 else scales.bfloat16(),
                                  persistent=False)
         if self.kernel == "int4pack_cpu":  # the CPU op takes (N, K) int32 in 0..15; packed per block of rows
             self.weight = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                unpack_int4(self.weight[i : i + ROWS]).to(torch.int32), 1) for i in range(0, self.out_features, ROWS)])
+                unpack_int4(self.weight[i : i + ROWS]).to(torch.int32), 1) for i in range(0, self.weight.shape[0], ROWS)])
         elif self.kernel == "int4pack_cuda":  # takes the storage form as it is; 4-D int32 tiles out
             tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)  # K % 32 is assured by the group size
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), tiles)
@@ -346,6 +358,8 @@ class QuantizedLinear(nn.Module):
             y = int8_matmul(x, self.weight, self.scales)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
+        if y.shape[-1] != self.out_features:  # an int4 kernel's padded rows (`pack`): sliced off, made contiguous
+            y = y[:, : self.out_features].contiguous()
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)

@@ -175,6 +175,39 @@ def test_int4_cuda_pack_and_kernel_contracts(group):
                 assert y.shape == (rows, 11008) and y.dtype == dtype and y.device.type == "cuda"
 
 
+def test_int4_cuda_pads_a_head_off_16_rows(monkeypatch):
+    """InternVL3's head (151,674 rows, 10 past a multiple of 16) on CUDA: pack gives tinygemm 151,680 rows
+    (the ops' meta functions take them, fake CUDA tensors at the 1B's width 896). Then forward's slice and
+    the many-rows branch in numbers, on the CPU with the
+    CUDA packing transcribed (`pack_like_cuda`) in place of the op: a 314-row layer against float32 from
+    its storage form."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from minillava import quant
+
+    with torch.no_grad(), FakeTensorMode():
+        layer = QuantizedLinear(896, 151674, False, Spec(4, 128), torch.bfloat16, "cuda")
+        layer.pack()
+        assert layer.kernel == "int4pack_cuda" and layer.scales_and_zeros.shape == (7, 151680, 2)
+        # the kernel's output (fake CUDA tensors cannot be sliced on a CPU-only torch: the slice is checked below)
+        y = int4_cuda_matmul(torch.empty(1, 896, dtype=torch.bfloat16, device="cuda"), layer.weight,
+                             layer.scales_and_zeros, layer.spec)
+        assert y.shape == (1, 151680)
+
+    monkeypatch.setitem(quant.KERNELS, ("cpu", 4), "int4pack_cuda")
+    monkeypatch.setattr(torch.ops.aten, "_convert_weight_to_int4pack", pack_like_cuda)
+    torch.manual_seed(3)
+    spec, w = Spec(4, 64), (torch.randn(314, 256) * 0.05).bfloat16()
+    stored = quant.quantize(w, spec, torch.bfloat16)  # the layer's own integers and scales
+    layer = QuantizedLinear.from_weight(w, spec)
+    assert layer.kernel == "int4pack_cuda" and layer.weight.shape[0] == 320 // 8
+    x = 50 * torch.randn(TINYGEMM_ROWS + 8, 256)
+    ref = F.linear(x, dequantize(stored, spec, torch.float32))
+    got = layer(x.bfloat16())
+    assert got.shape == (TINYGEMM_ROWS + 8, 314) and ref.abs().max() > 100
+    assert ((got.float() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
 # --- the compiled decode step on CUDA -------------------------------------------------------------------
 
 def test_cuda_decode_step_keeps_cuda_graphs_and_tunes_one_row_products(monkeypatch):

@@ -126,6 +126,22 @@ def test_every_kernel_equals_dequantize_and_matmul(spec, dtype, bias):
             assert (out.float() - ref).norm() / ref.norm() < bound
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int4_rows_off_the_kernels_block_are_padded_in_memory(dtype):
+    """50 outputs (no multiple of the CPU kernel's 16): the packing gets 14 zero rows, the outputs are
+    sliced back to 50 and equal the reference within the packed kernel's bound above; the storage form
+    (what a checkpoint holds) keeps 50 rows."""
+    spec, w = Spec(4, 32), weights(50, 256, seed=4).to(dtype)
+    stored = quant.quantize(w, spec, dtype)
+    assert stored["weight"].shape == (50, 128) and stored["scales_and_zeros"].shape == (8, 50, 2)
+    layer = QuantizedLinear.from_weight(w, spec)
+    assert layer.kernel == "int4pack_cpu" and layer.scales_and_zeros.shape == (8, 64, 2)
+    for x in (torch.randn(1, 256), torch.randn(2, 3, 256)):
+        x = x.to(dtype)
+        out, ref = layer(x), reference_linear(x, stored, spec)
+        assert out.shape == (*x.shape[:-1], 50) and (out.float() - ref).norm() / ref.norm() < 2e-2
+
+
 def test_decoder_and_lm_head_linears_are_quantized_not_embedding_norms_tower():
     t = TextConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
     model = torch.nn.Module()

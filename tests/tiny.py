@@ -447,17 +447,18 @@ def train_internvl_tokenizer(path: Path) -> Path:
     return path
 
 
-def iv_hf_config(rms: bool = False, layers: int = 2, tie: bool = False, tile: int = TILE):
+def iv_hf_config(rms: bool = False, layers: int = 2, tie: bool = False, tile: int = TILE, vocab: int = OV_VOCAB):
     """A tiny InternVLConfig: InternViT (2 layers, 56 px tiles of 4 x 4 patches: 2 x 2 tokens after the pixel
     shuffle) with LayerNorm and q, k, v biases (the 300M tower's kind) or `rms` RMSNorm with q/k norm and no
-    biases (the 6B tower's), a Qwen2 decoder with GQA."""
+    biases (the 6B tower's), a Qwen2 decoder with GQA and `vocab` embedding rows (a head of 314 is, like
+    InternVL3's 151,674, 10 past a multiple of 16: the int4 kernels' padding)."""
     from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
     vision = InternVLVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=tile, patch_size=14, norm_type="rms_norm" if rms else "layer_norm",
                                   use_qk_norm=rms, attention_bias=not rms, layer_norm_eps=1e-6)
     text = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=OV_VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-6,
                        rope_theta=1e6, tie_word_embeddings=tie, bos_token_id=OV_BPE, eos_token_id=OV_BPE + 2)
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=IV_IMAGE_TOKEN,
                           image_seq_length=(tile // 28) ** 2,
