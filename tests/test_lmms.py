@@ -471,3 +471,71 @@ def test_compiled_answers_equal_eager(setup):
            "model_args": f"pretrained={TINY},compressor=globalcom2,batch_size=3,compile=true"}
     got = drive(setup["tmp"], "compiled", {"include": str(setup["tasks"]), "runs": [run]})
     assert got["compiled"]["answers"] == {r["question_id"]: r["text"] for r in setup["ours"]["globalcom2"]}
+
+
+# --- InternVL3 (docs/internvl.md): a tiny random checkpoint in OpenGVLab's layout --------------------------
+
+IV_COMPRESSORS = ("none", "globalcom2")
+GREEDY = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, "do_sample": False}  # the scenes task's
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    """The split, a tiny InternVL3 (InternViT with fused attn.qkv, 56 px tiles, Qwen2) and minillava.eval's
+    answers with it under each of IV_COMPRESSORS."""
+    from tests import tiny
+
+    tmp = tmp_path_factory.mktemp("lmms-internvl")
+    data = S.write_split(tmp / "synthetic", N)
+    model = tiny.save_iv_checkpoint(tiny.iv_hf_model(seed=2), tmp / "internvl", "original",
+                                    tiny.train_internvl_tokenizer(tmp / "tokenizer.json"))
+    rows = [json.loads(line) for line in (data / "questions.jsonl").read_text().splitlines()]
+    docs = [{"question_id": r["question_id"], "image": str(data / "images" / r["image"]), "question": r["text"]}
+            for r in rows]
+    ours = {c: {r["question_id"]: r["text"] for r in eval_answers(data, tmp / f"eval-{c}.jsonl", model, c)}
+            for c in IV_COMPRESSORS}
+    return {"tmp": tmp, "model": model, "docs": docs, "ours": ours}
+
+
+@pytest.mark.parametrize("compressor", IV_COMPRESSORS)
+def test_internvl_answers_equal_minillava_eval(internvl, compressor):
+    """In this process (lmms-eval's Instance requests handed to generate_until, as its evaluator hands
+    them): InternVL3's answers, batch_size 3 (a batch of 3 and one of 1), are minillava.eval's (answered one
+    at a time), in InternVL's template. About 3 s with the fixture once transformers is imported."""
+    from PIL import Image
+    from lmms_eval.api.instance import Instance
+
+    from minillava.apps.lmms import MiniLlava
+
+    model = MiniLlava.create_from_arg_string(f"pretrained={internvl['model']},compressor={compressor},"
+                                             f"retention_ratio=0.25,device=cpu", {"batch_size": 3})
+    assert model.tokenizer.template.name == "internvl2_5"
+    docs = internvl["docs"]
+    model.task_dict = {"scenes": {"test": docs}}
+    visual = lambda doc: [Image.open(doc["image"]).convert("RGB")]  # noqa: E731 (the task's doc_to_visual)
+    requests = [Instance("generate_until", (d["question"], dict(GREEDY), visual, i, "scenes", "test"), i,
+                         {"task": "scenes", "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+    answers = model.generate_until(requests)
+    assert dict(zip((d["question_id"] for d in docs), answers)) == internvl["ours"][compressor]
+    assert model.efficiency()["questions"] == N
+
+
+@pytest.mark.slow
+def test_internvl_through_lmms_eval_s_evaluator(internvl):
+    """lmms-eval's simple_evaluate in a subprocess (the model found through its entry point, a json task, one
+    question at a time): InternVL3's answers under none and globalcom2 are minillava.eval's (about 15 s)."""
+    tmp = internvl["tmp"]
+    (tmp / "scenes.jsonl").write_text("".join(json.dumps(d) + "\n" for d in internvl["docs"]))
+    tasks = tmp / "tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "utils.py").write_text(UTILS)
+    greedy = f"  max_new_tokens: {MAX_NEW_TOKENS}\n  temperature: 0\n  do_sample: false"
+    (tasks / "scenes.yaml").write_text(TASK.format(name="scenes", data=tmp / "scenes.jsonl", visual="doc_to_visual",
+                                                    generation=greedy).replace("doc_to_target: answer",
+                                                                               "doc_to_target: question"))
+    runs = [{"name": c, "task": "scenes", "batch_size": 1,
+             "model_args": f"pretrained={internvl['model']},compressor={c},retention_ratio=0.25,device=cpu"}
+            for c in IV_COMPRESSORS]
+    got = drive(tmp, "internvl", {"include": str(tasks), "runs": runs})
+    for c in IV_COMPRESSORS:
+        assert got[c]["answers"] == internvl["ours"][c], c

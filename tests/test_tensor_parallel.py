@@ -4,6 +4,8 @@ One torchrun launch (tests/tp_worker.py) runs every case; each rank loads the wh
 and answers with both. Decoder kinds: Vicuna / LLaMA (4 heads, 4 key/value heads: split 2 + 2), Mistral
 with one key/value head (replicated on both ranks), Qwen2 (OneVision: q/k/v biases, 4 on 2 heads); the
 methods: none, globalcom2, and the three that read the decoder's attention over all heads (fastv, pdrop, ficoco-l).
+InternVL3 (OpenGVLab's layout: InternViT with fused attn.qkv, pixel shuffle, Qwen2 4 on 2 heads): none,
+globalcom2, fastv; its tower and projector whole on each rank.
 """
 
 import json
@@ -57,7 +59,7 @@ def reports(cases, tmp_path_factory, image_path):
 
 def test_two_ranks_give_one_process_s_ids_and_logits(reports):
     rank0, rank1 = reports
-    assert rank0.keys() == rank1.keys() and len(rank0) == 3 * len(METHODS) + 3
+    assert rank0.keys() == rank1.keys() and len(rank0) == 3 * len(METHODS) + 3 + 3
     for key, r in rank0.items():
         assert r["tp_ids"] == r["ids"], key
         assert rank1[key]["tp_ids"] == r["ids"], key  # both ranks sampled the same tokens
@@ -99,10 +101,13 @@ def test_each_rank_holds_its_heads_and_about_half_the_decoder(reports):
     assert rank0["llama/none"]["kv_heads"] == [4, 2]
     assert rank0["mistral-mqa/none"]["kv_heads"] == [1, 1]  # the one key/value head on both ranks
     assert rank0["qwen2/none"]["kv_heads"] == [2, 1]
+    assert rank0["internvl/none"]["kv_heads"] == [2, 1]
     for key, r in rank0.items():
         # the embedding and lm_head (2 x 416 x 128 of the tiny model) stay whole; the rest is halved
         assert r["tp_bytes"] < 0.75 * r["bytes"], key
         assert rank1[key]["tp_bytes"] == r["tp_bytes"], key
+        # the tower and projector (InternViT's too, read from the fused attn.qkv) are not split: whole on each rank
+        assert r["tp_tower_bytes"] == r["tower_bytes"] == rank1[key]["tp_tower_bytes"], key
 
 
 # --- without processes: the split itself -------------------------------------------------------------------

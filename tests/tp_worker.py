@@ -7,7 +7,7 @@ process's numbers, computed here too) and by this rank's tensor-parallel part, c
 
 CASES.json: [{"name", "model", "compressors": [...], "quantize": null | "int8" | "int4", "batch": [the
 compressors to run as a batch too], "compile": bool}]. Writes OUT_DIR/rank{R}.json: per case and compressor the greedy ids of both, the largest
-logit difference over the prefill and every decode step, and both models' weight bytes; with "batch" the
+logit difference over the prefill and every decode step, and both models' weight bytes (decoder; tower and projector); with "batch" the
 same for three questions of unequal prompt lengths answered together (minillava/batch.py generate_batch);
 with "compile" the part's ids and logits through torch.compile'd steps (generate.compile_steps), against
 the whole model's eager ones and the part's eager ones.
@@ -33,7 +33,9 @@ def build_cases(root: Path, tokenizer: Path) -> list[dict]:
     """Tiny random checkpoints of four layers (FastV and PyramidDrop need the depth) of each decoder kind,
     written under `root` (`tokenizer`: a sentencepiece model, tests/tiny.py `train_tokenizer`), as CASES:
     LLaMA (4 heads, 4 key/value heads: split 2 + 2), Mistral with one key/value head (replicated on both
-    ranks), Qwen2 / OneVision (q/k/v biases, 4 on 2 heads), the LLaMA one under int8 and int4 (group 32)."""
+    ranks), Qwen2 / OneVision (q/k/v biases, 4 on 2 heads), InternVL (OpenGVLab's layout: its tower's fused
+    attn.qkv, replicated; a Qwen2 decoder, 4 on 2 heads; none, globalcom2 and fastv: ~0.5 s of CPU a rank), the LLaMA one
+    under int8 and int4 (group 32)."""
     from tests import tiny  # transformers: only where checkpoints are made
 
     llama = tiny.save_checkpoint(tiny.hf_model(seed=5, num_hidden_layers=4), root / "llama", "hub", tokenizer)
@@ -42,11 +44,19 @@ def build_cases(root: Path, tokenizer: Path) -> list[dict]:
         root / "mistral", "hub", tokenizer)
     qwen = tiny.save_ov_checkpoint(tiny.ov_hf_model(seed=4, layers=4), root / "qwen2", "hub",
                                    tiny.train_qwen_tokenizer(root / "tokenizer.json"))
+    internvl = tiny.save_iv_checkpoint(tiny.iv_hf_model(seed=6, layers=4), root / "internvl", "original",
+                                       tiny.train_internvl_tokenizer(root / "iv-tokenizer.json"))
     return [{"name": "llama", "model": str(llama), "compressors": METHODS, "quantize": None, "batch": ["none", "fastv"]},
             {"name": "mistral-mqa", "model": str(mistral), "compressors": METHODS, "quantize": None, "batch": ["fastv"]},
             {"name": "qwen2", "model": str(qwen), "compressors": METHODS, "quantize": None, "batch": ["globalcom2", "pdrop"]},
+            {"name": "internvl", "model": str(internvl), "compressors": ["none", "globalcom2", "fastv"], "quantize": None},
             {"name": "llama-int8", "model": str(llama), "compressors": ["none", "fastv"], "quantize": "int8"},
             {"name": "llama-int4", "model": str(llama), "compressors": ["none"], "quantize": "int4"}]
+
+
+def tower_bytes(model) -> int:
+    """Bytes of the vision tower and projector: whole on every rank (tensor_parallel.py splits the decoder only)."""
+    return sum(t.numel() * t.element_size() for m in (model.vision, model.projector) for t in m.state_dict().values())
 
 
 def weight_bytes(model) -> int:
@@ -110,6 +120,7 @@ def main():
                 "logit_diff": largest_difference(logits, tp_logits),
                 "logit_scale": max(a.abs().max().item() for a in logits),
                 "bytes": weight_bytes(whole), "tp_bytes": weight_bytes(part),
+                "tower_bytes": tower_bytes(whole), "tp_tower_bytes": tower_bytes(part),
                 "kv_heads": [whole.llm.layers[0].self_attn.kv_heads, part.llm.layers[0].self_attn.kv_heads],
             }
             if compressor in case.get("batch", ()):
