@@ -56,8 +56,8 @@ def has_cls(model: Llava) -> bool:
 
 
 def patch_group(model: Llava) -> int:
-    """g: each token the decoder sees is g x g of the tower's patches (InternVL's pixel shuffle: 2; else 1)."""
-    return round(1 / model.cfg.downsample_ratio)
+    """g: each token the decoder sees is g x g of the tower's patches (config.py `LlavaConfig.patch_group`)."""
+    return model.cfg.patch_group
 
 
 def needs(model: Llava, method: str) -> tuple:

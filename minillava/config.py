@@ -147,10 +147,15 @@ class LlavaConfig:
         return FAMILIES[self.family]
 
     @property
+    def patch_group(self) -> int:
+        """g: each token the decoder sees is g x g of the tower's patches (InternVL's pixel shuffle: 2; else 1)."""
+        return round(1 / self.downsample_ratio)
+
+    @property
     def token_side(self) -> int:
         """Tokens along a tile's side after the projector: the tower's patches, or InternVL's pixel-shuffled
         half of them (32 patches -> 16 tokens)."""
-        return int(self.vision.patches_per_side * self.downsample_ratio)
+        return self.vision.patches_per_side // self.patch_group
 
 
 # transformers' MistralConfig defaults where they differ from LlamaConfig's (transformers 5.24,

@@ -39,6 +39,12 @@ LLAVA_7B = LlmSpec("LLaVA-NeXT-7B", 32, 4096, 11008, 32, 32, 32000)
 LLAVA_13B = LlmSpec("LLaVA-NeXT-13B", 40, 5120, 13824, 40, 40, 32000)
 
 
+def per_token_weights(spec: LlmSpec) -> tuple[int, int]:
+    """Multiply-adds of one position through a layer's weights: (q, k, v, o projections; SwiGLU MLP)."""
+    d, hd = spec.hidden, spec.head_dim
+    return d * spec.heads * hd * 2 + d * spec.kv_heads * hd * 2, 3 * d * spec.intermediate
+
+
 def prefill_flops(spec: LlmSpec, tokens: int, causal: bool = False) -> dict[str, int]:
     """Matmul FLOPs of a prefill of `tokens` positions (multiply-add = 2 FLOPs).
 
@@ -48,7 +54,7 @@ def prefill_flops(spec: LlmSpec, tokens: int, causal: bool = False) -> dict[str,
     only needs the next token's logits).
     """
     t, d, hd = tokens, spec.hidden, spec.head_dim
-    per_token = d * spec.heads * hd * 2 + d * spec.kv_heads * hd * 2 + 3 * d * spec.intermediate  # weights
+    per_token = sum(per_token_weights(spec))
     pairs = t * (t + 1) // 2 if causal else t * t
     linear = 2 * t * per_token * spec.layers
     attention = 2 * 2 * pairs * spec.heads * hd * spec.layers
@@ -65,11 +71,10 @@ def layered_prefill_flops(spec: LlmSpec, layer_tokens: list[int], mlp_tokens: li
     mlp_tokens = layer_tokens if mlp_tokens is None else mlp_tokens
     if not len(layer_tokens) == len(mlp_tokens) == spec.layers:
         raise ValueError(f"{len(layer_tokens)} layer token counts for a decoder of {spec.layers} layers")
-    d, hd = spec.hidden, spec.head_dim
-    projections = d * spec.heads * hd * 2 + d * spec.kv_heads * hd * 2  # q, o; k, v: per token
-    layers = sum(2 * t * projections + 2 * m * 3 * d * spec.intermediate + 2 * 2 * t * t * spec.heads * hd
+    projections, mlp = per_token_weights(spec)
+    layers = sum(2 * t * projections + 2 * m * mlp + 2 * 2 * t * t * spec.heads * spec.head_dim
                  for t, m in zip(layer_tokens, mlp_tokens))
-    return layers + 2 * d * spec.vocab
+    return layers + 2 * spec.hidden * spec.vocab
 
 
 def kv_cache_bytes(spec: LlmSpec, tokens: int, bytes_per_value: int = 2) -> int:

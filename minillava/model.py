@@ -78,8 +78,8 @@ class Llava(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision: Tower = TOWERS[cfg.vision.model_type](cfg.vision)
-        self.shuffle = cfg.downsample_ratio != 1  # InternVL: 2 x 2 patches per token (internvit.pixel_shuffle)
-        width = cfg.vision.hidden_size * (4 if self.shuffle else 1)
+        self.shuffle = cfg.patch_group > 1  # InternVL: 2 x 2 patches per token (internvit.pixel_shuffle)
+        width = cfg.vision.hidden_size * cfg.patch_group**2
         self.projector = Projector(width, cfg.text.hidden_size, cfg.projector_bias, norm=self.shuffle)
         if not cfg.family_spec.tile_by_tile:  # InternVL closes no row: it has no newline vector
             self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))

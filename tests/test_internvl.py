@@ -17,22 +17,12 @@ from minillava.config import internvl_grids, parse_config
 from minillava.internvit import pixel_shuffle
 from minillava.weights import load_model
 from tests import tiny
-from tests.conftest import PARITY
+from tests.test_model import max_diff, noise_image
 
 QUESTION = "What is in the picture?"
 TILE = tiny.TILE
 # (w, h): 1 crop (no thumbnail), 2 x 2, 4 x 3, 3 x 4, a 12-crop strip, the (7, 1) / (8, 1) tie at 300 x 40
 SIZES = [(56, 56), (120, 110), (200, 150), (150, 200), (700, 50), (300, 40), (57, 200)]
-
-
-def max_diff(a, b, stage: str) -> float:
-    d = (a.float() - b.float()).abs().max().item()
-    PARITY.append((stage, d))
-    return d
-
-
-def noise_image(w, h, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 # --- the published preprocessing, transcribed (the InternVL3 model cards' `dynamic_preprocess`,

@@ -16,17 +16,14 @@ from minillava import generate as gen
 from minillava.batch import generate_batch
 from globalcom2 import visualize as vis
 from minillava.apps import visualize
-from minillava.compression import encode, sequences, stage_inputs
+from minillava.compression import encode, stage_inputs
 from minillava.layout import on_tiles
 from tests import tiny
+from tests.test_model import noise_image
 
 QUESTION = "What is in the picture?"
 TILE = 112  # 8 x 8 patches of 14 px: 4 x 4 = 16 tokens per tile after the pixel shuffle
 ONE, MANY = (112, 112), (448, 336)  # 1 tile (no thumbnail of its own); 4 x 3 crops + the thumbnail: 13 tiles
-
-
-def noise_image(w, h, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
