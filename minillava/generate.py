@@ -20,6 +20,7 @@ import torch
 
 from .compression import compressor_help, compressors, encode, sequences
 from .config import LlavaConfig, load_config
+from .llama import unpack_linears
 from .model import Llava
 from .schedule import build as build_schedule, layer_lengths
 from . import tensor_parallel
@@ -63,17 +64,18 @@ class Result:
 
 def load(model: str, device="cpu", dtype: torch.dtype | None = None,
          conv_template: str | None = None, quantize: Spec | None = None,
-         shard: tensor_parallel.Shard | None = None) -> tuple[Llava, Tokenizer]:
+         shard: tensor_parallel.Shard | None = None, pack: bool = True) -> tuple[Llava, Tokenizer]:
     """Model and tokenizer from a checkpoint directory or hub id; `dtype` None picks `default_dtype`;
     `quantize`: the decoder's linears weight-only int8 / int4, quantized while loading (minillava/quant.py);
-    `shard`: only this rank's part of a tensor-parallel decoder (minillava/tensor_parallel.py).
+    `shard`: only this rank's part of a tensor-parallel decoder (minillava/tensor_parallel.py);
+    `pack`: on the CPU, the decoder's matrices in oneDNN's layout (`load_model`).
     The config is validated whole, the tokenizer checked against it and the conversation template chosen
     (`read_checkpoint`) before any weight is read."""
     model_dir = resolve_model(model)
     _, tokenizer = read_checkpoint(model_dir, conv_template)
     device = torch.device(device)
     dtype = dtype or default_dtype(model_dir, device)
-    return load_model(model_dir, device, dtype, quantize, shard), tokenizer
+    return load_model(model_dir, device, dtype, quantize, shard, pack), tokenizer
 
 
 def read_checkpoint(model_dir: Path, conv_template: str | None = None) -> tuple[LlavaConfig, Tokenizer]:
@@ -181,7 +183,9 @@ class Steps:
 
 def compile_steps(model: Llava) -> Steps:
     """torch.compile the decode step (fixed shapes: static cache, one token; CUDA graphs on CUDA), and
-    the vision tower and prefill with dynamic shapes (tile counts and prompt lengths vary)."""
+    the vision tower and prefill with dynamic shapes (tile counts and prompt lengths vary). A CPU model's
+    oneDNN-packed matrices are unpacked first: torch.compile cannot trace them (minillava/llama.py `Linear`)."""
+    unpack_linears(model)
     model.vision.compile(dynamic=True)
     return Steps(
         prefill=torch.compile(prefill, dynamic=True),

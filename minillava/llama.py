@@ -28,28 +28,73 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-# False in a PyTorch built without oneDNN: Linear is then plain nn.Linear
+# False in a PyTorch built without oneDNN: Linear is then plain nn.Linear and `pack_linears` packs nothing
 ONEDNN = torch.backends.mkldnn.is_available()
+PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN's CPU matmul takes in a packed layout
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) that sends the products of a few float32 rows on the
-    CPU to oneDNN's matmul instead of MKL's: the decode step of a small batch (B rows of one token).
+    """nn.Linear (same parameters, same state dict) whose weight `pack` may lay out in oneDNN's blocked
+    format for inference on the CPU; `forward` then calls oneDNN's matmul on it.
 
-    Why: there MKL's sgemm for 4 to 16 rows costs 2-3x its one-row product, where oneDNN's reads the
-    weight once for all rows at 1.5x (8 rows against 5632 x 2048, one thread: MKL 9 ms, oneDNN 5 ms, one
-    row 3 ms; docs/speed.md), and reading the weights once for every row is what batching decode is
-    for. Everything else keeps F.linear: one row (a matrix-vector product, as fast either way),
-    2 rows and prefill-sized inputs (MKL as fast or faster), bfloat16 (F.linear already goes to
-    oneDNN), autograd (oneDNN's op has no derivative), compiled graphs (inductor chooses its own).
+    Why: a decode step reads every weight once for one row (or a few), so its speed is how fast the
+    kernel streams the matrix, and oneDNN's kernel on its own packed layout streams it far faster than
+    F.linear on the plain one (5632 x 2048, one row, 2 threads, weights not in cache, on an AMD EPYC with
+    AVX512-BF16: bfloat16 40-42 GB/s against 28; float32 42-45 against 22, MKL's; 8 rows 33-39 against
+    12-25; docs/speed.md). Prefill-sized inputs are as fast or faster (512 float32 rows: 2.2x there). The
+    numbers: bfloat16's equal F.linear's bit for bit (F.linear in bfloat16 already is oneDNN's, on the
+    plain layout), float32's are oneDNN's sums instead of MKL's (about 1e-6 relative). Packing needs
+    inference: oneDNN's op has no derivative, and torch.compile cannot trace the opaque packed tensor
+    (`unpack_linears` first: minillava/generate.py `compile_steps`).
     """
 
+    @property
+    def packed(self) -> bool:
+        return self.weight.is_mkldnn
+
+    def pack(self):
+        """Lay the weight out as oneDNN's matmul reads it (an opaque CPU tensor of the same shape and dtype)."""
+        self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None), requires_grad=False)
+
+    def unpack(self):
+        """The plain (N, K) weight back, numbers unchanged."""
+        self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (ONEDNN and 4 <= rows <= 16 and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        if self.weight.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def packable(model: nn.Module) -> list[tuple[str, Linear]]:
+    """The Linears of `model` that `pack_linears` packs: on the CPU, float32 or bfloat16, not packed yet,
+    and the weight not shared with another module (a tied lm_head is also the embedding table, which
+    must stay plain). Empty without oneDNN."""
+    if not ONEDNN:
+        return []
+    uses: dict[int, int] = {}  # parameters by where their data starts: tied ones may be two Parameters of one tensor
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if not p.is_mkldnn:
+            uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, Linear) and not m.packed and m.weight.device.type == "cpu"
+            and m.weight.dtype in PACKED_DTYPES and uses[m.weight.data_ptr()] == 1]
+
+
+def pack_linears(model: nn.Module) -> int:
+    """`Linear.pack` every packable Linear of an inference model (see `packable`); how many were packed."""
+    layers = packable(model)
+    for _, m in layers:
+        m.pack()
+    return len(layers)
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Undo `pack_linears` (before torch.compile, or to train); how many were unpacked."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.packed]
+    for m in layers:
+        m.unpack()
+    return len(layers)
 
 
 def rope_table(head_dim: int, length: int, theta: float, device=None) -> torch.Tensor:

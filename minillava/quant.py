@@ -391,5 +391,10 @@ def swap_linears(model: nn.Module, spec: Spec, make=None) -> list[str]:
 def quantize_model(model: nn.Module, spec: Spec) -> nn.Module:
     """Quantize a model already in memory, in place (benchmarks, tests; the commands quantize while
     loading): the same weights as `load_model(..., quantize=spec)` gives in the model's dtype."""
-    swap_linears(model, spec, lambda old: QuantizedLinear.from_weight(old.weight, spec, old.bias))
+
+    def make(old: nn.Linear) -> QuantizedLinear:  # a CPU model from load_model may hold its weights in
+        weight = old.weight.to_dense() if old.weight.is_mkldnn else old.weight  # oneDNN's layout (llama.Linear.pack)
+        return QuantizedLinear.from_weight(weight, spec, old.bias)
+
+    swap_linears(model, spec, make)
     return model

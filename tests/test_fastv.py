@@ -127,7 +127,7 @@ def image_reference(model, tokenizer, image_path, r, max_new_tokens=12):
 @pytest.mark.parametrize("r", [0.5, 0.25, 0.1])
 def test_cli_greedy_ids_equal_the_naive_reference(capsys, monkeypatch, deep_checkpoint, image_path, r):
     result = run_json(capsys, monkeypatch, deep_checkpoint, image_path, "--compressor", "fastv", "--retention-ratio", r)
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         ids, kept, length = image_reference(model, tokenizer, image_path, r)
     assert result["token_ids"] == ids
@@ -138,7 +138,7 @@ def test_cache_holds_what_fastv_keeps(monkeypatch, deep_checkpoint, image_path):
     """Layers before K cache the whole prompt at positions 0 .. T-1; layers from K on cache only the
     kept tokens, packed, at their original positions, in fewer slots; answer tokens follow at T, T+1, ..."""
     monkeypatch.setattr(gen, "CACHE_BUCKET", 16)  # small buckets, so the shorter caches are visible
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     r = 0.25
     with torch.no_grad():
         _, kept, length = image_reference(model, tokenizer, image_path, r, max_new_tokens=1)
@@ -163,7 +163,7 @@ def test_r_1_is_plain_llava_next(capsys, monkeypatch, deep_checkpoint, image_pat
     assert fastv["token_ids"] == none["token_ids"]
     assert fastv["visual_tokens"] == none["visual_tokens"]
 
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         embeds, start, length = prompt_embeds(model, tokenizer, image_path)
         model.llm.setup_cache(1, embeds.shape[0])
@@ -175,7 +175,7 @@ def test_r_1_is_plain_llava_next(capsys, monkeypatch, deep_checkpoint, image_pat
 def test_grouped_query_attention_decoder_equals_the_naive_reference(tmp_path, tokenizer_path):
     """The decoder alone, on random embeddings, with grouped-query attention (2 key heads for 4)."""
     hf = tiny.hf_model(seed=6, num_hidden_layers=3, num_key_value_heads=2)
-    model = load_model(tiny.save_checkpoint(hf, tmp_path / "gqa", "tf5", tokenizer_path, shards=1))
+    model = load_model(tiny.save_checkpoint(hf, tmp_path / "gqa", "tf5", tokenizer_path, shards=1), pack=False)
     torch.manual_seed(2)
     prompt = torch.randn(40, model.cfg.text.hidden_size)
     fastv = FastV.from_ratio(5, 30, 0.3)
@@ -212,7 +212,7 @@ def test_compiled_steps_give_the_eager_ids(monkeypatch, deep_checkpoint, image_p
     layers with different cache lengths and their own position tables; same greedy ids as eager.
     About 40 s alone on 2 cores."""
     monkeypatch.setattr(gen, "CACHE_BUCKET", 16)  # layers from K on get fewer slots than those before
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     image = load_image(str(image_path))
     eager = gen.generate(model, tokenizer, image, QUESTION, "fastv", 0.25, max_new_tokens=8)
     steps = gen.compile_steps(model)

@@ -48,7 +48,7 @@ def test_on_grid_maps_sequence_positions_to_the_grid(grid, size):
 def test_the_kept_tokens_are_the_naive_reference(deep_checkpoint, image_path, r):  # noqa: F811
     """What visualize and the table read from the cache is what the naive FastV of tests/test_fastv.py keeps,
     and the table's answer is the reference's."""
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         ref_ids, ref_kept, length = image_reference(model, tokenizer, image_path, r, max_new_tokens=8)
         tiles = tile_image(load_image(str(image_path)), model.cfg.grid_pinpoints, model.cfg.vision.image_size)

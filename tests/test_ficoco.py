@@ -343,7 +343,7 @@ def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image
     or 5 (r = 0.7) tokens of every tile's 17."""
     result = run_json(capsys, deep_checkpoint, image_path, "--compressor", "ficoco", "--retention-ratio", r)
     none = run_json(capsys, deep_checkpoint, image_path, "--compressor", "none")
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         prompt, start, length = reference_prompt(model, tokenizer, image_path, r)
         ids, _ = fastv_reference(model, prompt, start, length, 1.0, tokenizer.eos_id)  # r = 1: nothing pruned
@@ -402,7 +402,7 @@ def test_the_tower_count_is_a_direct_count(method, r):
     from minillava.compression import tower_schedule
     from minillava.eval import efficiency as E
 
-    model, _ = gen.load(gen.DEFAULT_MODEL, dtype=torch.float32)
+    model, _ = gen.load(gen.DEFAULT_MODEL, dtype=torch.float32, pack=False)
     pixels = model.tile(load_image(str(Path(__file__).parent.parent / "examples" / "scene.png"))).pixels
     reads: list[int] = []
     stages = tuple(Counted(s, reads) for s in tower_schedule(model, method, r))

@@ -345,7 +345,7 @@ def ficocol_reference(model, prompt, start, length, r, eos_id, max_new_tokens=12
 def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image_path, r):
     """The 4-layer tiny model: merges inside layers 1 and 2."""
     result = run_json(capsys, deep_checkpoint, image_path, "--compressor", "ficoco-l", "--retention-ratio", r)
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         prompt, start, length = prompt_embeds(model, tokenizer, image_path)
         ids, last = ficocol_reference(model, prompt, start, length, r, tokenizer.eos_id)
@@ -363,7 +363,7 @@ def test_the_flops_count_every_merge(deep_checkpoint, image_path):
     from minillava.eval import efficiency as E
     from minillava.flops import LlmSpec, layered_prefill_flops
 
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         (result,) = generate_batch(model, tokenizer, [(Image.open(image_path), QUESTION)], "ficoco-l", 0.25, max_new_tokens=2)
     spec = LlmSpec.from_text("tiny", model.cfg.text)

@@ -118,7 +118,7 @@ def checkpoints(tmp_path_factory, hf_models, iv_tok):
 
 
 def test_both_layouts_load_the_same_model(checkpoints, kind):
-    hub, original = load_model(checkpoints[kind, "hub"]), load_model(checkpoints[kind, "original"])
+    hub, original = load_model(checkpoints[kind, "hub"], pack=False), load_model(checkpoints[kind, "original"], pack=False)
     a, b = hub.state_dict(), original.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert hub.cfg.vision == original.cfg.vision and hub.cfg.text == original.cfg.text
@@ -380,7 +380,7 @@ def test_int4_with_a_head_off_the_kernels_16_rows(tmp_path, iv_tok, capsys):
     hf = tiny.iv_hf_model(seed=3, vocab=314)
     src = tiny.save_iv_checkpoint(hf, tmp_path / "v314", "hub", iv_tok)
     spec = Spec(4, 128)  # `fit` on widths 128 / 128 / 256
-    q4, ref = load_model(src, quantize=Spec(4)), load_model(src)
+    q4, ref = load_model(src, quantize=Spec(4), pack=False), load_model(src, pack=False)
     head = q4.lm_head
     assert isinstance(head, QuantizedLinear) and head.spec == spec and head.kernel == "int4pack_cpu"
     assert head.out_features == 314 and head.scales_and_zeros.shape == (1, 320, 2)  # the kernel's 6 zero rows

@@ -132,29 +132,31 @@ def test_an_eager_cpu_step_reads_only_the_filled_slots(monkeypatch):
     torch.testing.assert_close(filled, whole, rtol=1e-6, atol=1e-6)
 
 
-def test_linear_sends_a_few_float32_rows_to_onednn(monkeypatch):
-    """Issue 21: Linear gives F.linear's numbers (to float rounding) whatever kernel it picks: oneDNN
-    for 4 to 16 float32 rows without autograd, F.linear for one row, prefill-sized inputs, bfloat16 and
-    with gradients; the state dict is nn.Linear's."""
+def test_packed_linear_gives_f_linear_numbers():
+    """Issue 29: a packed Linear (oneDNN's layout) gives F.linear's numbers: bit for bit in bfloat16 (F.linear
+    there is oneDNN's too), to float rounding in float32 (oneDNN's sums, not MKL's), on any number of rows,
+    3-d and non-contiguous inputs, with a bias; the state dict keeps nn.Linear's names and unpack gives
+    back the very weight; an unpacked Linear is F.linear."""
     from minillava import llama
 
     if not llama.ONEDNN:
-        pytest.skip("PyTorch built without oneDNN: Linear is F.linear")
-    layer = llama.Linear(64, 96, bias=True)
-    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
-    calls = []
-    onednn = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or onednn(*a))
-    for rows, dtype, grad, routed in ((8, torch.float32, False, True), (4, torch.float32, False, True),
-                                      (16, torch.float32, False, True), (1, torch.float32, False, False),
-                                      (2, torch.float32, False, False), (64, torch.float32, False, False),
-                                      (8, torch.bfloat16, False, False), (8, torch.float32, True, False)):
-        calls.clear()
-        x = torch.randn(rows, 1, 64, dtype=dtype)
-        layer.to(dtype)
-        with torch.set_grad_enabled(grad):
+        pytest.skip("PyTorch built without oneDNN: nothing is packed")
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        layer = llama.Linear(64, 96, bias=True).to(dtype).requires_grad_(False)
+        weight = layer.weight.clone()
+        inputs = [torch.randn(rows, 1, 64, dtype=dtype) for rows in (1, 2, 8, 16, 300)]
+        inputs.append(torch.randn(64, 5, dtype=dtype).t())  # non-contiguous
+        want = [torch.nn.functional.linear(x, weight, layer.bias) for x in inputs]
+        assert not layer.packed and all(torch.equal(layer(x), w) for x, w in zip(inputs, want))
+        layer.pack()
+        assert layer.packed and layer.weight.shape == (96, 64) and layer.weight.dtype == dtype
+        assert set(layer.state_dict()) == {"weight", "bias"}
+        for x, w in zip(inputs, want):
             got = layer(x)
-        want = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        assert bool(calls) == routed, (rows, dtype, grad)
-        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            if dtype == torch.bfloat16:
+                assert torch.equal(got, w), x.shape
+            else:
+                torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+        layer.unpack()
+        assert not layer.packed and torch.equal(layer.weight, weight)

@@ -26,7 +26,7 @@ def max_diff(a, b, stage: str | None = None) -> float:
 
 @pytest.fixture(scope="module")
 def ours(checkpoints):
-    return load_model(checkpoints["hub"])
+    return load_model(checkpoints["hub"], pack=False)
 
 
 def noise_image(w, h, seed=0):
@@ -41,7 +41,7 @@ def hf_pixels(tiles):
 
 @pytest.mark.parametrize("layout", list(tiny.LAYOUTS))
 def test_every_layout_loads_the_same_weights(checkpoints, ours, layout):
-    other = load_model(checkpoints[layout])
+    other = load_model(checkpoints[layout], pack=False)
     a, b = ours.state_dict(), other.state_dict()
     assert a.keys() == b.keys()
     for k in a:

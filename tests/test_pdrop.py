@@ -323,7 +323,7 @@ def pdrop_reference(model, prompt, start, length, r, eos_id, max_new_tokens=12):
 def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image_path, r):
     """The 4-layer tiny model: stages before layers 1, 2, 3."""
     result = run_json(capsys, deep_checkpoint, image_path, "--compressor", "pdrop", "--retention-ratio", r)
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         prompt, start, length = prompt_embeds(model, tokenizer, image_path)
         ids, kept = pdrop_reference(model, prompt, start, length, r, tokenizer.eos_id)
@@ -341,7 +341,7 @@ def test_the_flops_count_every_stage(deep_checkpoint, image_path):
     from minillava.eval import efficiency as E
     from minillava.flops import LlmSpec, layered_prefill_flops
 
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         # generate_batch's Result: it carries the timings the count reads (own_prefill, first_token)
         (result,) = generate_batch(model, tokenizer, [(Image.open(image_path), QUESTION)], "pdrop", 0.25, max_new_tokens=2)
@@ -359,7 +359,7 @@ def test_visualize_draws_what_the_last_pruned_layers_keep(method):
 
     from minillava.apps.visualize import kept_picture
 
-    model, tokenizer = gen.load(gen.DEFAULT_MODEL, dtype=torch.float32)
+    model, tokenizer = gen.load(gen.DEFAULT_MODEL, dtype=torch.float32, pack=False)
     image = Image.open(Path(__file__).parent.parent / "examples" / "scene.png")
     question = "What digit is on the red card?"
     picture = kept_picture(model, image, method, 0.25, tokenizer=tokenizer, prompt=question)
@@ -378,7 +378,7 @@ def test_visualize_a_decoder_method_that_prunes_nothing_at_r_1():
 
     from minillava.apps.visualize import kept_picture
 
-    model, tokenizer = gen.load(gen.DEFAULT_MODEL, dtype=torch.float32)
+    model, tokenizer = gen.load(gen.DEFAULT_MODEL, dtype=torch.float32, pack=False)
     image = Image.open(Path(__file__).parent.parent / "examples" / "scene.png")
     picture = kept_picture(model, image, "sparsevlm", 1.0, tokenizer=tokenizer, prompt=QUESTION)
     assert picture.before == picture.after == 336

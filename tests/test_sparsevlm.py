@@ -374,7 +374,7 @@ def sparsevlm_reference(model, prompt, start, length, r, eos_id, max_new_tokens=
 def test_cli_greedy_ids_equal_the_naive_reference(capsys, deep_checkpoint, image_path, r):
     """The 4-layer tiny model: ranked by layers 0, 1, 2, pruned before layers 1, 2, 3."""
     result = run_json(capsys, deep_checkpoint, image_path, "--compressor", "sparsevlm", "--retention-ratio", r)
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         prompt, start, length = prompt_embeds(model, tokenizer, image_path)
         ids, last = sparsevlm_reference(model, prompt, start, length, r, tokenizer.eos_id)
@@ -391,7 +391,7 @@ def test_the_flops_count_every_stage_and_its_added_tokens(deep_checkpoint, image
     from minillava.eval import efficiency as E
     from minillava.flops import LlmSpec, layered_prefill_flops
 
-    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32)
+    model, tokenizer = gen.load(str(deep_checkpoint), dtype=torch.float32, pack=False)
     with torch.no_grad():
         # generate_batch's Result: it carries the timings the count reads (own_prefill, first_token)
         (result,) = generate_batch(model, tokenizer, [(Image.open(image_path), QUESTION)], "sparsevlm", 0.25, max_new_tokens=2)

@@ -129,8 +129,8 @@ def test_missing_shard_and_garbage_file(checkpoints, tmp_path):
 
 
 def test_loading_converts_dtype_and_keeps_values(checkpoints):
-    a = load_model(checkpoints["hub"])
-    b = load_model(checkpoints["hub"], dtype=torch.bfloat16)
+    a = load_model(checkpoints["hub"], pack=False)
+    b = load_model(checkpoints["hub"], dtype=torch.bfloat16, pack=False)
     w32, w16 = a.llm.layers[0].mlp.up_proj.weight, b.llm.layers[0].mlp.up_proj.weight
     assert w16.dtype == torch.bfloat16 and torch.equal(w16, w32.to(torch.bfloat16))
 
