@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from minillava.config import LlavaConfig, TextConfig, VisionConfig
+from minillava.llama import pack_linears
 from minillava.model import Llava
 
 
@@ -39,13 +40,21 @@ def build_decoders(text: TextConfig):
     return ours, hf
 
 
+def as_loaded(model: Llava) -> Llava:
+    """`model` as load_model leaves it: on the CPU, its decoder's float matrices laid out for oneDNN
+    (minillava/llama.py `Linear.pack`; no longer shared with transformers' copy); elsewhere unchanged."""
+    pack_linears(model)
+    return model
+
+
 def clone_as(model: Llava, dtype: torch.dtype) -> Llava:
     """A second model of `model`'s config with its tensors in `dtype` (shared where already so; built on the
-    meta device, so the converted tensors are the only new memory)."""
+    meta device, so the converted tensors are the only new memory), `as_loaded`."""
     with torch.device("meta"):
         out = Llava(model.cfg)
-    out.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, strict=True, assign=True)
-    return out.eval().requires_grad_(False)
+    state = {k: (v.to_dense() if v.is_mkldnn else v).to(dtype) for k, v in model.state_dict().items()}
+    out.load_state_dict(state, strict=True, assign=True)
+    return as_loaded(out.eval().requires_grad_(False))
 
 
 def decoder_weight_bytes(model: Llava) -> int:

@@ -13,11 +13,12 @@ import torch
 
 from minillava.config import TextConfig
 from minillava.generate import CACHE_BUCKET, decode_one_token, prefill, sample
+from minillava.llama import Linear, pack_linears
 from minillava.model import Llava
 from minillava.quant import DEFAULT_GROUP_SIZE, QuantizedLinear, Spec, quantize_model
 
 from .contention import watched
-from .decoders import build_decoders, clone_as
+from .decoders import as_loaded, build_decoders, clone_as
 from .fmt import fmt_dict
 from .loading import run_loader, write_checkpoint
 from .machine import bare_copy
@@ -43,6 +44,14 @@ def step_bytes(model: Llava) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) + row
 
 
+def packed_linear(weight: torch.Tensor) -> Linear:
+    """A bias-free llama.Linear holding `weight` (N, K), packed as load_model packs it on the CPU."""
+    layer = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    pack_linears(layer)
+    return layer
+
+
 def quant_kernels(text: TextConfig, repeats: int) -> dict[str, dict]:
     """Each kernel alone on one row: an (MLP x width) matrix, eight different ones in turn so that none
     stays in cache (issue 21's table). {side: {"s": seconds per matrix (samples), "bytes": its bytes}}."""
@@ -56,10 +65,9 @@ def quant_kernels(text: TextConfig, repeats: int) -> dict[str, dict]:
         if name in specs:
             fns = [QuantizedLinear.from_weight(w.to(dtype), specs[name]) for w in weights]
             bytes_ = sum(t.numel() * t.element_size() for t in fns[0].state_dict().values())
-        else:
-            ws = [w.to(dtype) for w in weights]
-            fns = [lambda x, w=w: torch.nn.functional.linear(x, w) for w in ws]
-            bytes_ = ws[0].numel() * ws[0].element_size()
+        else:  # llama.Linear as load_model leaves it on the CPU: packed for oneDNN
+            fns = [packed_linear(w.to(dtype)) for w in weights]
+            bytes_ = n * k * dtype.itemsize
         x = torch.randn(1, k, dtype=dtype)
 
         def run(fns=fns, x=x) -> float:
@@ -87,6 +95,7 @@ def bench_quant(plan: Plan, log) -> dict:
     for name, spec in quant_specs(plan.text).items():
         models[name] = quantize_model(clone_as(ours, torch.bfloat16), spec)
         gc.collect()
+    as_loaded(ours)  # last: the clones above read its plain tensors
     log(f"built the float32, bfloat16, int8 and int4 decoders in {time.perf_counter() - t0:.1f} s")
     ids_in = torch.randint(3, plan.text.vocab_size, (prompt,), generator=torch.Generator().manual_seed(1))
     ids: dict[str, list[int]] = {}
