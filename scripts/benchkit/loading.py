@@ -51,8 +51,8 @@ step = 4096
 touched = 0.0
 with torch.inference_mode():
     for p in [*model.parameters(), *model.buffers()]:  # one value per page of every weight (quantized ones are buffers)
-        if p.is_meta:  # the RoPE table, made by setup_cache
-            continue
+        if p.is_meta or p.is_mkldnn:  # the RoPE table, made by setup_cache; a packed weight (llama.Linear.pack),
+            continue  # written whole by its reorder: resident already
         flat = p.detach().reshape(-1)
         touched += float(flat[:: max(step // p.element_size(), 1)].float().sum())
 after_touch = status()
