@@ -1,20 +1,20 @@
 """Where a decode step of a random LLaMA decoder spends its time (issues 12, 29).
 
     python scripts/profile_decode.py [--decoder 0.95b|1024] [--dtype float32|bfloat16] [--quantize int8|int4]
-                                     [--batch B] [--threads N] [--steps 16] [--rounds 3]
+                                     [--batch B] [--threads N] [--steps 16] [--rounds 3] [--cpu-time] [--against REV]
 
 A step is what generation runs per token: `decode_one_token` and greedy `sample`, B rows at one
 position each, over a KV cache holding --prompt random keys and values (no prefill is run: its cost is
 not what is measured). Measured side by side, alternating: (a) the bare 1 GiB copy (bytes read + written
 per second, as bench.py row 6), (b) the whole step (weights read per second), (c) the matmuls alone:
 each linear of the model (nn.Linear or QuantizedLinear) called on a (B, 1, K) input, the kernels' floor.
-Then a clocked run: the same step with its functions timed (wall clock, each less the timed functions it
-calls): matmul (every linear), attention, KV-cache writes + mask, RoPE, RMSNorm, residual adds + SiLU,
+Then a clocked run: the same step with its functions timed (the same clock, each less the timed functions
+it calls): matmul (every linear), attention, KV-cache writes + mask, RoPE, RMSNorm, residual adds + SiLU,
 embedding, logits + sampling; Python/dispatch is what is left: the glue between them (the decoder's loop,
-module calls, views). Not torch.profiler: its cost per recorded op (tens of us on a busy 2-core machine)
-inflated the categories made of many small ops (one-token attention 4x). With --against REV both sides run
-alternated in one process. Ratios are what to read on a shared machine; absolute numbers move with the
-load (printed beside them).
+module calls, views). Not torch.profiler: it records every operator, and on a busy machine its own cost
+made the categories add up to more than the step. With --against REV both sides run alternated in one
+process. Ratios are what to read on a shared machine; absolute numbers move with the load (printed
+beside them).
 """
 
 from __future__ import annotations
@@ -136,6 +136,15 @@ def swapped(old: dict[str, types.ModuleType]):
 
 
 @contextlib.contextmanager
+def running(model: Llava, old: dict[str, types.ModuleType] | None):
+    """The model runs `old`'s code (`swapped`; None: this tree's), with the RoPE table that code builds."""
+    with swapped(old):
+        cfg = model.llm.cfg
+        model.llm.rope = llama.rope_table(cfg.head_dim, model.llm.rope.shape[1], cfg.rope_theta)
+        yield
+
+
+@contextlib.contextmanager
 def labels(model: Llava, clock: Clock, llamas=(llama,)):
     """The functions of a step timed by `clock` under their category (instance methods wrapped, the module
     functions `apply_rope` and `attend` swapped in each of `llamas`); undone on exit."""
@@ -200,7 +209,7 @@ def main(argv=None) -> int:
     text, dtype, b = DECODERS[args.decoder](), DTYPES[args.dtype], args.batch
     model = build(text, dtype, args.quantize)
     weight_bytes = step_bytes(model)
-    sides = {"after": None, "before": at_revision(args.against)} if args.against else {"step": None}
+    sides = {"after": None, "before": at_revision(args.against)} if args.against else {"now": None}
     with torch.inference_mode():
         model.llm.setup_cache(b, args.prompt + args.steps + 16)
         pos = torch.arange(args.prompt)
@@ -226,13 +235,16 @@ def main(argv=None) -> int:
         now = time.process_time if args.cpu_time else time.perf_counter
 
         def timed(fn, old=None) -> float:
-            with swapped(old):
+            with running(model, old):
                 t0 = now()
                 fn()
                 return (now() - t0) / args.steps
 
-        for old in sides.values():  # warm-up
+        logits = {}
+        for side, old in sides.items():  # warm-up, and each side's logits of the same step
             timed(step, old)
+            with running(model, old):
+                logits[side] = generate.decode_one_token(model, token, positions[0])
         timed(matmuls), bare_copy(1 << 30, 1)
         copy, mm, steps = [], [], {side: [] for side in sides}
         for _ in range(args.rounds):  # alternated
@@ -244,7 +256,7 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):  # alternated too; each category's median below
             for side, old in sides.items():
                 clock = Clock(now)
-                with swapped(old), labels(model, clock, (llama, *([old["llama"]] if old else []))):
+                with running(model, old), labels(model, clock, (llama, *([old["llama"]] if old else []))):
                     t0 = now()
                     step(clock.wrap("logits + sampling", generate.sample))
                     clock.totals["step"] = now() - t0
@@ -257,6 +269,9 @@ def main(argv=None) -> int:
           f"{args.prompt} cached slots; threads {torch.get_num_threads()}; load {' '.join(load)}")
     print(f"weights read per step: {weight_bytes / 1e9:.3f} GB; bare copy {c / 1e9:.1f} GB/s")
     print(f"matmuls alone: {m * 1e3:.2f} ms = {weight_bytes / m / c:.2f} of the copy's bandwidth")
+    if args.against:
+        diff = (logits["after"] - logits["before"]).abs().max() / logits["before"].abs().max()
+        print(f"logits after / before: largest difference {diff:.1e} of the largest logit")
     med = {side: statistics.median(t) for side, t in steps.items()}
     rows = [("step", med), ("matmuls alone", dict.fromkeys(sides, m)), ("the rest", {k: v - m for k, v in med.items()}),
             ("  share of the step", {k: (v - m) / v for k, v in med.items()}),
