@@ -208,7 +208,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     its query rows (`grouped_attention`), so any backend the GPU has (flash, memory-efficient, cuDNN) may
     take the call. The numbers are enable_gqa's: the same rows against the same keys (tests/test_cuda_paths.py)."""
     groups = q.shape[1] // k.shape[1]
-    if (q.device.type in ENABLE_GQA_DEVICES and not prefill and q.shape[2] == 1 and not torch.compiler.is_compiling()
+    if (q.device.type in ENABLE_GQA_DEVICES and not prefill and q.shape[2] == 1 and mask is not None
+            and not torch.compiler.is_compiling()
             and (q.dtype != torch.float32 or q.shape[0] > 1)):  # float32 at one row: the kernel is as fast
         return one_token_attention(q, k, v, mask)
     if groups == 1 or q.device.type in ENABLE_GQA_DEVICES:
