@@ -199,14 +199,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     On the CPU: F.scaled_dot_product_attention with enable_gqa, as before, but an eager step of one query
     position (decoding) in 16 bits or of several rows runs `one_token_attention` (faster there; the
-    kernel's numbers to float rounding; float32 batch 1, the default, keeps its numbers). Elsewhere enable_gqa is never passed: torch
-    documents GQA on CUDA "only for Flash_attention and math kernel" (F.scaled_dot_product_attention's
-    docstring, torch 2.13), and a mask rules out flash, so every masked step (each decode step, a padded
-    batch's prefill) would fall to the math kernel, which writes B x H x T x S scores (48 GB for a
-    OneVision batch of 8 prompts). Instead a prefill repeats its keys and values to the query heads (the
-    prompt's own, small next to its scores), and a cached step folds each key head's query heads into
-    its query rows (`grouped_attention`), so any backend the GPU has (flash, memory-efficient, cuDNN) may
-    take the call. The numbers are enable_gqa's: the same rows against the same keys (tests/test_cuda_paths.py)."""
+    kernel's numbers to float rounding; float32 batch 1, the default, keeps its numbers).
+
+    Elsewhere enable_gqa is never passed: torch documents GQA on CUDA "only for Flash_attention and math
+    kernel" (F.scaled_dot_product_attention's docstring, torch 2.13), and a mask rules out flash, so every
+    masked step (each decode step, a padded batch's prefill) would fall to the math kernel, which writes B x
+    H x T x S scores (48 GB for a OneVision batch of 8 prompts). Instead a prefill repeats its keys and
+    values to the query heads (the prompt's own, small next to its scores), and a cached step folds each key
+    head's query heads into its query rows (`grouped_attention`), so any backend the GPU has (flash,
+    memory-efficient, cuDNN) may take the call. The numbers are enable_gqa's: the same rows against the same
+    keys (tests/test_cuda_paths.py)."""
     groups = q.shape[1] // k.shape[1]
     if (q.device.type in ENABLE_GQA_DEVICES and not prefill and q.shape[2] == 1 and mask is not None
             and not torch.compiler.is_compiling()
@@ -228,10 +230,9 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     long queries) costs more than the products themselves, most in 16 bits: bfloat16 at 32 heads, 144
     slots, one thread, 0.56 ms a layer against 0.10 ms here; float32 batch 8 1.0 against 0.75 ms; float32
     batch 1 0.03-0.06 ms either way, the kernel 5-10 us ahead, so `attend` keeps it there (docs/speed.md,
-    "Decode at the memory limit"). The numbers are that
-    kernel's to float rounding (tests/test_llama_mask.py): all in float32, as its accumulators are, and
-    rounded once to the model's dtype at the end. Grouped KV heads as `grouped_attention` folds them:
-    query head h reads key head h // G."""
+    "Decode at the memory limit"). The numbers are that kernel's to float rounding
+    (tests/test_llama_mask.py): all in float32, as its accumulators are, and rounded once to the model's
+    dtype at the end. Grouped KV heads as `grouped_attention` folds them: query head h reads key head h // G."""
     b, h, _, d = q.shape
     kv = k.shape[1]
     rows = q.reshape(b, kv, h // kv, d).float() * d ** -0.5  # (B, Hkv, G, hd): key head j's G query heads
