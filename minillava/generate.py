@@ -121,15 +121,14 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     instead of an id: argmax would silently pick a token from garbage. The check is on the device, so
     the caller learns of it when it reads the id, without a synchronisation per step.
     """
-    top = logits.amax(dim=-1, keepdim=True)  # (B, 1); NaN if any entry is NaN
-    bad = ~top.isfinite().squeeze(-1)  # (B,)
-    if temperature <= 0:
-        ids = logits.argmax(dim=-1)
-    else:
+    # the largest logit and argmax's id (the first of equal ones) in one pass; NaN if any entry is NaN
+    top, ids = logits.max(dim=-1)  # (B,) each
+    bad = ~top.isfinite()
+    if temperature > 0:
         # Subtract the max before dividing: a tiny temperature then sends the others to -inf (a one-hot
         # distribution) instead of overflowing every logit to inf and the softmax to NaN. float64,
         # because a temperature below float32's range (1e-46) would become 0 there, and 0 / 0 is NaN.
-        shifted = torch.where(bad[:, None], 0.0, logits - top).double()  # bad rows: uniform, never NaN
+        shifted = torch.where(bad[:, None], 0.0, logits - top[:, None]).double()  # bad rows: uniform, never NaN
         probs = torch.softmax(shifted / temperature, dim=-1)
         if top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)

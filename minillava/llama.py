@@ -6,6 +6,7 @@ Parameter names follow transformers' `LlamaModel` (`embed_tokens`, `layers.N.sel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -98,17 +99,22 @@ def unpack_linears(model: nn.Module) -> int:
 
 
 def rope_table(head_dim: int, length: int, theta: float, device=None) -> torch.Tensor:
-    """cos and sin of every position, (2, length, head_dim) float32, rotate-half layout."""
+    """cos and sin of every position, (2, length, head_dim) float32, rotate-half layout, the first half
+    of sin negated (the sign rotate-half gives those products: `apply_rope`)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (L, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (L, hd)
-    return torch.stack([emb.cos(), emb.sin()])
+    sin = emb.sin()
+    sin[:, : head_dim // 2].neg_()
+    return torch.stack([emb.cos(), sin])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); cos, sin (T, hd). The first half of each head pairs with the second half."""
+    """x (B, H, T, hd); cos, sin (T, hd) of `rope_table`. The first half of each head pairs with the
+    second half: transformers' x * cos + cat(-x2, x1) * sin, the sign in the table (x2 * -s is (-x2) * s
+    exactly), so no negation per call."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    rotated = torch.cat([x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
@@ -168,9 +174,6 @@ class KVCache(nn.Module):
         may look: S = every slot, or in eager steps on the CPU the slots up to the last one written."""
         input_pos = input_pos.expand(self.pos.shape[0], -1)  # (B, T)
         slots = input_pos[0] - self.skipped[0]  # the same slots in every row (see the class docstring)
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
-        self.pos[:, slots] = input_pos
         end = self.pos.shape[1]
         if k.device.type == "cpu" and not torch.compiler.is_compiling():
             # Slots fill in order, so every slot after the last one written holds a later position (or
@@ -179,7 +182,13 @@ class KVCache(nn.Module):
             # bench's batch-8 step in bfloat16: 16% of it attention over the whole cache, half of it
             # empty). Compiled steps keep the whole cache (static shapes, CUDA graphs), and so does
             # CUDA, where reading `end` on the host would wait for the device at every layer.
-            end = int(slots.max()) + 1
+            listed = slots.tolist()
+            end = max(listed) + 1
+            if listed[0] >= 0 and listed == list(range(listed[0], end)):  # consecutive (a decode step's one slot): written as
+                slots = slice(listed[0], end)  # a slice, a plain copy, not advanced indexing's index_put
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        self.pos[:, slots] = input_pos
         mask = self.pos[:, None, :end] <= input_pos[:, :, None]  # (B, T, S)
         return self.k[:, :, :end], self.v[:, :, :end], mask[:, None]
 
@@ -233,22 +242,47 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """Attention of queries (B, H, T, hd) over keys and values (B, Hkv, S, hd), Hkv dividing H (grouped
     KV heads: Mistral, Yi, Qwen2), with a mask (B, 1, T, S) (True: may look) or causal without one.
 
-    On the CPU: F.scaled_dot_product_attention with enable_gqa, as before (the CPU's numbers are
-    unchanged). Elsewhere enable_gqa is never passed: torch
-    documents GQA on CUDA "only for Flash_attention and math kernel" (F.scaled_dot_product_attention's
-    docstring, torch 2.13), and a mask rules out flash, so every masked step (each decode step, a padded
-    batch's prefill) would fall to the math kernel, which writes B x H x T x S scores (48 GB for a
-    OneVision batch of 8 prompts). Instead a prefill repeats its keys and values to the query heads (the
-    prompt's own, small next to its scores), and a cached step folds each key head's query heads into
-    its query rows (`grouped_attention`), so any backend the GPU has (flash, memory-efficient, cuDNN) may
-    take the call. The numbers are enable_gqa's: the same rows against the same keys (tests/test_cuda_paths.py)."""
+    On the CPU: F.scaled_dot_product_attention with enable_gqa, as before, but an eager step of one query
+    position (decoding) in 16 bits or of several rows runs `one_token_attention` (faster there; the
+    kernel's numbers to float rounding; float32 batch 1, the default, keeps its numbers).
+
+    Elsewhere enable_gqa is never passed: torch documents GQA on CUDA "only for Flash_attention and math
+    kernel" (F.scaled_dot_product_attention's docstring, torch 2.13), and a mask rules out flash, so every
+    masked step (each decode step, a padded batch's prefill) would fall to the math kernel, which writes B x
+    H x T x S scores (48 GB for a OneVision batch of 8 prompts). Instead a prefill repeats its keys and
+    values to the query heads (the prompt's own, small next to its scores), and a cached step folds each key
+    head's query heads into its query rows (`grouped_attention`), so any backend the GPU has (flash,
+    memory-efficient, cuDNN) may take the call. The numbers are enable_gqa's: the same rows against the same
+    keys (tests/test_cuda_paths.py)."""
     groups = q.shape[1] // k.shape[1]
+    if (q.device.type in ENABLE_GQA_DEVICES and not prefill and q.shape[2] == 1 and mask is not None
+            and not torch.compiler.is_compiling()
+            and (q.dtype != torch.float32 or q.shape[0] > 1)):  # float32 at one row: the kernel is as fast
+        return one_token_attention(q, k, v, mask)
     if groups == 1 or q.device.type in ENABLE_GQA_DEVICES:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=groups > 1)
     if prefill:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # enable_gqa's order
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     return grouped_attention(q, k, v, mask)
+
+
+def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A cached step's attention for one query position on the CPU, written out: scores, softmax, sum of
+    values. q (B, H, 1, hd), k, v (B, Hkv, S, hd), mask (B, 1, 1, S) -> (B, H, 1, hd).
+
+    Why not F.scaled_dot_product_attention: for one query its CPU kernel (flash attention, blocked for
+    long queries) costs more than the products themselves, most in 16 bits: bfloat16 at 32 heads, 144
+    slots, one thread, 0.56 ms a layer against 0.10 ms here; float32 batch 8 1.0 against 0.75 ms; float32
+    batch 1 0.03-0.06 ms either way, the kernel 5-10 us ahead, so `attend` keeps it there (docs/speed.md,
+    "Decode at the memory limit"). The numbers are that kernel's to float rounding
+    (tests/test_llama_mask.py): all in float32, as its accumulators are, and rounded once to the model's
+    dtype at the end. Grouped KV heads as `grouped_attention` folds them: query head h reads key head h // G."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    rows = q.reshape(b, kv, h // kv, d).float() * d ** -0.5  # (B, Hkv, G, hd): key head j's G query heads
+    scores = torch.where(mask, rows @ k.float().transpose(-1, -2), -math.inf)  # (B, Hkv, G, S)
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(v.dtype).view(b, h, 1, d)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -363,8 +397,9 @@ class Decoder(nn.Module):
         return 0 if cache is None else cache.k.shape[2]
 
     def positions(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of positions (T,) -> (T, hd) each, or of per-row positions (B, T) -> (B, 1, T, hd)."""
-        cos, sin = self.rope[:, input_pos.clamp(min=0)]
+        """cos, sin of positions (T,) -> (T, hd) each, or of per-row positions (B, T) -> (B, 1, T, hd), in
+        the model's dtype: rounded once here, not by `apply_rope` in every layer (the same numbers)."""
+        cos, sin = self.rope[:, input_pos.clamp(min=0)].to(self.embed_tokens.weight.dtype)
         return (cos, sin) if input_pos.dim() == 1 else (cos[:, None], sin[:, None])  # broadcast over heads
 
     def query_key(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minillava.config import TextConfig
+from minillava import llama
 from minillava.llama import EMPTY, Decoder
 
 
@@ -114,8 +115,7 @@ def test_an_eager_cpu_step_reads_only_the_filled_slots(monkeypatch):
     def steps(whole: bool):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: whole)  # compiled steps keep every slot
         seen = []
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                            lambda q, k, v, **kw: seen.append(k.shape[2]) or sdpa(q, k, v, **kw))
+        monkeypatch.setattr(llama, "attend", lambda q, k, v, *a: seen.append(k.shape[2]) or attend(q, k, v, *a))
         with torch.no_grad():
             dec.setup_cache(3, 32)
             dec(embeds, pos, prefill=True)
@@ -123,13 +123,47 @@ def test_an_eager_cpu_step_reads_only_the_filled_slots(monkeypatch):
         monkeypatch.undo()
         return torch.cat(out, dim=1), seen
 
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    attend = llama.attend
     filled, filled_slots = steps(whole=False)
     whole, whole_slots = steps(whole=True)
     # 2 layers a call: the prefill's 6 new keys, then each step's slots up to its own
     assert filled_slots == [6, 6, 7, 7, 8, 8, 9, 9] and whole_slots == [6, 6] + [32] * 6
-    # float rounding only (2e-7 here): the kernel sums a different number of masked (zero) terms
+    # float rounding only (2e-7 here): a different number of masked (zero) terms, and the filled steps'
+    # one-token attention against the whole cache's F.scaled_dot_product_attention
     torch.testing.assert_close(filled, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_one_token_attention_is_sdpas_to_rounding(monkeypatch):
+    """Issue 29: an eager one-token step on the CPU computes its attention as scores, softmax and values
+    (`llama.one_token_attention`) instead of F.scaled_dot_product_attention. Against that call with
+    enable_gqa, grouped and plain heads, a mask with holes, batch 3: float32 within 1e-5 (2e-7 measured);
+    in bfloat16 its error against float64 is no larger than 1.5x the kernel's own (both are the output's
+    rounding, 2e-3 of its largest value), where a missing scale, a wrong head grouping or an ignored mask
+    is off by 0.1 or more. A prefill, and off the CPU's path (ENABLE_GQA_DEVICES emptied), still call
+    the kernel."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    for heads, kv, hd, slots in ((8, 8, 16, 37), (8, 2, 32, 150), (32, 8, 128, 144)):
+        q = torch.randn(3, heads, 1, hd, generator=g, dtype=torch.float64)
+        k, v = torch.randn(2, 3, kv, slots, hd, generator=g, dtype=torch.float64)
+        mask = torch.rand(3, 1, 1, slots, generator=g) > 0.3
+        mask[..., -1] = True  # a step always sees its own slot
+        ref = sdpa(q, k, v, attn_mask=mask, enable_gqa=kv < heads)
+        f32 = [t.float() for t in (q, k, v)]
+        torch.testing.assert_close(llama.attend(*f32, mask, False), sdpa(*f32, attn_mask=mask, enable_gqa=kv < heads),
+                                   rtol=1e-5, atol=1e-5)
+        b16 = [t.bfloat16() for t in (q, k, v)]
+        ours = (llama.attend(*b16, mask, False).double() - ref).abs().max()
+        kernel = (sdpa(*b16, attn_mask=mask, enable_gqa=kv < heads).double() - ref).abs().max()
+        assert ours <= 1.5 * kernel, (heads, kv, ours, kernel)
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    llama.attend(*f32, mask, False)
+    assert not calls  # the one-token step did not call the kernel
+    llama.attend(f32[0].expand(3, heads, 4, hd), *f32[1:], None, True)
+    monkeypatch.setattr(llama, "ENABLE_GQA_DEVICES", ())
+    llama.attend(*f32, mask, False)
+    assert len(calls) == 2
 
 
 def test_packed_linear_gives_f_linear_numbers():

@@ -21,6 +21,8 @@ def test_unusable_logits_give_the_bad_token_not_an_id():
         [-INF, 3.0, -INF],  # -inf entries are masked tokens: fine
     ])
     assert gen.sample(logits, 0.0, 1.0, None).tolist() == [2, gen.BAD_TOKEN, gen.BAD_TOKEN, gen.BAD_TOKEN, 1]
+    ties = torch.tensor([[1.0, 5.0, 5.0, 0.0], [7.0, 7.0, 7.0, 7.0]])  # greedy: argmax's id, the first of equals
+    assert gen.sample(ties, 0.0, 1.0, None).tolist() == ties.argmax(-1).tolist() == [1, 0]
     g = torch.Generator().manual_seed(0)
     ids = gen.sample(logits, 1.0, 0.9, g).tolist()  # multinomial must not choke on the bad rows
     assert ids[1:4] == [gen.BAD_TOKEN] * 3 and ids[4] == 1 and 0 <= ids[0] <= 2
