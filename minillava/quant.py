@@ -239,8 +239,8 @@ TINYGEMM_ROWS = 128  # most rows sent to CUDA's int4 kernel; more are dequantize
 #   scripts/int_kernels.py). `_weight_int8pack_mm` is no compute limit on one row (one 5632 x 2048 matrix again and
 #   again, in cache: 40 GB/s on one thread) but reads memory at 13-16 GB/s (cold, one thread, copy 23-36 GB/s):
 #   it walks 4 rows of the weight at once, 16 bytes of each per step. oneDNN's uint8 x int8 matmul, the weight
-#   pre-packed in its own layout (onednn.qlinear_prepack), reads it at 21-24 GB/s in the same runs, 8 rows
-#   1.5-1.7x as fast. It takes integer activations, so each row x goes in as two uint8 rows: a = round(x / s),
+#   pre-packed in its own layout (onednn.qlinear_prepack), reads it at 21-28 GB/s in the same runs (1.4-1.9x),
+#   8 rows 1.7-2.5x as fast. It takes integer activations, so each row x goes in as two uint8 rows: a = round(x / s),
 #   s = max|x| / 127, and its residual round((x / s - a) * 254); the float32 outputs are recombined as
 #   s * y_a + s / 254 * y_r (`onednn_int8_matmul`). The activation is then exact to max|x| / (127 * 508) an
 #   element, finer than bf16's rounding of all but the row's smallest numbers: against the dequantized
