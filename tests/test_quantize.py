@@ -157,14 +157,17 @@ def test_int8_onednn_kernel_equals_dequantize_and_matmul(dtype, bias, monkeypatc
     assert torch.equal(zero, torch.zeros_like(zero) if b is None else b.expand(2, 48))
 
 
-def test_int8_kernel_by_size():
+def test_int8_kernel_by_size(monkeypatch):
     """On the CPU the int8 kernel depends on the weight's size: oneDNN's from ONEDNN_INT8_MIN numbers
     (2048 x 2048, the 0.95B decoder's smallest), `_weight_int8pack_mm` below, where oneDNN's per-call cost
-    of splitting the activations outweighs its faster reads (quant.KERNELS)."""
+    of splitting the activations outweighs its faster reads (quant.KERNELS); and on the probe: a CPU
+    whose oneDNN int8 sums saturate keeps `_weight_int8pack_mm` at any size."""
     small = QuantizedLinear.from_weight(weights(48, 256), Spec(8))
     big = QuantizedLinear.from_weight(weights(2048, 2048), Spec(8))
     assert small.kernel == "int8pack"
     assert big.kernel == ("int8onednn" if quant.onednn_int8_exact() else "int8pack")
+    monkeypatch.setattr(quant, "onednn_int8_exact", lambda: False)
+    assert QuantizedLinear.from_weight(weights(2048, 2048), Spec(8)).kernel == "int8pack"
 
 
 @onednn
