@@ -16,6 +16,11 @@ the best of --repeats rounds, the kernels alternated round by round in one proce
     int4, int4-warm   aten._weight_int4pack_mm_for_cpu, group size --group
 
     python scripts/int_kernels.py --threads 1,2 --rows 1,8        # every width below; ~10 minutes on 2 cores
+    python scripts/int_kernels.py --step --threads 1               # whole decode steps instead (below)
+
+--step: one decode step of bench.py's 0.95B random decoder (row 12: prompt 128, 31 steps, eager, greedy) in
+bfloat16, in int8 with `_weight_int8pack_mm` everywhere (before issue 29's change) and in int8 as
+`QuantizedLinear` chooses now, alternated in one process; ms a step and its share of the bare copy's rate.
 """
 
 from __future__ import annotations
@@ -81,7 +86,11 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--cold-mib", type=int, default=128)
     p.add_argument("--group", type=int, default=128)
+    p.add_argument("--step", action="store_true", help="whole decode steps, int8 before / after (see above)")
+    p.add_argument("--rounds", type=int, default=5, help="--step: rounds of 31 steps each side")
     a = p.parse_args()
+    if a.step:
+        return steps([int(t) for t in a.threads.split(",")], a.rounds)
     kernels = a.kernels.split(",")
     g = torch.Generator().manual_seed(0)
     load = lambda: open("/proc/loadavg").read().split()[0]  # noqa: E731
@@ -132,6 +141,59 @@ def main():
                 cells = [f"{sets[8 if nm.startswith('int8') else 4][1] / best[nm] / 1e9:.1f} ({best[nm] * 1e3:.3f} ms)" for nm in kernels]
                 print(f"| {shape} | {th} | {rows} | {load()} | " + " | ".join(cells) + " |", flush=True)
         del sets
+
+
+def steps(threads: list[int], rounds: int):
+    """--step (the module docstring)."""
+    import gc
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchkit.decoders import build_decoders, clone_as
+    from benchkit.plan import decoder_1b
+    from benchkit.quant import step_bytes
+
+    from minillava import quant
+    from minillava.generate import decode_one_token, prefill, sample
+    from minillava.quant import quantize_model
+
+    text = decoder_1b()
+    torch.manual_seed(0)
+    ours, hf = build_decoders(text)
+    del hf
+    models = {"bfloat16": clone_as(ours, torch.bfloat16)}
+    keep, quant.ONEDNN_INT8_MIN = quant.ONEDNN_INT8_MIN, 1 << 62  # no matrix is that large: int8pack everywhere
+    models["int8, int8pack"] = quantize_model(clone_as(ours, torch.bfloat16), Spec(8))
+    quant.ONEDNN_INT8_MIN = keep
+    models["int8, now"] = quantize_model(clone_as(ours, torch.bfloat16), Spec(8))
+    del ours
+    gc.collect()
+    prompt, n = 128, 32
+    ids_in = torch.randint(3, text.vocab_size, (prompt,), generator=torch.Generator().manual_seed(1))
+
+    def run(model) -> float:
+        model.llm.setup_cache(1, 256)
+        next_id = sample(prefill(model, model.embed(ids_in)[None]), 0.0, 1.0, None)
+        t0 = time.perf_counter()
+        for step in range(n - 1):
+            next_id = sample(decode_one_token(model, next_id.view(1, 1), torch.tensor([prompt + step])), 0.0, 1.0, None)
+        return (time.perf_counter() - t0) / (n - 1)
+
+    for th in threads:
+        torch.set_num_threads(th)
+        copy = bare_copy()
+        for m in models.values():
+            run(m)
+        best = dict.fromkeys(models, math.inf)
+        for _ in range(rounds):
+            for name, m in models.items():
+                best[name] = min(best[name], run(m))
+        copy = max(copy, bare_copy())
+        print(f"{th} thread(s), bare copy {copy / 1e9:.1f} GB/s, load {open('/proc/loadavg').read().split()[0]}")
+        for name, m in models.items():
+            b = step_bytes(m)
+            print(f"  {name:16s} {best[name] * 1e3:7.1f} ms a step; reads {b / 1e9:.3f} GB: {b / best[name] / copy:.2f} of the copy's rate")
 
 
 if __name__ == "__main__":
