@@ -50,7 +50,18 @@ def bare_copy(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def layer(n: int, k: int, spec: Spec, g: torch.Generator) -> QuantizedLinear:
-    """A packed QuantizedLinear (bfloat16) with random storage-form tensors (speed does not depend on them)."""
+    """A packed QuantizedLinear (bfloat16) with random storage-form tensors (speed does not depend on them),
+    int8 on `_weight_int8pack_mm` whatever its size (the oneDNN packing is made beside it, in `main`)."""
+    from minillava import quant
+
+    keep, quant.ONEDNN_INT8_MIN = quant.ONEDNN_INT8_MIN, 1 << 62
+    try:
+        return _layer(n, k, spec, g)
+    finally:
+        quant.ONEDNN_INT8_MIN = keep
+
+
+def _layer(n: int, k: int, spec: Spec, g: torch.Generator) -> QuantizedLinear:
     m = QuantizedLinear(k, n, False, spec, torch.bfloat16, "cpu")
     if spec.bits == 8:
         m.weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
