@@ -25,6 +25,7 @@ checkpoint is the same whichever device reads it, and one written before this ru
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -234,6 +235,56 @@ def dequantize(tensors: dict[str, torch.Tensor], spec: Spec, dtype: torch.dtype)
 # Anything else (MPS, ...): dequantize-and-matmul, correct everywhere.
 KERNELS = {("cpu", 8): "int8pack", ("cpu", 4): "int4pack_cpu", ("cuda", 4): "int4pack_cuda"}
 TINYGEMM_ROWS = 128  # most rows sent to CUDA's int4 kernel; more are dequantized (see above)
+# CPU int8, weights of at least ONEDNN_INT8_MIN numbers: "int8onednn" instead of "int8pack" (issue 29; docs/speed.md,
+#   scripts/int_kernels.py). `_weight_int8pack_mm` is no compute limit on one row (one 5632 x 2048 matrix again and
+#   again, in cache: 40 GB/s on one thread) but reads memory at 13-16 GB/s (cold, one thread, copy 23-36 GB/s):
+#   it walks 4 rows of the weight at once, 16 bytes of each per step. oneDNN's uint8 x int8 matmul, the weight
+#   pre-packed in its own layout (onednn.qlinear_prepack), reads it at 21-28 GB/s in the same runs (1.4-1.9x),
+#   8 rows 1.7-2.5x as fast. It takes integer activations, so each row x goes in as two uint8 rows: a = round(x / s),
+#   s = max|x| / 127, and its residual round((x / s - a) * 254); the float32 outputs are recombined as
+#   s * y_a + s / 254 * y_r (`onednn_int8_matmul`). The activation is then exact to max|x| / (127 * 508) an
+#   element, finer than bf16's rounding of all but the row's smallest numbers: against the dequantized
+#   weight in float64, 5632 x 2048, bf16 activations 1.66e-3 of the output's norm as `_weight_int8pack_mm`
+#   (both round the output to bf16), float32 ones 3.5e-5 where the bf16 cast gave 2.4e-3 (tests/test_quantize.py).
+#   Its split and recombination cost ~45 us a call, more than a small matrix saves (512 x 512: 54 against
+#   8 us; 2048 x 2048 even warm, faster cold), hence the size. Taken only where a probe of the worst case is
+#   exact (`onednn_int8_exact`): oneDNN's int8 guide says CPUs without VNNI sum pairs of uint8 x int8 products
+#   in saturating int16. The packed weight is an opaque oneDNN tensor that torch.compile cannot trace:
+#   compiled graphs call the same function as the custom op minillava::int8_onednn.
+ONEDNN_INT8_MIN = 1 << 22
+
+
+def onednn_int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ the int8 weight in oneDNN's packing (onednn.qlinear_prepack of the (N, K) int8 weight) with
+    per-row float32 `scales` (N,), `zero` one 0 (its zero point): (M, N) in x's dtype. Each row goes in as two
+    uint8 rows (zero point 128), its coarse integers and their residual (KERNELS' note)."""
+    m = x.shape[0]
+    x32 = x.float()
+    s = (x32.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # a zero row: s tiny, all 0
+    u = x32 / s  # in [-127, 127]
+    a = u.round()
+    q = torch.cat([a, (u - a).mul_(254).round_()]).add_(128).to(torch.uint8)  # residual in [-127, 127] too
+    y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, scales, zero, None, 1.0, 0, torch.float32, "none", [], "")
+    return torch.addcmul(y[m:] * (s / 254), y[:m], s).to(x.dtype)
+
+
+# the same for torch.compile, which cannot trace the opaque packed weight (QuantizedLinear.forward)
+torch.library.custom_op("minillava::int8_onednn", onednn_int8_matmul, mutates_args=())
+torch.library.register_fake("minillava::int8_onednn", lambda x, packed, scales, zero: x.new_empty(x.shape[0], scales.shape[0]))
+
+
+@functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's uint8 x int8 matmul is here, and exact on the worst case: every activation at
+    255 against weights of 127 and -127 (without VNNI, pairs of products summed in int16 saturate at 32767)."""
+    try:
+        w = torch.full((16, 64), 127, dtype=torch.int8)
+        w[1::2] = -127
+        x = torch.full((1, 64), 3.0)  # a = 127 for every input: the uint8 255
+        y = onednn_int8_matmul(x, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(16), torch.zeros(1, dtype=torch.long))
+        return torch.allclose(y, x @ w.float().t(), rtol=1e-4, atol=0)  # saturated: off by half
+    except (RuntimeError, AttributeError, NotImplementedError):  # no oneDNN, or no int8 matmul in it
+        return False
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -315,6 +366,15 @@ class QuantizedLinear(nn.Module):
             return
         self.packed, device = True, self.weight.device
         self.kernel = KERNELS.get((device.type, self.spec.bits), "dequant")
+        if self.kernel == "int8pack" and self.weight.numel() >= ONEDNN_INT8_MIN and onednn_int8_exact():
+            # oneDNN's packing replaces the weight (KERNELS' note); `weight` stays a plain tensor, empty, for
+            # whoever checks where it is (weights.load_model hands the file's pages back once it moves)
+            self.kernel = "int8onednn"
+            self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(self.weight, None), persistent=False)
+            self.register_buffer("kernel_scales", self.scales.float(), persistent=False)
+            self.register_buffer("zero", torch.zeros(1, dtype=torch.long), persistent=False)
+            self.weight = self.weight.new_empty(0)
+            return
         if self.kernel == "int8pack" and self.weight.data_ptr() % 64:
             # a stored int8 weight is a view of the checkpoint's mapped file, at whatever offset its header
             # gave it: the bf16-activation kernel reads it with 64-byte vector loads, and crashed there
@@ -345,7 +405,10 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         kernel = self.kernel
-        if kernel in ("int8pack", "int4pack_cpu"):  # float32 activations through the kernels in bf16 (see KERNELS)
+        if kernel == "int8onednn":
+            matmul = torch.ops.minillava.int8_onednn if torch.compiler.is_compiling() else onednn_int8_matmul
+            y = matmul(x.contiguous(), self.packed_weight, self.kernel_scales, self.zero)
+        elif kernel in ("int8pack", "int4pack_cpu"):  # float32 activations through the kernels in bf16 (see KERNELS)
             a = (x.to(self.kernel_scales.dtype) if x.dtype == torch.float32 else x).contiguous()
             if kernel == "int8pack":
                 y = torch.ops.aten._weight_int8pack_mm(a, self.weight, self.kernel_scales)

@@ -126,6 +126,70 @@ def test_every_kernel_equals_dequantize_and_matmul(spec, dtype, bias):
             assert (out.float() - ref).norm() / ref.norm() < bound
 
 
+onednn = pytest.mark.skipif(not quant.onednn_int8_exact(), reason="no exact oneDNN uint8 x int8 matmul on this CPU")
+
+
+@onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_onednn_kernel_equals_dequantize_and_matmul(dtype, bias, monkeypatch):
+    """CPU int8 through oneDNN's uint8 x int8 matmul, each activation row as two uint8 rows (quant.KERNELS):
+    the layer's output within 2e-4 of the reference's norm for float32 activations (one uint8 row alone,
+    without its residual, is ~1e-2 off; the bf16 cast of the other int8 kernel 2.4e-3) and within the
+    bf16 rounding of the output, 4e-3, for bfloat16; for one row, a batch of (2, 3) rows, rows with outliers
+    100x the rest, and a zero row (exactly the bias). Matrices from ONEDNN_INT8_MIN numbers take it; the
+    threshold is lowered here to keep the test small."""
+    monkeypatch.setattr(quant, "ONEDNN_INT8_MIN", 0)
+    w = weights(48, 256, seed=3).to(dtype)
+    b = (0.1 * torch.randn(48)).to(dtype) if bias else None
+    layer = QuantizedLinear.from_weight(w, Spec(8), b)
+    assert layer.kernel == "int8onednn" and layer.weight.numel() == 0  # the packed copy replaces it
+    stored = quant.quantize(w, Spec(8), dtype)
+    bound = 2e-4 if dtype == torch.float32 else 4e-3
+    spikes = torch.randn(4, 256)
+    spikes[:, [3, 77, 200]] *= 100
+    for x in (torch.randn(1, 256), torch.randn(2, 3, 256), spikes):
+        x = x.to(dtype)
+        out, ref = layer(x), reference_linear(x, stored, Spec(8), b)
+        assert out.dtype == dtype and out.shape == (*x.shape[:-1], 48)
+        assert (out.float() - ref).norm() / ref.norm() < bound
+    zero = layer(torch.zeros(2, 256, dtype=dtype))
+    assert torch.equal(zero, torch.zeros_like(zero) if b is None else b.expand(2, 48))
+
+
+def test_int8_kernel_by_size(monkeypatch):
+    """On the CPU the int8 kernel depends on the weight's size: oneDNN's from ONEDNN_INT8_MIN numbers
+    (2048 x 2048, the 0.95B decoder's smallest), `_weight_int8pack_mm` below, where oneDNN's per-call cost
+    of splitting the activations outweighs its faster reads (quant.KERNELS); and on the probe: a CPU
+    whose oneDNN int8 sums saturate keeps `_weight_int8pack_mm` at any size."""
+    small = QuantizedLinear.from_weight(weights(48, 256), Spec(8))
+    big = QuantizedLinear.from_weight(weights(2048, 2048), Spec(8))
+    assert small.kernel == "int8pack"
+    assert big.kernel == ("int8onednn" if quant.onednn_int8_exact() else "int8pack")
+    monkeypatch.setattr(quant, "onednn_int8_exact", lambda: False)
+    assert QuantizedLinear.from_weight(weights(2048, 2048), Spec(8)).kernel == "int8pack"
+
+
+@onednn
+def test_int8_onednn_loads_from_a_checkpoint_and_compiles(written, hub, monkeypatch):
+    """The written int8 checkpoint loaded with every linear on the oneDNN kernel: the same logits as
+    quantizing while loading (the checkpoint's file pages of each weight handed back once it is packed, as
+    for int4), near the int8pack kernel's; and one layer under torch.compile(fullgraph=True) through the
+    custom op minillava::int8_onednn equals eager (the opaque packed weight cannot be traced)."""
+    before = logits_of(load_model(written[8]))
+    monkeypatch.setattr(quant, "ONEDNN_INT8_MIN", 0)
+    stored, on_load = load_model(written[8]), load_model(hub, quantize=Spec(8))
+    assert stored.lm_head.kernel == on_load.lm_head.kernel == "int8onednn"
+    after = logits_of(stored)
+    assert torch.equal(after, logits_of(on_load))
+    # int8pack rounds every linear's activations and outputs to bf16 (4e-3 a layer), here over 2 layers and the head: 8.8e-3
+    assert (after - before).norm() / before.norm() < 2e-2
+    layer = stored.lm_head
+    x = torch.randn(1, layer.in_features)
+    with torch.inference_mode():
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_int4_rows_off_the_kernels_block_are_padded_in_memory(dtype):
     """50 outputs (no multiple of the CPU kernel's 16): the packing gets 14 zero rows, the outputs are

@@ -39,9 +39,16 @@ def step_bytes(model: Llava) -> int:
     """Bytes of weights a decode step reads, quantized or not: every block's weights (and scales), the
     final norm, lm_head and one embedding row (the KV cache is not in a state_dict)."""
     llm = model.llm
-    tensors = [*llm.layers.state_dict().values(), *llm.norm.state_dict().values(), *model.lm_head.state_dict().values()]
     row = llm.embed_tokens.weight.shape[1] * llm.embed_tokens.weight.element_size()
-    return sum(t.numel() * t.element_size() for t in tensors) + row
+    return sum(kernel_bytes(m) for m in (llm.layers, llm.norm, model.lm_head)) + row
+
+
+def kernel_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s state_dict, plus the oneDNN-packed int8 weights its QuantizedLinears hold in
+    their place (kernel int8onednn: not in a state_dict, whose `weight` is then empty; quant.KERNELS)."""
+    tensors = [*module.state_dict().values(),
+               *(m.packed_weight for m in module.modules() if getattr(m, "kernel", None) == "int8onednn")]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def packed_linear(weight: torch.Tensor) -> Linear:
@@ -64,7 +71,7 @@ def quant_kernels(text: TextConfig, repeats: int) -> dict[str, dict]:
         dtype = torch.float32 if name == "float32" else torch.bfloat16
         if name in specs:
             fns = [QuantizedLinear.from_weight(w.to(dtype), specs[name]) for w in weights]
-            bytes_ = sum(t.numel() * t.element_size() for t in fns[0].state_dict().values())
+            bytes_ = kernel_bytes(fns[0])
         else:  # llama.Linear as load_model leaves it on the CPU: packed for oneDNN
             fns = [packed_linear(w.to(dtype)) for w in weights]
             bytes_ = n * k * dtype.itemsize
