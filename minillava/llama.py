@@ -45,26 +45,39 @@ class Linear(nn.Linear):
     12-25; docs/speed.md). Prefill-sized inputs are as fast or faster (512 float32 rows: 2.2x there). The
     numbers: bfloat16's equal F.linear's bit for bit (F.linear in bfloat16 already is oneDNN's, on the
     plain layout), float32's are oneDNN's sums instead of MKL's (about 1e-6 relative). Packing needs
-    inference: oneDNN's op has no derivative, and torch.compile cannot trace the opaque packed tensor
-    (`unpack_linears` first: minillava/generate.py `compile_steps`).
+    inference: oneDNN's op has no derivative. Compiled graphs call it as the custom op
+    minillava::packed_linear.
     """
 
-    @property
-    def packed(self) -> bool:
-        return self.weight.is_mkldnn
+    packed = False  # a flag of the module, not read off the weight: torch.compile's fake weight is no mkldnn tensor
 
     def pack(self):
         """Lay the weight out as oneDNN's matmul reads it (an opaque CPU tensor of the same shape and dtype)."""
         self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None), requires_grad=False)
+        self.packed = True
 
     def unpack(self):
         """The plain (N, K) weight back, numbers unchanged."""
         self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=False)
+        self.packed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.packed:
+            matmul = torch.ops.minillava.packed_linear if torch.compiler.is_compiling() else packed_linear
+            return matmul(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) @ a weight (N, K) packed by `Linear.pack`, plus bias: (..., N)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# the same for torch.compile: inductor cannot lower oneDNN's op on the opaque packed weight, but calls a
+# custom op as it is (an extern kernel), fusing what lies between
+torch.library.custom_op("minillava::packed_linear", packed_linear, mutates_args=())
+torch.library.register_fake("minillava::packed_linear",
+                            lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
 
 
 def packable(model: nn.Module) -> list[tuple[str, Linear]]:
@@ -91,7 +104,7 @@ def pack_linears(model: nn.Module) -> int:
 
 
 def unpack_linears(model: nn.Module) -> int:
-    """Undo `pack_linears` (before torch.compile, or to train); how many were unpacked."""
+    """Undo `pack_linears` (to train, or to read the weights); how many were unpacked."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.packed]
     for m in layers:
         m.unpack()

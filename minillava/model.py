@@ -84,7 +84,7 @@ class Llava(nn.Module):
         if not cfg.family_spec.tile_by_tile:  # InternVL closes no row: it has no newline vector
             self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
         self.llm = Decoder(cfg.text)
-        # llama.Linear: a small batch's decode step reads the largest matrix once for all rows too
+        # llama.Linear: on the CPU load_model packs it for oneDNN as the decoder's (the largest matrix a step reads)
         self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     @property

@@ -223,7 +223,7 @@ def test_cuda_decode_step_keeps_cuda_graphs_and_tunes_one_row_products(monkeypat
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn.__name__, kw)) or fn)
     vision = SimpleNamespace(compile=lambda **kw: compiled.append(("vision", kw)))
-    steps = gen.compile_steps(SimpleNamespace(device=torch.device("cuda", 1), vision=vision, modules=lambda: iter(())))
+    steps = gen.compile_steps(SimpleNamespace(device=torch.device("cuda", 1), vision=vision))
     assert compiled == [("vision", {"dynamic": True}), ("prefill", {"dynamic": True}),
                         ("decode_one_token", {"options": options, "fullgraph": True})] and steps.compiled
 

@@ -11,7 +11,7 @@ from minillava.generate import CACHE_BUCKET, Steps, TokenReader, compile_steps, 
 from minillava.model import Llava
 
 from .contention import watched
-from .decoders import clone_as, decoder_weight_bytes, random_embeds
+from .decoders import decoder_weight_bytes, random_embeds
 from .fmt import fmt_dict
 from .machine import bare_copy
 from .plan import Plan
@@ -24,38 +24,35 @@ def bench_decode(plan: Plan, ours: Llava, hf, log) -> dict:
     prompt, n = plan.decode_prompt, plan.new_tokens
     cache = -(-(prompt + n) // CACHE_BUCKET) * CACHE_BUCKET  # as generate() sizes it
     ours.llm.setup_cache(1, cache)
-    steps, compile_s, compile_error, twin = Steps(), None, None, ours
+    steps, compile_s, compile_error = Steps(), None, None
     if plan.compile:
         t0 = time.perf_counter()
-        try:  # on a copy: compile_steps unpacks the model it compiles, and the eager side stays as the commands run it
-            twin = clone_as(ours, ours.dtype)
-            twin.llm.setup_cache(1, cache)
-            steps = compile_steps(twin)
+        try:
+            steps = compile_steps(ours)
             token, pos = torch.zeros(1, 1, dtype=torch.long), torch.tensor([prompt])
             for _ in range(3):
-                steps.decode(twin, token, pos)
+                steps.decode(ours, token, pos)
             compile_s = time.perf_counter() - t0
             log(f"compiled the decode step in {compile_s:.1f} s")
         except Exception as e:  # a broken toolchain must not sink the whole run: fall back to eager, say so
             compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-            steps, twin = Steps(), ours
+            steps = Steps()
             log(f"torch.compile failed, decoding eagerly: {compile_error}")
     embeds = random_embeds(hf, prompt, seed=1)
     positions = torch.arange(prompt, prompt + n)
     ids: dict[str, list[int]] = {}
 
-    def ours_decode(decode: Callable, key: str, model: Llava) -> Callable[[], float]:
+    def ours_decode(decode: Callable, key: str) -> Callable[[], float]:
         """generate()'s loop without tokenizer: prefill, then n - 1 decode steps; times the decode steps."""
 
         def run() -> float:
-            model.llm.setup_cache(1, cache)
-            reader = TokenReader(model.device, n)
-            next_id = sample(prefill(model, embeds), 0.0, 1.0, None)
+            reader = TokenReader(ours.device, n)
+            next_id = sample(prefill(ours, embeds), 0.0, 1.0, None)
             reader.start(0, next_id)
             out = [reader.read(0)]
             t0 = time.perf_counter()
             for step in range(n - 1):
-                logits = decode(model, next_id.view(1, 1), positions[step : step + 1])
+                logits = decode(ours, next_id.view(1, 1), positions[step : step + 1])
                 next_id = sample(logits, 0.0, 1.0, None)
                 reader.start(step + 1, next_id)
                 out.append(reader.read(step + 1))
@@ -88,9 +85,9 @@ def bench_decode(plan: Plan, ours: Llava, hf, log) -> dict:
 
     with watched("copy"):
         copy = bare_copy(plan.copy_bytes, plan.repeats["copy"])
-    sides = {"ours": ours_decode(steps.decode, "ours", twin), "hf": hf_decode}
+    sides = {"ours": ours_decode(steps.decode, "ours"), "hf": hf_decode}
     if steps.compiled:  # the eager step too, for what compiling buys (no target)
-        sides["ours_eager"] = ours_decode(Steps().decode, "ours_eager", ours)
+        sides["ours_eager"] = ours_decode(Steps().decode, "ours_eager")
     samples = alternate(sides, plan.repeats["decode"], label="decode")
     with watched("copy"):
         copy += bare_copy(plan.copy_bytes, plan.repeats["copy"])

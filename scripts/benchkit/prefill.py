@@ -11,7 +11,7 @@ from minillava.generate import compile_steps, prefill
 from minillava.model import Llava
 
 from .contention import watched
-from .decoders import clone_as, random_embeds
+from .decoders import random_embeds
 from .fmt import fmt_dict
 from .machine import bare_matmul
 from .plan import Plan
@@ -26,8 +26,8 @@ def bench_prefill(plan: Plan, ours: Llava, hf, compressed_lengths: dict[str, int
     ours.llm.setup_cache(1, max(lengths))  # one cache for all: a prefill writes positions 0 .. T-1
     embeds = {t: random_embeds(hf, t, seed=t) for t in lengths}
 
-    def ours_side(t, run=prefill, model=ours):
-        return wall(lambda: run(model, embeds[t]))
+    def ours_side(t, run=prefill):
+        return wall(lambda: run(ours, embeds[t]))
 
     def hf_side(t):  # a cache is filled as ours does; logits of the last position only, as ours
         return wall(lambda: hf(inputs_embeds=embeds[t], use_cache=True, logits_to_keep=1).logits)
@@ -39,15 +39,13 @@ def bench_prefill(plan: Plan, ours: Llava, hf, compressed_lengths: dict[str, int
     # Warm-up: each side once at the shortest length (the longer calls run the same kernels).
     ours_side(short)()
     hf_side(short)()
-    compiled, compile_s, compile_error, twin = None, None, None, None
+    compiled, compile_s, compile_error = None, None, None
     if plan.compile:  # also the --compile path: compile_steps' prefill (dynamic shapes), no target of its own
         t0 = time.perf_counter()
-        try:  # on a copy: compile_steps unpacks the model it compiles, and `ours` stays as the commands run it
-            twin = clone_as(ours, ours.dtype)
-            twin.llm.setup_cache(1, max(lengths))
-            compiled = compile_steps(twin).prefill
+        try:
+            compiled = compile_steps(ours).prefill
             for t in plan.prefill_lengths:  # the first call compiles; the others must not recompile
-                compiled(twin, embeds[t])
+                compiled(ours, embeds[t])
             compile_s = time.perf_counter() - t0
             log(f"compiled the prefill (dynamic=True) and ran it once per length in {compile_s:.1f} s")
         except Exception as e:
@@ -60,7 +58,7 @@ def bench_prefill(plan: Plan, ours: Llava, hf, compressed_lengths: dict[str, int
         repeats = plan.repeats["prefill"] * min(2, max(1, round(longest / t)))
         sides = {f"ours_{t}": ours_side(t), f"hf_{t}": hf_side(t)}
         if compiled is not None:
-            sides[f"ours_compiled_{t}"] = ours_side(t, compiled, twin)
+            sides[f"ours_compiled_{t}"] = ours_side(t, compiled)
         samples.update(alternate(sides, repeats, warmup=False, label="prefill"))
     log(f"prefill samples (s): {fmt_dict(samples)}")
     with watched("matmul"):
