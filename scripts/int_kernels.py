@@ -12,7 +12,8 @@ the best of --repeats rounds, the kernels alternated round by round in one proce
     int8-onednn  onednn.qlinear_pointwise (uint8 x int8 -> float32, the weight pre-packed by
                  onednn.qlinear_prepack) with each activation row as two uint8 rows, a coarse one and its
                  residual (error <= max|x| / (127 * 508) an element), recombined in float32; the split
-                 and the recombination are timed with it. Not adopted (docs/speed.md says why).
+                 and the recombination are timed with it: `quant.onednn_int8_matmul`, what `QuantizedLinear` runs
+                 from 2^22 numbers (kernel int8onednn).
     int4, int4-warm   aten._weight_int4pack_mm_for_cpu, group size --group
 
     python scripts/int_kernels.py --threads 1,2 --rows 1,8        # every width below; ~10 minutes on 2 cores
@@ -26,39 +27,43 @@ bfloat16, in int8 with `_weight_int8pack_mm` everywhere (before issue 29's chang
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from minillava.quant import QuantizedLinear, Spec
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit.machine import bare_copy as copy_samples  # noqa: E402
+
+from minillava import quant  # noqa: E402
+from minillava.quant import QuantizedLinear, Spec, onednn_int8_matmul  # noqa: E402
 
 SHAPES = "5632x2048,2048x5632,2048x2048,32000x2048,11008x4096,4096x11008,4096x4096"  # 0.95B, then the 7B's
 
 
-def bare_copy(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of dst.copy_(src), read + written (scripts/benchkit/machine.py's convention), the best of `repeats`."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = max(best, 2 * src.nbytes / (time.perf_counter() - t0))
-    return best
+def bare_copy() -> float:
+    """Bytes/s of a 1 GiB copy, read + written (scripts/benchkit/machine.py), the best of 5."""
+    return max(copy_samples(1 << 30, 5))
+
+
+@contextlib.contextmanager
+def int8pack_only():
+    """int8 layers packed meanwhile take `_weight_int8pack_mm` whatever their size (no matrix has 2^62 numbers)."""
+    keep, quant.ONEDNN_INT8_MIN = quant.ONEDNN_INT8_MIN, 1 << 62
+    try:
+        yield
+    finally:
+        quant.ONEDNN_INT8_MIN = keep
 
 
 def layer(n: int, k: int, spec: Spec, g: torch.Generator) -> QuantizedLinear:
     """A packed QuantizedLinear (bfloat16) with random storage-form tensors (speed does not depend on them),
     int8 on `_weight_int8pack_mm` whatever its size (the oneDNN packing is made beside it, in `main`)."""
-    from minillava import quant
-
-    keep, quant.ONEDNN_INT8_MIN = quant.ONEDNN_INT8_MIN, 1 << 62
-    try:
+    with int8pack_only():
         return _layer(n, k, spec, g)
-    finally:
-        quant.ONEDNN_INT8_MIN = keep
 
 
 def _layer(n: int, k: int, spec: Spec, g: torch.Generator) -> QuantizedLinear:
@@ -71,21 +76,6 @@ def _layer(n: int, k: int, spec: Spec, g: torch.Generator) -> QuantizedLinear:
         m.scales_and_zeros = (torch.rand(k // spec.group_size, n, 2, generator=g) * 0.01).bfloat16()
     m.pack()
     return m
-
-
-def split_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (2M, K) uint8 (zero point 128): round(x / s) and round((x / s - round(x / s)) * 254), s = max|x| / 127 a row."""
-    s = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
-    u = x / s
-    a = u.round()
-    return (torch.cat([a, ((u - a) * 254).round()]) + 128).to(torch.uint8), s
-
-
-def onednn_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    q, s = split_rows(x.float())
-    y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, scales, zeros, None, 1.0, 0, torch.float32, "none", [], "")
-    m = x.shape[0]
-    return (y[:m] * s + y[m:] * (s / 254)).to(x.dtype)
 
 
 def main():
@@ -109,7 +99,7 @@ def main():
     for th in map(int, a.threads.split(",")):
         torch.set_num_threads(th)
         copies[th] = bare_copy()
-    print(f"bare copy: " + ", ".join(f"{t} thread(s) {c / 1e9:.1f} GB/s" for t, c in copies.items()) + f" (load {load()})")
+    print("bare copy: " + ", ".join(f"{t} thread(s) {c / 1e9:.1f} GB/s" for t, c in copies.items()) + f" (load {load()})")
     print("| N x K | threads | rows | load | " + " | ".join(kernels) + " |")
     print("|---" * (4 + len(kernels)) + "|")
     for shape in a.shapes.split(","):
@@ -125,7 +115,7 @@ def main():
             for m in sets[8][0]:
                 m.onednn = torch.ops.onednn.qlinear_prepack(m.weight, None)
                 m.scales32 = m.kernel_scales.float()
-            zeros = torch.zeros(n, dtype=torch.long)
+            zero = torch.zeros(1, dtype=torch.long)
         for th in map(int, a.threads.split(",")):
             torch.set_num_threads(th)
             for rows in map(int, a.rows.split(",")):
@@ -136,7 +126,7 @@ def main():
                     if name.endswith("-warm"):
                         ls = [ls[0]] * len(ls)
                     if name == "int8-onednn":
-                        calls[name] = [lambda m=m: onednn_int8(x, m.onednn, m.scales32, zeros) for m in ls]
+                        calls[name] = [lambda m=m: onednn_int8_matmul(x, m.onednn, m.scales32, zero) for m in ls]
                     elif name.startswith("int8"):
                         calls[name] = [lambda m=m: torch.ops.aten._weight_int8pack_mm(x, m.weight, m.kernel_scales) for m in ls]
                     else:
@@ -157,15 +147,11 @@ def main():
 def steps(threads: list[int], rounds: int):
     """--step (the module docstring)."""
     import gc
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchkit.decoders import build_decoders, clone_as
     from benchkit.plan import decoder_1b
     from benchkit.quant import step_bytes
 
-    from minillava import quant
     from minillava.generate import decode_one_token, prefill, sample
     from minillava.quant import quantize_model
 
@@ -174,9 +160,8 @@ def steps(threads: list[int], rounds: int):
     ours, hf = build_decoders(text)
     del hf
     models = {"bfloat16": clone_as(ours, torch.bfloat16)}
-    keep, quant.ONEDNN_INT8_MIN = quant.ONEDNN_INT8_MIN, 1 << 62  # no matrix is that large: int8pack everywhere
-    models["int8, int8pack"] = quantize_model(clone_as(ours, torch.bfloat16), Spec(8))
-    quant.ONEDNN_INT8_MIN = keep
+    with int8pack_only():
+        models["int8, int8pack"] = quantize_model(clone_as(ours, torch.bfloat16), Spec(8))
     models["int8, now"] = quantize_model(clone_as(ours, torch.bfloat16), Spec(8))
     del ours
     gc.collect()

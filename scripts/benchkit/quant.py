@@ -51,7 +51,7 @@ def kernel_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def packed_linear(weight: torch.Tensor) -> Linear:
+def packed_layer(weight: torch.Tensor) -> Linear:
     """A bias-free llama.Linear holding `weight` (N, K), packed as load_model packs it on the CPU."""
     layer = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -73,7 +73,7 @@ def quant_kernels(text: TextConfig, repeats: int) -> dict[str, dict]:
             fns = [QuantizedLinear.from_weight(w.to(dtype), specs[name]) for w in weights]
             bytes_ = kernel_bytes(fns[0])
         else:  # llama.Linear as load_model leaves it on the CPU: packed for oneDNN
-            fns = [packed_linear(w.to(dtype)) for w in weights]
+            fns = [packed_layer(w.to(dtype)) for w in weights]
             bytes_ = n * k * dtype.itemsize
         x = torch.randn(1, k, dtype=dtype)
 
